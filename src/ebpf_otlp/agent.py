@@ -1,0 +1,195 @@
+"""The agent: starts the signals, drains their ring buffers on one thread,
+drains their maps and exports once per interval on another, and tears
+everything down on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+from . import signals as _signals
+from . import tc
+from .config import AgentConfig
+from .libbpf import BpfError, lib
+from .ringbuf import RingPoller
+from .signals.base import Signal
+from .telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+BPF_STATS_RUN_TIME = 0
+
+
+class ConfigError(ValueError):
+    """A bad flag or a missing interface: reported in one line, exit status 2."""
+
+
+def resolve_ifaces(names: list[str]) -> dict[str, int]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = socket.if_nametoindex(name)
+        except OSError:
+            raise ConfigError(f"no such interface: {name}") from None
+    return out
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, strict: bool = True):
+        """``strict``: a signal that fails to start stops the agent (else it is skipped)."""
+        self.config = config
+        self.strict = strict
+        self.ifindex = resolve_ifaces(config.ifaces)
+        self.telemetry: Telemetry | None = None
+        self.signals: list[Signal] = []
+        self.poller: RingPoller | None = None
+        self.stop_event = threading.Event()
+        self._poll_thread: threading.Thread | None = None
+        self._stats_fd = -1
+        self.poll_errors = 0
+        self.collect_errors = 0
+        self._closed = False
+
+    # --- start ---------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.config
+        if any(s in cfg.signals for s in ("flows", "dns")) and not cfg.ifaces:
+            raise ConfigError("flows and dns need at least one --iface")
+        for name, idx in self.ifindex.items():
+            n = tc.remove_stale(idx)
+            if n:
+                log.warning("removed %d tc filters an earlier ebpf-otlp run left on %s", n, name)
+        self._stats_fd = lib.bpf_enable_stats(BPF_STATS_RUN_TIME)  # harmless if refused
+        self.telemetry = Telemetry(cfg)
+        self.poller = RingPoller()
+        for name in cfg.signals:
+            try:
+                sig = _signals.load(name)(cfg, self.telemetry)
+                self.signals.append(sig)
+                sig.start()
+            except (BpfError, OSError, RuntimeError) as e:
+                if self.strict:
+                    raise
+                log.error("signal %s not started: %s", name, e)
+                self.signals.remove(sig)
+                sig.close()
+                continue
+            for ring in sig.rings():
+                self.poller.add(ring)
+        self._register_health()
+        self._poll_thread = threading.Thread(target=self._poll_loop, name="ring-poller",
+                                             daemon=True)
+        self._poll_thread.start()
+        log.warning("ebpf-otlp running: signals=%s ifaces=%s endpoint=%s interval=%ss",
+                    ",".join(s.name for s in self.signals), ",".join(cfg.ifaces) or "-",
+                    cfg.endpoint, cfg.interval_s)
+
+    def _register_health(self) -> None:
+        t = self.telemetry
+
+        def rings():
+            for s in self.signals:
+                for r in s.rings():
+                    yield s, r
+
+        t.observe("ebpf_otlp.events.received", "{event}", "records read from ring buffers",
+                  lambda: [(r.received, {"signal": s.name, "ring": r.name}) for s, r in rings()])
+        t.observe("ebpf_otlp.events.lost", "{event}",
+                  "records the kernel could not queue (ring buffer full)",
+                  lambda: [(r.lost(), {"signal": s.name, "ring": r.name,
+                                       "reason": "ringbuf_full"}) for s, r in rings()])
+
+        def run_times():
+            for s in self.signals:
+                for p in s.programs():
+                    ns, cnt = p.run_stats()
+                    yield ns, cnt, {"signal": s.name, "program": p.name}
+
+        t.observe("ebpf_otlp.program.run_time", "s", "time the kernel spent in our programs",
+                  lambda: [(ns / 1e9, a) for ns, _, a in run_times()])
+        t.observe("ebpf_otlp.program.runs", "{run}", "runs of our programs",
+                  lambda: [(cnt, a) for _, cnt, a in run_times()])
+        t.observe("ebpf_otlp.agent.errors", "{error}", "errors caught in the agent's loops",
+                  lambda: [(self.poll_errors, {"loop": "poll"}),
+                           (self.collect_errors, {"loop": "collect"})])
+
+    # --- loops -----------------------------------------------------------------
+    def _poll_loop(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.poller.poll(self.config.poll_interval_ms)
+            except Exception:
+                self.poll_errors += 1
+                log.exception("ring buffer poll failed")
+                time.sleep(0.1)
+
+    def collect_and_export(self) -> None:
+        for s in self.signals:
+            try:
+                s.collect()
+            except Exception:
+                self.collect_errors += 1
+                log.exception("collect of %s failed", s.name)
+        self.telemetry.export_metrics()
+
+    def run(self) -> None:
+        """Export every interval until :attr:`stop_event` is set."""
+        interval = self.config.interval_s
+        next_at = time.monotonic() + interval
+        while not self.stop_event.wait(max(0.0, next_at - time.monotonic())):
+            self.collect_and_export()
+            next_at += interval
+            if next_at < time.monotonic():  # an export overran: skip, don't burst
+                next_at = time.monotonic() + interval
+
+    # --- stop ------------------------------------------------------------------
+    def close(self, flush_timeout_s: float = 5.0) -> None:
+        """Final drain and flush, then detach everything. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.stop_event.set()
+        if self._poll_thread is not None:
+            self._poll_thread.join(timeout=2)
+        if self.poller is not None:
+            try:
+                self.poller.drain()
+            except Exception:
+                log.exception("final ring drain failed")
+        try:
+            if self.telemetry is not None:
+                for s in self.signals:
+                    try:
+                        s.collect()
+                    except Exception:
+                        log.exception("final collect of %s failed", s.name)
+                self.telemetry.shutdown(flush_timeout_s)
+        finally:
+            for s in self.signals:
+                try:
+                    s.close()
+                except Exception:
+                    log.exception("closing %s failed", s.name)
+            if self.poller is not None:
+                self.poller.close()
+            if self._stats_fd >= 0:
+                os.close(self._stats_fd)
+                self._stats_fd = -1
+
+    def run_until_signalled(self) -> None:
+        def handler(signum: int, _frame: object) -> None:
+            log.warning("signal %d: flushing and detaching", signum)
+            self.stop_event.set()
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start()
+            self.run()
+        finally:
+            self.close()
+            for s, h in old.items():
+                signal.signal(s, h)

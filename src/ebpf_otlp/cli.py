@@ -1,0 +1,189 @@
+"""Command line: ``ebpf-otlp run | doctor | receive | demo``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from .config import ALL_SIGNALS, FLOW_ATTRIBUTES, AgentConfig, parse_headers
+
+log = logging.getLogger("ebpf_otlp")
+
+
+def _csv(_ctx: object, _param: object, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _ports(_ctx: object, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        ports = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter("expected a comma-separated list of port numbers") from None
+    if not ports or any(not 0 < p < 65536 for p in ports):
+        raise click.BadParameter("ports must be between 1 and 65535")
+    return ports
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ebpf-otlp")
+def main() -> None:
+    """eBPF network observability exported as OpenTelemetry (OTLP/HTTP)."""
+
+
+@main.command()
+@click.option("--iface", "ifaces", multiple=True, metavar="IFACE",
+              help="Interface to watch (repeatable). Needed by flows and dns.")
+@click.option("--signals", callback=_csv, metavar="LIST",
+              help=f"Comma-separated signals [default: all of {','.join(ALL_SIGNALS)}].")
+@click.option("--endpoint", help="OTLP/HTTP base URL [env OTEL_EXPORTER_OTLP_ENDPOINT, "
+              "default http://localhost:4318].")
+@click.option("--header", "headers", multiple=True, metavar="K=V",
+              help="Extra OTLP header (repeatable) [env OTEL_EXPORTER_OTLP_HEADERS].")
+@click.option("--service-name", help="service.name [env OTEL_SERVICE_NAME, default ebpf-otlp].")
+@click.option("--interval", type=click.FloatRange(min=0.1), metavar="SECONDS",
+              help="Export interval [env OTEL_METRIC_EXPORT_INTERVAL (ms), default 10 s].")
+@click.option("--max-flows", type=click.IntRange(min=1, max=1 << 24),
+              help="Flow table size [65536].")
+@click.option("--flow-hook", type=click.Choice(["tc", "xdp"]), help="Ingress hook for flows [tc].")
+@click.option("--flow-attributes", callback=_csv, metavar="LIST",
+              help="Flow attributes to keep [all of the flow key].")
+@click.option("--tcp-spans/--no-tcp-spans", default=None, help="One span per TCP connection.")
+@click.option("--tcp-attributes", callback=_csv, metavar="LIST",
+              help="Connection attributes to keep [server.address,server.port].")
+@click.option("--dns-ports", callback=_ports, metavar="PORTS", help="DNS ports [53].")
+@click.option("--dns-names/--no-dns-names", default=None,
+              help="Keep dns.question.name on metrics (cardinality) [off].")
+@click.option("--dns-timeout", type=click.FloatRange(min=0.01), metavar="SECONDS",
+              help="Unanswered DNS queries become timeouts after this [5].")
+@click.option("--dns-head-bytes", type=click.IntRange(min=64, max=512),
+              help="Bytes of each DNS message copied from the kernel [256].")
+@click.option("--drop-location/--no-drop-location", default=None,
+              help="Add network.drop.location (kernel function) to drops.")
+@click.option("--drop-exclude-not-specified/--no-drop-exclude-not-specified", default=None,
+              help="Ignore frees with reason NOT_SPECIFIED.")
+@click.option("--drop-logs/--no-drop-logs", default=None,
+              help="An OTLP log record for the first drop of each (reason, flow).")
+@click.option("--cgroup", "cgroup_path", metavar="PATH",
+              help="cgroup v2 directory for sock_ops [/sys/fs/cgroup/unified].")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def run(ifaces: tuple[str, ...], signals: tuple[str, ...] | None, headers: tuple[str, ...],
+        verbose: int, **opts: object) -> None:
+    """Run the agent until SIGINT/SIGTERM."""
+    _setup_logging(verbose)
+    from . import signals as known
+
+    cfg = AgentConfig(ifaces=list(ifaces))
+    strict = signals is not None
+    if signals is not None:
+        for s in signals:
+            if s not in known.available():
+                raise click.BadParameter(f"unknown signal {s!r}; known: "
+                                         f"{', '.join(known.available())}",
+                                         param_hint="--signals")
+        cfg.signals = signals
+    elif not ifaces:
+        cfg.signals = tuple(s for s in ALL_SIGNALS if s not in ("flows", "dns"))
+    if headers:
+        try:
+            cfg.headers.update(parse_headers(",".join(headers)))
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--header") from None
+    fa = opts.pop("flow_attributes")
+    if fa is not None:
+        bad = set(fa) - set(FLOW_ATTRIBUTES) - {"network.tcp.flags"}
+        if bad:
+            raise click.BadParameter(f"unknown attributes {sorted(bad)}; choose from "
+                                     f"{', '.join(FLOW_ATTRIBUTES)}, network.tcp.flags",
+                                     param_hint="--flow-attributes")
+        cfg.flow_attributes = fa
+    interval = opts.pop("interval")
+    if interval is not None:
+        cfg.interval_s = interval
+    renames = {"dns_timeout": "dns_timeout_s"}
+    for key, value in opts.items():
+        if value is not None:
+            setattr(cfg, renames.get(key, key), value)
+
+    from .agent import Agent, ConfigError
+    from .libbpf import BpfError
+    from .mounts import MountError
+
+    try:
+        agent = Agent(cfg, strict=strict)
+    except ConfigError as e:
+        click.echo(f"ebpf-otlp: {e}", err=True)
+        sys.exit(2)
+    try:
+        agent.run_until_signalled()
+    except ConfigError as e:
+        click.echo(f"ebpf-otlp: {e}", err=True)
+        sys.exit(2)
+    except (BpfError, MountError, FileNotFoundError) as e:
+        click.echo(f"ebpf-otlp: {e}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:4318", show_default=True, metavar="HOST:PORT")
+@click.option("--output", type=click.Path(dir_okay=False, writable=True),
+              help="Write JSON lines here instead of printing readable lines.")
+def receive(listen: str, output: str | None) -> None:
+    """A small OTLP/HTTP receiver that prints what arrives."""
+    from .receiver import Receiver, json_sink, text_sink
+
+    host, _, port = listen.rpartition(":")
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise click.BadParameter("expected HOST:PORT", param_hint="--listen") from None
+    out = open(output, "a") if output else sys.stdout  # noqa: SIM115 (lives as long as the server)
+    sink = json_sink(out) if output else text_sink(out)
+    try:
+        rx = Receiver(host.strip("[]") or "127.0.0.1", port_n, sink=sink)
+    except OSError as e:
+        click.echo(f"ebpf-otlp receive: cannot listen on {listen}: {e.strerror}", err=True)
+        sys.exit(2)
+    click.echo(f"receiving OTLP/HTTP on {host}:{rx.port}", err=True)
+    import signal as _signal
+
+    _signal.signal(_signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    try:
+        rx.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        click.echo(f"received {rx.requests} requests, {rx.bad_requests} bad", err=True)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(as_json: bool) -> None:
+    """What this host supports, and which signals can run."""
+    from .doctor import run_doctor
+
+    sys.exit(run_doctor(as_json))
+
+
+@main.command()
+@click.option("--seconds", default=12.0, show_default=True, help="How long traffic runs.")
+def demo(seconds: float) -> None:
+    """Namespaces, traffic, agent and receiver on this machine; prints a summary."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(seconds))
+
+
+if __name__ == "__main__":
+    main()
