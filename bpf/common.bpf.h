@@ -97,4 +97,13 @@ static __always_inline void *lookup_or_try_init(void *map, const void *key,
 	return bpf_map_lookup_elem(map, key);
 }
 
+/*
+ * Types only used through pointers do not reach BTF; a record struct must,
+ * so that tests can compare the object's layout with the Python side's.
+ * EXPORT_BTF(struct foo) keeps it with an unused .bss pointer.
+ */
+#define EXPORT_BTF_NAME2(a, b) a##b
+#define EXPORT_BTF_NAME(a, b) EXPORT_BTF_NAME2(a, b)
+#define EXPORT_BTF(type) type *EXPORT_BTF_NAME(__btf_export_, __LINE__) __attribute__((unused))
+
 #endif /* EBPF_OTLP_COMMON_BPF_H */

@@ -14,6 +14,7 @@ const volatile __u32 target_pid = 0;
 const volatile __u32 records_per_run = 1;
 
 DEFINE_RINGBUF(test_events, 1 << 20);
+EXPORT_BTF(struct selftest_event);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -126,7 +127,7 @@ int rb_produce(struct xdp_md *ctx)
 			break;
 		e = RINGBUF_RESERVE(test_events, sizeof(*e));
 		if (!e)
-			break;
+			continue; /* counted in test_events_lost */
 		e->seq = __sync_fetch_and_add(&seq, 1);
 		e->ts_ns = bpf_ktime_get_ns();
 		e->cpu = bpf_get_smp_processor_id();

@@ -38,7 +38,7 @@ def _header_source(name: str) -> str:
     return "\n".join(lines)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def header_ffi(name: str) -> FFI:
     """A cffi FFI that knows the structs of ``bpf/<name>.h``."""
     ffi = FFI()
@@ -64,7 +64,7 @@ def _dtype(ffi: FFI, ctype: object) -> np.dtype:
     raise TypeError(f"unsupported C type in record header: {ctype.cname}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def record_dtype(header: str, struct: str) -> np.dtype:
     """The numpy dtype of ``struct <struct>`` from ``bpf/<header>.h``."""
     ffi = header_ffi(header)

@@ -20,7 +20,8 @@ from cffi import FFI
 log = logging.getLogger(__name__)
 
 MIN_VERSION = (1, 0)
-INSTALL_HINT = "install libbpf 1.x (Debian/Ubuntu: apt-get install libbpf1; Fedora: dnf install libbpf)"
+INSTALL_HINT = ("install libbpf 1.x (Debian/Ubuntu: apt-get install libbpf1; "
+                "Fedora: dnf install libbpf)")
 
 ffi = FFI()
 ffi.cdef((Path(__file__).with_name("libbpf_api.h")).read_text())
@@ -62,11 +63,9 @@ def _print_cb(level: int, fmt: object, ap: object) -> int:
     sink = getattr(_tls, "sink", None)
     if sink is not None and level <= 1:
         sink.extend(line for line in text.splitlines() if line.strip())
-    if level == 0 and sink is None:
-        log.warning("libbpf: %s", text.rstrip())
-    else:
-        log.log(_LEVELS.get(level, logging.DEBUG) if level else logging.DEBUG,
-                "libbpf: %s", text.rstrip())
+    # Captured lines travel in the BpfError; only uncaptured warnings are logged.
+    lvl = _LEVELS.get(level, logging.DEBUG) if sink is None else logging.DEBUG
+    log.log(lvl, "%s", text.rstrip())
     return 0
 
 

@@ -40,7 +40,7 @@ class Signal(ABC):
     def rings(self) -> list[RingBuffer]:
         return []
 
-    def collect(self) -> None:
+    def collect(self) -> None:  # noqa: B027 (optional hook)
         """Drain maps and expire state; called once per export interval."""
 
     def programs(self) -> list[Program]:

@@ -1,0 +1,35 @@
+/* SPDX-License-Identifier: GPL-2.0 OR BSD-3-Clause */
+/* Records of the DNS object, read by clang and by cffi (ebpf_otlp.layout):
+ * fixed-width types, explicit padding, no bitfields, no includes. */
+#ifndef EBPF_OTLP_DNS_H
+#define EBPF_OTLP_DNS_H
+
+/* Upper bound of the bytes copied per message; the copied amount is the
+ * rodata `head_bytes` (<= this). Every record has this size, so user space
+ * decodes a whole batch as one numpy array. */
+#define DNS_HEAD_MAX 512
+/* How many ports the programs compare against (rodata `dns_ports`). */
+#define DNS_MAX_PORTS 8
+
+#define DNS_DIR_INGRESS 0
+#define DNS_DIR_EGRESS 1
+
+/* One DNS message seen on the wire (UDP payload, or a TCP segment that
+ * starts with the 2-byte length prefix, which is not part of head[]). */
+struct dns_event {
+	__u64 ts_ns;		/* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u8 saddr[16];		/* IPv4 uses the first 4 bytes, the rest is 0 */
+	__u8 daddr[16];
+	__u32 ifindex;
+	__u16 sport;		/* host byte order */
+	__u16 dport;
+	__u16 msg_len;		/* whole message: UDP length - 8, or the TCP prefix */
+	__u16 head_len;		/* valid bytes in head[] */
+	__u8 family;		/* 4 or 6 */
+	__u8 proto;		/* 6 (TCP) or 17 (UDP) */
+	__u8 direction;		/* DNS_DIR_* */
+	__u8 pad[9];
+	__u8 head[DNS_HEAD_MAX];	/* starts at the DNS header */
+};
+
+#endif

@@ -1,0 +1,260 @@
+// SPDX-License-Identifier: GPL-2.0 OR BSD-3-Clause
+/* Packet drops with the kernel's own reason, from skb:kfree_skb.
+ *
+ * Every drop is counted in the kernel per (reason, location, flow key,
+ * interface); user space drains the table once per interval, so a drop
+ * storm costs no per-drop work outside the kernel. Two tables alternate
+ * (`active` picks the one written) so that a drain never races with an
+ * increment: user space flips `active`, lets in-flight programs finish,
+ * then drains the table nobody writes any more. */
+#include "common.bpf.h"
+#include "drops.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Values of SKB_CONSUMED and SKB_DROP_REASON_NOT_SPECIFIED in the running
+ * kernel's BTF, set by user space before load (the enum is not stable). A
+ * value the kernel lacks is set to DROP_REASON_UNKNOWN - 1, never seen. */
+const volatile __u32 reason_consumed = 1;
+const volatile __u32 reason_not_specified = 2;
+const volatile __u8 exclude_not_specified = 0;
+/* Keep the drop location in the key (more series) only when exported. */
+const volatile __u8 keep_location = 0;
+
+/* Which table the program writes: 0 or 1, flipped by user space. */
+__u32 active = 0;
+
+#define DEFINE_DROP_TABLE(name)					\
+	struct {							\
+		__uint(type, BPF_MAP_TYPE_HASH);			\
+		__uint(max_entries, 16384);				\
+		__type(key, struct drop_key);				\
+		__type(value, struct drop_value);			\
+	} name SEC(".maps")
+
+DEFINE_DROP_TABLE(drops_0);
+DEFINE_DROP_TABLE(drops_1);
+
+/* Drops that found the table full, per reason; cumulative, never drained
+ * (so no race either). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u64);
+} drop_overflow SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DROP_STAT_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} drop_stats SEC(".maps");
+
+#define IPPROTO_HOPOPTS_ 0
+#define IPPROTO_TCP_ 6
+#define IPPROTO_UDP_ 17
+#define IPPROTO_ROUTING_ 43
+#define IPPROTO_FRAGMENT_ 44
+#define IPPROTO_AH_ 51
+#define IPPROTO_DSTOPTS_ 60
+#define IPPROTO_SCTP_ 132
+#define IPPROTO_UDPLITE_ 136
+
+static __always_inline void stat_add(__u32 slot)
+{
+	__u64 *n = bpf_map_lookup_elem(&drop_stats, &slot);
+
+	if (n)
+		*n += 1;
+}
+
+static __always_inline int has_ports(__u8 proto)
+{
+	return proto == IPPROTO_TCP_ || proto == IPPROTO_UDP_ ||
+	       proto == IPPROTO_SCTP_ || proto == IPPROTO_UDPLITE_;
+}
+
+/* Read the ports at `off` (from skb->head) if they lie in the linear data. */
+static __always_inline void read_ports(struct drop_key *k, unsigned char *head,
+				       __u32 off, __u32 tail)
+{
+	__be16 ports[2];
+
+	if (!has_ports(k->l4proto) || off + sizeof(ports) > tail)
+		return;
+	if (bpf_probe_read_kernel(ports, sizeof(ports), head + off))
+		return;
+	k->sport = bpf_ntohs(ports[0]);
+	k->dport = bpf_ntohs(ports[1]);
+}
+
+static __always_inline void parse_ipv4(struct drop_key *k, unsigned char *head,
+				       __u32 nh, __u32 tail)
+{
+	struct iphdr ip;
+
+	if (nh + sizeof(ip) > tail || bpf_probe_read_kernel(&ip, sizeof(ip), head + nh))
+		return;
+	if (ip.version != 4 || ip.ihl < 5)
+		return;
+	k->family = 4;
+	k->l4proto = ip.protocol;
+	__builtin_memcpy(k->saddr, &ip.saddr, 4);
+	__builtin_memcpy(k->daddr, &ip.daddr, 4);
+	/* Only the first fragment carries the ports. */
+	if (bpf_ntohs(ip.frag_off) & 0x1FFF)
+		return;
+	read_ports(k, head, nh + ip.ihl * 4, tail);
+}
+
+static __always_inline void parse_ipv6(struct drop_key *k, unsigned char *head,
+				       __u32 nh, __u32 tail)
+{
+	struct ipv6hdr ip6;
+	__u32 off = nh + sizeof(ip6);
+	__u8 next;
+
+	if (off > tail || bpf_probe_read_kernel(&ip6, sizeof(ip6), head + nh))
+		return;
+	if (ip6.version != 6)
+		return;
+	k->family = 6;
+	__builtin_memcpy(k->saddr, &ip6.saddr, 16);
+	__builtin_memcpy(k->daddr, &ip6.daddr, 16);
+	next = ip6.nexthdr;
+	/* A few extension headers, bounded: enough for real traffic. */
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		__u8 eh[2];
+
+		if (next != IPPROTO_HOPOPTS_ && next != IPPROTO_ROUTING_ &&
+		    next != IPPROTO_DSTOPTS_ && next != IPPROTO_FRAGMENT_ &&
+		    next != IPPROTO_AH_)
+			break;
+		if (off + 8 > tail || bpf_probe_read_kernel(eh, sizeof(eh), head + off))
+			return;
+		if (next == IPPROTO_FRAGMENT_) {
+			__be16 frag;
+
+			if (bpf_probe_read_kernel(&frag, sizeof(frag), head + off + 2))
+				return;
+			if (bpf_ntohs(frag) & 0xFFF8) { /* not the first fragment */
+				k->l4proto = eh[0];
+				return;
+			}
+			off += 8;
+		} else if (next == IPPROTO_AH_) {
+			off += (eh[1] + 2) * 4;
+		} else {
+			off += (eh[1] + 1) * 8;
+		}
+		next = eh[0];
+	}
+	k->l4proto = next;
+	read_ports(k, head, off, tail);
+}
+
+static __always_inline __u32 netns_of(struct net_device *dev, struct sock *sk)
+{
+	struct net *net = NULL;
+
+	if (dev)
+		net = BPF_CORE_READ(dev, nd_net.net);
+	else if (sk)
+		net = BPF_CORE_READ(sk, __sk_common.skc_net.net);
+	return net ? BPF_CORE_READ(net, ns.inum) : 0;
+}
+
+static __always_inline void fill_key(struct drop_key *k, struct sk_buff *skb, __u16 proto)
+{
+	struct net_device *dev = BPF_CORE_READ(skb, dev);
+	unsigned char *head = BPF_CORE_READ(skb, head);
+	__u32 nh = BPF_CORE_READ(skb, network_header);
+	__u32 tail = BPF_CORE_READ(skb, tail);
+	__u8 ver = 0;
+
+	if (dev) {
+		k->ifindex = BPF_CORE_READ(dev, ifindex);
+		bpf_probe_read_kernel_str(k->ifname, sizeof(k->ifname), dev->name);
+	} else {
+		k->ifindex = BPF_CORE_READ(skb, skb_iif);
+	}
+	k->netns = netns_of(dev, BPF_CORE_READ(skb, sk));
+	k->l3proto = proto;
+	if (!head)
+		return;
+	/* Locally built packets may be freed before skb->protocol is set:
+	 * then trust the version nibble of what sits at the network header. */
+	if (proto == 0 && nh + 1 <= tail &&
+	    !bpf_probe_read_kernel(&ver, 1, head + nh))
+		proto = (ver >> 4) == 4 ? ETH_P_IP : (ver >> 4) == 6 ? ETH_P_IPV6 : 0;
+	if (proto == ETH_P_IP)
+		parse_ipv4(k, head, nh, tail);
+	else if (proto == ETH_P_IPV6)
+		parse_ipv6(k, head, nh, tail);
+}
+
+static __always_inline void overflow(__u32 reason)
+{
+	__u64 zero = 0, *n;
+
+	stat_add(DROP_STAT_TABLE_FULL);
+	n = lookup_or_try_init(&drop_overflow, &reason, &zero);
+	if (n)
+		*n += 1;
+	else
+		stat_add(DROP_STAT_OVERFLOW_LOST);
+}
+
+static __always_inline void account(void *table, struct drop_key *k, __u32 len)
+{
+	struct drop_value *v = bpf_map_lookup_elem(table, k);
+
+	if (!v) {
+		struct drop_value init = {
+			.packets = 1, .bytes = len, .first_ns = bpf_ktime_get_ns(),
+		};
+		long err = bpf_map_update_elem(table, k, &init, BPF_NOEXIST);
+
+		if (!err)
+			return;
+		/* EEXIST: another CPU inserted the same key meanwhile. */
+		v = err == -17 ? bpf_map_lookup_elem(table, k) : NULL;
+		if (!v) {
+			overflow(k->reason);
+			return;
+		}
+	}
+	__sync_fetch_and_add(&v->packets, 1);
+	__sync_fetch_and_add(&v->bytes, len);
+}
+
+SEC("tracepoint/skb/kfree_skb")
+int on_kfree_skb(struct trace_event_raw_kfree_skb *ctx)
+{
+	struct sk_buff *skb = ctx->skbaddr;
+	struct drop_key key;
+	__u32 reason = DROP_REASON_UNKNOWN;
+
+	/* The field arrived in 5.17; before it every kfree_skb was a drop. */
+	if (bpf_core_field_exists(ctx->reason))
+		reason = ctx->reason;
+	if (reason == reason_consumed)
+		return 0;
+	if (exclude_not_specified && reason == reason_not_specified)
+		return 0;
+	stat_add(DROP_STAT_EVENTS);
+
+	__builtin_memset(&key, 0, sizeof(key));
+	key.reason = reason;
+	if (keep_location)
+		key.location = (__u64)ctx->location;
+	if (skb)
+		fill_key(&key, skb, ctx->protocol);
+	if (active & 1)
+		account(&drops_1, &key, skb ? BPF_CORE_READ(skb, len) : 0);
+	else
+		account(&drops_0, &key, skb ? BPF_CORE_READ(skb, len) : 0);
+	return 0;
+}
