@@ -146,6 +146,7 @@ static int set_rodata(struct bpf_object *obj, const char *name, uint32_t value)
 	const struct btf_var_secinfo *v;
 	size_t size;
 	char *data;
+
 	int id;
 
 	bpf_object__for_each_map(map, obj)
@@ -154,7 +155,7 @@ static int set_rodata(struct bpf_object *obj, const char *name, uint32_t value)
 	id = btf__find_by_name_kind(btf, ".rodata", BTF_KIND_DATASEC);
 	if (!ro || id < 0)
 		return -ENOENT;
-	data = bpf_map__initial_value(ro, &size);
+	data = (char *)bpf_map__initial_value(ro, &size);
 	sec = btf__type_by_id(btf, id);
 	v = btf_var_secinfos(sec);
 	for (int i = 0; i < btf_vlen(sec); i++, v++) {

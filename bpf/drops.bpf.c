@@ -207,13 +207,13 @@ static __always_inline void overflow(__u32 reason)
 		stat_add(DROP_STAT_OVERFLOW_LOST);
 }
 
-static __always_inline void account(void *table, struct drop_key *k, __u32 len)
+static __always_inline void account(void *table, struct drop_key *k)
 {
 	struct drop_value *v = bpf_map_lookup_elem(table, k);
 
 	if (!v) {
 		struct drop_value init = {
-			.packets = 1, .bytes = len, .first_ns = bpf_ktime_get_ns(),
+			.packets = 1, .first_ns = bpf_ktime_get_ns(),
 		};
 		long err = bpf_map_update_elem(table, k, &init, BPF_NOEXIST);
 
@@ -227,7 +227,6 @@ static __always_inline void account(void *table, struct drop_key *k, __u32 len)
 		}
 	}
 	__sync_fetch_and_add(&v->packets, 1);
-	__sync_fetch_and_add(&v->bytes, len);
 }
 
 SEC("tracepoint/skb/kfree_skb")
@@ -253,8 +252,8 @@ int on_kfree_skb(struct trace_event_raw_kfree_skb *ctx)
 	if (skb)
 		fill_key(&key, skb, ctx->protocol);
 	if (active & 1)
-		account(&drops_1, &key, skb ? BPF_CORE_READ(skb, len) : 0);
+		account(&drops_1, &key);
 	else
-		account(&drops_0, &key, skb ? BPF_CORE_READ(skb, len) : 0);
+		account(&drops_0, &key);
 	return 0;
 }

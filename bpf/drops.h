@@ -34,7 +34,6 @@ struct drop_key {
 
 struct drop_value {
 	__u64 packets;
-	__u64 bytes;
 	__u64 first_ns;  /* CLOCK_MONOTONIC of the first drop this interval */
 };
 
