@@ -38,3 +38,13 @@ def test_help_lists_commands() -> None:
     assert res.returncode == 0
     for cmd in ("run", "doctor", "receive", "demo"):
         assert cmd in res.stdout
+
+
+def test_missing_libbpf_names_the_package(tmp_path) -> None:
+    (tmp_path / "libbpf.so.1").write_bytes(b"not a shared object")
+    env = dict(__import__("os").environ, LD_LIBRARY_PATH=str(tmp_path))
+    res = subprocess.run([sys.executable, "-m", "ebpf_otlp", "run", "--iface", "lo"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 1
+    assert "apt-get install libbpf1" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -116,9 +116,13 @@ def run(ifaces: tuple[str, ...], signals: tuple[str, ...] | None, headers: tuple
         if value is not None:
             setattr(cfg, renames.get(key, key), value)
 
-    from .agent import Agent, ConfigError
-    from .libbpf import BpfError
-    from .mounts import MountError
+    try:
+        from .agent import Agent, ConfigError
+        from .libbpf import BpfError
+        from .mounts import MountError
+    except ImportError as e:  # libbpf.so.1 missing or too old: say what to install
+        click.echo(f"ebpf-otlp: {e}", err=True)
+        sys.exit(1)
 
     try:
         agent = Agent(cfg, strict=strict)

@@ -36,7 +36,8 @@ def _open() -> object:
     try:
         lib = ffi.dlopen("libbpf.so.1")
     except OSError as e:
-        raise LibbpfMissing(f"cannot load libbpf.so.1 ({e}): {INSTALL_HINT}") from None
+        reason = str(e).split("  Additionally")[0]
+        raise LibbpfMissing(f"cannot load libbpf.so.1 ({reason}): {INSTALL_HINT}") from None
     have = (lib.libbpf_major_version(), lib.libbpf_minor_version())
     if have < MIN_VERSION:
         raise LibbpfMissing(

@@ -40,18 +40,11 @@ BUSYBOX = "/bin/busybox"
 QEMU = "qemu-system-x86_64"
 RESULT_PREFIX = "@@EBPF_OTLP@@ "
 
-# Modules taken from the kernel package, in load order (no modules.dep in a
-# `dpkg -x` tree, and busybox insmod does not resolve dependencies).
-MODULES = [
-    "drivers/virtio/virtio.ko",
-    "drivers/virtio/virtio_ring.ko",
-    "drivers/virtio/virtio_pci_legacy_dev.ko",
-    "drivers/virtio/virtio_pci_modern_dev.ko",
-    "drivers/virtio/virtio_pci.ko",
-    "drivers/block/virtio_blk.ko",
-    "net/sched/sch_ingress.ko",
-    "net/sched/cls_bpf.ko",
-]
+# Modules the guest needs from the kernel package: the virtio disk that holds
+# Python, clsact and cls_bpf for TC. Their dependencies are added and ordered
+# from each module's own `depends=` (a `dpkg -x` tree has no modules.dep, and
+# busybox insmod resolves nothing).
+MODULES = ["virtio_pci", "virtio_blk", "sch_ingress", "cls_bpf"]
 
 # Parts of the standard library and of the venv that the agent never imports:
 # leaving them out keeps the image small and quick to build.
@@ -129,12 +122,39 @@ class Kernel:
     def release(self) -> str:
         return self.vmlinuz.name.removeprefix("vmlinuz-")
 
-    def module(self, rel: str) -> Path:
+    def module(self, name: str) -> bytes:
+        """The plain ELF of module ``name`` (decompressed if the package compresses)."""
         base = self.root / "lib/modules" / self.release / "kernel"
-        for cand in (base / rel, base / (rel + ".xz"), base / (rel + ".zst")):
-            if cand.exists():
-                return cand
-        raise FileNotFoundError(f"{rel} is not in {self.package}")
+        for ext in (".ko", ".ko.xz", ".ko.zst"):
+            found = next(base.rglob(name + ext), None)
+            if found is None:
+                continue
+            data = found.read_bytes()
+            if ext == ".ko.xz":  # busybox insmod takes plain ELF only
+                import lzma
+                data = lzma.decompress(data)
+            elif ext == ".ko.zst":
+                data = subprocess.run(["zstd", "-dc", str(found)], capture_output=True,
+                                      check=True).stdout
+            return data
+        raise FileNotFoundError(f"module {name} is not in {self.package}")
+
+    def modules_in_order(self, names: list[str]) -> list[tuple[str, bytes]]:
+        """``names`` and their dependencies, dependencies first."""
+        out: dict[str, bytes] = {}
+
+        def visit(name: str) -> None:
+            if name in out:
+                return
+            data = self.module(name)
+            m = re.search(rb"depends=([\w,-]*)\0", data)
+            for dep in filter(None, (m.group(1).decode() if m else "").split(",")):
+                visit(dep.replace("-", "_"))
+            out[name] = data
+
+        for n in names:
+            visit(n)
+        return list(out.items())
 
 
 def fetch_kernel(timings: Timings) -> Kernel:
@@ -390,18 +410,9 @@ def build_initramfs(kernel: Kernel, check_args: list[str], extra_objects: dict[s
     c = Cpio()
     c.file("bin/busybox", Path(BUSYBOX).read_bytes(), 0o755)
     names = []
-    for rel in MODULES:
-        src = kernel.module(rel)
-        data = src.read_bytes()
-        if src.suffix == ".xz":  # busybox insmod takes plain ELF only
-            import lzma
-            data = lzma.decompress(data)
-        elif src.suffix == ".zst":
-            data = subprocess.run(["zstd", "-dc", str(src)], capture_output=True,
-                                  check=True).stdout
-        name = Path(rel).name
-        c.file(f"modules/{name}", data)
-        names.append(name)
+    for name, data in kernel.modules_in_order(MODULES):
+        c.file(f"modules/{name}.ko", data)
+        names.append(f"{name}.ko")
     c.tree(ROOT / "src/ebpf_otlp", "src/ebpf_otlp", skip={"__pycache__"})
     c.file("src/guest_check.py", (HERE / "guest_check.py").read_bytes())
     for name, data in extra_objects.items():
@@ -453,7 +464,7 @@ def boot(check_args: list[str], *, extra_objects: dict[str, bytes] | None = None
     image = build_base_image(timings)
     initrd = build_initramfs(kernel, check_args, extra_objects or {}, env or {}, timings)
     t0 = time.monotonic()
-    cmd = [QEMU, "-accel", "tcg", "-m", "1024", "-smp", "1", "-nographic", "-no-reboot",
+    cmd = [QEMU, "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1", "-nographic", "-no-reboot",
            "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
            "-drive", f"file={image},format=raw,if=virtio,readonly=on",
            "-append", "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init"]

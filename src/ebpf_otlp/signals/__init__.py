@@ -6,8 +6,10 @@ Imported lazily so that a broken or unsupported signal never stops the others.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from .base import Signal
+if TYPE_CHECKING:
+    from .base import Signal
 
 _MODULES = {
     "flows": ("flows", "FlowsSignal"),

@@ -1,0 +1,293 @@
+"""DNS message heads from the kernel -> decoded messages, and query/answer pairing.
+
+Parsing uses dnspython (strict: compression pointers must point strictly
+backwards, chains are capped, names over 255 bytes and reserved label types
+are rejected). dnspython costs ~20 us per message here, too slow for tens of
+thousands of messages per second, so a batch is first scanned with numpy:
+header fields come out as columns, and the question's labels are walked for
+all records at once to find where the question ends. The question's bytes
+then key a bounded cache of what dnspython made of them, so dnspython parses
+each distinct question once (and every message the fast scan cannot vouch
+for: several questions, compression pointers, odd label types).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import Counter
+from typing import Iterator
+
+import dns.exception
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import numpy as np
+
+HEADER = 12
+MAX_LABELS = 128  # a 255-byte name has at most 127 labels
+PROTO_NAMES = {6: "tcp", 17: "udp"}
+
+# Reasons a message is skipped, the `reason` attribute of ebpf_otlp.dns.malformed.
+SHORT = "short"  # fewer than 12 bytes: no header
+TRUNCATED = "truncated"  # question runs past the bytes we have
+INVALID = "invalid"  # dnspython rejected it (bad pointer, label type, name too long...)
+NO_QUESTION = "no_question"  # well formed but nothing to name the lookup by
+
+
+class Message:
+    """One decoded DNS message (query or response)."""
+
+    __slots__ = ("key", "response", "ts_ns", "name", "qtype", "rcode", "answers", "row")
+
+    def __init__(self, key: bytes, response: bool, ts_ns: int, name: str, qtype: str,
+                 rcode: int, answers: int, row: int):
+        self.key = key
+        self.response = response
+        self.ts_ns = ts_ns
+        self.name = name
+        self.qtype = qtype
+        self.rcode = rcode
+        self.answers = answers
+        self.row = row
+
+
+def question_text(wire: bytes) -> tuple[str, str]:
+    """(name without trailing dot, type mnemonic) of a message's first question.
+
+    Raises dns.exception.DNSException (or ValueError) for anything dnspython
+    rejects, and IndexError when the message has no question.
+    """
+    msg = dns.message.from_wire(wire, question_only=True, ignore_trailing=True)
+    q = msg.question[0]
+    return q.name.to_text(omit_final_dot=True), dns.rdatatype.to_text(q.rdtype)
+
+
+def rcode_text(rcode: int) -> str:
+    return dns.rcode.to_text(rcode)
+
+
+class Decoder:
+    """Decodes batches of ``struct dns_event`` records (numpy structured arrays)."""
+
+    def __init__(self, cache_size: int = 65536):
+        self.cache_size = cache_size
+        self._questions: dict[bytes, tuple[str, str]] = {}
+        self.malformed: Counter[str] = Counter()
+        self.decoded = 0
+        self.parsed = 0  # full dnspython parses (cache misses and slow path)
+
+    def decode(self, recs: np.ndarray) -> list[Message]:
+        """Messages that decoded, in ring order; the rest are counted in ``malformed``."""
+        n = len(recs)
+        if n == 0:
+            return []
+        head = recs["head"]
+        stride = head.shape[1]
+        hl = np.minimum(recs["head_len"].astype(np.int64), recs["msg_len"].astype(np.int64))
+        h = head[:, :HEADER].astype(np.int64)
+        ok = hl >= HEADER
+        qr = (h[:, 2] >> 7).astype(bool)
+        rcode = h[:, 3] & 0xF
+        qdcount = (h[:, 4] << 8) | h[:, 5]
+        ancount = (h[:, 6] << 8) | h[:, 7]
+        qend = self._question_ends(head, hl, ok & (qdcount == 1))
+        keys = pair_keys(recs, qr)
+        blob = head.tobytes()
+        ts = recs["ts_ns"].tolist()
+        okl, qrl, rcl, anl, qel, hll = (ok.tolist(), qr.tolist(), rcode.tolist(),
+                                        ancount.tolist(), qend.tolist(), hl.tolist())
+        cache = self._questions
+        out: list[Message] = []
+        malformed = self.malformed
+        for i in range(n):
+            if not okl[i]:
+                malformed[SHORT] += 1
+                continue
+            base = i * stride
+            end = qel[i]
+            q = None
+            if end > 0:
+                qkey = blob[base + HEADER:base + end]
+                q = cache.get(qkey)
+            if q is None:
+                q = self._slow(blob[base:base + hll[i]], qkey if end > 0 else None)
+                if q is None:
+                    continue
+            out.append(Message(keys[i], qrl[i], ts[i], q[0], q[1], rcl[i], anl[i], i))
+        self.decoded += len(out)
+        return out
+
+    def _slow(self, wire: bytes, qkey: bytes | None) -> tuple[str, str] | None:
+        """dnspython on the whole head; caches the answer under the question's bytes."""
+        self.parsed += 1
+        try:
+            q = question_text(wire)
+        except IndexError:
+            self.malformed[NO_QUESTION] += 1
+            return None
+        except dns.message.ShortHeader:
+            self.malformed[SHORT] += 1
+            return None
+        except EOFError:
+            self.malformed[TRUNCATED] += 1
+            return None
+        except (dns.exception.DNSException, ValueError, UnicodeError):
+            self.malformed[INVALID] += 1
+            return None
+        if qkey is not None:
+            if len(self._questions) >= self.cache_size:
+                # Crude but bounded: real traffic re-fills the hot names at once.
+                self._questions.clear()
+            self._questions[qkey] = q
+        return q
+
+    @staticmethod
+    def _question_ends(head: np.ndarray, hl: np.ndarray, simple: np.ndarray) -> np.ndarray:
+        """Where the first question ends (after QTYPE/QCLASS), for every record
+        whose question is plain labels within the bytes we have; 0 elsewhere
+        (those go to dnspython unaided)."""
+        n = len(head)
+        rows = np.flatnonzero(simple)
+        pos = np.full(len(rows), HEADER, dtype=np.int64)
+        end = np.zeros(n, dtype=np.int64)
+        limit = hl[rows]
+        for _ in range(MAX_LABELS):
+            if len(rows) == 0:
+                break
+            inside = pos < limit
+            length = head[rows, np.minimum(pos, head.shape[1] - 1)].astype(np.int64)
+            root = inside & (length == 0)
+            bad = ~inside | (length >= 64)  # pointer, reserved type, or out of bytes
+            qe = pos + 5
+            fits = root & (qe <= limit) & (pos - HEADER + 1 <= 255)
+            end[rows[fits]] = qe[fits]
+            keep = ~(root | bad)
+            rows, pos, limit = rows[keep], (pos + length + 1)[keep], limit[keep]
+        return end
+
+
+def pair_keys(recs: np.ndarray, qr: np.ndarray) -> list[bytes]:
+    """One bytes key per record naming its exchange: transaction id, client
+    address and port, server address and port, transport. The client is the
+    sender of a query and the receiver of a response, so a query and its
+    answer get the same key whatever the ports are."""
+    n = len(recs)
+    k = np.empty((n, 39), dtype=np.uint8)
+    resp = qr[:, None]
+    k[:, 0:2] = recs["head"][:, 0:2]
+    k[:, 2:18] = np.where(resp, recs["daddr"], recs["saddr"])
+    k[:, 18:34] = np.where(resp, recs["saddr"], recs["daddr"])
+    cport = np.where(qr, recs["dport"], recs["sport"]).astype(">u2")
+    sport = np.where(qr, recs["sport"], recs["dport"]).astype(">u2")
+    k[:, 34:36] = cport.view(np.uint8).reshape(n, 2)
+    k[:, 36:38] = sport.view(np.uint8).reshape(n, 2)
+    # Last byte never 0 (numpy's S dtype strips trailing NULs).
+    k[:, 38] = recs["proto"] | 0x80
+    return k.view("S39").ravel().tolist()
+
+
+class Query:
+    """A query waiting for its answer."""
+
+    __slots__ = ("ts_ns", "name", "qtype", "row")
+
+    def __init__(self, ts_ns: int, name: str, qtype: str, row: tuple):
+        self.ts_ns = ts_ns
+        self.name = name
+        self.qtype = qtype
+        self.row = row  # (client addr, client port, server addr, server port, transport, type, ifindex)
+
+
+class PendingTable:
+    """Queries waiting for answers, oldest first, bounded.
+
+    Lookups leave the table when answered, when they time out, or when the
+    table is full and a newer query needs room (``evicted``).
+    """
+
+    def __init__(self, max_pending: int, timeout_ns: int, recent: int = 4096):
+        self.max_pending = max_pending
+        self.timeout_ns = timeout_ns
+        self.pending: dict[bytes, Query] = {}
+        # Recently answered keys: a second copy of an answer (seen on two
+        # interfaces, or a retransmitted response) is a duplicate, not an orphan.
+        self._answered: dict[bytes, int] = {}
+        self._recent = recent
+        self.evicted = 0
+        self.duplicates = 0
+        self.unmatched = 0
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def add(self, key: bytes, query: Query) -> bool:
+        """False for a copy of a query already waiting (kept: the first send counts)."""
+        pending = self.pending
+        if key in pending:
+            self.duplicates += 1
+            return False
+        if len(pending) >= self.max_pending:
+            del pending[next(iter(pending))]
+            self.evicted += 1
+        pending[key] = query
+        return True
+
+    def answer(self, key: bytes, ts_ns: int) -> Query | None:
+        q = self.pending.pop(key, None)
+        if q is None:
+            if key in self._answered:
+                self.duplicates += 1
+            else:
+                self.unmatched += 1
+            return None
+        answered = self._answered
+        answered[key] = ts_ns
+        if len(answered) > self._recent:
+            del answered[next(iter(answered))]
+        return q
+
+    def expire(self, now_ns: int) -> list[Query]:
+        """Pop queries older than the timeout (insertion order is close to time order)."""
+        out = []
+        pending = self.pending
+        limit = now_ns - self.timeout_ns
+        while pending:
+            key = next(iter(pending))
+            q = pending[key]
+            if q.ts_ns > limit:
+                break
+            del pending[key]
+            out.append(q)
+        return out
+
+
+class AddressCache:
+    """Text form of addresses, cached: the same few servers and clients repeat."""
+
+    def __init__(self, size: int = 65536):
+        self.size = size
+        self._cache: dict[bytes, str] = {}
+
+    def text(self, raw: bytes, family: int) -> str:
+        s = self._cache.get(raw)
+        if s is None:
+            if family == 4:
+                s = socket.inet_ntop(socket.AF_INET, raw[:4])
+            else:
+                s = socket.inet_ntop(socket.AF_INET6, raw)
+            if len(self._cache) >= self.size:
+                self._cache.clear()
+            self._cache[raw] = s
+        return s
+
+
+def iter_rows(recs: np.ndarray, rows: list[int]) -> Iterator[tuple]:
+    """(saddr, daddr, sport, dport, proto, family, ifindex) for the given rows."""
+    sub = recs[rows]
+    sa = sub["saddr"].tobytes()
+    da = sub["daddr"].tobytes()
+    for j, (sp, dp, pr, fam, ifx) in enumerate(zip(sub["sport"].tolist(), sub["dport"].tolist(),
+                                                    sub["proto"].tolist(),
+                                                    sub["family"].tolist(),
+                                                    sub["ifindex"].tolist())):
+        yield sa[16 * j:16 * j + 16], da[16 * j:16 * j + 16], sp, dp, pr, fam, ifx

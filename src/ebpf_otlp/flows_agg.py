@@ -1,0 +1,177 @@
+"""Flow table arithmetic in numpy: fold per-CPU slots, project flow keys onto
+the attributes the user keeps, aggregate over the dropped ones, and keep the
+per-series state that delta and cumulative export need.
+
+Python never loops over packets, and over series only to turn a distinct
+attribute value into text once (see :mod:`ebpf_otlp.flows_attrs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .layout import record_dtype
+
+KEY_DT = record_dtype("flows", "flow_key")
+VAL_DT = record_dtype("flows", "flow_value")
+OVF_KEY_DT = record_dtype("flows", "flow_ovf_key")
+OVF_VAL_DT = record_dtype("flows", "flow_ovf_value")
+# counters kept per series, in this column order
+COLUMNS = ("packets", "bytes", "segments")
+
+# The identity of an exported series: the flow key with the dropped
+# attributes zeroed, plus the TCP flags when `network.tcp.flags` is kept.
+SERIES_DT = np.dtype({
+    "names": ["key", "tcp_flags", "pad"],
+    "formats": [KEY_DT, "<u2", ("u1", (6,))],
+    "offsets": [0, KEY_DT.itemsize, KEY_DT.itemsize + 2],
+    "itemsize": KEY_DT.itemsize + 8,
+})
+
+# Which key fields each attribute needs; a field no kept attribute needs is zeroed.
+_ATTR_FIELDS = {
+    "source.address": ("saddr",),
+    "destination.address": ("daddr",),
+    "source.port": ("sport",),
+    "destination.port": ("dport",),
+    "network.transport": ("proto",),
+    "network.type": ("ethertype",),
+    "network.interface.name": ("ifindex",),
+    "network.io.direction": ("direction",),
+}
+
+
+@dataclass
+class Drained:
+    """One drain, per-CPU slots folded: one row per kernel flow."""
+
+    keys: np.ndarray        # (n,) KEY_DT
+    counts: np.ndarray      # (n, 3) uint64: packets, bytes, segments
+    tcp_flags: np.ndarray   # (n,) uint16, OR over CPUs
+    first_ns: np.ndarray    # (n,) uint64 monotonic, min over CPUs that saw the flow
+    last_ns: np.ndarray     # (n,) uint64 monotonic, max over CPUs
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def fold(keys_u8: np.ndarray, vals_u8: np.ndarray, ncpus: int) -> Drained:
+    """Turn ``Map.drain()`` output of a per-CPU flow table into one row per flow."""
+    n = len(keys_u8)
+    keys = np.ascontiguousarray(keys_u8).view(KEY_DT).reshape(n)
+    stride = (VAL_DT.itemsize + 7) & ~7
+    raw = np.ascontiguousarray(vals_u8).reshape(n, ncpus, stride)[:, :, :VAL_DT.itemsize]
+    vals = np.ascontiguousarray(raw).view(VAL_DT).reshape(n, ncpus)
+    counts = np.stack([vals[c].sum(axis=1, dtype=np.uint64) for c in COLUMNS], axis=1)
+    first = vals["first_ns"]
+    first_min = np.where(first > 0, first, np.iinfo(np.uint64).max).min(axis=1)
+    first_min[first_min == np.iinfo(np.uint64).max] = 0
+    return Drained(keys=keys, counts=counts.reshape(n, 3),
+                   tcp_flags=np.bitwise_or.reduce(vals["tcp_flags"], axis=1).astype(np.uint16),
+                   first_ns=first_min, last_ns=vals["last_ns"].max(axis=1, initial=0))
+
+
+def project(d: Drained, kept: tuple[str, ...] | set[str]) -> np.ndarray:
+    """The series identity of each row: the key with the fields no kept attribute uses zeroed."""
+    out = np.zeros(len(d), SERIES_DT)
+    out["key"] = d.keys
+    needed = {f for a in kept for f in _ATTR_FIELDS.get(a, ())}
+    k = out["key"]
+    for field in KEY_DT.names:
+        # l3 tells IP flows from the rest, so it is always kept.
+        if field not in needed and field not in ("l3", "pad"):
+            k[field] = 0
+    if "network.tcp.flags" in kept:
+        out["tcp_flags"] = d.tcp_flags
+    return out
+
+
+def aggregate(series: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum ``counts`` over rows with equal ``series``: (unique series, summed counts)."""
+    if len(series) == 0:
+        return series[:0].copy(), np.zeros((0, 3), np.uint64)
+    flat = series.view(f"V{SERIES_DT.itemsize}")
+    uniq, inv = np.unique(flat, return_inverse=True)
+    inv = inv.reshape(-1)
+    if len(uniq) == len(flat):  # nothing to merge: keep integer exactness, skip the sort
+        out = np.empty((len(uniq), 3), np.uint64)
+        out[inv] = counts
+        return uniq.view(SERIES_DT), out
+    order = np.argsort(inv, kind="stable")
+    sorted_inv = inv[order]
+    starts = np.flatnonzero(np.r_[True, sorted_inv[1:] != sorted_inv[:-1]])
+    sums = np.add.reduceat(counts[order], starts, axis=0).astype(np.uint64)
+    return uniq.view(SERIES_DT), sums
+
+
+class SeriesStore:
+    """Series waiting to be exported (delta) or running totals (cumulative).
+
+    Delta: rows are deltas not yet exported; a failed export keeps them for
+    the next attempt, merged with new data, so a short collector outage
+    loses nothing. Cumulative: rows are totals since ``start_ns`` and are
+    exported every interval; they never go down.
+
+    At most ``cap`` rows: beyond that the rows updated longest ago go first
+    and are counted (``evicted`` series, ``dropped`` counts for delta).
+    """
+
+    def __init__(self, cumulative: bool, cap: int):
+        self.cumulative = cumulative
+        self.cap = max(1, cap)
+        self.series = np.zeros(0, SERIES_DT)
+        self.counts = np.zeros((0, 3), np.uint64)
+        self.start_ns = np.zeros(0, np.uint64)
+        self.touched = np.zeros(0, np.int64)
+        self.generation = 0
+        self.evicted_series = 0
+        self.dropped_points = 0
+        self.dropped_counts = np.zeros(3, np.uint64)
+
+    def __len__(self) -> int:
+        return len(self.series)
+
+    def merge(self, series: np.ndarray, counts: np.ndarray, start_ns: int) -> None:
+        """Add one interval's aggregated rows; ``start_ns`` is when that interval began."""
+        self.generation += 1
+        if len(series) == 0:
+            return
+        allk = np.concatenate([self.series, series])
+        allc = np.concatenate([self.counts, counts.astype(np.uint64)])
+        uniq, sums = aggregate(allk, allc)
+        # start and touch per unique row: the old row's start if there was one
+        flat_u = uniq.view(f"V{SERIES_DT.itemsize}")
+        pos_old = np.searchsorted(flat_u, self.series.view(f"V{SERIES_DT.itemsize}"))
+        start = np.full(len(uniq), start_ns, np.uint64)
+        touched = np.full(len(uniq), self.generation, np.int64)
+        if len(pos_old):
+            start[pos_old] = self.start_ns
+            touched[pos_old] = self.touched
+            pos_new = np.searchsorted(flat_u, series.view(f"V{SERIES_DT.itemsize}"))
+            touched[pos_new] = self.generation
+        self.series, self.counts, self.start_ns, self.touched = uniq, sums, start, touched
+        self._bound()
+
+    def _bound(self) -> None:
+        extra = len(self.series) - self.cap
+        if extra <= 0:
+            return
+        victims = np.argsort(self.touched, kind="stable")[:extra]
+        keep = np.ones(len(self.series), bool)
+        keep[victims] = False
+        self.evicted_series += extra
+        if not self.cumulative:
+            self.dropped_points += extra
+            self.dropped_counts += self.counts[victims].sum(axis=0, dtype=np.uint64)
+        self.series, self.counts = self.series[keep], self.counts[keep]
+        self.start_ns, self.touched = self.start_ns[keep], self.touched[keep]
+
+    def exported(self) -> None:
+        """The rows were delivered: delta forgets them, cumulative keeps the totals."""
+        if not self.cumulative:
+            self.series = self.series[:0]
+            self.counts = self.counts[:0]
+            self.start_ns = self.start_ns[:0]
+            self.touched = self.touched[:0]
