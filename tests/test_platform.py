@@ -140,6 +140,7 @@ def test_ring_buffer_batches_in_order_and_counts_losses() -> None:
         poller.poll(0)
         seq = np.concatenate(got)["seq"]
         assert seq.tolist() == list(range(4000))
+        assert obj.bss["seq"] == 4000  # the kernel's own counter, read live
         assert rb.lost() == 0
         # 1 MiB ring, 56 bytes a record: 200,000 records overflow it.
         obj.programs["rb_produce"].test_run(b"\0" * 60, repeat=50_000)

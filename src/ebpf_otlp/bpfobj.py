@@ -188,9 +188,15 @@ class GlobalData:
     def __contains__(self, name: str) -> bool:
         return name in self._vars
 
+    def _live(self) -> bool:
+        # After load, .bss/.data are read through the map itself: libbpf 1.1
+        # does not always leave its memory image mapped onto the kernel map.
+        return self._obj.loaded and self.section != ".rodata" and self._map is not None
+
     def __getitem__(self, name: str) -> int:
         off, size = self._var(name)
-        return int.from_bytes(self._buf()[off:off + size], "little", signed=False)
+        data = self._map.lookup(0) if self._live() else self._buf()
+        return int.from_bytes(data[off:off + size], "little", signed=False)
 
     def __setitem__(self, name: str, value: int | bytes) -> None:
         if self.section == ".rodata" and self._obj.loaded:
@@ -200,7 +206,12 @@ class GlobalData:
                                                                             signed=value < 0)
         if len(data) != size:
             raise ValueError(f"{name} takes {size} bytes, got {len(data)}")
-        self._buf()[off:off + size] = data
+        if self._live():
+            whole = bytearray(self._map.lookup(0))
+            whole[off:off + size] = data
+            self._map.update(0, bytes(whole))
+        else:
+            self._buf()[off:off + size] = data
 
     def _var(self, name: str) -> tuple[int, int]:
         try:

@@ -48,6 +48,8 @@ class DropsSignal(Signal):
         self._active = 0
         self._overflow_seen: dict[int, int] = {}  # reason -> cumulative, last read
         self.last_entries = 0
+        self._slots = {n: constant("drops", n) for n in
+                       ("DROP_STAT_TABLE_FULL", "DROP_STAT_OVERFLOW_LOST", "DROP_STAT_EVENTS")}
         self.drained_packets = 0
         self.counter = telemetry.meter.create_counter(
             "network.packet.drops", unit="{packet}",
@@ -145,7 +147,7 @@ class DropsSignal(Signal):
     def _stat(self, slot: str) -> int:
         if self.obj is None or not self.obj.loaded:
             return 0
-        return self.obj.maps["drop_stats"].sum_u64(constant("drops", slot))
+        return self.obj.maps["drop_stats"].sum_u64(self._slots[slot])
 
     def _log_points(self) -> list[tuple[int, dict]]:
         if self.first_drops is None:
