@@ -43,6 +43,7 @@ struct opts {
 	uint64_t records;
 	uint32_t ring_bytes;
 	double rate;		/* records/s; 0 = flat out */
+	int prog_fd;		/* producer only, on an inherited program fd */
 	unsigned timer_us;
 };
 
@@ -60,6 +61,7 @@ static int prog_fd;
 static struct opts o = {
 	.mode = "consume", .wakeup_bytes = 0xffffffffu, .per_run = 64,
 	.records = 5000000, .ring_bytes = 16u << 20, .rate = 0, .timer_us = 1000,
+	.prog_fd = -1,
 };
 
 static double now_s(void)
@@ -105,10 +107,11 @@ static int run_prog(uint32_t repeat)
 }
 
 /*
- * Producer: flat out in one BPF_PROG_TEST_RUN call, or paced to --rate in
- * 10 ms slots. Each XDP test run with repeat > 1 costs a fixed ~20 ms here
- * (the kernel swaps the XDP dispatcher in and out), so pacing per record or
- * per millisecond is impossible; a slot's records come as one short burst.
+ * Producer: flat out in one BPF_PROG_TEST_RUN call, or paced to --rate with
+ * one run (64 records) per call. An XDP test run with repeat > 1 costs a
+ * fixed ~20 ms here, sometimes far more under load (the kernel swaps the XDP
+ * dispatcher in and out), which would turn pacing into bursts bigger than
+ * the ring; repeat == 1 skips the swap.
  */
 static void *producer(void *arg)
 {
@@ -117,25 +120,25 @@ static void *producer(void *arg)
 	double t0 = now_s();
 
 	while (runs < runs_total) {
-		uint64_t want = runs_total - runs;
-
 		if (o.rate > 0) {
 			double allowed = (now_s() - t0) * o.rate / o.per_run;
 
 			if (allowed < runs + 1) {
-				usleep(10000);
+				usleep(100);
 				continue;
 			}
-			if (want > (uint64_t)(allowed - runs))
-				want = (uint64_t)(allowed - runs);
+			if (run_prog(1))
+				break;
+			runs++;
+		} else {
+			if (run_prog(runs_total - runs))
+				break;
+			runs = runs_total;
 		}
-		if (run_prog(want)) {
-			fprintf(stderr, "test_run: %s\n", strerror(errno));
-			break;
-		}
-		runs += want;
 		atomic_store(&produced, runs * o.per_run);
 	}
+	if (runs < runs_total)
+		fprintf(stderr, "test_run: %s\n", strerror(errno));
 	atomic_store(&producer_done, 1);
 	return NULL;
 }
@@ -190,8 +193,9 @@ static void usage(const char *argv0)
 {
 	fprintf(stderr,
 		"usage: %s OBJ [--mode consume|poll] [--wakeup-bytes N] [--records N]\n"
-		"          [--per-run N] [--ring-bytes N] [--rate RECORDS_PER_S] [--timer-us N]\n",
-		argv0);
+		"          [--per-run N] [--ring-bytes N] [--rate RECORDS_PER_S] [--timer-us N]\n"
+		"       %s - --prog-fd FD [--records N] [--per-run N] [--rate R]  (producer only)\n",
+		argv0, argv0);
 	exit(2);
 }
 
@@ -218,6 +222,8 @@ static void parse(int argc, char **argv)
 			o.ring_bytes = strtoul(v, NULL, 0);
 		else if (!strcmp(k, "--rate"))
 			o.rate = strtod(v, NULL);
+		else if (!strcmp(k, "--prog-fd"))
+			o.prog_fd = strtol(v, NULL, 0);
 		else if (!strcmp(k, "--timer-us"))
 			o.timer_us = strtoul(v, NULL, 0);
 		else
@@ -240,6 +246,16 @@ int main(int argc, char **argv)
 	int err, lost_fd, poll_mode;
 
 	parse(argc, argv);
+	if (o.prog_fd >= 0) {
+		/* Producer for another consumer (the Python one): same pacing. */
+		double t = now_s();
+
+		prog_fd = o.prog_fd;
+		producer(NULL);
+		printf("{\"produced\": %llu, \"seconds\": %.6f}\n",
+		       (unsigned long long)atomic_load(&produced), now_s() - t);
+		return 0;
+	}
 	poll_mode = !strcmp(o.mode, "poll");
 	libbpf_set_strict_mode(LIBBPF_STRICT_ALL);
 	obj = bpf_object__open_file(o.obj_path, NULL);

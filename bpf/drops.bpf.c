@@ -155,14 +155,19 @@ static __always_inline void parse_ipv6(struct drop_key *k, unsigned char *head,
 	read_ports(k, head, off, tail);
 }
 
-static __always_inline __u32 netns_of(struct net_device *dev, struct sock *sk)
+/* The netns the interface index belongs to: the device's, else the socket's. */
+static __always_inline __u32 netns_of(struct net_device *dev, struct sk_buff *skb)
 {
 	struct net *net = NULL;
+	struct sock *sk;
 
-	if (dev)
+	if (dev) {
 		net = BPF_CORE_READ(dev, nd_net.net);
-	else if (sk)
-		net = BPF_CORE_READ(sk, __sk_common.skc_net.net);
+	} else {
+		sk = BPF_CORE_READ(skb, sk);
+		if (sk)
+			net = BPF_CORE_READ(sk, __sk_common.skc_net.net);
+	}
 	return net ? BPF_CORE_READ(net, ns.inum) : 0;
 }
 
@@ -172,6 +177,7 @@ static __always_inline void fill_key(struct drop_key *k, struct sk_buff *skb, __
 	unsigned char *head = BPF_CORE_READ(skb, head);
 	__u32 nh = BPF_CORE_READ(skb, network_header);
 	__u32 tail = BPF_CORE_READ(skb, tail);
+	__u16 mac;
 	__u8 ver = 0;
 
 	if (dev) {
@@ -180,10 +186,16 @@ static __always_inline void fill_key(struct drop_key *k, struct sk_buff *skb, __
 	} else {
 		k->ifindex = BPF_CORE_READ(skb, skb_iif);
 	}
-	k->netns = netns_of(dev, BPF_CORE_READ(skb, sk));
+	k->netns = netns_of(dev, skb);
 	k->l3proto = proto;
 	if (!head)
 		return;
+	/* A received skb freed before __netif_receive_skb_core() reset its
+	 * network header still has the one __alloc_skb() left (0, the
+	 * headroom); eth_type_trans() has already moved data to L3 by then. */
+	mac = BPF_CORE_READ(skb, mac_header);
+	if (mac != (__u16)~0U && nh <= mac)
+		nh = BPF_CORE_READ(skb, data) - head;
 	/* Locally built packets may be freed before skb->protocol is set:
 	 * then trust the version nibble of what sits at the network header. */
 	if (proto == 0 && nh + 1 <= tail &&

@@ -259,7 +259,10 @@ static __always_inline void flow_add(void *table, struct flow_key *key, __u64 by
 				     __u64 segs, __u16 tcp_flags)
 {
 	struct flow_value *v = bpf_map_lookup_elem(table, key);
-	__u64 now = bpf_ktime_get_ns();
+	/* The coarse clock (tick resolution, same CLOCK_MONOTONIC base) costs a
+	 * fraction of bpf_ktime_get_ns here (~30 ns less per packet in a VM);
+	 * first/last seen do not need better than a few ms. */
+	__u64 now = bpf_ktime_get_coarse_ns();
 	long err;
 
 	if (!v) {

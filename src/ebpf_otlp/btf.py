@@ -47,10 +47,12 @@ def kernel_enum(name: str) -> dict[int, str]:
                 continue
             t = lib.btf__type_by_id(btf, tid)
             out = {}
+            signed = bool(t.info >> 31)  # kind_flag: the enum's values are signed
             if kind == KIND_ENUM:
                 vals = ffi.cast("struct btf_enum *", t + 1)
                 for i in range(_vlen(t)):
-                    out[vals[i].val] = _name(btf, vals[i].name_off)
+                    v = vals[i].val
+                    out[v if signed else v & 0xFFFFFFFF] = _name(btf, vals[i].name_off)
             else:  # btf_enum64: name_off, val_lo32, val_hi32
                 vals = ffi.cast("uint32_t *", t + 1)
                 for i in range(_vlen(t)):

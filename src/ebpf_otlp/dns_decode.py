@@ -14,8 +14,7 @@ for: several questions, compression pointers, odd label types).
 from __future__ import annotations
 
 import socket
-from collections import Counter
-from typing import Iterator
+from collections import Counter, OrderedDict
 
 import dns.exception
 import dns.message
@@ -62,8 +61,12 @@ def question_text(wire: bytes) -> tuple[str, str]:
     return q.name.to_text(omit_final_dot=True), dns.rdatatype.to_text(q.rdtype)
 
 
+_RCODES = [dns.rcode.to_text(i) for i in range(16)]
+
+
 def rcode_text(rcode: int) -> str:
-    return dns.rcode.to_text(rcode)
+    """Mnemonic of a 4-bit header rcode (NOERROR, NXDOMAIN, SERVFAIL...)."""
+    return _RCODES[rcode]
 
 
 class Decoder:
@@ -90,18 +93,22 @@ class Decoder:
         rcode = h[:, 3] & 0xF
         qdcount = (h[:, 4] << 8) | h[:, 5]
         ancount = (h[:, 6] << 8) | h[:, 7]
-        qend = self._question_ends(head, hl, ok & (qdcount == 1))
+        qend, cut = self._question_ends(head, hl, ok & (qdcount == 1))
         keys = pair_keys(recs, qr)
         blob = head.tobytes()
         ts = recs["ts_ns"].tolist()
-        okl, qrl, rcl, anl, qel, hll = (ok.tolist(), qr.tolist(), rcode.tolist(),
-                                        ancount.tolist(), qend.tolist(), hl.tolist())
+        okl, qrl, rcl, anl, qel, hll, cutl = (ok.tolist(), qr.tolist(), rcode.tolist(),
+                                              ancount.tolist(), qend.tolist(), hl.tolist(),
+                                              cut.tolist())
         cache = self._questions
         out: list[Message] = []
         malformed = self.malformed
         for i in range(n):
             if not okl[i]:
                 malformed[SHORT] += 1
+                continue
+            if cutl[i]:
+                malformed[TRUNCATED] += 1
                 continue
             base = i * stride
             end = qel[i]
@@ -142,14 +149,16 @@ class Decoder:
         return q
 
     @staticmethod
-    def _question_ends(head: np.ndarray, hl: np.ndarray, simple: np.ndarray) -> np.ndarray:
+    def _question_ends(head: np.ndarray, hl: np.ndarray,
+                       simple: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Where the first question ends (after QTYPE/QCLASS), for every record
-        whose question is plain labels within the bytes we have; 0 elsewhere
-        (those go to dnspython unaided)."""
+        whose question is plain labels within the bytes we have, else 0 (those
+        go to dnspython unaided); and which records end inside those labels."""
         n = len(head)
         rows = np.flatnonzero(simple)
         pos = np.full(len(rows), HEADER, dtype=np.int64)
         end = np.zeros(n, dtype=np.int64)
+        cut = np.zeros(n, dtype=bool)
         limit = hl[rows]
         for _ in range(MAX_LABELS):
             if len(rows) == 0:
@@ -161,9 +170,11 @@ class Decoder:
             qe = pos + 5
             fits = root & (qe <= limit) & (pos - HEADER + 1 <= 255)
             end[rows[fits]] = qe[fits]
+            # Out of bytes before the name (or its type and class) ended.
+            cut[rows[~inside | (root & (qe > limit))]] = True
             keep = ~(root | bad)
             rows, pos, limit = rows[keep], (pos + length + 1)[keep], limit[keep]
-        return end
+        return end, cut
 
 
 def pair_keys(recs: np.ndarray, qr: np.ndarray) -> list[bytes]:
@@ -195,7 +206,8 @@ class Query:
         self.ts_ns = ts_ns
         self.name = name
         self.qtype = qtype
-        self.row = row  # (client addr, client port, server addr, server port, transport, type, ifindex)
+        # (client addr, client port, server addr, server port, transport, type, interface)
+        self.row = row
 
 
 class PendingTable:
@@ -208,10 +220,12 @@ class PendingTable:
     def __init__(self, max_pending: int, timeout_ns: int, recent: int = 4096):
         self.max_pending = max_pending
         self.timeout_ns = timeout_ns
-        self.pending: dict[bytes, Query] = {}
+        # OrderedDict, not dict: popping the oldest entry of a plain dict again
+        # and again makes next(iter(d)) walk the deleted slots (O(n) each).
+        self.pending: OrderedDict[bytes, Query] = OrderedDict()
         # Recently answered keys: a second copy of an answer (seen on two
         # interfaces, or a retransmitted response) is a duplicate, not an orphan.
-        self._answered: dict[bytes, int] = {}
+        self._answered: OrderedDict[bytes, int] = OrderedDict()
         self._recent = recent
         self.evicted = 0
         self.duplicates = 0
@@ -227,7 +241,7 @@ class PendingTable:
             self.duplicates += 1
             return False
         if len(pending) >= self.max_pending:
-            del pending[next(iter(pending))]
+            pending.popitem(last=False)
             self.evicted += 1
         pending[key] = query
         return True
@@ -243,7 +257,7 @@ class PendingTable:
         answered = self._answered
         answered[key] = ts_ns
         if len(answered) > self._recent:
-            del answered[next(iter(answered))]
+            answered.popitem(last=False)
         return q
 
     def expire(self, now_ns: int) -> list[Query]:
@@ -279,15 +293,3 @@ class AddressCache:
                 self._cache.clear()
             self._cache[raw] = s
         return s
-
-
-def iter_rows(recs: np.ndarray, rows: list[int]) -> Iterator[tuple]:
-    """(saddr, daddr, sport, dport, proto, family, ifindex) for the given rows."""
-    sub = recs[rows]
-    sa = sub["saddr"].tobytes()
-    da = sub["daddr"].tobytes()
-    for j, (sp, dp, pr, fam, ifx) in enumerate(zip(sub["sport"].tolist(), sub["dport"].tolist(),
-                                                    sub["proto"].tolist(),
-                                                    sub["family"].tolist(),
-                                                    sub["ifindex"].tolist())):
-        yield sa[16 * j:16 * j + 16], da[16 * j:16 * j + 16], sp, dp, pr, fam, ifx

@@ -42,7 +42,7 @@ STATUS_ERROR = 2
 SpanItem = tuple[int, int, str, Sequence[tuple[str, "str | int"]], "str | None"]
 
 
-def varint(n: int) -> bytes:
+def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
         b = n & 0x7F
@@ -54,12 +54,20 @@ def varint(n: int) -> bytes:
             return bytes(out)
 
 
+_SMALL = [_varint(i) for i in range(1 << 14)]
+
+
+def varint(n: int) -> bytes:
+    """Protobuf base-128 varint (table lookup below 16384: lengths are small)."""
+    return _SMALL[n] if n < 16384 else _varint(n)
+
+
 def field(num: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field."""
     return varint(num << 3 | 2) + varint(len(payload)) + payload
 
 
-def _any_value(v: object) -> AnyValue:
+def any_value(v: object) -> AnyValue:
     if isinstance(v, bool):
         return AnyValue(bool_value=v)
     if isinstance(v, int):
@@ -67,15 +75,43 @@ def _any_value(v: object) -> AnyValue:
     if isinstance(v, float):
         return AnyValue(double_value=v)
     if isinstance(v, (list, tuple)):
-        return AnyValue(array_value=ArrayValue(values=[_any_value(x) for x in v]))
+        return AnyValue(array_value=ArrayValue(values=[any_value(x) for x in v]))
     return AnyValue(string_value=str(v))
+
+
+def otlp_sender(kind: str, endpoint: str, headers: dict[str, str],
+                timeout_s: float) -> Callable[[bytes], bool]:
+    """``send(bytes) -> ok`` through the HTTP client of the SDK's own OTLP
+    exporter for ``kind`` ("traces" or "metrics"), built with the agent's
+    endpoint, headers and timeout: compression, TLS and retry settings are
+    the SDK's (``OTEL_EXPORTER_OTLP_*``)."""
+    if kind == "traces":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as E
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+            OTLPMetricExporter as E,  # noqa: N814
+        )
+    sdk = E(endpoint=endpoint, headers=headers or None, timeout=timeout_s)
+    client = getattr(sdk, "_client", None)
+    if client is not None and hasattr(client, "export"):
+        return lambda data: bool(client.export(data).success)
+    # SDKs without that client: one plain POST with the exporter's session.
+    import requests
+
+    session = getattr(sdk, "_session", None) or requests.Session()
+
+    def post(data: bytes) -> bool:
+        r = session.post(endpoint, data=data, timeout=timeout_s,
+                         headers={"Content-Type": "application/x-protobuf", **headers})
+        return r.ok
+    return post
 
 
 class SpanEncoder:
     """Encodes span tuples into one request; ``KeyValue`` bytes are cached."""
 
     def __init__(self, resource_attributes: dict, scope: str, cache_size: int = 65536):
-        res = PbResource(attributes=[KeyValue(key=k, value=_any_value(v))
+        res = PbResource(attributes=[KeyValue(key=k, value=any_value(v))
                                      for k, v in resource_attributes.items()])
         self._resource_field = field(1, res.SerializeToString())
         self._scope_field = field(1, InstrumentationScope(name=scope).SerializeToString())
@@ -87,14 +123,18 @@ class SpanEncoder:
     def _keyvalue(self, key: str, value: object) -> bytes:
         kv = self._kv.get((key, value))
         if kv is None:
-            if isinstance(value, int) and not isinstance(value, bool):
-                av = b"\x18" + varint(value & 0xFFFFFFFFFFFFFFFF)  # int_value, field 3
-            else:
-                av = field(1, str(value).encode())  # string_value
-            kv = field(9, field(1, key.encode()) + field(2, av))  # Span.attributes
-            if len(self._kv) >= self.cache_size:
-                self._kv.clear()
-            self._kv[(key, value)] = kv
+            kv = self._encode_kv(key, value)
+        return kv
+
+    def _encode_kv(self, key: str, value: object) -> bytes:
+        if isinstance(value, int) and not isinstance(value, bool):
+            av = b"\x18" + varint(value & 0xFFFFFFFFFFFFFFFF)  # int_value, field 3
+        else:
+            av = field(1, str(value).encode())  # string_value
+        kv = field(9, field(1, key.encode()) + field(2, av))  # Span.attributes
+        if len(self._kv) >= self.cache_size:
+            self._kv.clear()  # bounded; the hot values come back at once
+        self._kv[(key, value)] = kv
         return kv
 
     def span(self, trace_id: bytes, span_id: bytes, item: SpanItem) -> bytes:
@@ -102,7 +142,8 @@ class SpanEncoder:
         name_f = self._names.get(name)
         if name_f is None:
             name_f = self._names[name] = field(5, name.encode())
-        kvs = b"".join([self._keyvalue(k, v) for k, v in attrs])
+        get = self._kv.get
+        kvs = b"".join([get(a) or self._encode_kv(*a) for a in attrs])
         body = [b"\x0a\x10", trace_id, b"\x12\x08", span_id, name_f, self._kind,
                 struct.pack("<BQBQ", 0x39, start, 0x41, end), kvs]
         if error is not None:
@@ -148,27 +189,7 @@ class SpanBatchExporter:
         self.requests = 0
         self.failures = 0
         self.dropped: Counter[str] = Counter()
-        self._send = send or self._http_sender(endpoint, headers, timeout_s)
-
-    @staticmethod
-    def _http_sender(endpoint: str, headers: dict[str, str],
-                     timeout_s: float) -> Callable[[bytes], bool]:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        sdk = OTLPSpanExporter(endpoint=endpoint, headers=headers or None, timeout=timeout_s)
-        client = getattr(sdk, "_client", None)
-        if client is not None and hasattr(client, "export"):
-            return lambda data: bool(client.export(data).success)
-        # Older SDKs keep the HTTP logic elsewhere: send ourselves, once, with its session.
-        import requests
-
-        session = getattr(sdk, "_session", None) or requests.Session()
-
-        def post(data: bytes) -> bool:
-            r = session.post(endpoint, data=data, timeout=timeout_s,
-                             headers={"Content-Type": "application/x-protobuf", **headers})
-            return r.ok
-        return post
+        self._send = send or otlp_sender("traces", endpoint, headers, timeout_s)
 
     # --- producer side ----------------------------------------------------------
     def submit(self, items: Iterable[SpanItem]) -> int:

@@ -18,6 +18,8 @@ KEY_DT = record_dtype("flows", "flow_key")
 VAL_DT = record_dtype("flows", "flow_value")
 OVF_KEY_DT = record_dtype("flows", "flow_ovf_key")
 OVF_VAL_DT = record_dtype("flows", "flow_ovf_value")
+# Protocols whose flows have ports: TCP, UDP, SCTP, UDP-Lite.
+PORT_PROTOS = (6, 17, 132, 136)
 # counters kept per series, in this column order
 COLUMNS = ("packets", "bytes", "segments")
 
@@ -79,8 +81,11 @@ def project(d: Drained, kept: tuple[str, ...] | set[str]) -> np.ndarray:
     out["key"] = d.keys
     needed = {f for a in kept for f in _ATTR_FIELDS.get(a, ())}
     k = out["key"]
+    # l3 becomes 2 for flows of a protocol with ports, so the port attributes
+    # still apply when network.transport (the protocol) is dropped.
+    k["l3"] = np.where(k["l3"] == 1, 1 + np.isin(k["proto"], list(PORT_PROTOS)), 0)
     for field in KEY_DT.names:
-        # l3 tells IP flows from the rest, so it is always kept.
+        # l3 tells IP flows (and those with ports) from the rest: always kept.
         if field not in needed and field not in ("l3", "pad"):
             k[field] = 0
     if "network.tcp.flags" in kept:
@@ -88,22 +93,55 @@ def project(d: Drained, kept: tuple[str, ...] | set[str]) -> np.ndarray:
     return out
 
 
+def group_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group equal rows of a (n, w) uint8 array, w a multiple of 8.
+
+    Returns (index of one row per group, group of each row). Rows are hashed
+    to one uint64 (sorting integers is far cheaper than sorting byte
+    strings); a collision is detected by comparing every row with its
+    group's representative, and then the exact byte-wise grouping is used.
+    """
+    n = len(rows)
+    if n == 0:
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    words = np.ascontiguousarray(rows).view("<u8")
+    h = np.full(n, 0x9E3779B97F4A7C15, np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(words.shape[1]):
+            h ^= words[:, j]
+            h *= np.uint64(0xFF51AFD7ED558CCD)
+            h ^= h >> np.uint64(33)
+    _, first, inv = np.unique(h, return_index=True, return_inverse=True)
+    inv = inv.reshape(-1)
+    if not np.array_equal(words, words[first[inv]]):  # a hash collision: exact path
+        flat = np.ascontiguousarray(rows).view(f"V{rows.shape[1]}").reshape(-1)
+        _, first, inv = np.unique(flat, return_index=True, return_inverse=True)
+        inv = inv.reshape(-1)
+    return first, inv
+
+
+def sum_groups(inv: np.ndarray, ngroups: int, counts: np.ndarray) -> np.ndarray:
+    """Exact uint64 sums of ``counts`` rows per group."""
+    if ngroups == len(inv):  # nothing to merge
+        out = np.empty((ngroups, counts.shape[1]), np.uint64)
+        out[inv] = counts
+        return out
+    order = np.argsort(inv, kind="stable")
+    sorted_inv = inv[order]
+    starts = np.flatnonzero(np.r_[True, sorted_inv[1:] != sorted_inv[:-1]])
+    return np.add.reduceat(counts[order], starts, axis=0).astype(np.uint64)
+
+
+def _series_rows(series: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(series).view(np.uint8).reshape(len(series), SERIES_DT.itemsize)
+
+
 def aggregate(series: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sum ``counts`` over rows with equal ``series``: (unique series, summed counts)."""
     if len(series) == 0:
         return series[:0].copy(), np.zeros((0, 3), np.uint64)
-    flat = series.view(f"V{SERIES_DT.itemsize}")
-    uniq, inv = np.unique(flat, return_inverse=True)
-    inv = inv.reshape(-1)
-    if len(uniq) == len(flat):  # nothing to merge: keep integer exactness, skip the sort
-        out = np.empty((len(uniq), 3), np.uint64)
-        out[inv] = counts
-        return uniq.view(SERIES_DT), out
-    order = np.argsort(inv, kind="stable")
-    sorted_inv = inv[order]
-    starts = np.flatnonzero(np.r_[True, sorted_inv[1:] != sorted_inv[:-1]])
-    sums = np.add.reduceat(counts[order], starts, axis=0).astype(np.uint64)
-    return uniq.view(SERIES_DT), sums
+    first, inv = group_rows(_series_rows(series))
+    return series[first], sum_groups(inv, len(first), counts)
 
 
 class SeriesStore:
@@ -138,20 +176,24 @@ class SeriesStore:
         self.generation += 1
         if len(series) == 0:
             return
+        counts = counts.astype(np.uint64)
+        m = len(self.series)
+        if m == 0:
+            self.series, self.counts = series.copy(), counts.copy()
+            self.start_ns = np.full(len(series), start_ns, np.uint64)
+            self.touched = np.full(len(series), self.generation, np.int64)
+            self._bound()
+            return
         allk = np.concatenate([self.series, series])
-        allc = np.concatenate([self.counts, counts.astype(np.uint64)])
-        uniq, sums = aggregate(allk, allc)
-        # start and touch per unique row: the old row's start if there was one
-        flat_u = uniq.view(f"V{SERIES_DT.itemsize}")
-        pos_old = np.searchsorted(flat_u, self.series.view(f"V{SERIES_DT.itemsize}"))
-        start = np.full(len(uniq), start_ns, np.uint64)
-        touched = np.full(len(uniq), self.generation, np.int64)
-        if len(pos_old):
-            start[pos_old] = self.start_ns
-            touched[pos_old] = self.touched
-            pos_new = np.searchsorted(flat_u, series.view(f"V{SERIES_DT.itemsize}"))
-            touched[pos_new] = self.generation
-        self.series, self.counts, self.start_ns, self.touched = uniq, sums, start, touched
+        first, inv = group_rows(_series_rows(allk))
+        g = len(first)
+        sums = sum_groups(inv, g, np.concatenate([self.counts, counts]))
+        start = np.full(g, start_ns, np.uint64)
+        touched = np.full(g, self.generation, np.int64)
+        start[inv[:m]] = self.start_ns  # rows already known keep their start
+        touched[inv[:m]] = self.touched
+        touched[inv[m:]] = self.generation
+        self.series, self.counts, self.start_ns, self.touched = allk[first], sums, start, touched
         self._bound()
 
     def _bound(self) -> None:

@@ -17,8 +17,6 @@ from . import otlp_direct as pb
 TRANSPORTS = {1: "icmp", 58: "icmp", 6: "tcp", 17: "udp", 132: "sctp", 136: "udplite",
               2: "igmp", 4: "ipip", 41: "ipv6", 47: "gre", 50: "esp", 51: "ah", 33: "dccp",
               89: "ospf", 103: "pim", 112: "vrrp", 115: "l2tp"}
-# Protocols whose flows have ports; other flows carry no port attributes.
-PORT_PROTOS = {6, 17, 132, 136}
 ETHERTYPES = {0x0800: "ipv4", 0x86DD: "ipv6", 0x0806: "arp", 0x8035: "rarp", 0x88CC: "lldp",
               0x8100: "vlan", 0x88A8: "qinq", 0x8847: "mpls", 0x8848: "mpls", 0x8863: "pppoe",
               0x8864: "pppoe", 0x888E: "eapol", 0x88F7: "ptp"}
@@ -55,9 +53,9 @@ def _columns(series: np.ndarray, ifnames: dict[int, str]
              ) -> list[tuple[str, np.ndarray, Callable[[object], object], np.ndarray]]:
     """(attribute, raw column, value converter, row mask where it applies)."""
     k = series["key"]
-    ip = k["l3"] == 1
-    ports = ip & np.isin(k["proto"], list(PORT_PROTOS))
-    tcp = ip & (k["proto"] == 6)
+    ip = k["l3"] >= 1
+    ports = k["l3"] == 2  # see flows_agg.project
+    tcp = ip & ((k["proto"] == 6) | (series["tcp_flags"] != 0))
     everywhere = np.ones(len(series), bool)
 
     def ifname(i: object) -> str:

@@ -54,12 +54,17 @@ _libc = ffi.dlopen(None)
 
 _tls = threading.local()
 _LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
+_PRINT_BUF = 1 << 20
 
 
 @ffi.callback("int(enum libbpf_print_level, const char *, void *)")
 def _print_cb(level: int, fmt: object, ap: object) -> int:
-    buf = ffi.new("char[]", 4096)
-    _libc.vsnprintf(buf, 4096, fmt, ap)
+    # libbpf prints a whole verifier log in one call, its verdict at the end:
+    # a 4 KiB buffer cut that off. One 1 MiB buffer per thread, reused.
+    buf = getattr(_tls, "printbuf", None)
+    if buf is None:
+        buf = _tls.printbuf = ffi.new("char[]", _PRINT_BUF)
+    _libc.vsnprintf(buf, _PRINT_BUF, fmt, ap)
     text = ffi.string(buf).decode("utf-8", "replace")
     sink = getattr(_tls, "sink", None)
     if sink is not None and level <= 1:

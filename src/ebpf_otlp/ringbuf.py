@@ -74,6 +74,12 @@ class RingBuffer:
         self._prod = mmap.mmap(ring.fd, PAGE + 2 * self.size, mmap.MAP_SHARED,
                                mmap.PROT_READ, offset=PAGE)
         self._data = np.frombuffer(self._prod, dtype=np.uint8)
+        # Positions are read and written as single aligned 8-byte words: the
+        # kernel reads consumer_pos while we write it, and struct's "<Q"
+        # stores byte by byte, so a torn value made the ring look full and
+        # the producer dropped records (found by bench/ringbuf.py).
+        self._cons_pos = np.frombuffer(self._cons, dtype=np.uint64, count=1)
+        self._prod_pos = np.frombuffer(self._prod, dtype=np.uint64, count=1)
         if self.dtype is not None:
             stride = HDR + _round8(self.dtype.itemsize)
             self._framed = np.dtype({"names": ["len", "rec"],
@@ -85,9 +91,7 @@ class RingBuffer:
         return self.lost_map.sum_u64(0) if self.lost_map is not None else 0
 
     def pending_bytes(self) -> int:
-        prod = struct.unpack_from("<Q", self._prod, 0)[0]
-        cons = struct.unpack_from("<Q", self._cons, 0)[0]
-        return prod - cons
+        return int(self._prod_pos[0]) - int(self._cons_pos[0])
 
     def drain(self, limit: int = 1 << 30) -> int:
         """Consume what is committed now; returns the number of records delivered."""
@@ -100,8 +104,8 @@ class RingBuffer:
         return total
 
     def _drain_once(self) -> int:
-        cons = struct.unpack_from("<Q", self._cons, 0)[0]
-        prod = struct.unpack_from("<Q", self._prod, 0)[0]
+        cons = int(self._cons_pos[0])
+        prod = int(self._prod_pos[0])
         if prod == cons:
             return 0
         if self.dtype is not None:
@@ -135,7 +139,7 @@ class RingBuffer:
             framed, lens = framed[:count], lens[:count]
         keep = (lens & DISCARD) == 0
         recs = framed["rec"][keep].copy() if not keep.all() else framed["rec"].copy()
-        struct.pack_into("<Q", self._cons, 0, cons + count * stride)
+        self._cons_pos[0] = cons + count * stride
         if len(recs):
             self._deliver(recs)
         return count
@@ -154,7 +158,7 @@ class RingBuffer:
                 batch.append(bytes(data[off + HDR:off + HDR + body]))
             cons += HDR + _round8(body)
             n += 1
-        struct.pack_into("<Q", self._cons, 0, cons)
+        self._cons_pos[0] = cons
         if batch:
             if self.dtype is not None and self.on_batch is not None:
                 good = [b for b in batch if len(b) == self.dtype.itemsize]
@@ -180,7 +184,7 @@ class RingBuffer:
                 self.on_record(rec.tobytes())
 
     def close(self) -> None:
-        self._data = None
+        self._data = self._cons_pos = self._prod_pos = None
         for m in (self._cons, self._prod):
             try:
                 m.close()

@@ -12,7 +12,15 @@ from typing import Callable, Iterable, Sequence
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import Histogram, MeterProvider
+from opentelemetry.sdk.metrics import (
+    Counter,
+    Histogram,
+    MeterProvider,
+    ObservableCounter,
+    ObservableGauge,
+    ObservableUpDownCounter,
+    UpDownCounter,
+)
 from opentelemetry.sdk.metrics.export import (
     MetricExporter,
     MetricExportResult,
@@ -134,7 +142,12 @@ class Telemetry:
             View(instrument_type=Histogram, instrument_unit="s",
                  aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS),
                  aggregation_cardinality_limit=limit),
-            View(instrument_name="*", aggregation_cardinality_limit=limit),
+            # One view per instrument kind: the SDK exports one stream per
+            # matching view, so a catch-all "*" view would duplicate every
+            # seconds histogram.
+            *(View(instrument_type=kind, aggregation_cardinality_limit=limit)
+              for kind in (Counter, UpDownCounter, ObservableCounter, ObservableGauge,
+                           ObservableUpDownCounter)),
             *views,
         ]
         self.meter_provider = MeterProvider(metric_readers=[self.reader], resource=self.resource,

@@ -295,9 +295,8 @@ def build_base_image(timings: Timings) -> Path:
         os.symlink(os.path.realpath("/usr/lib/x86_64-linux-gnu/libbpf.so.1"), so1)
     # Debian's merged /usr: /lib and /lib64 are symlinks into /usr.
     for link in ("lib", "lib64"):
-        if not (stage / link).exists():
-            if (stage / "usr" / link).exists():
-                os.symlink(f"usr/{link}", stage / link)
+        if not (stage / link).exists() and (stage / "usr" / link).exists():
+            os.symlink(f"usr/{link}", stage / link)
     (stage / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (stage / "etc/group").write_text("root:x:0:\n")
     (stage / "etc/hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
@@ -374,7 +373,8 @@ INIT = r"""#!/bin/busybox sh
 /bin/busybox mount -t sysfs sysfs /sys
 /bin/busybox mount -t devtmpfs devtmpfs /dev
 for m in %(modules)s; do
-    /bin/busybox insmod /modules/$m || echo "@@EBPF_OTLP@@ {\"event\": \"insmod-failed\", \"module\": \"$m\"}"
+    /bin/busybox insmod /modules/$m ||
+        echo "@@EBPF_OTLP@@ {\"event\": \"insmod-failed\", \"module\": \"$m\"}"
 done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do /bin/busybox usleep 50000; i=$((i+1)); done
@@ -464,7 +464,9 @@ def boot(check_args: list[str], *, extra_objects: dict[str, bytes] | None = None
     image = build_base_image(timings)
     initrd = build_initramfs(kernel, check_args, extra_objects or {}, env or {}, timings)
     t0 = time.monotonic()
-    cmd = [QEMU, "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1", "-nographic", "-no-reboot",
+    # -cpu max: numpy's wheels need x86-64-v2 instructions the default model lacks.
+    cmd = [QEMU, "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1", "-nographic",
+           "-no-reboot",
            "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
            "-drive", f"file={image},format=raw,if=virtio,readonly=on",
            "-append", "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init"]
@@ -476,3 +478,30 @@ def boot(check_args: list[str], *, extra_objects: dict[str, bytes] | None = None
         console += f"\n[host] QEMU killed after {timeout_s:.0f} s\n"
     timings.add("boot+check", t0)
     return GuestRun(kernel, console, parse_events(console), timings)
+
+
+# --- the tier's own negative control ---------------------------------------------------
+
+def tracepoint_field_offset(category: str, name: str, field_name: str) -> int:
+    """Offset of ``field_name`` in this host's tracepoint record (tracefs format)."""
+    from ebpf_otlp.mounts import ensure_tracefs
+
+    fmt = Path(ensure_tracefs(), "events", category, name, "format").read_text()
+    m = re.search(rf"field:[^;]*\b{field_name};\s*offset:(\d+);", fmt)
+    if not m:
+        raise RuntimeError(f"{category}:{name} has no field {field_name}")
+    return int(m.group(1))
+
+
+def build_nonportable(out_dir: Path) -> Path:
+    """Compile nonportable.bpf.c with the host's kfree_skb ``reason`` offset baked in."""
+    clang = shutil.which("clang-19") or shutil.which("clang")
+    if clang is None:
+        raise Unavailable("clang is missing (clang-19)")
+    off = tracepoint_field_offset("skb", "kfree_skb", "reason")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "nonportable.bpf.o"
+    _run(clang, "-g", "-O2", "-target", "bpf", "-D__TARGET_ARCH_x86", f"-DREASON_OFF={off}",
+         "-Wall", "-Werror", "-I", str(ROOT / "vmlinux/x86"), "-c",
+         str(HERE / "nonportable.bpf.c"), "-o", str(out))
+    return out

@@ -1,0 +1,556 @@
+// SPDX-License-Identifier: GPL-2.0 OR BSD-3-Clause
+/*
+ * TCP health from tracepoints and sock_ops only (no kprobes, no fentry):
+ *
+ *  - sock:inet_sock_set_state drives a per-socket table (LRU hash keyed by
+ *    the struct sock address): client entries are born at CLOSE->SYN_SENT
+ *    (process context, inside connect(), so the owner is `current`), server
+ *    entries when the child socket is cloned (LISTEN->SYN_RECV, at the final
+ *    ACK). ESTABLISHED emits an OPEN record, CLOSE a CLOSE or FAIL record
+ *    with the counters read from struct tcp_sock via CO-RE.
+ *  - sock_ops (cgroup v2) stamps the arrival of each SYN on the request sock
+ *    (TIMEOUT_INIT runs in tcp_conn_request), which is the start of a server
+ *    handshake, and samples the smoothed RTT of live connections through
+ *    BPF_SOCK_OPS_RTT_CB at most once per rtt_sample_ns per connection.
+ *  - tcp:tcp_retransmit_skb / tcp_retransmit_synack / tcp_send_reset /
+ *    tcp_receive_reset add to in-kernel counters drained per interval.
+ *  - syscalls:sys_exit_accept{,4} attribute passive opens (their state
+ *    changes run in softirq context) to the accepting process.
+ */
+#include "common.bpf.h"
+#include "tcp.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define ECONNRESET 104
+#define RCV_SHUTDOWN 1
+
+/* Counter key fields the user keeps; the others are zeroed (bounded map). */
+const volatile __u8 keep_saddr = 1;
+const volatile __u8 keep_sport = 1;
+const volatile __u8 keep_caddr = 0;
+const volatile __u8 keep_cport = 0;
+/* One RTT sample per connection per this many ns; 0 turns RTT sampling off. */
+const volatile __u64 rtt_sample_ns = 1000000000ULL;
+
+DEFINE_RINGBUF(tcp_events, 1 << 20);
+EXPORT_BTF(struct tcp_event);
+EXPORT_BTF(struct tcp_ckey);
+
+/* What we know about one live socket. */
+struct conn {
+	__u64 start_ns;
+	__u64 est_ns;
+	__u64 last_rtt_ns;
+	__u64 acked_base;	/* bytes_acked at ESTABLISHED (a client's SYN counts 1) */
+	__u64 rcvd_base;
+	__u8 saddr[16];
+	__u8 caddr[16];
+	__u16 sport;
+	__u16 cport;
+	__u32 pid;
+	__u8 role;
+	__u8 flags;
+	__u8 pad[2];
+	char comm[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct conn);
+} socks SEC(".maps");
+
+/* SYN arrival per (remote address, ports), from sock_ops on the request sock. */
+struct syn_key {
+	__u8 raddr[16];
+	__u16 lport;
+	__u16 rport;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct syn_key);
+	__type(value, __u64);
+} syn_times SEC(".maps");
+
+/* Cumulative counters; user space computes deltas and evicts idle keys. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct tcp_ckey);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TCP_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} tcp_stats SEC(".maps");
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&tcp_stats, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+/*
+ * Tracepoint records are the program's ctx: the verifier rejects loads
+ * through a ctx pointer with a computed offset and misaligned ctx loads, so
+ * the address arrays are copied to the stack first.
+ */
+struct ends {
+	__u8 laddr[16];
+	__u8 raddr[16];
+	__u16 lport;
+	__u16 rport;
+};
+
+#define TP_ENDS(e, ctx)								\
+	do {									\
+		bpf_probe_read_kernel((e)->laddr, 16, &(ctx)->saddr_v6);	\
+		bpf_probe_read_kernel((e)->raddr, 16, &(ctx)->daddr_v6);	\
+		(e)->lport = (ctx)->sport;					\
+		(e)->rport = (ctx)->dport;					\
+	} while (0)
+
+/* Without a tracked open, guess: the side with the lower port is the server. */
+static __always_inline __u8 guess_role(__u16 lport, __u16 rport)
+{
+	return lport < rport ? TCP_ROLE_SERVER : TCP_ROLE_CLIENT;
+}
+
+/* Fill the server/client sides of a conn from local/remote endpoints. */
+static __always_inline void set_ends(struct conn *c, const struct ends *e)
+{
+	if (c->role == TCP_ROLE_SERVER) {
+		__builtin_memcpy(c->saddr, e->laddr, 16);
+		__builtin_memcpy(c->caddr, e->raddr, 16);
+		c->sport = e->lport;
+		c->cport = e->rport;
+	} else {
+		__builtin_memcpy(c->caddr, e->laddr, 16);
+		__builtin_memcpy(c->saddr, e->raddr, 16);
+		c->cport = e->lport;
+		c->sport = e->rport;
+	}
+}
+
+static __always_inline void count_key(struct tcp_ckey *k, __u64 n)
+{
+	__u64 zero = 0, *v;
+
+	if (!keep_saddr)
+		__builtin_memset(k->saddr, 0, 16);
+	if (!keep_caddr)
+		__builtin_memset(k->caddr, 0, 16);
+	if (!keep_sport)
+		k->sport = 0;
+	if (!keep_cport)
+		k->cport = 0;
+	v = lookup_or_try_init(&counters, k, &zero);
+	if (!v) {
+		stat_inc(TCP_STAT_COUNTERS_FULL);
+		return;
+	}
+	__sync_fetch_and_add(v, n);
+}
+
+/*
+ * Count `n` of `kind` for socket `sk` (may be 0): the tracked entry gives
+ * role and ends; otherwise the tracepoint's local/remote ends are used.
+ */
+static __always_inline void count_sock(__u64 sk, __u8 kind, __u64 n, const struct ends *ends,
+				       __u8 role_if_unknown, __u8 flag)
+{
+	struct tcp_ckey k = {};
+	struct conn *c = NULL;
+	struct conn tmp;
+
+	if (sk)
+		c = bpf_map_lookup_elem(&socks, &sk);
+	if (c) {
+		c->flags |= flag;
+		__builtin_memcpy(k.saddr, c->saddr, 16);
+		__builtin_memcpy(k.caddr, c->caddr, 16);
+		k.sport = c->sport;
+		k.cport = c->cport;
+		k.role = c->role;
+	} else {
+		tmp.role = role_if_unknown ? role_if_unknown :
+			   guess_role(ends->lport, ends->rport);
+		set_ends(&tmp, ends);
+		__builtin_memcpy(k.saddr, tmp.saddr, 16);
+		__builtin_memcpy(k.caddr, tmp.caddr, 16);
+		k.sport = tmp.sport;
+		k.cport = tmp.cport;
+		k.role = tmp.role;
+	}
+	k.kind = kind;
+	count_key(&k, n);
+}
+
+static __always_inline void fill_event(struct tcp_event *e, const struct conn *c, __u8 kind,
+				       __u64 now)
+{
+	e->ts_ns = now;
+	e->start_ns = c->start_ns;
+	e->est_ns = c->est_ns;
+	__builtin_memcpy(e->saddr, c->saddr, 16);
+	__builtin_memcpy(e->caddr, c->caddr, 16);
+	e->sport = c->sport;
+	e->cport = c->cport;
+	e->pid = c->pid;
+	e->kind = kind;
+	e->role = c->role;
+	e->flags = c->flags;
+	__builtin_memcpy(e->comm, c->comm, 16);
+}
+
+static __always_inline void emit_open(const struct conn *c, struct tcp_sock *tp, __u64 now)
+{
+	struct tcp_event *e = RINGBUF_RESERVE(tcp_events, sizeof(*e));
+
+	if (!e)
+		return;
+	__builtin_memset(e, 0, sizeof(*e));
+	fill_event(e, c, TCP_EV_OPEN, now);
+	e->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
+	RINGBUF_SUBMIT(tcp_events, e);
+}
+
+static __always_inline void on_close(int old, const struct ends *ends, __u64 sk, __u64 now)
+{
+	struct tcp_sock *tp = (struct tcp_sock *)sk;
+	struct sock *s = (struct sock *)sk;
+	struct conn *c, tmp = {};
+	struct tcp_event *e;
+	__u64 acked, rcvd;
+	int err;
+
+	if (old == TCP_LISTEN || old == TCP_CLOSE)
+		return;
+	c = bpf_map_lookup_elem(&socks, &sk);
+	if (!c) {
+		/* A connection older than the agent: report what the socket knows. */
+		if (old == TCP_SYN_SENT || old == TCP_SYN_RECV || old == TCP_NEW_SYN_RECV)
+			return;
+		tmp.role = guess_role(ends->lport, ends->rport);
+		tmp.flags = TCP_F_ROLE_GUESSED;
+		c = &tmp;
+	}
+	/* Addresses as the socket has them now (a client's port is bound late). */
+	set_ends(c, ends);
+	err = BPF_CORE_READ(s, sk_err);
+	if (old == TCP_FIN_WAIT2 && !err && !(c->flags & TCP_F_RST_RX))
+		c->flags |= TCP_F_FIN_RX;	/* FIN in FIN_WAIT2: straight to CLOSE */
+
+	e = RINGBUF_RESERVE(tcp_events, sizeof(*e));
+	if (e) {
+		__builtin_memset(e, 0, sizeof(*e));
+		fill_event(e, c, (c->flags & TCP_F_TRACKED) && !c->est_ns ? TCP_EV_FAIL : TCP_EV_CLOSE,
+			   now);
+		e->oldstate = old;
+		e->cause = err > 0 && err < 256 ? err : 0;
+		acked = BPF_CORE_READ(tp, bytes_acked);
+		rcvd = BPF_CORE_READ(tp, bytes_received);
+		/* bytes_acked/received count sequence space: SYN and FIN take one each. */
+		acked -= c->acked_base;
+		rcvd -= c->rcvd_base;
+		if ((c->flags & TCP_F_FIN_TX) && acked &&
+		    BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq))
+			acked -= 1;
+		if ((c->flags & TCP_F_FIN_RX) && rcvd)
+			rcvd -= 1;
+		e->bytes_tx = acked;
+		e->bytes_rx = rcvd;
+		e->segs_out = BPF_CORE_READ(tp, segs_out);
+		e->segs_in = BPF_CORE_READ(tp, segs_in);
+		e->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
+		e->retrans = BPF_CORE_READ(tp, total_retrans);
+		RINGBUF_SUBMIT(tcp_events, e);
+	}
+	if (c != &tmp)
+		bpf_map_delete_elem(&socks, &sk);
+}
+
+SEC("tracepoint/sock/inet_sock_set_state")
+int tcp_state(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	__u64 sk = (__u64)ctx->skaddr;
+	__u64 now = bpf_ktime_get_ns();
+	struct tcp_sock *tp = (struct tcp_sock *)sk;
+	int old = ctx->oldstate, new = ctx->newstate;
+	struct conn *c, init = {};
+	struct ends ends;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return 0;
+	TP_ENDS(&ends, ctx);
+	switch (new) {
+	case TCP_SYN_SENT:
+		/* connect(): process context, the caller owns the socket. */
+		init.role = TCP_ROLE_CLIENT;
+		init.flags = TCP_F_TRACKED;
+		init.start_ns = now;
+		init.pid = bpf_get_current_pid_tgid() >> 32;
+		bpf_get_current_comm(init.comm, sizeof(init.comm));
+		set_ends(&init, &ends);
+		if (bpf_map_update_elem(&socks, &sk, &init, BPF_ANY))
+			stat_inc(TCP_STAT_SOCKS_FULL);
+		return 0;
+	case TCP_SYN_RECV: {
+		struct syn_key sk_key = {};
+		__u64 *t;
+
+		/* The child is cloned from the listener at the final ACK. */
+		if (old != TCP_LISTEN)
+			return 0;
+		init.role = TCP_ROLE_SERVER;
+		init.flags = TCP_F_TRACKED;
+		set_ends(&init, &ends);
+		__builtin_memcpy(sk_key.raddr, ends.raddr, 16);
+		sk_key.lport = ends.lport;
+		sk_key.rport = ends.rport;
+		t = bpf_map_lookup_elem(&syn_times, &sk_key);
+		if (t) {
+			init.start_ns = *t;
+			bpf_map_delete_elem(&syn_times, &sk_key);
+		}
+		if (bpf_map_update_elem(&socks, &sk, &init, BPF_ANY))
+			stat_inc(TCP_STAT_SOCKS_FULL);
+		return 0;
+	}
+	case TCP_ESTABLISHED:
+		c = bpf_map_lookup_elem(&socks, &sk);
+		if (!c || c->est_ns)
+			return 0;
+		c->est_ns = now;
+		set_ends(c, &ends);
+		c->acked_base = BPF_CORE_READ(tp, bytes_acked);
+		c->rcvd_base = BPF_CORE_READ(tp, bytes_received);
+		if (!c->start_ns) {
+			/*
+			 * No SYN stamp (sock_ops not attached, or the listener sits
+			 * outside its cgroup): the SYN-ACK RTT the kernel just
+			 * measured is the server's handshake time.
+			 */
+			__u32 srtt = BPF_CORE_READ(tp, srtt_us) >> 3;
+
+			stat_inc(TCP_STAT_SYN_MISS);
+			if (srtt) {
+				c->start_ns = now - (__u64)srtt * 1000;
+				c->flags |= TCP_F_SYN_FROM_SRTT;
+			}
+		}
+		emit_open(c, tp, now);
+		return 0;
+	case TCP_FIN_WAIT1:
+	case TCP_LAST_ACK:
+		c = bpf_map_lookup_elem(&socks, &sk);
+		if (c)
+			c->flags |= TCP_F_FIN_TX;
+		return 0;
+	case TCP_CLOSE_WAIT:
+	case TCP_CLOSING:
+		c = bpf_map_lookup_elem(&socks, &sk);
+		if (c)
+			c->flags |= TCP_F_FIN_RX;
+		return 0;
+	case TCP_CLOSE:
+		on_close(old, &ends, sk, now);
+		return 0;
+	}
+	return 0;
+}
+
+/* Segments in a (TSO/GSO) skb, as tcp_skb_pcount() and RetransSegs count them. */
+static __always_inline __u64 skb_segs(struct sk_buff *skb)
+{
+	unsigned char *head = BPF_CORE_READ(skb, head);
+	__u32 end = BPF_CORE_READ(skb, end);
+	struct skb_shared_info *sh = (void *)(head + end);
+	__u16 segs = BPF_CORE_READ(sh, gso_segs);
+
+	return segs ? segs : 1;
+}
+
+SEC("tracepoint/tcp/tcp_retransmit_skb")
+int tcp_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
+{
+	__u64 segs = skb_segs((struct sk_buff *)ctx->skbaddr);
+	struct ends ends;
+
+	TP_ENDS(&ends, ctx);
+	count_sock((__u64)ctx->skaddr, TCP_CNT_RETRANS_SEGS, segs, &ends, 0, 0);
+	return 0;
+}
+
+SEC("tracepoint/tcp/tcp_retransmit_synack")
+int tcp_retransmit_synack(struct trace_event_raw_tcp_retransmit_synack *ctx)
+{
+	struct ends ends;
+
+	/* The listener's side of a half-open connection: always the server. */
+	TP_ENDS(&ends, ctx);
+	count_sock(0, TCP_CNT_RETRANS_SEGS, 1, &ends, TCP_ROLE_SERVER, 0);
+	return 0;
+}
+
+/* The reset tracepoint carries sockaddr_in / sockaddr_in6 images (copied
+ * to the stack first); IPv4 becomes v4-mapped like everywhere else. */
+static __always_inline void sockaddr_end(const __u8 *sa, __u8 *addr, __u16 *port)
+{
+	__u16 family = *(const __u16 *)sa;
+
+	*port = bpf_ntohs(*(const __u16 *)(sa + 2));
+	if (family == AF_INET6) {
+		__builtin_memcpy(addr, sa + 8, 16);
+	} else {
+		__builtin_memset(addr, 0, 10);
+		addr[10] = 0xff;
+		addr[11] = 0xff;
+		__builtin_memcpy(addr + 12, sa + 4, 4);
+	}
+}
+
+SEC("tracepoint/tcp/tcp_send_reset")
+int tcp_send_reset(struct trace_event_raw_tcp_send_reset *ctx)
+{
+	__u8 sa[28] __attribute__((aligned(8)));
+	__u64 sk = (__u64)ctx->skaddr;
+	struct ends ends;
+
+	bpf_probe_read_kernel(sa, sizeof(sa), &ctx->saddr);
+	sockaddr_end(sa, ends.laddr, &ends.lport);
+	bpf_probe_read_kernel(sa, sizeof(sa), &ctx->daddr);
+	sockaddr_end(sa, ends.raddr, &ends.rport);
+	/* No socket: the reset answers a segment nobody listens for. */
+	count_sock(sk, TCP_CNT_RESET_TX, 1, &ends, sk ? 0 : TCP_ROLE_SERVER, TCP_F_RST_TX);
+	return 0;
+}
+
+SEC("tracepoint/tcp/tcp_receive_reset")
+int tcp_receive_reset(struct trace_event_raw_tcp_event_sk *ctx)
+{
+	struct ends ends;
+
+	TP_ENDS(&ends, ctx);
+	count_sock((__u64)ctx->skaddr, TCP_CNT_RESET_RX, 1, &ends, 0, TCP_F_RST_RX);
+	return 0;
+}
+
+/* accept() returned fd: find its struct sock and name the owner. */
+static __always_inline int on_accept(long fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct file **fds, *f = NULL;
+	struct socket *sock;
+	unsigned int max;
+	struct conn *c;
+	__u64 sk;
+
+	if (fd < 0)
+		return 0;
+	fds = BPF_CORE_READ(task, files, fdt, fd);
+	max = BPF_CORE_READ(task, files, fdt, max_fds);
+	if (!fds || fd >= max)
+		return 0;
+	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]) || !f)
+		return 0;
+	sock = BPF_CORE_READ(f, private_data);
+	if (!sock)
+		return 0;
+	sk = (__u64)BPF_CORE_READ(sock, sk);
+	c = bpf_map_lookup_elem(&socks, &sk);
+	if (!c || c->role != TCP_ROLE_SERVER || c->pid)
+		return 0;
+	c->pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(c->comm, sizeof(c->comm));
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept4")
+int tcp_accept4(struct trace_event_raw_sys_exit *ctx)
+{
+	return on_accept(ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept")
+int tcp_accept(struct trace_event_raw_sys_exit *ctx)
+{
+	return on_accept(ctx->ret);
+}
+
+SEC("sockops")
+int tcp_sockops(struct bpf_sock_ops *skops)
+{
+	__u32 op = skops->op;
+	__u64 now = bpf_ktime_get_ns();
+
+	if (op == BPF_SOCK_OPS_TIMEOUT_INIT) {
+		struct syn_key k = {};
+
+		/* On the request sock, in tcp_conn_request: a SYN just arrived.
+		 * reply stays 0, so the kernel keeps its default timeout. */
+		if (skops->is_fullsock)
+			return 1;
+		if (skops->family == AF_INET6) {
+			__u32 a[4];
+
+			a[0] = skops->remote_ip6[0];
+			a[1] = skops->remote_ip6[1];
+			a[2] = skops->remote_ip6[2];
+			a[3] = skops->remote_ip6[3];
+			__builtin_memcpy(k.raddr, a, 16);
+		} else {
+			__u32 v4 = skops->remote_ip4;
+
+			k.raddr[10] = 0xff;
+			k.raddr[11] = 0xff;
+			__builtin_memcpy(k.raddr + 12, &v4, 4);
+		}
+		k.lport = skops->local_port;
+		k.rport = bpf_ntohl(skops->remote_port);
+		bpf_map_update_elem(&syn_times, &k, &now, BPF_ANY);
+		return 1;
+	}
+	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB ||
+	    op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+		if (rtt_sample_ns)
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+						  BPF_SOCK_OPS_RTT_CB_FLAG);
+		return 1;
+	}
+	if (op == BPF_SOCK_OPS_RTT_CB) {
+		struct bpf_sock *bsk = skops->sk;
+		struct tcp_event *e;
+		struct conn *c;
+		__u64 key;
+
+		if (!bsk)
+			return 1;
+		key = (__u64)bsk;
+		c = bpf_map_lookup_elem(&socks, &key);
+		/* Bounded cost: at most one sample per connection per period. */
+		if (!c || (c->last_rtt_ns && now - c->last_rtt_ns < rtt_sample_ns))
+			return 1;
+		c->last_rtt_ns = now;
+		e = RINGBUF_RESERVE(tcp_events, sizeof(*e));
+		if (!e)
+			return 1;
+		__builtin_memset(e, 0, sizeof(*e));
+		fill_event(e, c, TCP_EV_RTT, now);
+		e->srtt_us = skops->srtt_us >> 3;
+		RINGBUF_SUBMIT(tcp_events, e);
+	}
+	return 1;
+}

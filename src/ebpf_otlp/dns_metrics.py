@@ -1,0 +1,157 @@
+"""``dns.lookup.duration`` aggregated with numpy and exported as OTLP directly.
+
+The SDK's ``Histogram.record`` costs 13-30 us per call here (attribute
+hashing and cleaning on every call), more than everything else a DNS lookup
+costs us together. Lookups are therefore grouped by attribute set as they
+come (one list append each), bucketed with numpy once per export interval,
+and sent as an ``ExportMetricsServiceRequest`` built with
+``opentelemetry-proto``: same resource, scope, bucket bounds and temporality
+as the SDK's histograms, through the SDK metric exporter's own HTTP client.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope, KeyValue
+from opentelemetry.proto.metrics.v1.metrics_pb2 import (
+    AggregationTemporality,
+    Histogram,
+    HistogramDataPoint,
+    Metric,
+    ResourceMetrics,
+    ScopeMetrics,
+)
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
+
+from .dns_spans import any_value
+
+log = logging.getLogger(__name__)
+
+AttrKey = tuple[tuple[str, object], ...]
+OVERFLOW: AttrKey = (("otel.metric.overflow", True),)
+
+
+class _Point:
+    __slots__ = ("buckets", "count", "sum", "min", "max")
+
+    def __init__(self, nbuckets: int):
+        self.buckets = np.zeros(nbuckets, dtype=np.uint64)
+        self.count = 0
+        self.sum = 0.0
+        self.min = float("inf")
+        self.max = float("-inf")
+
+    def add(self, values: np.ndarray, bounds: np.ndarray) -> None:
+        # OTLP explicit buckets are (previous bound, bound]: upper bounds inclusive.
+        idx = np.searchsorted(bounds, values, side="left")
+        self.buckets += np.bincount(idx, minlength=len(self.buckets)).astype(np.uint64)
+        self.count += len(values)
+        self.sum += float(values.sum())
+        self.min = min(self.min, float(values.min()))
+        self.max = max(self.max, float(values.max()))
+
+
+class BatchHistogram:
+    """One histogram instrument fed in bulk; ``export`` once per interval."""
+
+    def __init__(self, name: str, unit: str, description: str, bounds: Sequence[float],
+                 resource_attributes: dict, scope: str, delta: bool, cardinality_limit: int,
+                 send: Callable[[bytes], bool]):
+        self.name, self.unit, self.description = name, unit, description
+        self.bounds = np.asarray(bounds, dtype=np.float64)
+        self.delta = delta
+        self.cardinality_limit = cardinality_limit
+        self._send = send
+        self._resource = PbResource(attributes=[KeyValue(key=k, value=any_value(v))
+                                                for k, v in resource_attributes.items()])
+        self._scope = InstrumentationScope(name=scope)
+        self._pending: dict[AttrKey, list[float]] = {}
+        self._points: dict[AttrKey, _Point] = {}
+        self._lock = threading.Lock()
+        self._start_ns = time.time_ns()
+        self.exports = 0
+        self.failures = 0
+        self.overflowed = 0
+        self.points_lost = 0  # delta points whose export failed
+
+    def record_batch(self, items: Sequence[tuple[AttrKey, float]]) -> None:
+        """Hot path: one lock per batch, one list append per value."""
+        with self._lock:
+            pending = self._pending
+            for key, value in items:
+                lst = pending.get(key)
+                if lst is None:
+                    lst = pending[key] = []
+                lst.append(value)
+
+    def _fold(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        nb = len(self.bounds) + 1
+        for key, values in pending.items():
+            if not values:
+                continue
+            point = self._points.get(key)
+            if point is None:
+                if len(self._points) >= self.cardinality_limit - 1:
+                    self.overflowed += len(values)
+                    key = OVERFLOW
+                    point = self._points.get(key)
+                if point is None:
+                    point = self._points[key] = _Point(nb)
+            point.add(np.asarray(values, dtype=np.float64), self.bounds)
+
+    def request(self, now_ns: int | None = None) -> bytes | None:
+        """The request for what was recorded (delta) or everything so far (cumulative)."""
+        self._fold()
+        if not self._points:
+            return None
+        now_ns = now_ns or time.time_ns()
+        points = []
+        for key, p in self._points.items():
+            points.append(HistogramDataPoint(
+                attributes=[KeyValue(key=k, value=any_value(v)) for k, v in key],
+                start_time_unix_nano=self._start_ns, time_unix_nano=now_ns, count=p.count,
+                sum=p.sum, bucket_counts=p.buckets.tolist(),
+                explicit_bounds=self.bounds.tolist(), min=p.min, max=p.max))
+        temporality = (AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA if self.delta
+                       else AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE)
+        metric = Metric(name=self.name, unit=self.unit, description=self.description,
+                        histogram=Histogram(data_points=points,
+                                            aggregation_temporality=temporality))
+        req = ExportMetricsServiceRequest(resource_metrics=[ResourceMetrics(
+            resource=self._resource,
+            scope_metrics=[ScopeMetrics(scope=self._scope, metrics=[metric])])])
+        if self.delta:
+            self._points = {}
+            self._start_ns = now_ns
+        return req.SerializeToString()
+
+    def export(self) -> bool:
+        """Build and send; a failure is counted (and, for delta, its points are lost)."""
+        data = self.request()
+        if data is None:
+            return True
+        try:
+            ok = self._send(data)
+        except Exception as e:  # a collector that is down must not break collection
+            log.warning("export of %s failed: %s", self.name, e)
+            ok = False
+        self.exports += 1
+        if not ok:
+            self.failures += 1
+            if self.delta:
+                req = ExportMetricsServiceRequest()
+                req.ParseFromString(data)
+                self.points_lost += sum(
+                    p.count for rm in req.resource_metrics for sm in rm.scope_metrics
+                    for m in sm.metrics for p in m.histogram.data_points)
+        return ok

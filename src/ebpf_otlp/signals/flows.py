@@ -1,0 +1,250 @@
+"""Flows: per-flow packet, byte and segment counters counted in the kernel by
+TC (or XDP) programs, drained once per interval and exported as
+``network.flow.*`` counters.
+
+Per interval (``collect``): flip the active table, wait out programs still
+writing the old one, batch-drain it, fold the per-CPU slots, project the keys
+onto the kept attributes and sum over the dropped ones (numpy), then export.
+The export builds the OTLP request directly from the arrays (see
+:mod:`ebpf_otlp.otlp_direct`); ``EBPF_OTLP_FLOWS_EXPORT=sdk`` uses SDK
+counters instead (fine for small tables, seconds per 100k series).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+
+from .. import flows_agg as agg
+from .. import flows_attrs as fattrs
+from .. import otlp_direct as od
+from ..bpfobj import BpfObject
+from ..telemetry import SCOPE, signal_endpoint
+from .base import Signal
+
+log = logging.getLogger(__name__)
+
+# Longer than any run of our programs (microseconds), so after the flip no
+# program still holds an element of the table being drained.
+GRACE_S = 0.01
+TABLES = ("flows_a", "flows_b")
+METRICS = (
+    od.SumMetric("network.flow.bytes", "By", "bytes of the flow's frames as the hook saw "
+                 "them, L2 header included", 1),
+    od.SumMetric("network.flow.packets", "{packet}", "packets (skbs at TC, frames at XDP) "
+                 "of the flow; one GSO/GRO skb counts once", 0),
+    od.SumMetric("network.flow.segments", "{segment}", "wire segments of the flow: each "
+                 "GSO/GRO skb counts its gso_segs", 2),
+)
+
+
+def _scope_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("ebpf-otlp")
+    except Exception:
+        return ""
+
+
+class FlowsSignal(Signal):
+    name = "flows"
+
+    def __init__(self, config, telemetry):
+        super().__init__(config, telemetry)
+        self.kept = tuple(config.flow_attributes)
+        self.mode = os.environ.get("EBPF_OTLP_FLOWS_EXPORT", "direct").strip().lower()
+        self.temporality = od.temporality_from_env()
+        cumulative = self.temporality == od.TEMPORALITY_CUMULATIVE and self.mode != "sdk"
+        self.store = agg.SeriesStore(cumulative, cap=max(4 * config.max_flows, 16384))
+        self.ifnames: dict[int, str] = {}
+        self.obj: BpfObject | None = None
+        self.active = 0
+        self._lock = threading.Lock()
+        self._interval_start_ns = time.time_ns()
+        self._sender: od.DirectSender | None = None
+        self._scope_version = _scope_version()
+        self.drains = 0
+        self.last_entries = 0
+        self.flows_drained = 0
+        self._ovf_cache: list[tuple[dict, np.ndarray]] = []
+        self._sdk_counters = None
+        if self.mode == "sdk":
+            m = telemetry.meter
+            self._sdk_counters = [m.create_counter(x.name, unit=x.unit, description=x.description)
+                                  for x in METRICS]
+        self._register_health()
+
+    # --- lifecycle ----------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.config
+        for name in cfg.ifaces:
+            try:
+                self.ifnames[socket.if_nametoindex(name)] = name
+            except OSError:
+                raise OSError(f"flows: no such interface: {name}") from None
+        obj = BpfObject.open_packaged("flows")
+        self.obj = obj
+        self.objects.append(obj)
+        for t in TABLES:
+            obj.set_max_entries(t, cfg.max_flows)
+        obj.set_max_entries("flows_overflow", 2 * len(self.ifnames) + 2)
+        progs = ["flows_tc_egress",
+                 "flows_xdp_ingress" if cfg.flow_hook == "xdp" else "flows_tc_ingress"]
+        obj.only_programs(progs)
+        obj.load()
+        self._init_overflow()
+        for idx in self.ifnames:
+            if cfg.flow_hook == "xdp":
+                obj.programs["flows_xdp_ingress"].attach_xdp(idx)
+            else:
+                obj.programs["flows_tc_ingress"].attach_tc(idx, "ingress")
+            obj.programs["flows_tc_egress"].attach_tc(idx, "egress")
+        self._interval_start_ns = time.time_ns()
+        if self.mode != "sdk":
+            self._sender = od.DirectSender(
+                signal_endpoint(cfg.endpoint, "/v1/metrics", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
+                cfg.headers, cfg.export_timeout_s)
+
+    def _init_overflow(self) -> None:
+        m = self.obj.maps["flows_overflow"]
+        zero = bytes(m.value_stride)
+        for idx in [0, *self.ifnames]:
+            for d in (0, 1):
+                k = np.zeros(1, agg.OVF_KEY_DT)
+                k["ifindex"], k["direction"] = idx, d
+                m.update(k.tobytes(), zero)
+
+    def close(self) -> None:
+        """Detach, export what arrived since the last collect, then free the maps."""
+        with self._lock:
+            if self.obj is not None and self.obj.loaded:
+                try:
+                    self.obj.detach_all()
+                    self._ovf_cache = self._read_overflow()
+                    for t in TABLES:
+                        self._ingest(self._drain(t))
+                    if len(self.store) and self._sender is not None:
+                        self._export_direct()
+                except Exception:
+                    log.exception("final flows drain failed")
+            self.obj = None
+            super().close()
+            if self._sender is not None:
+                self._sender.close()
+                self._sender = None
+
+    # --- per interval ---------------------------------------------------------------
+    def collect(self) -> None:
+        with self._lock:
+            if self.obj is None:
+                return
+            self._ingest(self._swap_and_drain())
+            if self.mode == "sdk":
+                self._export_sdk()
+            else:
+                self._export_direct()
+
+    def _swap_and_drain(self) -> agg.Drained:
+        old = self.active
+        self.active = 1 - old
+        self.obj.bss["flows_active"] = self.active
+        time.sleep(GRACE_S)
+        return self._drain(TABLES[old])
+
+    def _drain(self, table: str) -> agg.Drained:
+        m = self.obj.maps[table]
+        keys, vals = m.drain()
+        self.drains += 1
+        self.last_entries = len(keys)
+        self.flows_drained += len(keys)
+        return agg.fold(keys, vals, m.ncpus)
+
+    def _ingest(self, d: agg.Drained) -> None:
+        now = time.time_ns()
+        series, counts = agg.aggregate(agg.project(d, self.kept), d.counts)
+        self.store.merge(series, counts, self._interval_start_ns)
+        self._interval_start_ns = now
+
+    def _export_direct(self) -> None:
+        st = self.store
+        if len(st) == 0 or self._sender is None:
+            return
+        attrs = fattrs.encoded(st.series, self.kept, self.ifnames)
+        body = od.encode_sums(dict(self.telemetry.resource.attributes), SCOPE,
+                              self._scope_version, METRICS, attrs, st.counts, st.start_ns,
+                              time.time_ns(), self.temporality)
+        if self._sender.send(body):
+            st.exported()
+        else:
+            # the same count the SDK path feeds (ebpf_otlp.export.failures)
+            self.telemetry.metric_exporter.failures += 1
+
+    def _export_sdk(self) -> None:
+        st = self.store
+        if len(st) == 0:
+            return
+        dicts = fattrs.dicts(st.series, self.kept, self.ifnames)
+        # The SDK keeps its own totals (cumulative) or deltas: hand it this interval only.
+        for counter, metric in zip(self._sdk_counters, METRICS):
+            col = st.counts[:, metric.column].tolist()
+            for v, a in zip(col, dicts):
+                if v:
+                    counter.add(v, a)
+        st.exported()
+
+    # --- health ------------------------------------------------------------------------
+    def _read_overflow(self) -> list[tuple[dict, np.ndarray]]:
+        if self.obj is None or not self.obj.loaded:
+            return self._ovf_cache
+        m = self.obj.maps["flows_overflow"]
+        out = []
+        stride = (agg.OVF_VAL_DT.itemsize + 7) & ~7
+        for kb, vb in m.items():
+            k = np.frombuffer(kb, agg.OVF_KEY_DT)[0]
+            raw = np.frombuffer(vb, np.uint8).reshape(m.ncpus, stride)[:, :agg.OVF_VAL_DT.itemsize]
+            v = np.ascontiguousarray(raw).view(agg.OVF_VAL_DT).reshape(m.ncpus)
+            totals = np.array([v[f].sum(dtype=np.uint64) for f in agg.OVF_VAL_DT.names],
+                              np.uint64)
+            attrs = {"network.io.direction": fattrs.DIRECTIONS[int(k["direction"])]}
+            if int(k["ifindex"]):
+                attrs["network.interface.name"] = self.ifnames.get(int(k["ifindex"]),
+                                                                   str(int(k["ifindex"])))
+            out.append((attrs, totals))
+        self._ovf_cache = out
+        return out
+
+    def _ovf(self, field: str):
+        i = agg.OVF_VAL_DT.names.index(field)
+        return lambda: [(int(t[i]), a) for a, t in self._read_overflow()]
+
+    def _register_health(self) -> None:
+        t = self.telemetry
+        t.observe("ebpf_otlp.flows.overflow.packets", "{packet}",
+                  "packets of new flows counted here because the flow table was full",
+                  self._ovf("packets"))
+        t.observe("ebpf_otlp.flows.overflow.bytes", "By",
+                  "bytes of new flows counted here because the flow table was full",
+                  self._ovf("bytes"))
+        t.observe("ebpf_otlp.flows.overflow.segments", "{segment}",
+                  "segments of new flows counted here because the flow table was full",
+                  self._ovf("segments"))
+        t.observe("ebpf_otlp.flows.table_full", "{event}",
+                  "flow inserts refused because the table was full", self._ovf("table_full"))
+        t.observe("ebpf_otlp.flows.insert_errors", "{event}",
+                  "flow inserts refused for another reason (counted as overflow too)",
+                  self._ovf("errors"))
+        t.observe("ebpf_otlp.flows.table.entries", "{flow}",
+                  "flows in the table at the last drain",
+                  lambda: [(self.last_entries, {"max": self.config.max_flows})], kind="gauge")
+        t.observe("ebpf_otlp.flows.series.dropped", "{series}",
+                  "flow series lost: export kept failing and the pending set hit its bound",
+                  lambda: [(self.store.dropped_points, {})])
+        t.observe("ebpf_otlp.flows.series.evicted", "{series}",
+                  "cumulative series forgotten (restart from 0 with a new start time)",
+                  lambda: [(self.store.evicted_series if self.store.cumulative else 0, {})])

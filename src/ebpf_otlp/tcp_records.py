@@ -1,0 +1,139 @@
+"""Decoding of the TCP signal's kernel records into OpenTelemetry attributes.
+
+Everything here is pure (no kernel, no SDK) so it is unit-tested on crafted
+arrays. The record layouts come from ``bpf/tcp.h``.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from .layout import constant, record_dtype
+
+EVENT = record_dtype("tcp", "tcp_event")
+CKEY = record_dtype("tcp", "tcp_ckey")
+
+EV_OPEN = constant("tcp", "TCP_EV_OPEN")
+EV_CLOSE = constant("tcp", "TCP_EV_CLOSE")
+EV_FAIL = constant("tcp", "TCP_EV_FAIL")
+EV_RTT = constant("tcp", "TCP_EV_RTT")
+
+F_TRACKED = constant("tcp", "TCP_F_TRACKED")
+F_RST_RX = constant("tcp", "TCP_F_RST_RX")
+F_ROLE_GUESSED = constant("tcp", "TCP_F_ROLE_GUESSED")
+
+CNT_RETRANS = constant("tcp", "TCP_CNT_RETRANS_SEGS")
+CNT_RESET_TX = constant("tcp", "TCP_CNT_RESET_TX")
+CNT_RESET_RX = constant("tcp", "TCP_CNT_RESET_RX")
+
+ROLES = {constant("tcp", "TCP_ROLE_CLIENT"): "client", constant("tcp", "TCP_ROLE_SERVER"): "server"}
+
+# Attributes a connection metric may keep (config.tcp_attributes picks).
+CONN_ATTRIBUTES = ("server.address", "server.port", "client.address", "client.port",
+                   "process.pid", "process.executable.name")
+
+_ERRNO_CAUSE = {111: "refused", 110: "timeout", 104: "reset"}  # ECONNREFUSED, ETIMEDOUT, ECONNRESET
+_V4_PREFIX = b"\0" * 10 + b"\xff\xff"
+
+
+@functools.lru_cache(maxsize=65536)
+def address(raw: bytes) -> tuple[str, str]:
+    """(text, network.type) of a 16-byte address; v4-mapped prints as IPv4."""
+    if raw[:12] == _V4_PREFIX:
+        return str(ipaddress.IPv4Address(raw[12:])), "ipv4"
+    return str(ipaddress.IPv6Address(raw)), "ipv6"
+
+
+def failure_cause(err: int, flags: int) -> str:
+    """``error.type`` of a failed client handshake.
+
+    A reset that answered the SYN means refused, whatever errno the socket
+    ended with; otherwise the socket's error decides (ETIMEDOUT when SYN
+    retries ran out, ...); a handshake abandoned without error is ``other``.
+    """
+    if flags & F_RST_RX or err == 111:
+        return "refused"
+    return _ERRNO_CAUSE.get(err, "other")
+
+
+def comm(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+class AttributeMapper:
+    """Builds attribute tuples from records, keeping what the user chose."""
+
+    def __init__(self, keep: Iterable[str]):
+        keep = tuple(keep)
+        unknown = set(keep) - set(CONN_ATTRIBUTES)
+        if unknown:
+            raise ValueError(f"unknown tcp attributes {sorted(unknown)}; "
+                             f"choose from {', '.join(CONN_ATTRIBUTES)}")
+        self.keep = frozenset(keep)
+
+    def base(self, role: int, saddr: bytes, caddr: bytes, sport: int, cport: int
+             ) -> tuple[tuple[str, object], ...]:
+        """Attributes common to every TCP metric point of one connection key."""
+        s_text, ntype = address(saddr)
+        out: list[tuple[str, object]] = [
+            ("network.tcp.handshake.role", ROLES.get(role, "unknown")),
+            ("network.transport", "tcp"),
+            ("network.type", ntype),
+        ]
+        if "server.address" in self.keep:
+            out.append(("server.address", s_text))
+        if "server.port" in self.keep:
+            out.append(("server.port", int(sport)))
+        if "client.address" in self.keep:
+            out.append(("client.address", address(caddr)[0]))
+        if "client.port" in self.keep:
+            out.append(("client.port", int(cport)))
+        return tuple(out)
+
+    def event(self, rec: np.void) -> tuple[tuple[str, object], ...]:
+        out = self.base(int(rec["role"]), rec["saddr"].tobytes(), rec["caddr"].tobytes(),
+                        int(rec["sport"]), int(rec["cport"]))
+        pid = int(rec["pid"])
+        if pid and "process.pid" in self.keep:
+            out += (("process.pid", pid),)
+        if pid and "process.executable.name" in self.keep:
+            out += (("process.executable.name", comm(rec["comm"].tobytes())),)
+        return out
+
+    def span(self, rec: np.void) -> dict[str, object]:
+        """Every attribute we know, for one connection's span."""
+        s_text, ntype = address(rec["saddr"].tobytes())
+        attrs: dict[str, object] = {
+            "network.tcp.handshake.role": ROLES.get(int(rec["role"]), "unknown"),
+            "network.transport": "tcp", "network.type": ntype,
+            "server.address": s_text, "server.port": int(rec["sport"]),
+            "client.address": address(rec["caddr"].tobytes())[0],
+            "client.port": int(rec["cport"]),
+        }
+        if int(rec["pid"]):
+            attrs["process.pid"] = int(rec["pid"])
+            attrs["process.executable.name"] = comm(rec["comm"].tobytes())
+        return attrs
+
+
+def counter_deltas(keys: np.ndarray, values: Sequence[int], last: dict[bytes, int]
+                   ) -> list[tuple[bytes, int]]:
+    """Deltas of cumulative kernel counters since the previous drain.
+
+    ``last`` is updated in place. A value below the last one means the key
+    was evicted and re-created: the whole value is new.
+    """
+    out = []
+    for k, v in zip(keys, values):
+        kb = k.tobytes()
+        v = int(v)
+        prev = last.get(kb, 0)
+        d = v - prev if v >= prev else v
+        last[kb] = v
+        if d:
+            out.append((kb, d))
+    return out

@@ -1,0 +1,272 @@
+"""DNS decoding, pairing and the batch span path, without the kernel.
+
+Records are built the way the BPF program lays them out (the dtype comes
+from bpf/dns.h); DNS messages come from dnspython's *writer* or are crafted
+byte by byte, and expectations are the values we put in, never what our
+decoder returned elsewhere.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import dns.message
+import dns.rrset
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from ebpf_otlp.dns_decode import (
+    INVALID,
+    NO_QUESTION,
+    SHORT,
+    TRUNCATED,
+    Decoder,
+    PendingTable,
+    Query,
+)
+from ebpf_otlp.dns_spans import SpanBatchExporter, SpanEncoder
+from ebpf_otlp.layout import record_dtype
+
+DT = record_dtype("dns", "dns_event")
+CLIENT, SERVER = "10.0.0.1", "10.0.0.53"
+
+
+def rec(msg: bytes, *, ts: int = 1_000, src: str = CLIENT, dst: str = SERVER, sport: int = 40000,
+        dport: int = 53, proto: int = 17, head_bytes: int = 512, msg_len: int | None = None):
+    r = np.zeros(1, dtype=DT)
+    fam = 6 if ":" in src else 4
+    af = socket.AF_INET6 if fam == 6 else socket.AF_INET
+    r["ts_ns"] = ts
+    r["saddr"][0, :16 if fam == 6 else 4] = np.frombuffer(socket.inet_pton(af, src), np.uint8)
+    r["daddr"][0, :16 if fam == 6 else 4] = np.frombuffer(socket.inet_pton(af, dst), np.uint8)
+    r["sport"], r["dport"], r["proto"], r["family"], r["ifindex"] = sport, dport, proto, fam, 1
+    n = min(len(msg), head_bytes)
+    r["msg_len"] = len(msg) if msg_len is None else msg_len
+    r["head_len"] = n
+    r["head"][0, :n] = np.frombuffer(msg[:n], np.uint8)
+    return r
+
+
+def batch(*recs: np.ndarray) -> np.ndarray:
+    return np.concatenate(recs)
+
+
+def query(name: str, rdtype: str = "A", qid: int = 0x1234) -> dns.message.Message:
+    q = dns.message.make_query(name, rdtype)
+    q.id = qid
+    return q
+
+
+def answer(q: dns.message.Message, rcode: int = 0, n: int = 1) -> bytes:
+    r = dns.message.make_response(q)
+    r.set_rcode(rcode)
+    for i in range(n):
+        r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", f"10.9.9.{i}"))
+    return r.to_wire()
+
+
+def reply_rec(msg: bytes, **kw):
+    """A response travelling server -> client."""
+    return rec(msg, src=kw.pop("src", SERVER), dst=kw.pop("dst", CLIENT), sport=53,
+               dport=kw.pop("dport", 40000), **kw)
+
+
+def test_header_question_and_pair_keys():
+    q = query("www.Example.test", "AAAA", 0xBEEF)
+    r = answer(q, n=3)
+    msgs = Decoder().decode(batch(rec(q.to_wire(), ts=5), reply_rec(r, ts=9)))
+    assert [(m.response, m.name, m.qtype, m.ts_ns) for m in msgs] == [
+        (False, "www.Example.test", "AAAA", 5), (True, "www.Example.test", "AAAA", 9)]
+    assert msgs[1].answers == 3 and msgs[1].rcode == 0
+    assert msgs[0].key == msgs[1].key  # query and its answer meet under one key
+
+
+def test_keys_differ_by_id_port_server_and_transport():
+    q = query("a.test")
+    base = Decoder().decode(batch(rec(q.to_wire())))[0].key
+    others = [
+        Decoder().decode(batch(rec(query("a.test", qid=0x1235).to_wire())))[0].key,
+        Decoder().decode(batch(rec(q.to_wire(), sport=40001)))[0].key,
+        Decoder().decode(batch(rec(q.to_wire(), dst="10.0.0.54")))[0].key,
+        Decoder().decode(batch(rec(q.to_wire(), proto=6)))[0].key,
+    ]
+    assert len({base, *others}) == 5
+
+
+def test_ipv6_and_root_name():
+    q = query(".", "NS")
+    m = Decoder().decode(batch(rec(q.to_wire(), src="fd00::1", dst="fd00::53")))[0]
+    assert (m.name, m.qtype) == (".", "NS")
+
+
+def test_question_cache_parses_each_question_once():
+    d = Decoder()
+    wires = [query("cached.test", qid=i).to_wire() for i in range(50)]
+    assert len(d.decode(batch(*[rec(w) for w in wires]))) == 50
+    assert d.parsed == 1
+
+
+def test_compressed_question_goes_to_dnspython():
+    # A question name that is a pointer into... itself: invalid (must point backwards).
+    hdr = struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0)
+    loop = hdr + b"\xc0\x0c" + struct.pack("!HH", 1, 1)
+    # Two pointers pointing at each other.
+    loop2 = hdr + b"\xc0\x0e\xc0\x0c" + struct.pack("!HH", 1, 1)
+    d = Decoder()
+    assert d.decode(batch(rec(loop), rec(loop2))) == []
+    assert d.malformed[INVALID] == 2
+
+
+@pytest.mark.parametrize("wire,reason", [
+    (b"", SHORT),
+    (b"\x00" * 11, SHORT),
+    (struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0) + b"\x03www\x07exam", TRUNCATED),
+    (struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0) + b"\x41" + b"a" * 65 + b"\0\0\1\0\1",
+     INVALID),  # label type 0x40 (reserved)
+    (struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0) + b"\x3f" + b"a" * 63 * 1 + (b"\x3f" + b"b" * 63)
+     * 4 + b"\0\0\1\0\1", INVALID),  # 320-byte name
+    (struct.pack("!HHHHHH", 1, 0x0100, 0, 0, 0, 0), NO_QUESTION),
+])
+def test_bad_messages_are_counted_by_reason(wire, reason):
+    d = Decoder()
+    assert d.decode(batch(rec(wire))) == []
+    assert d.malformed == {reason: 1}
+
+
+def test_head_shorter_than_question_is_truncated():
+    w = query("x" * 60 + "." + "y" * 60 + ".test").to_wire()
+    d = Decoder()
+    assert d.decode(batch(rec(w, head_bytes=64))) == []
+    assert d.malformed == {TRUNCATED: 1}
+
+
+def test_head_cut_after_question_still_decodes():
+    q = query("big.test", "TXT")
+    r = dns.message.make_response(q)
+    r.answer.append(dns.rrset.from_text("big.test.", 60, "IN", "TXT", *[f'"{"z" * 200}"'] * 5))
+    w = r.to_wire()
+    m = Decoder().decode(batch(reply_rec(w, head_bytes=64)))
+    assert [(x.name, x.qtype, x.answers) for x in m] == [("big.test", "TXT", 1)]
+
+
+def test_good_messages_survive_bad_neighbours():
+    good = query("ok.test").to_wire()
+    d = Decoder()
+    msgs = d.decode(batch(rec(b"\xff" * 40), rec(good), rec(b"\x01"), rec(good, sport=40001)))
+    assert [m.name for m in msgs] == ["ok.test", "ok.test"]
+    assert sum(d.malformed.values()) == 2
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(max_size=600), min_size=1, max_size=8), st.integers(12, 512))
+def test_fuzz_decoder_never_raises(wires, head_bytes):
+    d = Decoder()
+    recs = batch(*[rec(w, head_bytes=head_bytes) for w in wires])
+    msgs = d.decode(recs)
+    assert len(msgs) + sum(d.malformed.values()) == len(wires)
+    for m in msgs:  # what we accept, dnspython accepts on the same bytes
+        i = m.row
+        wire = bytes(recs["head"][i, :recs["head_len"][i]])
+        parsed = dns.message.from_wire(wire, question_only=True, ignore_trailing=True)
+        assert parsed.question[0].name.to_text(omit_final_dot=True) == m.name
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet="abcdefghij-0123456789", min_size=1, max_size=20),
+                min_size=1, max_size=5),
+       st.sampled_from(["A", "AAAA", "TXT", "MX", "SRV", "PTR"]), st.integers(0, 0xFFFF),
+       st.integers(0, 60))
+def test_fuzz_valid_questions_roundtrip(labels, rdtype, qid, mutate_at):
+    name = ".".join(labels) + ".test"
+    w = bytearray(query(name, rdtype, qid).to_wire())
+    msgs = Decoder().decode(batch(rec(bytes(w))))
+    assert [(m.name, m.qtype) for m in msgs] == [(name, rdtype)]
+    # One flipped byte anywhere: still never an exception.
+    w[mutate_at % len(w)] ^= 0xA5
+    d = Decoder()
+    assert len(d.decode(batch(rec(bytes(w))))) + sum(d.malformed.values()) == 1
+
+
+# --- pairing -------------------------------------------------------------------------
+
+def q_(ts: int) -> Query:
+    return Query(ts, "n.test", "A", ("c", 1, "s", 53, "udp", "ipv4", "eth0"))
+
+
+def test_pending_pairs_once_and_counts_orphans_and_copies():
+    t = PendingTable(max_pending=10, timeout_ns=1000)
+    assert t.add(b"k1", q_(1))
+    assert not t.add(b"k1", q_(2))  # a copy: the first send is kept
+    assert t.answer(b"k1", 5).ts_ns == 1
+    assert t.answer(b"k1", 6) is None  # a second copy of the answer
+    assert t.answer(b"k2", 7) is None  # never asked
+    assert (t.duplicates, t.unmatched, len(t)) == (2, 1, 0)
+
+
+def test_pending_timeout_and_eviction():
+    t = PendingTable(max_pending=3, timeout_ns=100)
+    for i in range(5):
+        t.add(bytes([i]), q_(i * 10))
+    assert t.evicted == 2 and len(t) == 3
+    assert [q.ts_ns for q in t.expire(125)] == [20]
+    assert [q.ts_ns for q in t.expire(1000)] == [30, 40]
+
+
+# --- span encoding and the batch exporter ----------------------------------------------------
+
+ITEM = (1_700_000_000_000_000_000, 1_700_000_000_002_500_000, "DNS A",
+        (("dns.question.name", "a.test"), ("dns.question.type", "A"), ("server.port", 53),
+         ("client.port", 40000)), None)
+
+
+def test_encoded_request_parses_with_opentelemetry_proto():
+    enc = SpanEncoder({"service.name": "svc", "host.name": "h"}, "ebpf_otlp")
+    err = (ITEM[0], ITEM[1] + 5, "DNS AAAA", (("dns.question.type", "AAAA"),), "timeout")
+    req = ExportTraceServiceRequest()
+    req.ParseFromString(enc.request([ITEM, err]))
+    (rs,) = req.resource_spans
+    assert {kv.key: kv.value.string_value for kv in rs.resource.attributes} == {
+        "service.name": "svc", "host.name": "h"}
+    (ss,) = rs.scope_spans
+    assert ss.scope.name == "ebpf_otlp"
+    a, b = ss.spans
+    assert (a.name, a.kind, a.start_time_unix_nano, a.end_time_unix_nano) == (
+        "DNS A", 3, ITEM[0], ITEM[1])
+    assert len(a.trace_id) == 16 and len(a.span_id) == 8 and a.trace_id != b.trace_id
+    attrs = {kv.key: kv.value for kv in a.attributes}
+    assert attrs["dns.question.name"].string_value == "a.test"
+    assert attrs["server.port"].int_value == 53
+    assert a.status.code == 0
+    assert b.status.code == 2 and b.status.message == "timeout"
+    assert {kv.key: kv.value.string_value for kv in b.attributes}["error.type"] == "timeout"
+
+
+def test_exporter_counts_queue_full_and_failed_exports():
+    sent: list[bytes] = []
+    ok = [True]
+
+    def send(data: bytes) -> bool:
+        sent.append(data)
+        return ok[0]
+
+    ex = SpanBatchExporter({}, "http://x", {}, 1.0, max_queue=10, max_batch=4,
+                           flush_interval_s=0.05, send=send)
+    assert ex.submit([ITEM] * 15) == 5
+    ex.start()
+    assert ex.flush(5)
+    ok[0] = False
+    ex.submit([ITEM] * 3)
+    assert ex.flush(5)
+    ex.shutdown(2)
+    assert ex.exported == 10
+    assert dict(ex.dropped) == {"queue_full": 5, "export_failed": 3}
+    total = 0
+    for data in sent:
+        req = ExportTraceServiceRequest()
+        req.ParseFromString(data)
+        total += len(req.resource_spans[0].scope_spans[0].spans)
+    assert total == 13

@@ -1,0 +1,249 @@
+"""DNS end to end: a real dnsmasq in namespace b, real clients (dig, dnspython's
+resolver, glibc's getaddrinfo) in namespace a, the agent watching veth-a and
+exporting to a real OTLP receiver.
+
+The truth is what the clients did and saw: the queries we asked, the status
+and "Query time" dig printed, the packets nftables dropped.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import require
+from otlp import AgentProc, ReceiverProc, metric_total
+
+pytestmark = pytest.mark.kernel
+
+DNSMASQ = "/usr/sbin/dnsmasq"
+H4, H6 = "10.1.1.1", "fd00::99"
+
+
+class Dnsmasq:
+    """dnsmasq on b's addresses with a few local records; killed on exit."""
+
+    def __init__(self, topo):
+        self.topo = topo
+        self.dir = tempfile.mkdtemp(prefix="eo-dnsmasq-")
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Dnsmasq:
+        t = self.topo
+        self.proc = t.popen(
+            t.b, DNSMASQ, "--no-daemon", "--no-resolv", "--no-hosts", "--port", "53",
+            f"--listen-address={t.b_ip4},{t.b_ip6}", "--bind-interfaces",
+            "--local=/nx.test/",  # local-only domain: unknown names get NXDOMAIN
+            f"--host-record=h.test,{H4},{H6}", f"--host-record=py.test,{H4},{H6}",
+            f"--host-record=gai.test,{H4},{H6}", "--txt-record=t.test,hello-from-dnsmasq",
+            f"--pid-file={self.dir}/pid", f"--log-facility={self.dir}/log", "--log-queries",
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # ready when it answers
+            r = t.run(t.a, "dig", f"@{t.b_ip4}", "h.test", "+tries=1", "+time=1", check=False)
+            if "status: NOERROR" in r.stdout:
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError(f"dnsmasq did not start: {self.log()}")
+
+    def log(self) -> str:
+        p = Path(self.dir, "log")
+        return p.read_text() if p.exists() else ""
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def dig(topo, server: str, name: str, rdtype: str, *opts: str) -> tuple[str, int]:
+    """(status, query time in ms) as dig prints them."""
+    r = topo.run(topo.a, "dig", f"@{server}", name, rdtype, "+tries=1", "+time=3", *opts)
+    status = re.search(r"status: (\w+)", r.stdout)
+    qtime = re.search(r"Query time: (\d+) msec", r.stdout)
+    assert status and qtime, r.stdout
+    return status.group(1), int(qtime.group(1))
+
+
+@pytest.fixture
+def env(topo):
+    require(Path(DNSMASQ).exists(), "dnsmasq not installed (Debian dnsmasq-base)")
+    require(shutil.which("dig") is not None, "dig not installed (Debian dnsutils)")
+    with Dnsmasq(topo) as srv, ReceiverProc(topo, topo.a) as rx:
+        yield topo, srv, rx
+
+
+def spans_by(rx, *keys: str) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for s in rx.spans():
+        out.setdefault(tuple(s["attributes"].get(k) for k in keys), []).append(s)
+    return out
+
+
+def test_known_queries_give_one_span_each(env):
+    topo, srv, rx = env
+    cases = [(name, rdtype, transport, server)
+             for name, rdtype in (("h.test", "A"), ("h.test", "AAAA"), ("t.test", "TXT"),
+                                  ("missing.nx.test", "A"))
+             for transport in ("udp", "tcp")
+             for server in (topo.b_ip4, topo.b_ip6)]
+    seen = {}
+    with AgentProc(topo, topo.a, rx, "--iface", topo.a_if, "--signals", "dns") as agent:
+        for name, rdtype, transport, server in cases:
+            seen[(name, rdtype, transport, server)] = dig(
+                topo, server, name, rdtype, *(["+tcp"] if transport == "tcp" else []))
+        # dnspython's stub resolver (UDP, and TCP), one query each.
+        code = textwrap.dedent(f"""
+            import dns.resolver
+            r = dns.resolver.Resolver(configure=False)
+            r.nameservers = ["{topo.b_ip6}"]
+            r.lifetime = 3
+            assert r.resolve("py.test", "AAAA")[0].address == "{H6}"
+            assert r.resolve("py.test", "A", tcp=True)[0].address == "{H4}"
+        """)
+        topo.run(topo.a, sys.executable, "-c", code)
+        # glibc's getaddrinfo (Python's socket module) through a resolv.conf for netns a.
+        etc = Path("/etc/netns", topo.a)
+        etc.mkdir(parents=True, exist_ok=True)
+        try:
+            (etc / "resolv.conf").write_text(f"nameserver {topo.b_ip4}\n"
+                                             "options timeout:3 attempts:1\n")
+            out = topo.run(topo.a, sys.executable, "-c",
+                           "import socket; print(sorted({a[4][0] for a in "
+                           "socket.getaddrinfo('gai.test', 80, type=socket.SOCK_STREAM)}))")
+        finally:
+            shutil.rmtree(etc, ignore_errors=True)
+            try:
+                Path("/etc/netns").rmdir()
+            except OSError:
+                pass  # another test's namespace still uses it
+        assert H4 in out.stdout and H6 in out.stdout
+        total = len(cases) + 4  # + py.test AAAA, A + gai.test A, AAAA
+        rx.wait_for(lambda: len(rx.spans()) >= total, 20, "one span per query")
+        time.sleep(1.5)  # anything extra would arrive now
+        assert agent.stop() == 0
+
+    spans = spans_by(rx, "dns.question.name", "dns.question.type", "network.transport",
+                     "server.address")
+    assert len(rx.spans()) == total, sorted(spans)
+    for key, (status, qtime_ms) in seen.items():
+        assert len(spans.get(key, [])) == 1, (key, sorted(spans))
+        s = spans[key][0]
+        a = s["attributes"]
+        assert a["dns.response_code"] == status
+        assert status == ("NXDOMAIN" if key[0].endswith("nx.test") else "NOERROR")
+        assert s["kind"] == "CLIENT" and s["status"] == "UNSET"
+        assert a["client.address"] == (topo.a_ip6 if ":" in key[3] else topo.a_ip4)
+        assert a["server.port"] == 53 and a["network.interface.name"] == topo.a_if
+        assert a["network.type"] == ("ipv6" if ":" in key[3] else "ipv4")
+        assert a["dns.answer.count"] == (1 if status == "NOERROR" else 0)
+        span_ms = (s["end_ns"] - s["start_ns"]) / 1e6
+        assert span_ms > 0 and abs(span_ms - qtime_ms) <= max(1.0, 0.1 * qtime_ms), \
+            (key, span_ms, qtime_ms)
+        assert abs(s["start_ns"] - time.time_ns()) < 120e9  # epoch, not monotonic
+    for key in (("py.test", "AAAA", "udp", topo.b_ip6), ("py.test", "A", "tcp", topo.b_ip6),
+                ("gai.test", "A", "udp", topo.b_ip4), ("gai.test", "AAAA", "udp", topo.b_ip4)):
+        assert len(spans.get(key, [])) == 1, (key, sorted(spans))
+        assert spans[key][0]["attributes"]["dns.response_code"] == "NOERROR"
+
+    # Metrics agree with the spans, and nothing was lost or refused on the way.
+    assert metric_total(rx.metrics("dns.lookup.duration")) == total
+    assert metric_total(rx.metrics("dns.queries")) == total
+    assert metric_total(rx.metrics("dns.responses", **{"dns.response_code": "NXDOMAIN"})) == 4
+    assert metric_total(rx.metrics("dns.responses")) == total
+    assert not any("dns.question.name" in p["attributes"]
+                   for p in rx.metrics("dns.lookup.duration"))  # --dns-names is off
+    assert metric_total(rx.metrics("ebpf_otlp.events.lost", signal="dns")) == 0
+    assert metric_total(rx.metrics("ebpf_otlp.dns.malformed")) == 0
+    assert metric_total(rx.metrics("ebpf_otlp.dns.unmatched")) == 0
+    assert metric_total(rx.metrics("ebpf_otlp.dns.spans.dropped")) == 0
+
+
+def test_dropped_queries_become_timeouts(env):
+    topo, srv, rx = env
+    require(shutil.which("nft") is not None, "nft not installed (Debian nftables)")
+    topo.run(topo.b, "nft", "add table inet eodns")
+    topo.run(topo.b, "nft", "add chain inet eodns in { type filter hook input priority 0; }")
+    topo.run(topo.b, "nft", "add rule inet eodns in udp dport 53 counter drop")
+    with AgentProc(topo, topo.a, rx, "--iface", topo.a_if, "--signals", "dns",
+                   "--dns-timeout", "1", "--dns-names") as agent:
+        for server in (topo.b_ip4, topo.b_ip6):
+            r = topo.run(topo.a, "dig", f"@{server}", "h.test", "A", "+tries=1", "+time=1",
+                         check=False)
+            assert "timed out" in r.stdout
+        rx.wait_for(lambda: len(rx.spans()) >= 2, 20, "timeout spans")
+        time.sleep(1.5)
+        assert agent.stop() == 0
+    dropped = topo.run(topo.b, "nft", "list chain inet eodns in").stdout
+    assert re.search(r"counter packets 2 ", dropped), dropped  # both queries hit the server
+    spans = rx.spans()
+    assert len(spans) == 2
+    assert {s["attributes"]["server.address"] for s in spans} == {topo.b_ip4, topo.b_ip6}
+    for s in spans:
+        assert s["status"] == "ERROR" and s["attributes"]["error.type"] == "timeout"
+        assert "dns.response_code" not in s["attributes"]
+        assert s["end_ns"] - s["start_ns"] == 1_000_000_000
+    points = rx.metrics("dns.lookup.duration", **{"error.type": "timeout"})
+    assert metric_total(points) == 2
+    assert {p["attributes"]["dns.question.name"] for p in points} == {"h.test"}
+
+
+def _udp_send(topo, payloads: list[bytes], sport: int) -> None:
+    code = (f"import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            f"s.bind(('{topo.a_ip4}',{sport}))\n"
+            f"for p in {payloads!r}:\n    s.sendto(p,('{topo.b_ip4}',53))\n")
+    topo.run(topo.a, sys.executable, "-c", code)
+
+
+def test_garbage_and_orphan_answers_are_counted_not_fatal(env):
+    topo, srv, rx = env
+    hdr = struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0)
+    garbage = [
+        b"",  # empty datagram
+        b"\x12\x34\x01",  # shorter than a header
+        hdr + b"\x03www\x07exa",  # question cut short
+        hdr + b"\xc0\x0e\xc0\x0c\x00\x01\x00\x01",  # compression pointers in a loop
+        hdr + b"\x3f" + b"a" * 63 + (b"\x3f" + b"b" * 63) * 4 + b"\0\0\1\0\1",  # > 255 bytes
+        bytes(range(256)) * 2,  # noise
+    ]
+    orphan = struct.pack("!HHHHHH", 9, 0x8180, 1, 0, 0, 0) + b"\x01x\x04test\x00\x00\x01\x00\x01"
+    # The server never sees them (so sends no FORMERR answers we would count too).
+    topo.run(topo.b, "nft", "add table inet eodns")
+    topo.run(topo.b, "nft", "add chain inet eodns in { type filter hook input priority 0; }")
+    topo.run(topo.b, "nft", "add rule inet eodns in udp sport 5999 counter drop")
+    with AgentProc(topo, topo.a, rx, "--iface", topo.a_if, "--signals", "dns") as agent:
+        _udp_send(topo, garbage + [orphan], 5999)
+        status, _ = dig(topo, topo.b_ip4, "h.test", "A")  # the agent still works after it
+        assert status == "NOERROR"
+        rx.wait_for(lambda: rx.spans(), 20, "the real query's span")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and metric_total(
+                rx.metrics("ebpf_otlp.dns.malformed")) < len(garbage):
+            time.sleep(0.3)
+        assert agent.stop() == 0
+    assert [s["attributes"]["dns.question.name"] for s in rx.spans()] == ["h.test"]
+    dropped = topo.run(topo.b, "nft", "list chain inet eodns in").stdout
+    assert f"counter packets {len(garbage) + 1} " in dropped, dropped
+    bad = rx.metrics("ebpf_otlp.dns.malformed")
+    assert metric_total(bad) == len(garbage)
+    assert metric_total([p for p in bad if p["attributes"]["reason"] == "short"]) == 2
+    assert {p["attributes"]["reason"] for p in bad} <= {"short", "truncated", "invalid"}
+    assert metric_total(rx.metrics("ebpf_otlp.dns.unmatched")) == 1  # the orphan answer
+    assert metric_total(rx.metrics("ebpf_otlp.events.lost", signal="dns")) == 0
