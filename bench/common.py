@@ -53,10 +53,11 @@ class Figure:
     note: str = ""
 
     @classmethod
-    def compare(cls, name: str, value: float, unit: str, baseline: float, baseline_name: str,
+    def compare(cls, name: str, value: float | None, unit: str, baseline: float | None,
+                baseline_name: str,
                 target: float | None = None, higher_is_better: bool = True,
                 note: str = "") -> Figure:
-        ratio = value / baseline if baseline else None
+        ratio = value / baseline if value is not None and baseline else None
         met = None
         tgt = ""
         if target is not None and ratio is not None:

@@ -108,6 +108,8 @@ def packet_programs(res: Result, quick: bool) -> None:
         empty_tc, empty_xdp = base.programs["probe_tc"], base.programs["probe_xdp"]
         if not (OBJ_DIR / "flows.bpf.o").exists():
             res.note("flows: not built yet (src/ebpf_otlp/bpf/flows.bpf.o missing)")
+        elif (REPO / "bench" / "flows_cost.py").exists():
+            res.note("flows programs: measured by the flows_cost benchmark (more frames)")
         else:
             obj = BpfObject.open_packaged("flows")
             obj.only_programs(["flows_tc_ingress", "flows_tc_egress", "flows_xdp_ingress"])

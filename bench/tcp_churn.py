@@ -50,8 +50,15 @@ print(json.dumps({"n": n, "secs": time.monotonic() - t0}))
 
 
 def _cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _bpf_seconds(rx) -> float:
+    from otlp import metric_total
+
+    return metric_total(rx.metrics("ebpf_otlp.program.run_time", signal="tcp"))
 
 
 def _churn(topo, secs: float) -> float:
@@ -67,7 +74,7 @@ def run(quick: bool = False) -> Result:
 
     res = Result(NAME, TITLE, command_for(NAME, quick))
     trials, secs = (2, 2.0) if quick else (5, 5.0)
-    base, attached, cpu_pct, cpu_us = [], [], [], []
+    base, attached, cpu_pct, cpu_us, bpf_ns = [], [], [], [], []
     os.environ.update(env())
     with Topology() as topo, ReceiverProc(topo, topo.a) as rx:
         # Many short connections: let the client reuse its TIME_WAIT ports.
@@ -80,11 +87,15 @@ def run(quick: bool = False) -> Result:
             _churn(topo, 1.0)  # warm up
             for _ in range(trials):
                 base.append(_churn(topo, secs))
+                k0 = _bpf_seconds(rx)
                 with AgentProc(topo, topo.a, rx, "--signals", "tcp") as agent:
                     time.sleep(1.0)  # let start-up work settle
                     c0, t0 = _cpu_seconds(agent.proc.pid), time.monotonic()
                     rate = _churn(topo, secs)
                     c1, t1 = _cpu_seconds(agent.proc.pid), time.monotonic()
+                # run time of the TCP programs over the agent's life (includes
+                # other traffic on the host, so an upper bound)
+                bpf_ns.append(1e9 * (_bpf_seconds(rx) - k0) / max(1.0, rate * (t1 - t0)))
                 attached.append(rate)
                 cpu_pct.append(100 * (c1 - c0) / (t1 - t0))
                 cpu_us.append(1e6 * (c1 - c0) / max(1.0, rate * (t1 - t0)))
@@ -98,7 +109,9 @@ def run(quick: bool = False) -> Result:
     res.add(Figure("agent CPU while attached", median(cpu_pct), "% of one CPU"))
     res.add(Figure("agent CPU per connection", median(cpu_us), "us/conn",
                    note="both ends of each connection are observed"))
-    res.raw.update(base=base, attached=attached, cpu_pct=cpu_pct, cpu_us=cpu_us)
+    res.add(Figure("kernel time in the TCP programs per connection", median(bpf_ns), "ns/conn",
+                   note="BPF run time (both ends, all tracepoints and sock_ops), upper bound"))
+    res.raw.update(base=base, attached=attached, cpu_pct=cpu_pct, cpu_us=cpu_us, bpf_ns=bpf_ns)
     res.note(f"{trials} alternating trials of {secs:g} s; medians")
     return res
 

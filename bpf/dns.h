@@ -4,9 +4,10 @@
 #ifndef EBPF_OTLP_DNS_H
 #define EBPF_OTLP_DNS_H
 
-/* Upper bound of the bytes copied per message; the copied amount is the
- * rodata `head_bytes` (<= this). Every record has this size, so user space
- * decodes a whole batch as one numpy array. */
+/* Upper bound of the bytes copied per message. A record is the fields
+ * before head[] plus the rodata `head_bytes` (<= this) rounded up to 8:
+ * every record of one loaded object has the same size, so user space decodes
+ * a whole batch as one numpy array (ebpf_otlp.dns_decode.event_dtype). */
 #define DNS_HEAD_MAX 512
 /* How many ports the programs compare against (rodata `dns_ports`). */
 #define DNS_MAX_PORTS 8

@@ -30,12 +30,12 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
  * user's shaper) would never run. UNSPEC means "no opinion": the next
  * filter runs, and with none left the packet simply continues.
  */
+#ifndef TC_ACT_UNSPEC
 #define TC_ACT_UNSPEC (-1)
+#endif
 
 #define ETH_HLEN 14
-#define ETH_P_ARP_ 0x0806
 #define IPPROTO_HOPOPTS_ 0
-#define IPPROTO_ICMP_ 1
 #define IPPROTO_TCP_ 6
 #define IPPROTO_UDP_ 17
 #define IPPROTO_ROUTING_ 43

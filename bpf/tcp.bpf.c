@@ -25,8 +25,11 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define AF_INET 2
 #define AF_INET6 10
 #define IPPROTO_TCP 6
-#define ECONNRESET 104
-#define RCV_SHUTDOWN 1
+#define EAGAIN 11
+#define ENOMEM 12
+#define EBUSY 16
+#define EINVAL 22
+#define EHOSTUNREACH 113
 
 /* Counter key fields the user keeps; the others are zeroed (bounded map). */
 const volatile __u8 keep_saddr = 1;
@@ -282,91 +285,122 @@ static __always_inline void on_close(int old, const struct ends *ends, __u64 sk,
 		bpf_map_delete_elem(&socks, &sk);
 }
 
+static __always_inline int on_client_connect(struct trace_event_raw_inet_sock_set_state *ctx,
+					     __u64 sk)
+{
+	struct conn init = {};
+	struct ends ends;
+
+	/* connect(): process context, the caller owns the socket. */
+	TP_ENDS(&ends, ctx);
+	init.role = TCP_ROLE_CLIENT;
+	init.flags = TCP_F_TRACKED;
+	init.start_ns = bpf_ktime_get_ns();
+	init.pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(init.comm, sizeof(init.comm));
+	set_ends(&init, &ends);
+	if (bpf_map_update_elem(&socks, &sk, &init, BPF_ANY))
+		stat_inc(TCP_STAT_SOCKS_FULL);
+	return 0;
+}
+
+static __always_inline int on_child(struct trace_event_raw_inet_sock_set_state *ctx, __u64 sk)
+{
+	struct syn_key k = {};
+	struct conn init = {};
+	struct ends ends;
+	__u64 *t;
+
+	/* The child is cloned from the listener at the final ACK. */
+	TP_ENDS(&ends, ctx);
+	init.role = TCP_ROLE_SERVER;
+	init.flags = TCP_F_TRACKED;
+	set_ends(&init, &ends);
+	__builtin_memcpy(k.raddr, ends.raddr, 16);
+	k.lport = ends.lport;
+	k.rport = ends.rport;
+	t = bpf_map_lookup_elem(&syn_times, &k);
+	if (t) {
+		init.start_ns = *t;
+		bpf_map_delete_elem(&syn_times, &k);
+	}
+	if (bpf_map_update_elem(&socks, &sk, &init, BPF_ANY))
+		stat_inc(TCP_STAT_SOCKS_FULL);
+	return 0;
+}
+
+static __always_inline int on_established(struct trace_event_raw_inet_sock_set_state *ctx,
+					  __u64 sk)
+{
+	struct tcp_sock *tp = (struct tcp_sock *)sk;
+	struct conn *c = bpf_map_lookup_elem(&socks, &sk);
+	struct ends ends;
+	__u64 now;
+
+	if (!c || c->est_ns)
+		return 0;
+	now = bpf_ktime_get_ns();
+	TP_ENDS(&ends, ctx);
+	c->est_ns = now;
+	set_ends(c, &ends);	/* a client's port is bound after SYN_SENT */
+	c->acked_base = BPF_CORE_READ(tp, bytes_acked);
+	c->rcvd_base = BPF_CORE_READ(tp, bytes_received);
+	if (!c->start_ns) {
+		/*
+		 * No SYN stamp (sock_ops not attached, or the listener sits
+		 * outside its cgroup): the SYN-ACK RTT the kernel just
+		 * measured is the server's handshake time.
+		 */
+		__u32 srtt = BPF_CORE_READ(tp, srtt_us) >> 3;
+
+		stat_inc(TCP_STAT_SYN_MISS);
+		if (srtt) {
+			c->start_ns = now - (__u64)srtt * 1000;
+			c->flags |= TCP_F_SYN_FROM_SRTT;
+		}
+	}
+	emit_open(c, tp, now);
+	return 0;
+}
+
+static __always_inline void set_flag(__u64 sk, __u8 flag)
+{
+	struct conn *c = bpf_map_lookup_elem(&socks, &sk);
+
+	if (c)
+		c->flags |= flag;
+}
+
+/* Work (clock reads, copies) happens only on the transitions that need it. */
 SEC("tracepoint/sock/inet_sock_set_state")
 int tcp_state(struct trace_event_raw_inet_sock_set_state *ctx)
 {
 	__u64 sk = (__u64)ctx->skaddr;
-	__u64 now = bpf_ktime_get_ns();
-	struct tcp_sock *tp = (struct tcp_sock *)sk;
-	int old = ctx->oldstate, new = ctx->newstate;
-	struct conn *c, init = {};
+	int old = ctx->oldstate;
 	struct ends ends;
 
 	if (ctx->protocol != IPPROTO_TCP)
 		return 0;
-	TP_ENDS(&ends, ctx);
-	switch (new) {
+	switch (ctx->newstate) {
 	case TCP_SYN_SENT:
-		/* connect(): process context, the caller owns the socket. */
-		init.role = TCP_ROLE_CLIENT;
-		init.flags = TCP_F_TRACKED;
-		init.start_ns = now;
-		init.pid = bpf_get_current_pid_tgid() >> 32;
-		bpf_get_current_comm(init.comm, sizeof(init.comm));
-		set_ends(&init, &ends);
-		if (bpf_map_update_elem(&socks, &sk, &init, BPF_ANY))
-			stat_inc(TCP_STAT_SOCKS_FULL);
-		return 0;
-	case TCP_SYN_RECV: {
-		struct syn_key sk_key = {};
-		__u64 *t;
-
-		/* The child is cloned from the listener at the final ACK. */
-		if (old != TCP_LISTEN)
-			return 0;
-		init.role = TCP_ROLE_SERVER;
-		init.flags = TCP_F_TRACKED;
-		set_ends(&init, &ends);
-		__builtin_memcpy(sk_key.raddr, ends.raddr, 16);
-		sk_key.lport = ends.lport;
-		sk_key.rport = ends.rport;
-		t = bpf_map_lookup_elem(&syn_times, &sk_key);
-		if (t) {
-			init.start_ns = *t;
-			bpf_map_delete_elem(&syn_times, &sk_key);
-		}
-		if (bpf_map_update_elem(&socks, &sk, &init, BPF_ANY))
-			stat_inc(TCP_STAT_SOCKS_FULL);
-		return 0;
-	}
+		return on_client_connect(ctx, sk);
+	case TCP_SYN_RECV:
+		return old == TCP_LISTEN ? on_child(ctx, sk) : 0;
 	case TCP_ESTABLISHED:
-		c = bpf_map_lookup_elem(&socks, &sk);
-		if (!c || c->est_ns)
-			return 0;
-		c->est_ns = now;
-		set_ends(c, &ends);
-		c->acked_base = BPF_CORE_READ(tp, bytes_acked);
-		c->rcvd_base = BPF_CORE_READ(tp, bytes_received);
-		if (!c->start_ns) {
-			/*
-			 * No SYN stamp (sock_ops not attached, or the listener sits
-			 * outside its cgroup): the SYN-ACK RTT the kernel just
-			 * measured is the server's handshake time.
-			 */
-			__u32 srtt = BPF_CORE_READ(tp, srtt_us) >> 3;
-
-			stat_inc(TCP_STAT_SYN_MISS);
-			if (srtt) {
-				c->start_ns = now - (__u64)srtt * 1000;
-				c->flags |= TCP_F_SYN_FROM_SRTT;
-			}
-		}
-		emit_open(c, tp, now);
-		return 0;
+		return on_established(ctx, sk);
 	case TCP_FIN_WAIT1:
 	case TCP_LAST_ACK:
-		c = bpf_map_lookup_elem(&socks, &sk);
-		if (c)
-			c->flags |= TCP_F_FIN_TX;
+		set_flag(sk, TCP_F_FIN_TX);
 		return 0;
 	case TCP_CLOSE_WAIT:
 	case TCP_CLOSING:
-		c = bpf_map_lookup_elem(&socks, &sk);
-		if (c)
-			c->flags |= TCP_F_FIN_RX;
+		set_flag(sk, TCP_F_FIN_RX);
 		return 0;
 	case TCP_CLOSE:
-		on_close(old, &ends, sk, now);
+		if (old == TCP_LISTEN || old == TCP_CLOSE)
+			return 0;
+		TP_ENDS(&ends, ctx);
+		on_close(old, &ends, sk, bpf_ktime_get_ns());
 		return 0;
 	}
 	return 0;
@@ -386,11 +420,61 @@ static __always_inline __u64 skb_segs(struct sk_buff *skb)
 SEC("tracepoint/tcp/tcp_retransmit_skb")
 int tcp_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
 {
+	struct ends ends;
+	int err = ctx->err;
+	__u64 segs;
+
+	/*
+	 * Since 6.13 the tracepoint also fires when __tcp_retransmit_skb()
+	 * gives up before sending: skb still in the host queue (-EBUSY, common
+	 * on veth), trim/fragment failures, no route, no window. Those exits
+	 * come before the kernel adds to RetransSegs; failures of the transmit
+	 * itself (-ENOBUFS) come after it and are counted, as the kernel does.
+	 */
+	if (err == -EBUSY || err == -ENOMEM || err == -EINVAL || err == -EHOSTUNREACH ||
+	    err == -EAGAIN)
+		return 0;
+	segs = skb_segs((struct sk_buff *)ctx->skbaddr);
+	TP_ENDS(&ends, ctx);
+	count_sock((__u64)ctx->skaddr, TCP_CNT_RETRANS_SEGS, segs, &ends, 0, 0);
+	return 0;
+}
+
+/*
+ * Kernels before 6.10 (tcp_send_reset) and 6.13 (tcp_retransmit_skb, which
+ * gained `err`) share one record layout for both tracepoints. The ___old
+ * flavour matches the kernel's trace_event_raw_tcp_event_sk_skb by CO-RE;
+ * user space loads whichever variant the running kernel's BTF has.
+ */
+struct trace_event_raw_tcp_event_sk_skb___old {
+	const void *skbaddr;
+	const void *skaddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 saddr_v6[16];
+	__u8 daddr_v6[16];
+} __attribute__((preserve_access_index));
+
+SEC("tracepoint/tcp/tcp_retransmit_skb")
+int tcp_retransmit_old(struct trace_event_raw_tcp_event_sk_skb___old *ctx)
+{
+	/* These kernels fire it only for a retransmission that was sent. */
 	__u64 segs = skb_segs((struct sk_buff *)ctx->skbaddr);
 	struct ends ends;
 
 	TP_ENDS(&ends, ctx);
 	count_sock((__u64)ctx->skaddr, TCP_CNT_RETRANS_SEGS, segs, &ends, 0, 0);
+	return 0;
+}
+
+SEC("tracepoint/tcp/tcp_send_reset")
+int tcp_send_reset_old(struct trace_event_raw_tcp_event_sk_skb___old *ctx)
+{
+	struct ends ends;
+
+	/* These kernels trace only resets sent on behalf of a socket. */
+	TP_ENDS(&ends, ctx);
+	count_sock((__u64)ctx->skaddr, TCP_CNT_RESET_TX, 1, &ends, 0, TCP_F_RST_TX);
 	return 0;
 }
 
@@ -494,7 +578,7 @@ SEC("sockops")
 int tcp_sockops(struct bpf_sock_ops *skops)
 {
 	__u32 op = skops->op;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now;
 
 	if (op == BPF_SOCK_OPS_TIMEOUT_INIT) {
 		struct syn_key k = {};
@@ -520,6 +604,7 @@ int tcp_sockops(struct bpf_sock_ops *skops)
 		}
 		k.lport = skops->local_port;
 		k.rport = bpf_ntohl(skops->remote_port);
+		now = bpf_ktime_get_ns();
 		bpf_map_update_elem(&syn_times, &k, &now, BPF_ANY);
 		return 1;
 	}
@@ -540,8 +625,11 @@ int tcp_sockops(struct bpf_sock_ops *skops)
 			return 1;
 		key = (__u64)bsk;
 		c = bpf_map_lookup_elem(&socks, &key);
+		if (!c)
+			return 1;
+		now = bpf_ktime_get_ns();
 		/* Bounded cost: at most one sample per connection per period. */
-		if (!c || (c->last_rtt_ns && now - c->last_rtt_ns < rtt_sample_ns))
+		if (c->last_rtt_ns && now - c->last_rtt_ns < rtt_sample_ns)
 			return 1;
 		c->last_rtt_ns = now;
 		e = RINGBUF_RESERVE(tcp_events, sizeof(*e));

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from ebpf_otlp.bpfobj import BpfObject
-from ebpf_otlp.layout import constant, record_dtype
+from ebpf_otlp.dns_decode import event_dtype
+from ebpf_otlp.layout import constant
 from ebpf_otlp.ringbuf import RingBuffer
 
 pytestmark = pytest.mark.kernel
 
-DT = record_dtype("dns", "dns_event")
 MAC = b"\x02\x00\x00\x00\x00\x01\x02\x00\x00\x00\x00\x02"
 C4, S4 = "10.1.2.3", "10.1.2.53"
 C6, S6 = "fd00:1::3", "fd00:1::53"
@@ -71,7 +71,8 @@ class Loaded:
         self.obj.set_max_entries("dns_events", 1 << 20)
         self.obj.load()
         self.got: list[np.ndarray] = []
-        self.ring = RingBuffer(self.obj.maps["dns_events"], DT, on_batch=self.got.append,
+        self.dtype = event_dtype(head_bytes)
+        self.ring = RingBuffer(self.obj.maps["dns_events"], self.dtype, on_batch=self.got.append,
                                lost_map=self.obj.maps["dns_events_lost"])
 
     def run(self, frame: bytes, prog: str = "dns_egress") -> np.ndarray:
@@ -80,7 +81,7 @@ class Loaded:
         assert res.retval == TC_ACT_UNSPEC
         self.got.clear()
         self.ring.drain()
-        return np.concatenate(self.got) if self.got else np.zeros(0, DT)
+        return np.concatenate(self.got) if self.got else np.zeros(0, self.dtype)
 
     def close(self) -> None:
         self.ring.close()
@@ -175,6 +176,8 @@ def test_head_is_bounded_by_head_bytes():
         r = p.run(eth(0x86DD, ipv6(17, udp(40000, 53, big))))
         check(r, src=C6, dst=S6, sport=40000, dport=53, proto=17, direction=1, msg=big[:100],
               msg_len=len(big))
+        assert p.dtype.itemsize == 64 + 104  # the record itself is sized by head_bytes
+        assert p.ring.received == 1  # (so the drain saw exactly that size)
     finally:
         p.close()
     p = Loaded(head_bytes=constant("dns", "DNS_HEAD_MAX"))

@@ -65,7 +65,7 @@ c.close()
 print(got, flush=True)
 """
 TCP_CLIENT = """
-import socket, sys
+import socket, struct, sys, time
 c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
 c.sendall(b's' * int(sys.argv[3]))
 c.shutdown(socket.SHUT_WR)
@@ -75,15 +75,19 @@ while True:
     if not b:
         break
     got += len(b)
+time.sleep(0.3)  # our ACK of the server's FIN is out
+info = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+segs_out, segs_in = struct.unpack_from('<II', info, 136)  # tcpi_segs_out, tcpi_segs_in
 c.close()
-print(got, flush=True)
+print(got, segs_out, segs_in, flush=True)
 """
 
 
 def quiet(topo) -> None:
     """No IPv6 router solicitations in a measured window, and wait until the link is idle."""
     for ns, ifn in ((topo.a, topo.a_if), (topo.b, topo.b_if)):
-        for key in (f"net.ipv6.conf.{ifn}.router_solicitations", "net.ipv6.conf.all.router_solicitations"):
+        for key in (f"net.ipv6.conf.{ifn}.router_solicitations",
+                    "net.ipv6.conf.all.router_solicitations"):
             topo.run(ns, "sysctl", "-qw", f"{key}=0", check=False)
     last = None
     deadline = time.monotonic() + 15
@@ -160,8 +164,9 @@ def test_tcp_totals_equal_interface_counters(topo, hook):
             server = topo.popen(topo.b, PY, "-c", TCP_SERVER, topo.b_ip4, "5201", str(down),
                                 stdout=subprocess.PIPE, text=True)
             assert server.stdout.readline().strip() == "ready"
-            got = topo.run(topo.a, PY, "-c", TCP_CLIENT, topo.b_ip4, "5201", str(up)).stdout
-            assert int(got) == down
+            got, segs_out, segs_in = map(int, topo.run(
+                topo.a, PY, "-c", TCP_CLIENT, topo.b_ip4, "5201", str(up)).stdout.split())
+            assert got == down
             assert int(server.communicate(timeout=30)[0]) == up
             time.sleep(1.5)  # last ACKs and FINs
             stop_agent(agent)
@@ -186,6 +191,14 @@ def test_tcp_totals_equal_interface_counters(topo, hook):
         up_bytes = by_attrs(flow_points(rx, "network.flow.bytes", **{"destination.port": 5201}),
                             "network.io.direction")
         assert up_bytes[("transmit",)] > up
+        # segments: what the client's own TCP counted (tcpi_segs_out/in count GSO/GRO
+        # skbs by their segments, as network.flow.segments does)
+        conn = {"network.transport": "tcp", "network.interface.name": topo.a_if}
+        segs = by_attrs(flow_points(rx, "network.flow.segments", **conn), "network.io.direction")
+        assert segs[("transmit",)] == segs_out
+        pkts = by_attrs(flow_points(rx, "network.flow.packets", **conn), "network.io.direction")
+        assert pkts[("transmit",)] < segs_out  # GSO was in play: skbs are not segments
+        assert segs[("receive",)] == segs_in
 
 
 def test_table_full_overflow_is_counted(topo):
@@ -265,3 +278,24 @@ def test_flow_attributes_aggregate_before_export(topo):
         assert metric_total(pts) == 3 * n * frame
         # one series per export, not one per source port
         assert len({p["time_ns"] for p in pts}) == len(pts)
+
+
+@pytest.mark.parametrize("mode", ["direct", "sdk"])
+def test_collector_down_then_up_loses_nothing(topo, mode):
+    """The agent starts before the collector: the first exports fail or retry,
+    the delta data waits, and the totals still come out exact."""
+    n, size = 40, 150
+    frame = 14 + 20 + 8 + size
+    rx = ReceiverProc(topo, topo.a, port=4319)
+    with AgentProc(topo, topo.a, rx, "--iface", topo.a_if, "--signals", "flows",
+                   env={"EBPF_OTLP_FLOWS_EXPORT": mode}) as agent:
+        topo.run(topo.a, PY, "-c", UDP_SEND, topo.a_ip4, topo.b_ip4, "6300", "7300", str(n),
+                 str(size), "0")
+        time.sleep(3)
+        with rx:
+            attrs = {"source.port": 6300, "destination.port": 7300}
+            rx.wait_for(lambda: metric_total(rx.metrics("network.flow.packets", **attrs)) >= n,
+                        timeout=40, what="flows exported once the collector is up")
+            stop_agent(agent)
+            assert metric_total(rx.metrics("network.flow.packets", **attrs)) == n
+            assert metric_total(rx.metrics("network.flow.bytes", **attrs)) == n * frame

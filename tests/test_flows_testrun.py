@@ -479,3 +479,29 @@ def test_direct_encoding_decodes_with_opentelemetry_proto():
     assert attrs["network.transport"] == "udp" and attrs["destination.port"] == 53
     assert {r["time_ns"] for r in recs} == {999}
     assert sorted({r["start_ns"] for r in recs}) == list(range(5, 305))
+
+
+def test_attribute_sets_are_unique_whatever_is_kept():
+    """Series that export the same attribute set must have been merged."""
+    import itertools
+
+    from ebpf_otlp import flows_agg as agg
+    from ebpf_otlp import flows_attrs as fa
+    from ebpf_otlp.config import FLOW_ATTRIBUTES
+
+    d = _drained([("10.0.0.1", 1000, "10.0.0.2", 80, 6, 1, 10),
+                  ("10.0.0.1", 1000, "10.0.0.2", 80, 17, 2, 20),
+                  ("10.0.0.1", 0, "10.0.0.2", 0, 1, 4, 40),
+                  ("10.0.0.5", 0, "10.0.0.2", 0, 47, 8, 80)])
+    d.keys["l3"][3] = 0  # an unreadable IP header: no IP attributes
+    d.keys["saddr"][3] = 0
+    d.keys["daddr"][3] = 0
+    d.keys["proto"][3] = 0
+    d.tcp_flags[0] = 0x12
+    names = (*FLOW_ATTRIBUTES, "network.tcp.flags")
+    for r in range(len(names) + 1):
+        for kept in itertools.combinations(names, r):
+            series, counts = agg.aggregate(agg.project(d, kept), d.counts)
+            sets = [tuple(sorted(a.items())) for a in fa.dicts(series, kept, {})]
+            assert len(sets) == len(set(sets)), kept
+            assert int(counts[:, 1].sum()) == 150

@@ -8,7 +8,7 @@ import ipaddress
 
 import numpy as np
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -151,3 +151,42 @@ def test_records_map_to_instruments_and_spans() -> None:
     assert ok.attributes["network.tcp.bytes.transmit"] == 100
     assert bad.attributes["error.type"] == "refused"
     assert bad.status.status_code.name == "ERROR"
+
+
+def _hist_points(values_per_call: list[np.ndarray], bulk: bool) -> list:
+    from opentelemetry.sdk.metrics.export import AggregationTemporality
+    from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+
+    from ebpf_otlp.tcp_hist import record_many
+    from ebpf_otlp.telemetry import DURATION_BUCKETS
+
+    reader = InMemoryMetricReader(preferred_temporality={
+        Histogram: AggregationTemporality.DELTA})
+    view = View(instrument_type=Histogram,
+                aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS))
+    hist = MeterProvider(metric_readers=[reader], views=[view]).get_meter("t").create_histogram(
+        "h", "s")
+    out = []
+    for values in values_per_call:
+        for attrs in ({"a": 1}, {"a": 2}):
+            if bulk:
+                record_many(hist, values, attrs)
+            else:
+                for v in values.tolist():
+                    hist.record(v, attrs)
+        data = reader.get_metrics_data()
+        for rm in data.resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    out.extend((dict(p.attributes), p.count, round(p.sum, 9), p.min, p.max,
+                                list(p.bucket_counts)) for p in m.data.data_points)
+    return out
+
+
+def test_bulk_histogram_equals_one_record_per_value() -> None:
+    from ebpf_otlp.tcp_hist import fast_path_available
+
+    rng = np.random.default_rng(7)
+    calls = [rng.exponential(0.01, 500), np.array([0.25, 0.0001, 3.0]), rng.exponential(1, 50)]
+    assert _hist_points(calls, bulk=True) == _hist_points(calls, bulk=False)
+    assert fast_path_available()  # the installed SDK takes the fast path

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import socket
 from collections import Counter, OrderedDict
+from typing import NamedTuple
 
 import dns.exception
 import dns.message
 import dns.rcode
 import dns.rdatatype
 import numpy as np
+
+from .layout import record_dtype
 
 HEADER = 12
 MAX_LABELS = 128  # a 255-byte name has at most 127 labels
@@ -33,21 +36,34 @@ INVALID = "invalid"  # dnspython rejected it (bad pointer, label type, name too 
 NO_QUESTION = "no_question"  # well formed but nothing to name the lookup by
 
 
-class Message:
+def event_dtype(head_bytes: int) -> np.dtype:
+    """The record dtype of an object loaded with ``head_bytes``: the fields of
+    ``struct dns_event`` before ``head``, then ``head_bytes`` rounded up to 8
+    (what the BPF side reserves per record)."""
+    base = record_dtype("dns", "dns_event")
+    off = base.fields["head"][1]
+    n = (head_bytes + 7) & ~7
+    names = [k for k in base.names if k != "head"]
+    return np.dtype({"names": [*names, "head"],
+                     "formats": [base.fields[k][0] for k in names] + [(np.uint8, (n,))],
+                     "offsets": [base.fields[k][1] for k in names] + [off],
+                     "itemsize": off + n})
+
+
+class Message(NamedTuple):
     """One decoded DNS message (query or response)."""
 
-    __slots__ = ("key", "response", "ts_ns", "name", "qtype", "rcode", "answers", "row")
+    key: bytes  # pairs a query with its answer (pair_keys)
+    response: bool
+    ts_ns: int  # kernel CLOCK_MONOTONIC
+    name: str  # first question, no trailing dot
+    qtype: str  # "A", "AAAA", "TYPE65534"...
+    rcode: int  # 4-bit header rcode
+    answers: int  # ANCOUNT
+    row: int  # index of the record in its batch
 
-    def __init__(self, key: bytes, response: bool, ts_ns: int, name: str, qtype: str,
-                 rcode: int, answers: int, row: int):
-        self.key = key
-        self.response = response
-        self.ts_ns = ts_ns
-        self.name = name
-        self.qtype = qtype
-        self.rcode = rcode
-        self.answers = answers
-        self.row = row
+
+_new_tuple = tuple.__new__  # builds the NamedTuples below without their __new__ (hot path)
 
 
 def question_text(wire: bytes) -> tuple[str, str]:
@@ -90,37 +106,34 @@ class Decoder:
         h = head[:, :HEADER].astype(np.int64)
         ok = hl >= HEADER
         qr = (h[:, 2] >> 7).astype(bool)
-        rcode = h[:, 3] & 0xF
         qdcount = (h[:, 4] << 8) | h[:, 5]
-        ancount = (h[:, 6] << 8) | h[:, 7]
         qend, cut = self._question_ends(head, hl, ok & (qdcount == 1))
-        keys = pair_keys(recs, qr)
+        short, ncut = int(n - ok.sum()), int(cut.sum())
+        if short:
+            self.malformed[SHORT] += short
+        if ncut:
+            self.malformed[TRUNCATED] += ncut
+        rows = np.flatnonzero(ok & ~cut) if ncut else np.flatnonzero(ok)
+        if len(rows) == 0:
+            return []
         blob = head.tobytes()
-        ts = recs["ts_ns"].tolist()
-        okl, qrl, rcl, anl, qel, hll, cutl = (ok.tolist(), qr.tolist(), rcode.tolist(),
-                                              ancount.tolist(), qend.tolist(), hl.tolist(),
-                                              cut.tolist())
-        cache = self._questions
+        cache_get = self._questions.get
+        slow = self._slow
         out: list[Message] = []
-        malformed = self.malformed
-        for i in range(n):
-            if not okl[i]:
-                malformed[SHORT] += 1
-                continue
-            if cutl[i]:
-                malformed[TRUNCATED] += 1
-                continue
+        append = out.append
+        for i, key, resp, ts, rc, an, end, hlen in zip(
+                rows.tolist(), pair_keys(recs[rows], qr[rows]), qr[rows].tolist(),
+                recs["ts_ns"][rows].tolist(), (h[rows, 3] & 0xF).tolist(),
+                ((h[rows, 6] << 8) | h[rows, 7]).tolist(), qend[rows].tolist(),
+                hl[rows].tolist()):
             base = i * stride
-            end = qel[i]
-            q = None
-            if end > 0:
+            if end:
                 qkey = blob[base + HEADER:base + end]
-                q = cache.get(qkey)
-            if q is None:
-                q = self._slow(blob[base:base + hll[i]], qkey if end > 0 else None)
-                if q is None:
-                    continue
-            out.append(Message(keys[i], qrl[i], ts[i], q[0], q[1], rcl[i], anl[i], i))
+                q = cache_get(qkey) or slow(blob[base:base + hlen], qkey)
+            else:
+                q = slow(blob[base:base + hlen], None)
+            if q is not None:
+                append(_new_tuple(Message, (key, resp, ts, q[0], q[1], rc, an, i)))
         self.decoded += len(out)
         return out
 
@@ -197,17 +210,19 @@ def pair_keys(recs: np.ndarray, qr: np.ndarray) -> list[bytes]:
     return k.view("S39").ravel().tolist()
 
 
-class Query:
+class Query(NamedTuple):
     """A query waiting for its answer."""
 
-    __slots__ = ("ts_ns", "name", "qtype", "row")
+    ts_ns: int
+    name: str
+    qtype: str
+    # (client addr, client port, server addr, server port, proto, family, ifindex):
+    # raw, turned into text only when the lookup is emitted.
+    row: tuple
 
-    def __init__(self, ts_ns: int, name: str, qtype: str, row: tuple):
-        self.ts_ns = ts_ns
-        self.name = name
-        self.qtype = qtype
-        # (client addr, client port, server addr, server port, transport, type, interface)
-        self.row = row
+
+def new_query(ts_ns: int, name: str, qtype: str, row: tuple) -> Query:
+    return _new_tuple(Query, (ts_ns, name, qtype, row))
 
 
 class PendingTable:

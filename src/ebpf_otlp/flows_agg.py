@@ -43,6 +43,8 @@ _ATTR_FIELDS = {
     "network.interface.name": ("ifindex",),
     "network.io.direction": ("direction",),
 }
+# Presence bits in a projected series' l3 field (see project()).
+APPLIES_IP, APPLIES_PORTS, APPLIES_TCP_FLAGS = 1, 2, 4
 
 
 @dataclass
@@ -81,11 +83,22 @@ def project(d: Drained, kept: tuple[str, ...] | set[str]) -> np.ndarray:
     out["key"] = d.keys
     needed = {f for a in kept for f in _ATTR_FIELDS.get(a, ())}
     k = out["key"]
-    # l3 becomes 2 for flows of a protocol with ports, so the port attributes
-    # still apply when network.transport (the protocol) is dropped.
-    k["l3"] = np.where(k["l3"] == 1, 1 + np.isin(k["proto"], list(PORT_PROTOS)), 0)
+    # Which attributes a series carries must follow from its identity alone, or
+    # two series could export the same attribute set: in the series, l3 holds
+    # presence bits (APPLIES_*) for the attribute groups that are kept.
+    kept = set(kept)
+    ip = k["l3"] == 1
+    bits = np.zeros(len(out), np.uint8)
+    if kept & {"source.address", "destination.address", "network.transport"}:
+        bits |= np.where(ip, APPLIES_IP, 0).astype(np.uint8)
+    if kept & {"source.port", "destination.port"}:
+        with_ports = ip & np.isin(k["proto"], list(PORT_PROTOS))
+        bits |= np.where(with_ports, APPLIES_PORTS, 0).astype(np.uint8)
+    if "network.tcp.flags" in kept:
+        bits |= np.where(ip & (k["proto"] == 6), APPLIES_TCP_FLAGS, 0).astype(np.uint8)
+    k["l3"] = bits
     for field in KEY_DT.names:
-        # l3 tells IP flows (and those with ports) from the rest: always kept.
+        # l3 carries the presence bits
         if field not in needed and field not in ("l3", "pad"):
             k[field] = 0
     if "network.tcp.flags" in kept:
@@ -210,10 +223,12 @@ class SeriesStore:
         self.series, self.counts = self.series[keep], self.counts[keep]
         self.start_ns, self.touched = self.start_ns[keep], self.touched[keep]
 
-    def exported(self) -> None:
-        """The rows were delivered: delta forgets them, cumulative keeps the totals."""
-        if not self.cumulative:
-            self.series = self.series[:0]
-            self.counts = self.counts[:0]
-            self.start_ns = self.start_ns[:0]
-            self.touched = self.touched[:0]
+    def exported(self, delivered: np.ndarray | None = None) -> None:
+        """Rows were delivered (all, or where ``delivered`` is True): delta forgets
+        them and keeps the rest pending, cumulative keeps every total."""
+        if self.cumulative:
+            return
+        keep = (np.zeros(len(self.series), bool) if delivered is None
+                else ~np.asarray(delivered, bool))
+        self.series, self.counts = self.series[keep], self.counts[keep]
+        self.start_ns, self.touched = self.start_ns[keep], self.touched[keep]

@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from . import otlp_direct as pb
+from .flows_agg import APPLIES_IP, APPLIES_PORTS, APPLIES_TCP_FLAGS, group_rows
 
 TRANSPORTS = {1: "icmp", 58: "icmp", 6: "tcp", 17: "udp", 132: "sctp", 136: "udplite",
               2: "igmp", 4: "ipip", 41: "ipv6", 47: "gre", 50: "esp", 51: "ah", 33: "dccp",
@@ -53,9 +54,9 @@ def _columns(series: np.ndarray, ifnames: dict[int, str]
              ) -> list[tuple[str, np.ndarray, Callable[[object], object], np.ndarray]]:
     """(attribute, raw column, value converter, row mask where it applies)."""
     k = series["key"]
-    ip = k["l3"] >= 1
-    ports = k["l3"] == 2  # see flows_agg.project
-    tcp = ip & ((k["proto"] == 6) | (series["tcp_flags"] != 0))
+    ip = (k["l3"] & APPLIES_IP) != 0  # presence bits, see flows_agg.project
+    ports = (k["l3"] & APPLIES_PORTS) != 0
+    tcp = (k["l3"] & APPLIES_TCP_FLAGS) != 0
     everywhere = np.ones(len(series), bool)
 
     def ifname(i: object) -> str:
@@ -82,12 +83,19 @@ def _columns(series: np.ndarray, ifnames: dict[int, str]
 
 
 def _unique_rows(col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if col.ndim == 2:  # addresses: (n, 16) bytes -> one void per row
-        flat = np.ascontiguousarray(col).view(f"V{col.shape[1]}").reshape(-1)
-        uniq, inv = np.unique(flat, return_inverse=True)
-        return uniq, inv.reshape(-1)
+    """(one value per distinct value, index of each row's value)."""
+    if col.ndim == 2:  # addresses: (n, 16) bytes
+        first, inv = group_rows(col)
+        return col[first], inv
     uniq, inv = np.unique(col, return_inverse=True)
     return uniq, inv.reshape(-1)
+
+
+# Encoded attribute per (encoder, attribute, raw value), kept across intervals:
+# the same hosts and ports come back every interval. Cleared when it grows
+# past _CACHE_MAX entries, so memory stays bounded.
+_CACHE: dict[tuple, object] = {}
+_CACHE_MAX = 1 << 20
 
 
 def _per_column(series: np.ndarray, kept: Iterable[str], ifnames: dict[int, str],
@@ -95,12 +103,22 @@ def _per_column(series: np.ndarray, kept: Iterable[str], ifnames: dict[int, str]
     """For each kept attribute: (per-row encoded values as an object array, applies-mask)."""
     out = []
     kept = set(kept)
+    if len(_CACHE) > _CACHE_MAX:
+        _CACHE.clear()
     for name, col, conv, mask in _columns(series, ifnames):
         if name not in kept or not mask.any():
             continue
         uniq, inv = _unique_rows(col)
         enc = np.empty(len(uniq), object)
-        enc[:] = [encode(name, conv(u)) for u in uniq]
+        vals = []
+        for u in uniq:
+            raw = u.tobytes() if col.ndim == 2 else int(u)
+            ck = (encode, name, raw)
+            e = _CACHE.get(ck)
+            if e is None:
+                e = _CACHE[ck] = encode(name, conv(u))
+            vals.append(e)
+        enc[:] = vals
         out.append((enc[inv], mask))
     return out
 

@@ -29,12 +29,9 @@ log = logging.getLogger(__name__)
 
 TEMPORALITY_DELTA = 1
 TEMPORALITY_CUMULATIVE = 2
-_VARINT_CACHE = [bytes([n]) for n in range(128)]
 
 
-def varint(n: int) -> bytes:
-    if n < 128:
-        return _VARINT_CACHE[n]
+def _varint(n: int) -> bytes:
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -43,13 +40,26 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
+_VARINT_CACHE = [_varint(n) for n in range(1 << 14)]
+
+
+def varint(n: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int."""
+    if n < 16384:
+        return _VARINT_CACHE[n]
+    return _varint(n)
+
+
 def _len_field(tag: int, payload: bytes) -> bytes:
     return bytes([tag]) + varint(len(payload)) + payload
 
 
 def key_value(key: str, value: object) -> bytes:
     """An encoded ``KeyValue`` (string, bool, int or float value)."""
-    if isinstance(value, bool):
+    if isinstance(value, str):
+        vb = value.encode()
+        anyv = b"\x0a" + varint(len(vb)) + vb
+    elif isinstance(value, bool):
         anyv = b"\x10" + varint(int(value))
     elif isinstance(value, (int, np.integer)):
         v = int(value)
@@ -57,13 +67,21 @@ def key_value(key: str, value: object) -> bytes:
     elif isinstance(value, float):
         anyv = b"\x21" + np.float64(value).tobytes()
     else:
-        anyv = _len_field(0x0A, str(value).encode())
-    return _len_field(0x0A, key.encode()) + _len_field(0x12, anyv)
+        vb = str(value).encode()
+        anyv = b"\x0a" + varint(len(vb)) + vb
+    kf = _KEY_FIELDS.get(key)
+    if kf is None:
+        kf = _KEY_FIELDS[key] = _len_field(0x0A, key.encode())
+    return kf + b"\x12" + varint(len(anyv)) + anyv
+
+
+_KEY_FIELDS: dict[str, bytes] = {}
 
 
 def point_attribute(key: str, value: object) -> bytes:
     """``NumberDataPoint.attributes`` (field 7) holding one ``KeyValue``."""
-    return _len_field(0x3A, key_value(key, value))
+    kv = key_value(key, value)
+    return b"\x3a" + varint(len(kv)) + kv
 
 
 @dataclass(frozen=True)
@@ -85,30 +103,66 @@ def encode_sums(resource_attrs: dict, scope_name: str, scope_version: str,
     ``start_ns[i]`` its start time (unix ns).
     """
     n = len(attrs)
-    tail = np.empty((n, 27), np.uint8)
+    # One template of all points (length prefix, attributes, times, a value
+    # slot), built once and shared by the metrics: each metric only writes its
+    # values into the slots. The layout of a point is identical in all of them.
+    tail = np.zeros((n, 27), np.uint8)
     tail[:, 0] = 0x11  # start_time_unix_nano, fixed64
     tail[:, 1:9] = np.ascontiguousarray(start_ns, "<u8").view(np.uint8).reshape(n, 8)
     tail[:, 9] = 0x19  # time_unix_nano, fixed64
     tail[:, 10:18] = np.frombuffer(int(time_ns).to_bytes(8, "little"), np.uint8)
     tail[:, 18] = 0x31  # as_int, sfixed64
-    # length prefix of each point: attributes + 27-byte tail
-    heads = [b"\x0a" + varint(len(a) + 27) + a for a in attrs]
-    metric_blobs = []
+    tb = tail.tobytes()
+    template = np.frombuffer(b"".join([b"\x0a" + varint(len(a) + 27) + a + tb[i * 27:i * 27 + 27]
+                                       for i, a in enumerate(attrs)]), np.uint8)
+    sizes = np.fromiter((len(a) + 27 for a in attrs), np.int64, n)
+    prefix = 1 + 1 + (sizes >= 1 << 7) + (sizes >= 1 << 14) + (sizes >= 1 << 21)  # tag + varint
+    ends = np.cumsum(sizes + prefix)
+    slots = (ends - 8)[:, None] + np.arange(8)
+    # Every nested message is written as tag + length + parts: the lengths are
+    # added up, the parts (tens of MB) are copied once, by the final join.
+    metric_parts: list[list] = []
     for m in metrics:
-        tail[:, 19:27] = np.ascontiguousarray(values[:, m.column], "<u8").view(
+        buf = template.copy()
+        buf[slots] = np.ascontiguousarray(values[:, m.column], "<u8").view(
             np.uint8).reshape(n, 8)
-        tb = tail.tobytes()
-        points = b"".join([h + tb[i * 27:(i + 1) * 27] for i, h in enumerate(heads)])
-        body = points + b"\x10" + varint(temporality) + (b"\x18\x01" if monotonic else b"")
-        metric = (_len_field(0x0A, m.name.encode()) + _len_field(0x12, m.description.encode())
-                  + _len_field(0x1A, m.unit.encode()) + _len_field(0x3A, body))
-        metric_blobs.append(_len_field(0x12, metric))  # ScopeMetrics.metrics
+        trailer = b"\x10" + varint(temporality) + (b"\x18\x01" if monotonic else b"")
+        head = (_len_field(0x0A, m.name.encode()) + _len_field(0x12, m.description.encode())
+                + _len_field(0x1A, m.unit.encode()))
+        body_len = len(buf) + len(trailer)
+        metric_len = len(head) + 1 + len(varint(body_len)) + body_len
+        metric_parts.append([b"\x12" + varint(metric_len) + head + b"\x3a" + varint(body_len),
+                             memoryview(buf), trailer])
     scope = ScopeMetrics(scope=InstrumentationScope(name=scope_name, version=scope_version))
-    sm = scope.SerializeToString() + b"".join(metric_blobs)
     res = PbResource(attributes=[KeyValue(key=k, value=_any(v))
                                  for k, v in resource_attrs.items()])
-    rm = ResourceMetrics(resource=res).SerializeToString() + _len_field(0x12, sm)
-    return _len_field(0x0A, rm)
+    scope_b = scope.SerializeToString()
+    sm_len = len(scope_b) + sum(len(p) for mp in metric_parts for p in mp)
+    res_b = ResourceMetrics(resource=res).SerializeToString()
+    rm_len = len(res_b) + 1 + len(varint(sm_len)) + sm_len
+    parts = [b"\x0a" + varint(rm_len) + res_b + b"\x12" + varint(sm_len) + scope_b]
+    for mp in metric_parts:
+        parts.extend(mp)
+    return b"".join(parts)
+
+
+def send_sums(sender: DirectSender, chunk: int, resource_attrs: dict, scope_name: str,
+              scope_version: str, metrics: Sequence[SumMetric], attrs: Sequence[bytes],
+              values: np.ndarray, start_ns: np.ndarray, time_ns: int,
+              temporality: int) -> np.ndarray:
+    """Encode and send in requests of at most ``chunk`` series; stops at the first
+    failure (the rest would only wait for more timeouts). Returns which series
+    were delivered."""
+    n = len(attrs)
+    delivered = np.zeros(n, bool)
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        body = encode_sums(resource_attrs, scope_name, scope_version, metrics, attrs[lo:hi],
+                           values[lo:hi], start_ns[lo:hi], time_ns, temporality)
+        if not sender.send(body):
+            break
+        delivered[lo:hi] = True
+    return delivered
 
 
 def _any(v: object):
@@ -144,10 +198,8 @@ class DirectSender:
         self.requests += 1
         try:
             client = getattr(self._exporter, "_client", None)
-            if client is not None:
-                ok = bool(client.export(body).success)
-            else:  # an SDK without the shared client: plain POST, no retry
-                ok = self._post(body)
+            # an SDK without the shared client: plain POST, no retry
+            ok = bool(client.export(body).success) if client is not None else self._post(body)
         except Exception as e:  # a collector that is down must not kill the agent
             log.warning("flow export failed: %s", e)
             ok = False

@@ -74,6 +74,7 @@ class AttributeMapper:
             raise ValueError(f"unknown tcp attributes {sorted(unknown)}; "
                              f"choose from {', '.join(CONN_ATTRIBUTES)}")
         self.keep = frozenset(keep)
+        self._rows: dict[bytes, dict] = {}
 
     def base(self, role: int, saddr: bytes, caddr: bytes, sport: int, cport: int
              ) -> tuple[tuple[str, object], ...]:
@@ -93,6 +94,60 @@ class AttributeMapper:
         if "client.port" in self.keep:
             out.append(("client.port", int(cport)))
         return tuple(out)
+
+    def groups(self, recs: np.ndarray, process: bool, extra: np.ndarray | None = None
+               ) -> tuple[np.ndarray, list[dict], list[int]]:
+        """Group records by the attributes they export.
+
+        Returns ``inverse`` (group index per record), one attribute dict per
+        group and the group's ``extra`` byte (e.g. a failure cause). Fields
+        the user does not keep are zeroed before grouping, so records that
+        differ only there share a group; one dict per group, not per record.
+        """
+        n = len(recs)
+        keep = self.keep
+        proc = process and bool(keep & {"process.pid", "process.executable.name"})
+        z = np.zeros((n, 16), np.uint8)
+
+        def col(name: str, width: int, on: bool) -> np.ndarray:
+            if not on:
+                return z[:, :width]
+            return np.ascontiguousarray(recs[name]).view(np.uint8).reshape(n, width)
+
+        mat = np.concatenate([
+            recs["role"].astype(np.uint8).reshape(n, 1),
+            col("saddr", 16, True),  # also decides network.type
+            col("caddr", 16, "client.address" in keep),
+            col("sport", 2, "server.port" in keep),
+            col("cport", 2, "client.port" in keep),
+            col("pid", 4, proc),
+            col("comm", 16, proc and "process.executable.name" in keep),
+            (extra.astype(np.uint8).reshape(n, 1) if extra is not None else z[:, :1]),
+        ], axis=1)
+        rows, inverse = np.unique(mat.view(np.dtype((np.void, mat.shape[1]))).ravel(),
+                                  return_inverse=True)
+        attrs, extras = [], []
+        for row in rows.tolist():
+            a = self._from_row(bytes(row))
+            attrs.append(a)
+            extras.append(row[-1])
+        return inverse.reshape(-1), attrs, extras
+
+    def _from_row(self, row: bytes) -> dict:
+        hit = self._rows.get(row)
+        if hit is not None:
+            return hit
+        a = dict(self.base(row[0], row[1:17], row[17:33], int.from_bytes(row[33:35], "little"),
+                           int.from_bytes(row[35:37], "little")))
+        pid = int.from_bytes(row[37:41], "little")
+        if pid and "process.pid" in self.keep:
+            a["process.pid"] = pid
+        if pid and "process.executable.name" in self.keep:
+            a["process.executable.name"] = comm(row[41:57])
+        if len(self._rows) >= 65536:  # bounded: addresses churn
+            self._rows.clear()
+        self._rows[row] = a
+        return a
 
     def event(self, rec: np.void) -> tuple[tuple[str, object], ...]:
         out = self.base(int(rec["role"]), rec["saddr"].tobytes(), rec["caddr"].tobytes(),

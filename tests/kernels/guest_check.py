@@ -10,8 +10,10 @@ Three parts:
 1. objects: every program of every packaged ``*.bpf.o`` is loaded on its own
    and attached to a real hook (loopback for TC/XDP, the cgroup v2 root for
    sock_ops, libc for uprobes). Optional fast-path variants (kprobe, fentry,
-   ...) count as "unavailable" where the kernel refuses them. The self-test
-   object's probes are also triggered and must count a hit.
+   ...) count as "unavailable" where the kernel refuses them, and of several
+   programs for one tracepoint (struct flavours for older kernels) one must
+   load (results.hook_groups). The self-test object's probes are also
+   triggered and must count a hit.
 2. signals: each signal runs through the project's own Agent, exporting over
    OTLP/HTTP to the project's own receiver on loopback, while a short
    scenario makes traffic whose truth the scenario knows (datagrams sent and
@@ -375,7 +377,8 @@ def check_signal(name: str) -> None:
         time.sleep(0.5)  # the poller drains rings every 20 ms; let it catch up
         agent.close()  # final drain, collect and flush to the receiver
         agent = None
-        deadline = time.monotonic() + 5
+        # close() flushed synchronously; a short grace for the receiver's threads.
+        deadline = time.monotonic() + 2
         ok, detail = VERDICTS[name](rx.records, truth)
         while not ok and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -6,12 +6,15 @@ Pieces, all built on the host at test time:
   name (its ABI number changes), fetched with ``apt-get download`` and
   unpacked with ``dpkg -x`` into ``cache/`` (never installed);
 - a read-only ext4 image (``mke2fs -d``, no mounting needed) holding the
-  host's Python interpreter, its standard library, the venv's packages, the
-  shared libraries they need (libbpf.so.1 included), busybox, the project's
-  ``src/`` with its compiled BPF objects, and the check script;
-- a tiny uncompressed initramfs: busybox, the kernel modules the check needs
-  (virtio for the disk, clsact and cls_bpf for TC), and an ``/init`` that
-  mounts the image and chroots into it.
+  host's Python interpreter, its standard library, the venv's packages and
+  the shared libraries they need (libbpf.so.1 included); cached by a
+  fingerprint of the interpreter and the installed packages. (The cloud
+  kernel has no 9p to share the host tree, and a 140 MB initramfs would be
+  unpacked in full under emulation; the disk is read only as imported.)
+- a small uncompressed initramfs, rebuilt every run: busybox, the kernel
+  modules the check needs (virtio for the disk, clsact and cls_bpf for TC),
+  the project's ``src/ebpf_otlp`` with its compiled objects, the check
+  script, and an ``/init`` that mounts the image and chroots into it.
 
 QEMU exits 0 whatever happens inside, so the guest prints its results as
 marked lines on the serial console and the host parses them.
@@ -52,6 +55,10 @@ STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3
                "pydoc_data", "config-3.11-x86_64-linux-gnu", "unittest", "distutils"}
 SITE_SKIP = {"pip", "setuptools", "_pytest", "pytest", "hypothesis", "pygments", "ruff",
              "pkg_resources", "_distutils_hack"}
+
+
+# Bump when build_base_image changes what goes into the image.
+IMAGE_LAYOUT = "1"
 
 
 class Unavailable(RuntimeError):
@@ -179,19 +186,30 @@ def fetch_kernel(timings: Timings) -> Kernel:
         kdir.mkdir(exist_ok=True)
         for old in kdir.glob("*.deb"):
             old.unlink()
-        r = subprocess.run(["apt-get", "download", "-q", pkg], cwd=kdir, capture_output=True,
-                           text=True, timeout=600)
+        for attempt in range(2):
+            r = subprocess.run(["apt-get", "download", "-q", pkg], cwd=kdir,
+                               capture_output=True, text=True, timeout=600)
+            if r.returncode == 0 or attempt:
+                break
+            # Stale lists name a version the archive no longer has: refresh once.
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=240)
         debs = list(kdir.glob("*.deb"))
         if r.returncode != 0 or not debs:
             raise Unavailable(f"apt-get download {pkg} failed: {r.stderr.strip()[-500:]}")
         timings.add("download", t0)
         t0 = time.monotonic()
-        tmp = kdir / "root.tmp"
+        tmp = kdir / f"root.tmp.{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         _run("dpkg", "-x", str(debs[0]), str(tmp))
-        tmp.rename(root)
+        try:
+            tmp.rename(root)
+        except OSError:  # a concurrent run unpacked it first
+            shutil.rmtree(tmp, ignore_errors=True)
         debs[0].unlink()  # the unpacked tree is the cache
         timings.add("unpack", t0)
+        for old in CACHE.glob("linux-image-*"):  # an older ABI the metapackage left
+            if old != kdir:
+                shutil.rmtree(old, ignore_errors=True)
     return Kernel(pkg, root)
 
 
@@ -238,7 +256,7 @@ class PythonLayout:
                    Path(sysconfig.get_paths()["purelib"]))
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
+        h = hashlib.sha256(IMAGE_LAYOUT.encode())
         for p in (self.interpreter, self.stdlib, self.site):
             h.update(str(p).encode())
         h.update(str(self.interpreter.stat().st_mtime_ns).encode())
@@ -262,8 +280,8 @@ def build_base_image(timings: Timings) -> Path:
         return img
     t0 = time.monotonic()
     for old in CACHE.glob("pyroot-*.ext4"):
-        old.unlink()
-    stage = CACHE / "pyroot.stage"
+        old.unlink(missing_ok=True)
+    stage = CACHE / f"pyroot.stage.{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     for d in ("proc", "sys", "dev", "tmp", "run", "src", "bin", "etc", "root"):
         (stage / d).mkdir(parents=True)
@@ -303,7 +321,7 @@ def build_base_image(timings: Timings) -> Path:
     (stage / "etc/resolv.conf").write_text("nameserver 127.0.0.1\n")
     size_mb = int(sum(p.stat().st_size for p in stage.rglob("*") if p.is_file()
                       and not p.is_symlink()) / 1e6 * 1.25) + 64
-    tmp = img.with_suffix(".tmp")
+    tmp = img.with_suffix(f".tmp.{os.getpid()}")
     _run("mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", "pyroot",
          "-E", "root_owner=0:0", "-d", str(stage), str(tmp), f"{size_mb}M")
     tmp.rename(img)
@@ -421,7 +439,7 @@ def build_initramfs(kernel: Kernel, check_args: list[str], extra_objects: dict[s
     envs = " ".join(f"{k}={v}" for k, v in env.items())
     c.file("init", (INIT % {"modules": " ".join(names), "args": " ".join(check_args),
                             "env": envs}).encode(), 0o755)
-    out = CACHE / "initramfs.cpio"
+    out = CACHE / f"initramfs.{os.getpid()}.cpio"  # per run: runs may overlap
     out.write_bytes(c.bytes())
     timings.add("initramfs", t0)
     return out
@@ -477,6 +495,7 @@ def boot(check_args: list[str], *, extra_objects: dict[str, bytes] | None = None
         console = (e.stdout or b"").decode("utf-8", "replace")
         console += f"\n[host] QEMU killed after {timeout_s:.0f} s\n"
     timings.add("boot+check", t0)
+    initrd.unlink(missing_ok=True)
     return GuestRun(kernel, console, parse_events(console), timings)
 
 
@@ -505,3 +524,30 @@ def build_nonportable(out_dir: Path) -> Path:
          "-Wall", "-Werror", "-I", str(ROOT / "vmlinux/x86"), "-c",
          str(HERE / "nonportable.bpf.c"), "-o", str(out))
     return out
+
+
+def main(argv: list[str]) -> int:
+    """Boot the guest by hand: ``python tests/kernels/guestvm.py [--add FILE.bpf.o]...
+    [guest_check args]``; added objects land in the guest's /src/extra (check
+    them with ``--objects /src/extra``)."""
+    sys.path.insert(0, str(HERE))
+    import results
+
+    extra: dict[str, bytes] = {}
+    while len(argv) >= 2 and argv[0] == "--add":
+        extra[Path(argv[1]).name] = Path(argv[1]).read_bytes()
+        argv = argv[2:]
+    try:
+        g = boot(argv, extra_objects=extra)
+    except Unavailable as e:
+        print(f"second kernel unavailable: {e}", file=sys.stderr)
+        return 2
+    if os.environ.get("V") == "1":
+        print(g.console)
+    run = results.KernelRun("guest", g.events, g.timings.steps)
+    print(results.table(run))
+    return 0 if run.finished else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

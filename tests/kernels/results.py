@@ -50,15 +50,41 @@ class KernelRun:
         return next((e for e in self._all("extra") if e.get("program") in (program, "*")), None)
 
 
+def hook_groups(progs: list[dict]) -> dict[str, list[dict]]:
+    """Programs grouped by the hook they serve.
+
+    Programs with the same targeted section (``tracepoint/tcp/tcp_send_reset``)
+    are variants of one hook for different kernels (e.g. a ``___old`` struct
+    flavour): one of them loading is enough, as the signal picks whichever
+    loads. Untargeted sections (``tc``, ``xdp``, ``sockops``) are one hook per
+    program: ingress and egress are both needed.
+    """
+    groups: dict[str, list[dict]] = {}
+    for p in progs:
+        key = p["section"] if "/" in p["section"] else f"{p['section']}:{p['program']}"
+        groups.setdefault(key, []).append(p)
+    return groups
+
+
+def failed_hooks(progs: list[dict]) -> list[list[dict]]:
+    """Non-optional hooks none of whose variants loaded and attached."""
+    return [g for g in hook_groups([p for p in progs if not p["optional"]]).values()
+            if not any(p.get("attached") for p in g)]
+
+
 def _row(run: KernelRun, name: str) -> list[str]:
     progs = run.programs(name)
-    core = [p for p in progs if not p["optional"]]
+    core = hook_groups([p for p in progs if not p["optional"]])
     fast = [p for p in progs if p["optional"]]
+
+    def frac_groups(key: str) -> str:
+        ok = sum(any(p.get(key) for p in g) for g in core.values())
+        return f"{ok}/{len(core)}" if core else "-"
 
     def frac(items: list[dict], key: str) -> str:
         return f"{sum(bool(p.get(key)) for p in items)}/{len(items)}" if items else "-"
 
-    loaded, attached = frac(core, "loaded"), frac(core, "attached")
+    loaded, attached = frac_groups("loaded"), frac_groups("attached")
     if fast:
         loaded += f" +fast {frac(fast, 'loaded')}"
         attached += f" +fast {frac(fast, 'attached')}"
@@ -72,7 +98,11 @@ def _row(run: KernelRun, name: str) -> list[str]:
         records, hooks = "signal not shipped", ""
     else:
         records = "ok" if sig.get("records_ok") else "FAIL"
-        hooks = ",".join(sorted({p.split(":", 1)[1] for p in sig.get("programs", [])}))
+        kinds: dict[str, int] = {}
+        for p in sig.get("programs", []):
+            kind = p.split(":", 1)[1].split("/")[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+        hooks = ", ".join(f"{k} x{n}" if n > 1 else k for k, n in sorted(kinds.items()))
         if not sig.get("started"):
             records = "FAIL (did not start)"
     return [name, loaded, attached, records, hooks]
@@ -80,14 +110,19 @@ def _row(run: KernelRun, name: str) -> list[str]:
 
 def table(run: KernelRun) -> str:
     names = sorted(set(run.objects()) | set(run.signals()))
-    rows = [["signal/object", "loaded", "attached", "records-correct", "hooks used by agent"]]
+    rows = [["signal/object", "hooks loaded", "attached", "records-correct",
+             "hooks used by agent"]]
     rows += [_row(run, n) for n in names]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"kernel {run.release} ({run.label})"]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    failing = [p for p in run.programs() if not p.get("attached")]
-    for p in failing:
-        kind = "optional fast path unavailable" if p["optional"] else "FAILED"
+    failed = {id(p) for g in failed_hooks(run.programs()) for p in g}
+    for p in run.programs():
+        if p.get("attached"):
+            continue
+        kind = ("FAILED" if id(p) in failed else
+                "optional fast path unavailable" if p["optional"] else
+                "variant for other kernels refused")
         lines.append(f"  {kind}: {p['object']}.{p['program']} ({p['section']}): "
                      f"{p.get('error', '')[:160]}")
     for name in names:

@@ -111,7 +111,7 @@ def _objects_ok(run: results.KernelRun, obj: str) -> None:
         pytest.skip(f"{obj}.bpf.o was not built when the {run.label} check ran")
     bad = [f"{p['program']} ({p['section']}): loaded={p['loaded']} attached={p['attached']} "
            f"{p.get('error', '')}\n    " + "\n    ".join(p.get("log", [])[-12:])
-           for p in progs if not p["optional"] and not p["attached"]]
+           for group in results.failed_hooks(progs) for p in group]
     assert not bad, f"on {run.release} ({run.label}):\n" + "\n".join(bad)
     unfired = [p["program"] for p in progs if not p["optional"] and p.get("fired") == 0]
     assert not unfired, f"attached but never ran on {run.release}: {unfired}"

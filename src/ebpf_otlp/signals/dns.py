@@ -21,10 +21,17 @@ from opentelemetry.sdk.metrics import Histogram as SdkHistogram
 from opentelemetry.sdk.metrics.export import AggregationTemporality
 
 from ..bpfobj import BpfObject
-from ..dns_decode import AddressCache, Decoder, PendingTable, Query, rcode_text
+from ..dns_decode import (
+    AddressCache,
+    Decoder,
+    PendingTable,
+    Query,
+    event_dtype,
+    rcode_text,
+)
 from ..dns_metrics import BatchHistogram
 from ..dns_spans import SpanBatchExporter, SpanItem, otlp_sender
-from ..layout import constant, record_dtype
+from ..layout import constant
 from ..ringbuf import RingBuffer
 from ..telemetry import DURATION_BUCKETS, SCOPE, signal_endpoint
 from .base import Signal
@@ -102,7 +109,7 @@ class DnsSignal(Signal):
             idx = socket.if_nametoindex(ifname)
             obj.programs["dns_ingress"].attach_tc(idx, "ingress")
             obj.programs["dns_egress"].attach_tc(idx, "egress")
-        self._ring = RingBuffer(obj.maps["dns_events"], record_dtype("dns", "dns_event"),
+        self._ring = RingBuffer(obj.maps["dns_events"], event_dtype(cfg.dns_head_bytes),
                                 on_batch=self.on_batch, lost_map=obj.maps["dns_events_lost"])
         self.spans.start()
 

@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -27,12 +28,19 @@ from ..bpfobj import BpfObject
 from ..telemetry import SCOPE, signal_endpoint
 from .base import Signal
 
+if TYPE_CHECKING:
+    from ..config import AgentConfig
+    from ..telemetry import Telemetry
+
 log = logging.getLogger(__name__)
 
 # Longer than any run of our programs (microseconds), so after the flip no
 # program still holds an element of the table being drained.
 GRACE_S = 0.01
 TABLES = ("flows_a", "flows_b")
+# Series per OTLP request: 8192 series x 3 metrics is ~7 MB with every attribute
+# kept, under the SDK's 64 MiB request limit and common collector body limits.
+MAX_SERIES_PER_REQUEST = 8192
 METRICS = (
     od.SumMetric("network.flow.bytes", "By", "bytes of the flow's frames as the hook saw "
                  "them, L2 header included", 1),
@@ -55,10 +63,14 @@ def _scope_version() -> str:
 class FlowsSignal(Signal):
     name = "flows"
 
-    def __init__(self, config, telemetry):
+    def __init__(self, config: AgentConfig, telemetry: Telemetry):
         super().__init__(config, telemetry)
         self.kept = tuple(config.flow_attributes)
         self.mode = os.environ.get("EBPF_OTLP_FLOWS_EXPORT", "direct").strip().lower()
+        if self.mode not in ("direct", "sdk"):
+            log.warning("EBPF_OTLP_FLOWS_EXPORT=%s: expected direct or sdk; using direct",
+                        self.mode)
+            self.mode = "direct"
         self.temporality = od.temporality_from_env()
         cumulative = self.temporality == od.TEMPORALITY_CUMULATIVE and self.mode != "sdk"
         self.store = agg.SeriesStore(cumulative, cap=max(4 * config.max_flows, 16384))
@@ -173,17 +185,19 @@ class FlowsSignal(Signal):
 
     def _export_direct(self) -> None:
         st = self.store
-        if len(st) == 0 or self._sender is None:
+        n = len(st)
+        if n == 0 or self._sender is None:
             return
         attrs = fattrs.encoded(st.series, self.kept, self.ifnames)
-        body = od.encode_sums(dict(self.telemetry.resource.attributes), SCOPE,
-                              self._scope_version, METRICS, attrs, st.counts, st.start_ns,
-                              time.time_ns(), self.temporality)
-        if self._sender.send(body):
-            st.exported()
-        else:
-            # the same count the SDK path feeds (ebpf_otlp.export.failures)
+        delivered = od.send_sums(self._sender, MAX_SERIES_PER_REQUEST,
+                                 dict(self.telemetry.resource.attributes), SCOPE,
+                                 self._scope_version, METRICS, attrs, st.counts, st.start_ns,
+                                 time.time_ns(), self.temporality)
+        if not delivered.all():
+            # the same count the SDK path feeds (ebpf_otlp.export.failures); what was
+            # not delivered stays pending (delta) for the next interval
             self.telemetry.metric_exporter.failures += 1
+        st.exported(delivered)
 
     def _export_sdk(self) -> None:
         st = self.store
@@ -219,7 +233,7 @@ class FlowsSignal(Signal):
         self._ovf_cache = out
         return out
 
-    def _ovf(self, field: str):
+    def _ovf(self, field: str) -> Callable[[], list[tuple[int, dict]]]:
         i = agg.OVF_VAL_DT.names.index(field)
         return lambda: [(int(t[i]), a) for a, t in self._read_overflow()]
 
@@ -245,6 +259,12 @@ class FlowsSignal(Signal):
         t.observe("ebpf_otlp.flows.series.dropped", "{series}",
                   "flow series lost: export kept failing and the pending set hit its bound",
                   lambda: [(self.store.dropped_points, {})])
+        t.observe("ebpf_otlp.flows.dropped.packets", "{packet}",
+                  "packets of flow series dropped unexported (export kept failing)",
+                  lambda: [(int(self.store.dropped_counts[0]), {"reason": "export_backlog"})])
+        t.observe("ebpf_otlp.flows.dropped.bytes", "By",
+                  "bytes of flow series dropped unexported (export kept failing)",
+                  lambda: [(int(self.store.dropped_counts[1]), {"reason": "export_backlog"})])
         t.observe("ebpf_otlp.flows.series.evicted", "{series}",
                   "cumulative series forgotten (restart from 0 with a new start time)",
                   lambda: [(self.store.evicted_series if self.store.cumulative else 0, {})])

@@ -9,20 +9,18 @@ export interval.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
-import os
-import tempfile
 import time
-from collections import defaultdict
 
 import numpy as np
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ..bpfobj import BpfObject
+from ..layout import constant
 from ..libbpf import BpfError
 from ..ringbuf import RingBuffer
+from ..tcp_hist import record_many
+from ..tcp_kernel import OPTIONAL, VARIANTS, attach_sockops, kernel_structs
 from ..tcp_records import (
     CKEY,
     CNT_RESET_RX,
@@ -43,47 +41,15 @@ from .base import Signal
 
 log = logging.getLogger(__name__)
 
-TRACEPOINTS = {
-    "tcp_state": ("sock", "inet_sock_set_state"),
-    "tcp_retransmit": ("tcp", "tcp_retransmit_skb"),
-    "tcp_retransmit_synack": ("tcp", "tcp_retransmit_synack"),
-    "tcp_send_reset": ("tcp", "tcp_send_reset"),
-    "tcp_receive_reset": ("tcp", "tcp_receive_reset"),
-    "tcp_accept4": ("syscalls", "sys_exit_accept4"),
-    "tcp_accept": ("syscalls", "sys_exit_accept"),
-}
-# tcp_stats indexes (bpf/tcp.h TCP_STAT_*)
-_STATS = {0: "counter_map_full", 1: "socket_map_full"}
-_SYN_MISS = 2
+# tcp_stats indexes -> health attribute (bpf/tcp.h TCP_STAT_*)
+_STATS = {constant("tcp", "TCP_STAT_COUNTERS_FULL"): "counter_map_full",
+          constant("tcp", "TCP_STAT_SOCKS_FULL"): "socket_map_full"}
+_SYN_MISS = constant("tcp", "TCP_STAT_SYN_MISS")
 RTT_SAMPLE_S = 1.0  # one RTT sample per connection per second
 IDLE_EVICT_INTERVALS = 10  # drop kernel counter keys unchanged this long
 
-Attrs = tuple[tuple[str, object], ...]
-
-
-def attach_sockops(prog, path: str):
-    """Attach ``prog`` to the cgroup v2 directory ``path``.
-
-    ``ip netns exec`` (and many containers) remount /sys, hiding the host's
-    cgroup2 mount while the cgroups themselves still exist. Then the root of
-    our cgroup namespace is mounted on a private temporary directory just for
-    the attach and unmounted right after: the link keeps the cgroup.
-    """
-    if os.path.isdir(path):
-        return prog.attach_cgroup(path)
-    tmp = tempfile.mkdtemp(prefix="ebpf-otlp-cg-")
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        if libc.mount(b"cgroup2", tmp.encode(), b"cgroup2", 0, None) != 0:
-            raise OSError(ctypes.get_errno(), f"{path} missing and cgroup2 mount failed")
-        try:
-            log.info("tcp: %s not mounted here, attached sock_ops via a private cgroup2 mount",
-                     path)
-            return prog.attach_cgroup(tmp)
-        finally:
-            libc.umount2(tmp.encode(), 2)  # MNT_DETACH
-    finally:
-        os.rmdir(tmp)
+CAUSES = ("refused", "timeout", "reset", "other")
+CAUSE_CODES = {c: i for i, c in enumerate(CAUSES)}
 
 
 class TcpSignal(Signal):
@@ -91,7 +57,12 @@ class TcpSignal(Signal):
 
     def __init__(self, config, telemetry):
         super().__init__(config, telemetry)
-        self.mapper = AttributeMapper(config.tcp_attributes)
+        try:
+            self.mapper = AttributeMapper(config.tcp_attributes)
+        except ValueError as e:  # a bad flag: one line and exit status 2, no traceback
+            from ..agent import ConfigError
+
+            raise ConfigError(f"--tcp-attributes: {e}") from None
         m = telemetry.meter
         self.opened = m.create_counter(
             "network.tcp.connections.opened", "{connection}",
@@ -125,6 +96,7 @@ class TcpSignal(Signal):
         self._idle: dict[bytes, int] = {}
         self.sockops_attached = False
         self.bad_records = 0
+        self.untracked_closes = 0
         self._register_health()
 
     # --- lifecycle -------------------------------------------------------------
@@ -142,9 +114,19 @@ class TcpSignal(Signal):
         obj.rodata["ringbuf_wakeup_bytes"] = cfg.ringbuf_wakeup_bytes
         obj.set_max_entries("tcp_events", cfg.ringbuf_bytes)
         obj.set_max_entries("counters", max(1024, min(cfg.max_flows, 1 << 20)))
+        self._pick_variants(obj)
         obj.load()
-        for prog, (cat, tp) in TRACEPOINTS.items():
-            obj.programs[prog].attach_tracepoint(cat, tp)
+        for prog in obj.programs.values():
+            if not prog.autoload or not prog.section.startswith("tracepoint/"):
+                continue
+            _, cat, tp = prog.section.split("/")
+            try:
+                prog.attach_tracepoint(cat, tp)
+            except (BpfError, OSError) as e:
+                if prog.name not in OPTIONAL:
+                    raise
+                log.warning("tcp: %s:%s not attached (%s): passive opens keep no owner",
+                            cat, tp, e)
         try:
             attach_sockops(obj.programs["tcp_sockops"], cfg.cgroup_path)
             self.sockops_attached = True
@@ -156,6 +138,17 @@ class TcpSignal(Signal):
         self._ring = RingBuffer(obj.maps["tcp_events"], EVENT, on_batch=self.on_batch,
                                 lost_map=obj.maps["tcp_events_lost"])
 
+    @staticmethod
+    def _pick_variants(obj: BpfObject) -> None:
+        wanted = {n for new, _, old in VARIANTS.values() for n in (new, old)}
+        have = kernel_structs(wanted)
+        for new_prog, (new_struct, old_prog, old_struct) in VARIANTS.items():
+            use_new = new_struct in have or old_struct not in have
+            obj.programs[new_prog].autoload = use_new
+            obj.programs[old_prog].autoload = not use_new
+            if not use_new:
+                log.info("tcp: older kernel record layout, using %s", old_prog)
+
     def rings(self) -> list[RingBuffer]:
         return [self._ring] if self._ring is not None else []
 
@@ -166,62 +159,86 @@ class TcpSignal(Signal):
 
     # --- ring records (poller thread) -----------------------------------------------
     def on_batch(self, recs: np.ndarray) -> None:
-        offset = time.time_ns() - time.monotonic_ns()
+        """Decode one batch: group records by exported attributes with numpy and
+        make one SDK call per group and instrument, not per record."""
         kinds = recs["kind"]
         known = np.isin(kinds, (EV_OPEN, EV_CLOSE, EV_FAIL, EV_RTT))
         if not known.all():
             self.bad_records += int((~known).sum())
-        for rec in recs[kinds == EV_OPEN]:
-            self._on_open(rec)
-        self._on_closes(recs[kinds == EV_CLOSE], offset)
-        self._on_fails(recs[kinds == EV_FAIL], offset)
-        for rec in recs[kinds == EV_RTT]:
-            self.rtt.record(int(rec["srtt_us"]) / 1e6, dict(self.mapper.event(rec)))
+        opens, closes = recs[kinds == EV_OPEN], recs[kinds == EV_CLOSE]
+        fails, rtts = recs[kinds == EV_FAIL], recs[kinds == EV_RTT]
+        if len(opens):
+            self._on_opens(opens)
+        if len(closes):
+            self._on_closes(closes)
+        if len(fails):
+            self._on_fails(fails)
+        if len(rtts):
+            inv, groups, _ = self.mapper.groups(rtts, process=True)
+            self._histogram(self.rtt, rtts["srtt_us"] / 1e6, inv, groups)
+        if self.spans and (len(closes) or len(fails)):
+            self._spans(closes, fails)
 
-    def _base(self, rec: np.void) -> dict:
-        return dict(self.mapper.base(int(rec["role"]), rec["saddr"].tobytes(),
-                                     rec["caddr"].tobytes(), int(rec["sport"]),
-                                     int(rec["cport"])))
+    @staticmethod
+    def _histogram(hist, values: np.ndarray, inv: np.ndarray, groups: list[dict],
+                   mask: np.ndarray | None = None) -> None:
+        for g, attrs in enumerate(groups):
+            sel = inv == g if mask is None else (inv == g) & mask
+            if sel.any():
+                record_many(hist, values[sel], attrs)
 
-    def _on_open(self, rec: np.void) -> None:
+    def _on_opens(self, recs: np.ndarray) -> None:
         # Opens happen in softirq for servers, before accept() names the owner:
         # opened/active/handshake carry no process attributes.
-        attrs = self._base(rec)
-        self.opened.add(1, attrs)
-        self.active.add(1, attrs)
-        start, est = int(rec["start_ns"]), int(rec["est_ns"])
-        if start and est >= start:
-            self.handshake.record((est - start) / 1e9, attrs)
+        inv, groups, _ = self.mapper.groups(recs, process=False)
+        counts = np.bincount(inv, minlength=len(groups))
+        for attrs, n in zip(groups, counts.tolist()):
+            self.opened.add(n, attrs)
+            self.active.add(n, attrs)
+        start, est = recs["start_ns"].astype(np.int64), recs["est_ns"].astype(np.int64)
+        self._histogram(self.handshake, (est - start) / 1e9, inv, groups,
+                        (start > 0) & (est >= start))
 
-    def _on_closes(self, recs: np.ndarray, offset: int) -> None:
-        sums: dict[Attrs, list[int]] = defaultdict(lambda: [0, 0])
-        for rec in recs:
-            flags = int(rec["flags"])
-            attrs = self.mapper.event(rec)
-            s = sums[attrs]
-            s[0] += int(rec["bytes_tx"])
-            s[1] += int(rec["bytes_rx"])
+    def _on_closes(self, recs: np.ndarray) -> None:
+        tracked = ((recs["flags"] & F_TRACKED) != 0) & (recs["est_ns"] != 0)
+        self.untracked_closes += int((~tracked).sum())
+        if tracked.any():  # the matching -1 of each counted open
+            inv, groups, _ = self.mapper.groups(recs[tracked], process=False)
+            for attrs, n in zip(groups, np.bincount(inv, minlength=len(groups)).tolist()):
+                self.active.add(-n, attrs)
+        inv, groups, _ = self.mapper.groups(recs, process=True)
+        tx = np.bincount(inv, weights=recs["bytes_tx"].astype(np.float64), minlength=len(groups))
+        rx = np.bincount(inv, weights=recs["bytes_rx"].astype(np.float64), minlength=len(groups))
+        for attrs, t, r in zip(groups, tx.tolist(), rx.tolist()):
+            if t:
+                self.bytes.add(int(t), dict(attrs, **{"network.io.direction": "transmit"}))
+            if r:
+                self.bytes.add(int(r), dict(attrs, **{"network.io.direction": "receive"}))
+        start = np.where(recs["start_ns"] != 0, recs["start_ns"], recs["est_ns"]).astype(np.int64)
+        end = recs["ts_ns"].astype(np.int64)
+        self._histogram(self.duration, (end - start) / 1e9, inv, groups,
+                        tracked & (start > 0) & (end >= start))
+
+    def _on_fails(self, recs: np.ndarray) -> None:
+        causes = np.array([CAUSE_CODES[failure_cause(int(e), int(f))]
+                           for e, f in zip(recs["cause"].tolist(), recs["flags"].tolist())],
+                          np.uint8)
+        inv, groups, extras = self.mapper.groups(recs, process=True, extra=causes)
+        for attrs, code, n in zip(groups, extras,
+                                  np.bincount(inv, minlength=len(groups)).tolist()):
+            self.failed.add(n, dict(attrs, **{"error.type": CAUSES[code]}))
+
+    def _spans(self, closes: np.ndarray, fails: np.ndarray) -> None:
+        offset = time.time_ns() - time.monotonic_ns()
+        for rec in closes:
             start = int(rec["start_ns"]) or int(rec["est_ns"])
-            tracked = bool(flags & F_TRACKED) and int(rec["est_ns"]) != 0
-            if tracked:
-                self.active.add(-1, self._base(rec))
-                if start:
-                    self.duration.record((int(rec["ts_ns"]) - start) / 1e9, dict(attrs))
-            if self.spans and tracked and start and not flags & F_ROLE_GUESSED:
+            flags = int(rec["flags"])
+            if start and flags & F_TRACKED and int(rec["est_ns"]) and not flags & F_ROLE_GUESSED:
                 self._span(rec, start + offset, int(rec["ts_ns"]) + offset, None)
-        for attrs, (tx, rx) in sums.items():
-            if tx:
-                self.bytes.add(tx, dict(attrs, **{"network.io.direction": "transmit"}))
-            if rx:
-                self.bytes.add(rx, dict(attrs, **{"network.io.direction": "receive"}))
-
-    def _on_fails(self, recs: np.ndarray, offset: int) -> None:
-        for rec in recs:
-            cause = failure_cause(int(rec["cause"]), int(rec["flags"]))
-            self.failed.add(1, dict(self.mapper.event(rec), **{"error.type": cause}))
-            start = int(rec["start_ns"])
-            if self.spans and start:
-                self._span(rec, start + offset, int(rec["ts_ns"]) + offset, cause)
+        for rec in fails:
+            if int(rec["start_ns"]):
+                self._span(rec, int(rec["start_ns"]) + offset, int(rec["ts_ns"]) + offset,
+                           failure_cause(int(rec["cause"]), int(rec["flags"])))
 
     def _span(self, rec: np.void, start_ns: int, end_ns: int, error: str | None) -> None:
         attrs = self.mapper.span(rec)
@@ -301,6 +318,10 @@ class TcpSignal(Signal):
                   "TCP updates the kernel side could not record (map full)",
                   lambda: [(self._stat(i), {"reason": r}) for i, r in _STATS.items()]
                   + [(self.bad_records, {"reason": "bad_record"})])
+        t.observe("ebpf_otlp.tcp.closes.untracked", "{connection}",
+                  "closes of connections whose open was not seen (older than the agent, or "
+                  "evicted from the socket table): bytes counted, no duration, not in active",
+                  lambda: [(self.untracked_closes, {})])
         t.observe("ebpf_otlp.tcp.handshake.estimated", "{connection}",
                   "server handshakes without a SYN stamp from sock_ops (estimated from the "
                   "SYN-ACK RTT, or not recorded)", lambda: [(self._stat(_SYN_MISS), {})])
