@@ -128,7 +128,10 @@ class Telemetry:
         self.config = config
         self.resource = Resource.create({"service.name": config.service_name,
                                          "host.name": config.host_name})
-        timeout = config.export_timeout_s
+        # An export (retries included) never outlasts the interval by much, so a
+        # collector that is down delays at most one interval and is counted.
+        timeout = min(config.export_timeout_s, max(config.interval_s, 1.0))
+        self.export_timeout_s = timeout
         self.metric_exporter = CountingMetricExporter(OTLPMetricExporter(
             endpoint=signal_endpoint(config.endpoint, "/v1/metrics",
                                      "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
@@ -224,7 +227,7 @@ class Telemetry:
     # --- flushing ----------------------------------------------------------------
     def export_metrics(self, timeout_s: float | None = None) -> bool:
         return self.meter_provider.force_flush(
-            int((timeout_s or self.config.export_timeout_s) * 1000))
+            int((timeout_s or self.export_timeout_s) * 1000))
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Flush everything within about ``timeout_s``; idempotent."""
