@@ -110,7 +110,9 @@ static __always_inline bool parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
 	return true;
 }
 
-static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
+/* `l3`: the device has no link-layer header (tun, WireGuard, IP-in-IP):
+ * the packet starts with IP and skb->protocol says which. */
+static __always_inline int handle(struct __sk_buff *skb, __u8 direction, bool l3)
 {
 	struct l4 l = {};
 	__u32 off = 0, payload, avail, copy, msg_len;
@@ -118,17 +120,21 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 	__be16 proto;
 	struct dns_event *e;
 
-	if (bpf_skb_load_bytes(skb, 12, &proto, sizeof(proto)))
-		return TC_ACT_UNSPEC;
-	off = 14;
-	/* Tags still in the frame (not offloaded to skb->vlan_tci): up to two. */
-#pragma unroll
-	for (int i = 0; i < 2; i++) {
-		if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
-			break;
-		if (bpf_skb_load_bytes(skb, off + 2, &proto, sizeof(proto)))
+	if (l3) {
+		proto = skb->protocol;
+	} else {
+		if (bpf_skb_load_bytes(skb, 12, &proto, sizeof(proto)))
 			return TC_ACT_UNSPEC;
-		off += 4;
+		off = 14;
+		/* Tags still in the frame (not offloaded to skb->vlan_tci): up to two. */
+#pragma unroll
+		for (int i = 0; i < 2; i++) {
+			if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
+				break;
+			if (bpf_skb_load_bytes(skb, off + 2, &proto, sizeof(proto)))
+				return TC_ACT_UNSPEC;
+			off += 4;
+		}
 	}
 	if (proto == bpf_htons(ETH_P_IP)) {
 		if (!parse_ipv4(skb, off, &l))
@@ -194,6 +200,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 	e->sport = sport;
 	e->dport = dport;
 	e->msg_len = msg_len;
+	e->seg_len = avail > 0xffff ? 0xffff : avail;
 	e->family = l.family;
 	e->proto = l.proto;
 	e->direction = direction;
@@ -212,11 +219,25 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction)
 SEC("tc")
 int dns_ingress(struct __sk_buff *skb)
 {
-	return handle(skb, DNS_DIR_INGRESS);
+	return handle(skb, DNS_DIR_INGRESS, false);
 }
 
 SEC("tc")
 int dns_egress(struct __sk_buff *skb)
 {
-	return handle(skb, DNS_DIR_EGRESS);
+	return handle(skb, DNS_DIR_EGRESS, false);
+}
+
+/* The same for devices without a link-layer header; user space picks the
+ * pair by the device's type (/sys/class/net/<if>/type). */
+SEC("tc")
+int dns_ingress_l3(struct __sk_buff *skb)
+{
+	return handle(skb, DNS_DIR_INGRESS, true);
+}
+
+SEC("tc")
+int dns_egress_l3(struct __sk_buff *skb)
+{
+	return handle(skb, DNS_DIR_EGRESS, true);
 }

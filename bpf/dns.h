@@ -26,10 +26,11 @@ struct dns_event {
 	__u16 dport;
 	__u16 msg_len;		/* whole message: UDP length - 8, or the TCP prefix */
 	__u16 head_len;		/* valid bytes in head[] */
+	__u16 seg_len;		/* bytes of the message in this packet (capped) */
 	__u8 family;		/* 4 or 6 */
 	__u8 proto;		/* 6 (TCP) or 17 (UDP) */
 	__u8 direction;		/* DNS_DIR_* */
-	__u8 pad[9];
+	__u8 pad[7];
 	__u8 head[DNS_HEAD_MAX];	/* starts at the DNS header */
 };
 

@@ -270,3 +270,68 @@ def test_exporter_counts_queue_full_and_failed_exports():
         req.ParseFromString(data)
         total += len(req.resource_spans[0].scope_spans[0].spans)
     assert total == 13
+
+
+# --- the duration histogram's own OTLP path ------------------------------------------------
+
+def _hist_points(data: bytes) -> list:
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+        ExportMetricsServiceRequest,
+    )
+
+    req = ExportMetricsServiceRequest()
+    req.ParseFromString(data)
+    (rm,) = req.resource_metrics
+    (sm,) = rm.scope_metrics
+    (m,) = sm.metrics
+    assert (m.name, m.unit, sm.scope.name) == ("dns.lookup.duration", "s", "ebpf_otlp")
+    return m.histogram.aggregation_temporality, list(m.histogram.data_points)
+
+
+def _hist(delta: bool, limit: int = 100, send=lambda d: True):
+    from ebpf_otlp.dns_metrics import BatchHistogram
+
+    return BatchHistogram("dns.lookup.duration", "s", "d", (0.001, 0.01, 0.1), {"k": "v"},
+                          "ebpf_otlp", delta=delta, cardinality_limit=limit, send=send)
+
+
+A = (("dns.question.type", "A"), ("server.port", 53))
+B = (("dns.question.type", "AAAA"), ("server.port", 53))
+
+
+def test_histogram_buckets_are_upper_inclusive_like_otlp():
+    h = _hist(delta=True)
+    h.record_batch([(A, v) for v in (0.0005, 0.001, 0.0011, 0.01, 0.05, 0.1, 0.2)])
+    temporality, (p,) = _hist_points(h.request())
+    assert temporality == 1  # delta
+    assert list(p.bucket_counts) == [2, 2, 2, 1]
+    assert list(p.explicit_bounds) == [0.001, 0.01, 0.1]
+    assert p.count == 7 and p.min == 0.0005 and p.max == 0.2
+    assert p.sum == pytest.approx(0.3626)
+    assert {kv.key: (kv.value.string_value or kv.value.int_value) for kv in p.attributes} == {
+        "dns.question.type": "A", "server.port": 53}
+
+
+def test_histogram_delta_resets_cumulative_accumulates():
+    d, c = _hist(delta=True), _hist(delta=False)
+    for h in (d, c):
+        h.record_batch([(A, 0.002)])
+        h.request(now_ns=10)
+        h.record_batch([(B, 0.002), (B, 0.003)])
+    _, dp = _hist_points(d.request(now_ns=20))
+    assert [(p.count, p.start_time_unix_nano) for p in dp] == [(2, 10)]
+    temporality, cp = _hist_points(c.request(now_ns=20))
+    assert temporality == 2 and sorted(p.count for p in cp) == [1, 2]
+    assert d.request() is None  # nothing new: no empty delta points
+
+
+def test_histogram_overflow_and_failed_exports_are_counted():
+    h = _hist(delta=True, limit=3, send=lambda d: False)
+    keys = [(("dns.question.type", f"T{i}"),) for i in range(5)]
+    h.record_batch([(k, 0.001) for k in keys])
+    assert not h.export()
+    assert (h.failures, h.points_lost) == (1, 5)
+    h.record_batch([(k, 0.001) for k in keys])
+    _, pts = _hist_points(h.request())
+    assert sum(p.count for p in pts) == 5 and len(pts) == 3  # 2 series + the overflow one
+    assert h.overflowed == 6

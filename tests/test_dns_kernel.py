@@ -328,3 +328,63 @@ def test_garbage_and_orphan_answers_are_counted_not_fatal(env):
     assert {p["attributes"]["reason"] for p in bad} <= {"short", "truncated", "invalid"}
     assert metric_total(rx.metrics("ebpf_otlp.dns.unmatched")) == 1  # the orphan answer
     assert metric_total(rx.metrics("ebpf_otlp.events.lost", signal="dns")) == 0
+
+
+TUN_SERVER = textwrap.dedent("""
+    # A DNS "server" behind a tun device: packets arrive here as bare IPv4.
+    import fcntl, os, struct, sys
+    import dns.message, dns.rrset
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", sys.argv[1].encode(), 0x0001 | 0x1000))
+    print("ready", flush=True)
+    def csum(b):
+        s = sum(struct.unpack("!10H", b))
+        s = (s >> 16) + (s & 0xFFFF)
+        return ~(s + (s >> 16)) & 0xFFFF
+    while True:
+        pkt = os.read(fd, 65535)
+        if len(pkt) < 28 or pkt[0] >> 4 != 4 or pkt[9] != 17:
+            continue
+        ihl = (pkt[0] & 15) * 4
+        sport, dport = struct.unpack_from("!HH", pkt, ihl)
+        if dport != 53:
+            continue
+        q = dns.message.from_wire(pkt[ihl + 8:])
+        r = dns.message.make_response(q)
+        r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", "10.1.1.1"))
+        body = r.to_wire()
+        udp = struct.pack("!HHHH", 53, sport, 8 + len(body), 0) + body
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                          pkt[16:20], pkt[12:16])
+        hdr = hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:]
+        os.write(fd, hdr + udp)
+""")
+
+
+def test_device_without_link_header(topo):
+    """tun (like WireGuard) carries bare IP: the *_l3 programs are attached there."""
+    require(Path("/dev/net/tun").exists(), "no /dev/net/tun")
+    srv = topo.popen(topo.a, sys.executable, "-c", TUN_SERVER, "eotun0",
+                     stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout.readline().strip() == "ready"
+        topo.run(topo.a, "ip", "addr", "add", "10.77.0.1/24", "dev", "eotun0")
+        topo.run(topo.a, "ip", "link", "set", "eotun0", "up")
+        with ReceiverProc(topo, topo.a) as rx, AgentProc(
+                topo, topo.a, rx, "--iface", "eotun0", "--signals", "dns") as agent:
+            for _ in range(2):
+                assert dig(topo, "10.77.0.53", "tun.test", "A")[0] == "NOERROR"
+            rx.wait_for(lambda: len(rx.spans()) >= 2, 20, "spans for queries over tun")
+            time.sleep(1.5)
+            assert agent.stop() == 0
+        spans = rx.spans()
+        assert len(spans) == 2
+        for s in spans:
+            a = s["attributes"]
+            assert (a["dns.question.name"], a["dns.question.type"], a["dns.response_code"],
+                    a["server.address"], a["client.address"], a["network.interface.name"]) == (
+                "tun.test", "A", "NOERROR", "10.77.0.53", "10.77.0.1", "eotun0")
+    finally:
+        srv.kill()
+        srv.wait()
+        srv.stdout.close()

@@ -149,7 +149,6 @@ def test_lifecycle_bytes_durations_and_owners(topo) -> None:
         conn, (host, req), answer = by_port[a["client.port"]]
         assert a["server.address"] == host
         assert s["end_ns"] - s["start_ns"] <= conn["wall_ns"]
-        assert a["network.tcp.retransmits"] == 0
         if a[ROLE] == "client":
             assert s["kind"] == "CLIENT"
             assert a["process.pid"] == client["pid"]

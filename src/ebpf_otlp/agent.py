@@ -67,17 +67,18 @@ class Agent:
         self.telemetry = Telemetry(cfg)
         self.poller = RingPoller()
         for name in cfg.signals:
+            sig = None
             try:
                 sig = _signals.load(name)(cfg, self.telemetry)
-                self.signals.append(sig)
                 sig.start()
             except (BpfError, OSError, RuntimeError) as e:
+                if sig is not None:
+                    sig.close()
                 if self.strict:
                     raise
                 log.error("signal %s not started: %s", name, e)
-                self.signals.remove(sig)
-                sig.close()
                 continue
+            self.signals.append(sig)
             for ring in sig.rings():
                 self.poller.add(ring)
         self._register_health()

@@ -308,3 +308,50 @@ class AddressCache:
                 self._cache.clear()
             self._cache[raw] = s
         return s
+
+
+class TcpContinuations:
+    """Finds TCP segments that continue a message whose first segment we saw.
+
+    The kernel side reads a TCP segment as if it began a message (length
+    prefix first). A message larger than one segment (after GRO) also
+    arrives in segments that do not: their first bytes are answer data, not
+    a prefix. Each first segment says how long its message is (``msg_len``)
+    and how much of it it carried (``seg_len``), so the rest of that many
+    bytes on the same flow and direction is skipped, not decoded as garbage.
+    """
+
+    def __init__(self, max_flows: int = 4096):
+        self.max_flows = max_flows
+        self._left: OrderedDict[bytes, int] = OrderedDict()
+        self.skipped = 0
+
+    def mask(self, recs: np.ndarray) -> np.ndarray | None:
+        """Rows to skip, or None when the batch has no TCP."""
+        tcp = np.flatnonzero(recs["proto"] == 6)
+        if len(tcp) == 0:
+            return None
+        sub = recs[tcp]
+        flow = np.empty((len(sub), 36), dtype=np.uint8)
+        flow[:, 0:16], flow[:, 16:32] = sub["saddr"], sub["daddr"]
+        flow[:, 32:34] = sub["sport"].astype("<u2").view(np.uint8).reshape(-1, 2)
+        flow[:, 34:36] = sub["dport"].astype("<u2").view(np.uint8).reshape(-1, 2)
+        flows = [bytes(f) for f in flow]
+        skip = np.zeros(len(recs), dtype=bool)
+        left_of = self._left
+        for i, f, msg, seg in zip(tcp.tolist(), flows, sub["msg_len"].tolist(),
+                                  sub["seg_len"].tolist()):
+            left = left_of.get(f, 0)
+            if left > 0:
+                skip[i] = True
+                self.skipped += 1
+                left -= seg + 2  # the program took 2 of its bytes for a prefix
+                if left > 0:
+                    left_of[f] = left
+                else:
+                    del left_of[f]
+            elif msg > seg:
+                left_of[f] = msg - seg
+                if len(left_of) > self.max_flows:
+                    left_of.popitem(last=False)
+        return skip

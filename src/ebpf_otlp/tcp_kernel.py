@@ -4,8 +4,13 @@ the cgroup2 mount."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import os
+import tempfile
 
+from .bpfobj import Link, Program
 from .libbpf import ffi, lib
 
 log = logging.getLogger(__name__)
@@ -32,3 +37,28 @@ def kernel_structs(names: set[str]) -> set[str]:
         return {n for n in names if lib.btf__find_by_name_kind(btf, n.encode(), KIND_STRUCT) >= 0}
     finally:
         lib.btf__free(btf)
+
+
+def attach_sockops(prog: Program, path: str) -> Link:
+    """Attach ``prog`` to the cgroup v2 directory ``path``.
+
+    ``ip netns exec`` (and many containers) remount /sys, hiding the host's
+    cgroup2 mount while the cgroups themselves still exist. Then the root of
+    our cgroup namespace is mounted on a private temporary directory just for
+    the attach and unmounted right after: the link keeps the cgroup.
+    """
+    if os.path.isdir(path):
+        return prog.attach_cgroup(path)
+    tmp = tempfile.mkdtemp(prefix="ebpf-otlp-cg-")
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.mount(b"cgroup2", tmp.encode(), b"cgroup2", 0, None) != 0:
+            raise OSError(ctypes.get_errno(), f"{path} missing and cgroup2 mount failed")
+        try:
+            log.info("tcp: %s not mounted here, attached sock_ops via a private cgroup2 mount",
+                     path)
+            return prog.attach_cgroup(tmp)
+        finally:
+            libc.umount2(tmp.encode(), 2)  # MNT_DETACH
+    finally:
+        os.rmdir(tmp)

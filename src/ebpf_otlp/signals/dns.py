@@ -15,6 +15,8 @@ import socket
 import threading
 import time
 from collections import Counter
+from itertools import chain
+from pathlib import Path
 
 import numpy as np
 from opentelemetry.sdk.metrics import Histogram as SdkHistogram
@@ -26,7 +28,9 @@ from ..dns_decode import (
     Decoder,
     PendingTable,
     Query,
+    TcpContinuations,
     event_dtype,
+    new_query,
     rcode_text,
 )
 from ..dns_metrics import BatchHistogram
@@ -45,6 +49,21 @@ TIMEOUT = "timeout"
 TRANSPORT = {6: "tcp", 17: "udp"}
 NET_TYPE = {4: "ipv4", 6: "ipv6"}
 EXPIRE_EVERY_NS = 100_000_000  # timeouts are checked at least this often under traffic
+# DNS records are ~330 bytes (default head) and floods come in bursts: 16 MiB
+# hold ~50,000 messages, over a second at 20,000 queries/s, so a consumer that
+# a busy host does not schedule for a while still loses nothing.
+MIN_RING_BYTES = 16 << 20
+ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
+
+
+def has_link_header(ifname: str) -> bool:
+    """Whether frames on ``ifname`` start with an Ethernet header (Ethernet,
+    veth, bridges, bonds, loopback) rather than with IP (tun, WireGuard...)."""
+    try:
+        arphrd = int(Path(f"/sys/class/net/{ifname}/type").read_text())
+    except (OSError, ValueError):
+        return True
+    return arphrd in (ARPHRD_ETHER, ARPHRD_LOOPBACK)
 
 
 class DnsSignal(Signal):
@@ -68,6 +87,7 @@ class DnsSignal(Signal):
         self.responses = m.create_counter("dns.responses", unit="{response}",
                                           description="DNS responses seen, by response code")
         self.decoder = Decoder()
+        self.tcp = TcpContinuations()
         self.table = PendingTable(config.dns_max_pending, int(config.dns_timeout_s * 1e9))
         self.addrs = AddressCache()
         self.spans = SpanBatchExporter(
@@ -80,6 +100,7 @@ class DnsSignal(Signal):
         self._query_counts: Counter[tuple] = Counter()
         self._response_counts: Counter[tuple] = Counter()
         self._ifnames: dict[int, str] = {}
+        self._servers: dict[tuple, tuple[tuple, tuple]] = {}
         self._last_expire = 0
         self._ring: RingBuffer | None = None
         self._register_health()
@@ -103,12 +124,13 @@ class DnsSignal(Signal):
         obj.rodata["n_dns_ports"] = len(ports)
         obj.rodata["head_bytes"] = cfg.dns_head_bytes
         obj.rodata["ringbuf_wakeup_bytes"] = cfg.ringbuf_wakeup_bytes
-        obj.set_max_entries("dns_events", cfg.ringbuf_bytes)
+        obj.set_max_entries("dns_events", max(cfg.ringbuf_bytes, MIN_RING_BYTES))
         obj.load()
         for ifname in cfg.ifaces:
             idx = socket.if_nametoindex(ifname)
-            obj.programs["dns_ingress"].attach_tc(idx, "ingress")
-            obj.programs["dns_egress"].attach_tc(idx, "egress")
+            suffix = "" if has_link_header(ifname) else "_l3"
+            obj.programs["dns_ingress" + suffix].attach_tc(idx, "ingress")
+            obj.programs["dns_egress" + suffix].attach_tc(idx, "egress")
         self._ring = RingBuffer(obj.maps["dns_events"], event_dtype(cfg.dns_head_bytes),
                                 on_batch=self.on_batch, lost_map=obj.maps["dns_events_lost"])
         self.spans.start()
@@ -123,15 +145,16 @@ class DnsSignal(Signal):
             qc, self._query_counts = self._query_counts, Counter()
             rc, self._response_counts = self._response_counts, Counter()
         names = self.config.dns_names
-        for (qtype, server, port, transport, qname), n in qc.items():
-            a = {"dns.question.type": qtype, "server.address": server, "server.port": port,
-                 "network.transport": transport}
+        for (qtype, server, port, proto, fam, qname), n in qc.items():
+            a = {"dns.question.type": qtype, "server.address": self.addrs.text(server, fam),
+                 "server.port": port, "network.transport": TRANSPORT.get(proto, str(proto))}
             if names:
                 a["dns.question.name"] = qname
             self.queries.add(n, a)
-        for (qtype, rcode, server, port, transport, qname), n in rc.items():
-            a = {"dns.question.type": qtype, "dns.response_code": rcode,
-                 "server.address": server, "server.port": port, "network.transport": transport}
+        for (qtype, rcode, server, port, proto, fam, qname), n in rc.items():
+            a = {"dns.question.type": qtype, "dns.response_code": rcode_text(rcode),
+                 "server.address": self.addrs.text(server, fam), "server.port": port,
+                 "network.transport": TRANSPORT.get(proto, str(proto))}
             if names:
                 a["dns.question.name"] = qname
             self.responses.add(n, a)
@@ -145,6 +168,9 @@ class DnsSignal(Signal):
 
     # --- the ring callback (poller thread) ---------------------------------------
     def on_batch(self, recs: np.ndarray) -> None:
+        skip = self.tcp.mask(recs)
+        if skip is not None and skip.any():
+            recs = recs[~skip]
         msgs = self.decoder.decode(recs)
         if not msgs:
             return
@@ -155,25 +181,26 @@ class DnsSignal(Signal):
         saddr, daddr = recs["saddr"].tobytes(), recs["daddr"].tobytes()
         names = self.config.dns_names
         done: list[tuple[Query, int, int, int]] = []
+        # Addresses stay raw bytes here; text only for what is emitted (_emit,
+        # collect), through caches.
         with self._lock:
-            table, qc, rc = self.table, self._query_counts, self._response_counts
-            for m in msgs:
-                i = m.row
-                fam = family[i]
-                transport = TRANSPORT.get(proto[i], str(proto[i]))
-                if not m.response:
-                    server = self.addrs.text(daddr[16 * i:16 * i + 16], fam)
-                    row = (self.addrs.text(saddr[16 * i:16 * i + 16], fam), sport[i], server,
-                           dport[i], transport, NET_TYPE.get(fam, ""), self._ifname(ifindex[i]))
-                    table.add(m.key, Query(m.ts_ns, m.name, m.qtype, row))
-                    qc[(m.qtype, server, dport[i], transport, m.name if names else None)] += 1
+            add, answer = self.table.add, self.table.answer
+            qc, rc = self._query_counts, self._response_counts
+            for key, response, ts, name, qtype, rcode, answers, i in msgs:
+                o = 16 * i
+                if not response:
+                    server = daddr[o:o + 16]
+                    add(key, new_query(ts, name, qtype, (saddr[o:o + 16], sport[i], server,
+                                                         dport[i], proto[i], family[i],
+                                                         ifindex[i])))
+                    qc[(qtype, server, dport[i], proto[i], family[i],
+                        name if names else None)] += 1
                 else:
-                    server = self.addrs.text(saddr[16 * i:16 * i + 16], fam)
-                    rc[(m.qtype, rcode_text(m.rcode), server, sport[i], transport,
-                        m.name if names else None)] += 1
-                    q = table.answer(m.key, m.ts_ns)
+                    rc[(qtype, rcode, saddr[o:o + 16], sport[i], proto[i], family[i],
+                        name if names else None)] += 1
+                    q = answer(key, ts)
                     if q is not None:
-                        done.append((q, m.ts_ns, m.rcode, m.answers))
+                        done.append((q, ts, rcode, answers))
         self._emit(done, [], offset)
         now = time.monotonic_ns()
         if now - self._last_expire >= EXPIRE_EVERY_NS:
@@ -190,48 +217,55 @@ class DnsSignal(Signal):
             self._emit([], expired, offset)
 
     # --- telemetry -----------------------------------------------------------------
+    def _server(self, raw: bytes, port: int, proto: int, family: int,
+                ifindex: int) -> tuple[tuple, tuple]:
+        """(span attribute pairs, histogram attribute pairs) of one server and path, cached."""
+        key = (raw, port, proto, family, ifindex)
+        v = self._servers.get(key)
+        if v is None:
+            sa = self.addrs.text(raw, family)
+            tr = TRANSPORT.get(proto, str(proto))
+            v = ((("server.address", sa), ("server.port", port), ("network.transport", tr),
+                  ("network.type", NET_TYPE.get(family, "")),
+                  ("network.interface.name", self._ifname(ifindex))),
+                 (("server.address", sa), ("server.port", port), ("network.transport", tr)))
+            if len(self._servers) > 65536:
+                self._servers.clear()
+            self._servers[key] = v
+        return v
+
     def _emit(self, done: list[tuple[Query, int, int, int]], expired: list[Query],
               offset: int) -> None:
         spans: list[SpanItem] = []
         durations: list[tuple[tuple, float]] = []
-        record = durations.append
-        for q, rts, rcode, answers in done:
-            rc = rcode_text(rcode)
-            err = None if rcode in OK_RCODES else rc
-            ca, cp, sa, sp, tr, nt, ifn = q.row
-            attrs = (("dns.question.name", q.name), ("dns.question.type", q.qtype),
-                     ("dns.response_code", rc), ("dns.answer.count", answers),
-                     ("server.address", sa), ("server.port", sp), ("client.address", ca),
-                     ("client.port", cp), ("network.transport", tr), ("network.type", nt),
-                     ("network.interface.name", ifn))
-            spans.append((q.ts_ns + offset, rts + offset, "DNS " + q.qtype, attrs, err))
-            record((self._attrs(q, rc, err), max(rts - q.ts_ns, 0) / 1e9))
+        names = self.config.dns_names
+        text, server = self.addrs.text, self._server
         timeout_ns = self.table.timeout_ns
-        for q in expired:
-            ca, cp, sa, sp, tr, nt, ifn = q.row
-            attrs = (("dns.question.name", q.name), ("dns.question.type", q.qtype),
-                     ("server.address", sa), ("server.port", sp), ("client.address", ca),
-                     ("client.port", cp), ("network.transport", tr), ("network.type", nt),
-                     ("network.interface.name", ifn))
-            start = q.ts_ns + offset
-            spans.append((start, start + timeout_ns, "DNS " + q.qtype, attrs, TIMEOUT))
-            record((self._attrs(q, None, TIMEOUT), timeout_ns / 1e9))
+        for q, rts, rcode, answers in chain(done, ((q, None, None, 0) for q in expired)):
+            ts, name, qtype, (ca, cp, sa, sp, proto, fam, ifx) = q
+            span_part, hist_part = server(sa, sp, proto, fam, ifx)
+            qattrs = (("dns.question.name", name), ("dns.question.type", qtype))
+            client = (("client.address", text(ca, fam)), ("client.port", cp))
+            hist = (("dns.question.type", qtype),) + hist_part
+            if names:
+                hist += (("dns.question.name", name),)
+            if rts is None:
+                err, end = TIMEOUT, ts + timeout_ns
+                attrs = qattrs + span_part + client
+                hist += (("error.type", TIMEOUT),)
+            else:
+                rc = rcode_text(rcode)
+                err, end = (None if rcode in OK_RCODES else rc), rts
+                attrs = qattrs + (("dns.response_code", rc), ("dns.answer.count", answers)) \
+                    + span_part + client
+                hist += (("dns.response_code", rc),)
+                if err is not None:
+                    hist += (("error.type", err),)
+            spans.append((ts + offset, end + offset, "DNS " + qtype, attrs, err))
+            durations.append((hist, (end - ts) / 1e9 if end > ts else 0.0))
         if spans:
             self.spans.submit(spans)
             self.duration.record_batch(durations)
-
-    def _attrs(self, q: Query, rcode: str | None, err: str | None) -> tuple:
-        """The histogram's attribute set, as a hashable tuple of pairs."""
-        _, _, sa, sp, tr, _, _ = q.row
-        key = (("dns.question.type", q.qtype), ("server.address", sa), ("server.port", sp),
-               ("network.transport", tr))
-        if rcode is not None:
-            key += (("dns.response_code", rcode),)
-        if err is not None:
-            key += (("error.type", err),)
-        if self.config.dns_names:
-            key += (("dns.question.name", q.name),)
-        return key
 
     def _ifname(self, ifindex: int) -> str:
         n = self._ifnames.get(ifindex)
@@ -247,7 +281,11 @@ class DnsSignal(Signal):
         t = self.telemetry
         t.observe("ebpf_otlp.dns.malformed", "{message}",
                   "DNS messages skipped: too short, truncated, invalid, no question",
-                  lambda: [(n, {"reason": r}) for r, n in self.decoder.malformed.items()])
+                  lambda: [(n, {"reason": r})
+                           for r, n in dict(self.decoder.malformed).items()])
+        t.observe("ebpf_otlp.dns.tcp.continuations", "{segment}",
+                  "TCP segments continuing a multi-segment DNS message (skipped, not parsed)",
+                  lambda: [(self.tcp.skipped, {})])
         t.observe("ebpf_otlp.dns.unmatched", "{response}",
                   "DNS responses with no query waiting for them",
                   lambda: [(self.table.unmatched, {})])
@@ -261,7 +299,7 @@ class DnsSignal(Signal):
                   lambda: [(len(self.table), {})], kind="gauge")
         t.observe("ebpf_otlp.dns.spans.dropped", "{span}",
                   "DNS spans not exported: queue full, export failed, shutdown",
-                  lambda: [(n, {"reason": r}) for r, n in self.spans.dropped.items()])
+                  lambda: [(n, {"reason": r}) for r, n in dict(self.spans.dropped).items()])
         t.observe("ebpf_otlp.dns.spans.exported", "{span}", "DNS spans exported",
                   lambda: [(self.spans.exported, {})])
         t.observe("ebpf_otlp.dns.export.failures", "{export}",
