@@ -102,7 +102,8 @@ def addr(a: str) -> bytes:
 
 
 def check(r: np.ndarray, *, src: str, dst: str, sport: int, dport: int, proto: int,
-          direction: int, msg: bytes, msg_len: int | None = None, t0: int = 0) -> None:
+          direction: int, msg: bytes, msg_len: int | None = None, seg_len: int | None = None,
+          t0: int = 0) -> None:
     assert len(r) == 1, f"expected one record, got {len(r)}"
     e = r[0]
     assert bytes(e["saddr"]) == addr(src) and bytes(e["daddr"]) == addr(dst)
@@ -111,6 +112,7 @@ def check(r: np.ndarray, *, src: str, dst: str, sport: int, dport: int, proto: i
     assert e["family"] == (6 if ":" in src else 4)
     assert e["msg_len"] == (len(msg) if msg_len is None else msg_len)
     assert e["head_len"] == len(msg)
+    assert e["seg_len"] == (len(msg) if seg_len is None else seg_len)
     assert bytes(e["head"][:e["head_len"]]) == msg
     assert bytes(e["pad"]) == b"\0" * len(e["pad"])
     assert e["ifindex"] == socket.if_nametoindex("lo")  # test runs use the netns's lo
@@ -134,6 +136,15 @@ def test_tcp_message_after_length_prefix(prog):
     check(r, src=C4, dst=S4, sport=40001, dport=53, proto=6, direction=1, msg=QUERY)
     r = prog.run(eth(0x86DD, ipv6(6, tcp(53, 40001, QUERY), src=S6, dst=C6)))
     check(r, src=S6, dst=C6, sport=53, dport=40001, proto=6, direction=1, msg=QUERY)
+
+
+def test_tcp_segment_carrying_part_of_a_message(prog):
+    # The prefix announces 3000 bytes; this segment carries 1000 of them.
+    part = QUERY + b"\x00" * (1000 - len(QUERY))
+    seg = struct.pack("!HHIIBBHHH", 40001, 53, 1, 1, 5 << 4, 0x18, 65535, 0, 0)
+    r = prog.run(frame4(seg + struct.pack("!H", 3000) + part, proto=6))
+    check(r, src=C4, dst=S4, sport=40001, dport=53, proto=6, direction=1, msg=part[:256],
+          msg_len=3000, seg_len=1000)
 
 
 def test_tcp_without_data_is_ignored(prog):
@@ -175,7 +186,7 @@ def test_head_is_bounded_by_head_bytes():
     try:
         r = p.run(eth(0x86DD, ipv6(17, udp(40000, 53, big))))
         check(r, src=C6, dst=S6, sport=40000, dport=53, proto=17, direction=1, msg=big[:100],
-              msg_len=len(big))
+              msg_len=len(big), seg_len=len(big))
         assert p.dtype.itemsize == 64 + 104  # the record itself is sized by head_bytes
         assert p.ring.received == 1  # (so the drain saw exactly that size)
     finally:

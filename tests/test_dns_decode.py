@@ -27,6 +27,7 @@ from ebpf_otlp.dns_decode import (
     Decoder,
     PendingTable,
     Query,
+    TcpContinuations,
 )
 from ebpf_otlp.dns_spans import SpanBatchExporter, SpanEncoder
 from ebpf_otlp.layout import record_dtype
@@ -36,7 +37,8 @@ CLIENT, SERVER = "10.0.0.1", "10.0.0.53"
 
 
 def rec(msg: bytes, *, ts: int = 1_000, src: str = CLIENT, dst: str = SERVER, sport: int = 40000,
-        dport: int = 53, proto: int = 17, head_bytes: int = 512, msg_len: int | None = None):
+        dport: int = 53, proto: int = 17, head_bytes: int = 512, msg_len: int | None = None,
+        seg_len: int | None = None):
     r = np.zeros(1, dtype=DT)
     fam = 6 if ":" in src else 4
     af = socket.AF_INET6 if fam == 6 else socket.AF_INET
@@ -46,6 +48,7 @@ def rec(msg: bytes, *, ts: int = 1_000, src: str = CLIENT, dst: str = SERVER, sp
     r["sport"], r["dport"], r["proto"], r["family"], r["ifindex"] = sport, dport, proto, fam, 1
     n = min(len(msg), head_bytes)
     r["msg_len"] = len(msg) if msg_len is None else msg_len
+    r["seg_len"] = len(msg) if seg_len is None else seg_len
     r["head_len"] = n
     r["head"][0, :n] = np.frombuffer(msg[:n], np.uint8)
     return r
@@ -189,6 +192,23 @@ def test_fuzz_valid_questions_roundtrip(labels, rdtype, qid, mutate_at):
     w[mutate_at % len(w)] ^= 0xA5
     d = Decoder()
     assert len(d.decode(batch(rec(bytes(w))))) + sum(d.malformed.values()) == 1
+
+
+def test_tcp_continuation_segments_are_skipped_not_malformed():
+    q = query("big.test", "TXT", 5)
+    first = reply_rec(answer(q), proto=6, msg_len=3000, seg_len=1400)
+    cont1 = reply_rec(b"\xde\xad" * 300, proto=6, msg_len=0xDEAD, seg_len=1398)
+    cont2 = reply_rec(b"\xbe\xef" * 50, proto=6, msg_len=0xBEEF, seg_len=198)
+    nxt = reply_rec(answer(query("next.test", "A", 6)), proto=6)
+    other_flow = reply_rec(b"\xff" * 40, proto=6, dport=40001)  # garbage elsewhere
+    recs = batch(first, cont1, cont2, nxt, other_flow)
+    guard = TcpContinuations()
+    skip = guard.mask(recs)
+    assert skip.tolist() == [False, True, True, False, False] and guard.skipped == 2
+    d = Decoder()
+    assert [m.name for m in d.decode(recs[~skip])] == ["big.test", "next.test"]
+    assert sum(d.malformed.values()) == 1  # only the other flow's garbage
+    assert guard.mask(batch(rec(query("u.test").to_wire()))) is None  # no TCP: no work
 
 
 # --- pairing -------------------------------------------------------------------------

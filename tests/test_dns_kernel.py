@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -45,6 +46,7 @@ class Dnsmasq:
             "--local=/nx.test/",  # local-only domain: unknown names get NXDOMAIN
             f"--host-record=h.test,{H4},{H6}", f"--host-record=py.test,{H4},{H6}",
             f"--host-record=gai.test,{H4},{H6}", "--txt-record=t.test,hello-from-dnsmasq",
+            "--txt-record=big.test," + ",".join([f"{i:02d}" + "x" * 248 for i in range(12)]),
             f"--pid-file={self.dir}/pid", f"--log-facility={self.dir}/log", "--log-queries",
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -328,6 +330,38 @@ def test_garbage_and_orphan_answers_are_counted_not_fatal(env):
     assert {p["attributes"]["reason"] for p in bad} <= {"short", "truncated", "invalid"}
     assert metric_total(rx.metrics("ebpf_otlp.dns.unmatched")) == 1  # the orphan answer
     assert metric_total(rx.metrics("ebpf_otlp.events.lost", signal="dns")) == 0
+
+
+def test_tcp_answer_in_several_segments(env):
+    """A 3 kB answer over TCP, cut into MSS-sized segments (no GSO on b's side):
+    one span, and the segments after the first are skipped, not malformed."""
+    topo, srv, rx = env
+    topo.run(topo.b, "ip", "link", "set", topo.b_if, "gso_max_segs", "1")
+    with Capture(topo) as cap, AgentProc(topo, topo.a, rx, "--iface", topo.a_if,
+                                         "--signals", "dns") as agent:
+        r = topo.run(topo.a, "dig", f"@{topo.b_ip4}", "big.test", "TXT", "+tcp", "+tries=1")
+        size = int(re.search(r"MSG SIZE\s+rcvd: (\d+)", r.stdout).group(1))
+        assert size > 3000 and "status: NOERROR" in r.stdout
+        rx.wait_for(lambda: rx.spans(), 20, "the span")
+        time.sleep(1.5)
+        assert agent.stop() == 0
+    # How many segments the answer took, from the capture (payload-carrying, b -> a).
+    data = cap.path.read_bytes()
+    segs, off = 0, 24
+    while off + 16 <= len(data):
+        incl = struct.unpack_from("<I", data, off + 8)[0]
+        pkt = data[off + 16:off + 16 + incl]
+        off += 16 + incl
+        if pkt[23] == 6 and pkt[26:30] == socket.inet_aton(topo.b_ip4):
+            l4 = 14 + (pkt[14] & 0xF) * 4
+            if struct.unpack_from("!H", pkt, 16)[0] > (pkt[14] & 0xF) * 4 + (pkt[l4 + 12] >> 4) * 4:
+                segs += 1
+    assert segs >= 3, segs
+    (s,) = rx.spans()
+    assert (s["attributes"]["dns.question.name"], s["attributes"]["dns.answer.count"],
+            s["attributes"]["network.transport"]) == ("big.test", 1, "tcp")
+    assert metric_total(rx.metrics("ebpf_otlp.dns.malformed")) == 0
+    assert metric_total(rx.metrics("ebpf_otlp.dns.tcp.continuations")) == segs - 1
 
 
 TUN_SERVER = textwrap.dedent("""

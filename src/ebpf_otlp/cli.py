@@ -57,6 +57,8 @@ def main() -> None:
 @click.option("--max-flows", type=click.IntRange(min=1, max=1 << 24),
               help="Flow table size [65536].")
 @click.option("--flow-hook", type=click.Choice(["tc", "xdp"]), help="Ingress hook for flows [tc].")
+@click.option("--flow-export", type=click.Choice(["direct", "sdk"]),
+              help="How flow metrics are encoded [direct; env EBPF_OTLP_FLOWS_EXPORT].")
 @click.option("--flow-attributes", callback=_csv, metavar="LIST",
               help="Flow attributes to keep [all of the flow key].")
 @click.option("--tcp-spans/--no-tcp-spans", default=None, help="One span per TCP connection.")

@@ -51,6 +51,10 @@ class AgentConfig:
     max_flows: int = 65536
     flow_hook: str = "tc"  # or "xdp" (ingress; egress stays on TC)
     flow_attributes: tuple[str, ...] = FLOW_ATTRIBUTES
+    # "direct": OTLP built from the drained arrays; "sdk": SDK counters (slow
+    # above a few thousand series, kept for comparison)
+    flow_export: str = field(default_factory=lambda: os.environ.get(
+        "EBPF_OTLP_FLOWS_EXPORT", "direct").strip().lower())
     # tcp
     tcp_spans: bool = False
     tcp_attributes: tuple[str, ...] = ("server.address", "server.port")

@@ -13,7 +13,6 @@ counters instead (fine for small tables, seconds per 100k series).
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -66,10 +65,9 @@ class FlowsSignal(Signal):
     def __init__(self, config: AgentConfig, telemetry: Telemetry):
         super().__init__(config, telemetry)
         self.kept = tuple(config.flow_attributes)
-        self.mode = os.environ.get("EBPF_OTLP_FLOWS_EXPORT", "direct").strip().lower()
+        self.mode = config.flow_export
         if self.mode not in ("direct", "sdk"):
-            log.warning("EBPF_OTLP_FLOWS_EXPORT=%s: expected direct or sdk; using direct",
-                        self.mode)
+            log.warning("flow export %r: expected direct or sdk; using direct", self.mode)
             self.mode = "direct"
         self.temporality = od.temporality_from_env()
         cumulative = self.temporality == od.TEMPORALITY_CUMULATIVE and self.mode != "sdk"
@@ -121,7 +119,7 @@ class FlowsSignal(Signal):
         if self.mode != "sdk":
             self._sender = od.DirectSender(
                 signal_endpoint(cfg.endpoint, "/v1/metrics", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
-                cfg.headers, cfg.export_timeout_s)
+                cfg.headers, getattr(self.telemetry, "export_timeout_s", cfg.export_timeout_s))
 
     def _init_overflow(self) -> None:
         m = self.obj.maps["flows_overflow"]
