@@ -23,7 +23,7 @@ import time
 import psutil
 
 from .common import PY, WORK, Figure, Result, command_for, env, median
-from .lab import Agent, Receiver, Topology
+from .lab import Agent, Receiver, Topology, new_programs, prog_ids, prog_stats
 
 NAME = "alternatives"
 TITLE = "Alternatives: bpftrace vs ebpf-otlp on TCP connection churn"
@@ -88,40 +88,6 @@ def _churn(topo: Topology, secs: float) -> tuple[int, float]:
                    timeout=secs + 60)
     r = json.loads(out.stdout)
     return r["n"], r["secs"]
-
-
-def _progs() -> list[dict]:
-    try:
-        out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True,
-                             timeout=30).stdout
-        return json.loads(out or "[]")
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        return []
-
-
-def prog_ids() -> set[int]:
-    return {p["id"] for p in _progs()}
-
-
-def new_programs(before: set[int], prefixes: tuple[str, ...]) -> set[int]:
-    """Programs loaded since ``before`` whose name starts with one of ``prefixes``.
-
-    bpftool here cannot name a program's owner pid (no BPF iterators on this
-    kernel), so a tool's programs are those that appeared when it started.
-    """
-    return {p["id"] for p in _progs()
-            if p["id"] not in before and p.get("name", "").startswith(prefixes)}
-
-
-def prog_stats(ids: set[int]) -> tuple[int, int, int]:
-    """(run_time_ns, run_cnt, programs) summed over the programs ``ids``."""
-    ns = cnt = k = 0
-    for p in _progs():
-        if p["id"] in ids:
-            ns += p.get("run_time_ns", 0)
-            cnt += p.get("run_cnt", 0)
-            k += 1
-    return ns, cnt, k
 
 
 class Bpftrace:

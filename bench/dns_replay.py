@@ -113,7 +113,7 @@ def run(quick: bool) -> Result:
     tel = Telemetry(cfg)
     sig = DnsSignal(cfg, tel)
     stop = threading.Event()
-    steps, best = [], None
+    steps, best, totals = [], None, {}
     try:
         assert "receiving" in rx.stdout.readline()
         sig.start()
@@ -185,6 +185,9 @@ def run(quick: bool) -> Result:
     total_sent = sum(s["sent"] for s in steps)
     res.note(f"receiver: {totals.get('spans')} spans for {total_sent} queries replayed; "
              f"histogram count {totals.get('dns.lookup.duration')}")
+    if steps:
+        res.add(Figure("agent CPU per query", steps[0]["us_per_query"], "us",
+                       note=f"at {steps[0]['rate']} queries/s (all agent threads)"))
     if best is None:
         res.status = "partial"
         res.note("no rate passed (see raw.steps)")

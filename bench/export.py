@@ -103,7 +103,7 @@ def flows_part(res: Result, quick: bool) -> None:
     sizes = [2_000] if quick else [10_000, 100_000]
     modes = ["direct"] if quick else ["direct", "sdk"]
     interval = 2.0 if quick else 5.0
-    seconds = 5.0 if quick else 20.0
+    seconds = 5.0 if quick else 15.0
     runs = {}
     for n in sizes:
         for mode in modes:
@@ -228,8 +228,8 @@ def ceiling(fn, rates: list[float], seconds: float) -> tuple[float, list[dict]]:
 
 
 def spans_part(res: Result, quick: bool) -> None:
-    seconds = 1.0 if quick else 4.0
-    sdk_rates = [1000, 2000] if quick else [1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000]
+    seconds = 1.0 if quick else 3.0
+    sdk_rates = [1000, 2000] if quick else [2000, 3000, 4000, 5000, 6000, 7000, 8000, 10000]
     sdk_best, sdk_trials = ceiling(sdk_spans, sdk_rates, seconds)
     res.raw["sdk_spans"] = sdk_trials
     try:
@@ -242,8 +242,8 @@ def spans_part(res: Result, quick: bool) -> None:
                        sdk_best, "spans/s", note=f"{seconds:g} s per step"))
         res.note("ebpf-otlp batch span path not built yet (ebpf_otlp.dns_spans missing)")
         return
-    b_rates = [5000, 10000] if quick else [5000, 10000, 20000, 40000, 60000, 80000, 100000,
-                                           150000]
+    b_rates = [5000, 10000] if quick else [10000, 25000, 50000, 75000, 100000, 150000,
+                                           200000]
     b_best, b_trials = ceiling(batch_spans, b_rates, seconds)
     res.raw["batch_spans"] = b_trials
     top = "" if b_best < b_rates[-1] else " (the highest rate tried)"

@@ -199,3 +199,43 @@ class NullReceiver:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# --- BPF programs of a tool, from bpftool (kernel run-time statistics) -------------
+def _progs() -> list[dict]:
+    try:
+        out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True,
+                             timeout=30).stdout
+        return json.loads(out or "[]")
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return []
+
+
+def prog_ids() -> set[int]:
+    return {p["id"] for p in _progs()}
+
+
+def new_programs(before: set[int], prefixes: tuple[str, ...]) -> set[int]:
+    """Programs loaded since ``before`` whose name starts with one of ``prefixes``.
+
+    bpftool here cannot name a program's owner pid (no BPF iterators on this
+    kernel), so a tool's programs are those that appeared when it started.
+    """
+    return {p["id"] for p in _progs()
+            if p["id"] not in before and p.get("name", "").startswith(prefixes)}
+
+
+def prog_stats(ids: set[int]) -> tuple[int, int, int]:
+    """(run_time_ns, run_cnt, programs) summed over the programs ``ids``."""
+    per = per_program(ids)
+    return (sum(v[0] for v in per.values()), sum(v[1] for v in per.values()), len(per))
+
+
+def per_program(ids: set[int]) -> dict[str, tuple[int, int]]:
+    """name -> (run_time_ns, run_cnt) of the programs ``ids`` (kernel BPF stats must be on)."""
+    out: dict[str, tuple[int, int]] = {}
+    for p in _progs():
+        if p["id"] in ids:
+            ns, cnt = out.get(p.get("name", "?"), (0, 0))
+            out[p.get("name", "?")] = (ns + p.get("run_time_ns", 0), cnt + p.get("run_cnt", 0))
+    return out

@@ -303,6 +303,8 @@ def run(quick: bool = False) -> Result:
     packet_programs(res, quick)
     tracepoint_programs(res, quick)
     res.raw["seconds_measuring"] = time.monotonic() - t0
+    res.note("In these rows the value is the time added per packet (or event) and the ratio "
+             "is the program's own time over the empty program's.")
     res.note("Packet programs: BPF_PROG_TEST_RUN repeat on one frame (flow-table hit after the "
              "first run), interleaved with the empty program of the same type; medians.")
     res.note("XDP test runs with repeat > 1 pay a fixed ~20 ms per call on this kernel "

@@ -34,4 +34,19 @@ struct dns_event {
 	__u8 head[DNS_HEAD_MAX];	/* starts at the DNS header */
 };
 
+/* getaddrinfo() calls, from libc uprobes: what applications waited for,
+ * including answers from caches and /etc/hosts that never reach the wire. */
+#define DNS_GAI_NAME 64
+
+struct gai_event {
+	__u64 ts_ns;		/* call entry, CLOCK_MONOTONIC */
+	__u64 duration_ns;
+	__u32 pid;
+	__u32 tid;
+	__s32 ret;		/* 0, or an EAI_* code (negative) */
+	__u8 comm[16];
+	__u8 name[DNS_GAI_NAME];	/* the node argument, NUL-terminated, cut */
+	__u8 pad[4];
+};
+
 #endif

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,22 @@ def env(topo):
     require(shutil.which("dig") is not None, "dig not installed (Debian dnsutils)")
     with Dnsmasq(topo) as srv, ReceiverProc(topo, topo.a) as rx:
         yield topo, srv, rx
+
+
+@contextmanager
+def resolv_conf(topo, server: str):
+    """/etc/netns/<a>/resolv.conf: `ip netns exec a` mounts it over /etc/resolv.conf."""
+    etc = Path("/etc/netns", topo.a)
+    etc.mkdir(parents=True, exist_ok=True)
+    try:
+        (etc / "resolv.conf").write_text(f"nameserver {server}\noptions timeout:3 attempts:1\n")
+        yield
+    finally:
+        shutil.rmtree(etc, ignore_errors=True)
+        try:
+            Path("/etc/netns").rmdir()
+        except OSError:
+            pass  # another test's namespace still uses it
 
 
 def spans_by(rx, *keys: str) -> dict[tuple, list[dict]]:
@@ -190,20 +207,10 @@ def test_known_queries_give_one_span_each(env):
         """)
         topo.run(topo.a, sys.executable, "-c", code)
         # glibc's getaddrinfo (Python's socket module) through a resolv.conf for netns a.
-        etc = Path("/etc/netns", topo.a)
-        etc.mkdir(parents=True, exist_ok=True)
-        try:
-            (etc / "resolv.conf").write_text(f"nameserver {topo.b_ip4}\n"
-                                             "options timeout:3 attempts:1\n")
+        with resolv_conf(topo, topo.b_ip4):
             out = topo.run(topo.a, sys.executable, "-c",
                            "import socket; print(sorted({a[4][0] for a in "
                            "socket.getaddrinfo('gai.test', 80, type=socket.SOCK_STREAM)}))")
-        finally:
-            shutil.rmtree(etc, ignore_errors=True)
-            try:
-                Path("/etc/netns").rmdir()
-            except OSError:
-                pass  # another test's namespace still uses it
         assert H4 in out.stdout and H6 in out.stdout
         total = tries * len(cases) + 4  # + py.test AAAA, A + gai.test A, AAAA
         rx.wait_for(lambda: len(rx.spans()) >= total, 20, "one span per query")
@@ -322,6 +329,9 @@ def test_garbage_and_orphan_answers_are_counted_not_fatal(env):
             time.sleep(0.3)
         assert agent.stop() == 0
     assert [s["attributes"]["dns.question.name"] for s in rx.spans()] == ["h.test"]
+    for direction in ("ingress", "egress"):  # SIGTERM detached our TC filters
+        assert "bpf" not in topo.run(topo.a, "tc", "filter", "show", "dev", topo.a_if,
+                                     direction).stdout
     dropped = topo.run(topo.b, "nft", "list chain inet eodns in").stdout
     assert f"counter packets {len(garbage) + 1} " in dropped, dropped
     bad = rx.metrics("ebpf_otlp.dns.malformed")
@@ -422,3 +432,61 @@ def test_device_without_link_header(topo):
         srv.kill()
         srv.wait()
         srv.stdout.close()
+
+
+def test_coexists_with_flows_on_the_same_interface(env):
+    """flows and dns both attach TC programs to veth-a, each in its own slot:
+    neither hides packets from the other (both return TC_ACT_UNSPEC)."""
+    topo, srv, rx = env
+    with AgentProc(topo, topo.a, rx, "--iface", topo.a_if, "--signals", "flows,dns") as agent:
+        for _ in range(3):
+            assert dig(topo, topo.b_ip4, "h.test", "A")[0] == "NOERROR"
+        rx.wait_for(lambda: len(rx.spans()) >= 3, 20, "DNS spans next to flows")
+        rx.wait_for(lambda: rx.metrics("network.flow.packets", **{"source.port": 53}), 20,
+                    "flow metrics of the DNS answers")
+        time.sleep(1.5)
+        assert agent.stop() == 0
+    assert len(rx.spans()) == 3
+    answers = rx.metrics("network.flow.packets", **{"source.port": 53})
+    assert metric_total(answers) == 3  # flows saw the same three answers
+
+
+GAI_CLIENT = textwrap.dedent("""
+    import ctypes, socket
+    ctypes.CDLL(None).prctl(15, b"eo-gai-test", 0, 0, 0)  # PR_SET_NAME: our comm
+    for name in ("gai.test", "localhost", "nosuch.nx.test"):
+        try:
+            socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            print(name, e.errno)
+""")
+
+
+def test_getaddrinfo_latency_from_libc_uprobes(env):
+    """Lookups as applications see them: /etc/hosts answers (no packet) included."""
+    topo, srv, rx = env
+    with AgentProc(topo, topo.a, rx, "--iface", topo.a_if, "--signals", "dns",
+                   "--dns-names") as agent:
+        with resolv_conf(topo, topo.b_ip4):
+            out = topo.run(topo.a, sys.executable, "-c", GAI_CLIENT).stdout
+        assert out.split() == ["nosuch.nx.test", str(socket.EAI_NONAME)]
+        rx.wait_for(lambda: rx.metrics("dns.getaddrinfo.duration",
+                                       **{"process.executable.name": "eo-gai-test"}),
+                    20, "getaddrinfo metrics")
+        rx.wait_for(lambda: len(rx.spans()) >= 4, 20, "wire spans")
+        time.sleep(1.5)
+        assert agent.stop() == 0
+    points = rx.metrics("dns.getaddrinfo.duration", **{"process.executable.name": "eo-gai-test"})
+    calls = {}
+    for p in points:
+        a = p["attributes"]
+        key = (a["dns.question.name"], a.get("error.type"))
+        calls[key] = calls.get(key, 0) + p["count"]
+        assert p["sum"] > 0
+    assert calls == {("gai.test", None): 1, ("localhost", None): 1,
+                     ("nosuch.nx.test", "EAI_NONAME"): 1}
+    # On the wire: A and AAAA for the two names that went to the server, none for localhost.
+    wire = sorted((s["attributes"]["dns.question.name"], s["attributes"]["dns.question.type"])
+                  for s in rx.spans())
+    assert wire == [("gai.test", "A"), ("gai.test", "AAAA"),
+                    ("nosuch.nx.test", "A"), ("nosuch.nx.test", "AAAA")]

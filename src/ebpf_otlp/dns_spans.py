@@ -201,25 +201,21 @@ class SpanBatchExporter:
 
     # --- producer side ----------------------------------------------------------
     def submit(self, items: Iterable[SpanItem]) -> int:
-        """Encode and queue spans; returns how many were dropped because the queue was full."""
+        """Encode and queue spans; returns how many were dropped (queue full, or stopped)."""
         items = list(items)
         with self._cond:
-            room = self.max_queue - len(self._queue)
-        if 0 < room < len(items):
-            items = items[:room] + [None] * (len(items) - room)  # counted below, not encoded
-        encoded = self.encoder.spans([i for i in items if i is not None]) if room > 0 else []
-        items = encoded + [None] * (len(items) - len(encoded))
+            room = 0 if self._stop else self.max_queue - len(self._queue)
+        fit = items[:max(room, 0)]
+        encoded = self.encoder.spans(fit) if fit else []  # outside the lock: the slow part
         with self._cond:
-            room = self.max_queue - len(self._queue)
-            if self._stop:
-                room = 0
-            take = items if len(items) <= room else items[:max(room, 0)]
-            take = [b for b in take if b is not None]
+            # Room may have shrunk meanwhile (timeouts are submitted from another thread).
+            room = 0 if self._stop else self.max_queue - len(self._queue)
+            take = encoded[:max(room, 0)]
             self._queue.extend(take)
-            dropped = len(items) - len(take)
             self.submitted += len(take)
+            dropped = len(items) - len(take)
             if dropped:
-                self.dropped["queue_full" if not self._stop else "shutdown"] += dropped
+                self.dropped["shutdown" if self._stop else "queue_full"] += dropped
             if len(self._queue) >= self.max_batch:
                 self._cond.notify()
         return dropped

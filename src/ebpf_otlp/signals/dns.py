@@ -33,9 +33,11 @@ from ..dns_decode import (
     new_query,
     rcode_text,
 )
+from ..dns_gai import GaiMetrics, libc_path
 from ..dns_metrics import BatchHistogram
 from ..dns_spans import SpanBatchExporter, SpanItem, otlp_sender
-from ..layout import constant
+from ..layout import constant, record_dtype
+from ..libbpf import BpfError
 from ..ringbuf import RingBuffer
 from ..telemetry import DURATION_BUCKETS, SCOPE, signal_endpoint
 from .base import Signal
@@ -103,6 +105,14 @@ class DnsSignal(Signal):
         self._servers: dict[tuple, tuple[tuple, tuple]] = {}
         self._last_expire = 0
         self._ring: RingBuffer | None = None
+        self._gai_ring: RingBuffer | None = None
+        self._gai_untracked = None
+        self.gai = GaiMetrics(BatchHistogram(
+            "dns.getaddrinfo.duration", "s",
+            "getaddrinfo() calls as applications saw them (libc uprobes): caches and "
+            "/etc/hosts included", DURATION_BUCKETS, dict(telemetry.resource.attributes),
+            SCOPE, delta=self.duration.delta, cardinality_limit=telemetry.cardinality_limit,
+            send=self.duration._send), config.dns_names)
         self._register_health()
 
     # --- lifecycle -------------------------------------------------------------
@@ -112,20 +122,22 @@ class DnsSignal(Signal):
         cfg = self.config
         max_ports = constant("dns", "DNS_MAX_PORTS")
         head_max = constant("dns", "DNS_HEAD_MAX")
-        ports = tuple(dict.fromkeys(cfg.dns_ports))
+        ports = tuple(dict.fromkeys(cfg.dns_ports))  # (order kept, duplicates out)
         if not ports or len(ports) > max_ports:
             raise ConfigError(f"--dns-ports takes 1 to {max_ports} ports, got {len(ports)}")
         if not 12 <= cfg.dns_head_bytes <= head_max:
             raise ConfigError(f"--dns-head-bytes must be within 12..{head_max}")
-        obj = BpfObject.open_packaged("dns")
-        self.objects.append(obj)
-        obj.rodata["dns_ports"] = np.array(list(ports) + [0] * (max_ports - len(ports)),
-                                           dtype="<u2").tobytes()
-        obj.rodata["n_dns_ports"] = len(ports)
-        obj.rodata["head_bytes"] = cfg.dns_head_bytes
-        obj.rodata["ringbuf_wakeup_bytes"] = cfg.ringbuf_wakeup_bytes
-        obj.set_max_entries("dns_events", max(cfg.ringbuf_bytes, MIN_RING_BYTES))
-        obj.load()
+        libc = libc_path()
+        try:
+            obj = self._load(ports, with_gai=libc is not None)
+        except BpfError as e:
+            if libc is None:
+                raise
+            # The uprobes are the optional part: the wire view must not depend on them.
+            log.warning("getaddrinfo uprobes not loaded (%s); DNS on the wire only", e)
+            obj = self._load(ports, with_gai=False)
+        if obj.programs["gai_enter"].autoload:
+            self._attach_gai(obj, libc)  # first: a failure there may detach all links
         for ifname in cfg.ifaces:
             idx = socket.if_nametoindex(ifname)
             suffix = "" if has_link_header(ifname) else "_l3"
@@ -135,12 +147,48 @@ class DnsSignal(Signal):
                                 on_batch=self.on_batch, lost_map=obj.maps["dns_events_lost"])
         self.spans.start()
 
+    def _load(self, ports: tuple[int, ...], with_gai: bool) -> BpfObject:
+        cfg = self.config
+        max_ports = constant("dns", "DNS_MAX_PORTS")
+        obj = BpfObject.open_packaged("dns")
+        self.objects.append(obj)
+        obj.rodata["dns_ports"] = np.array(list(ports) + [0] * (max_ports - len(ports)),
+                                           dtype="<u2").tobytes()
+        obj.rodata["n_dns_ports"] = len(ports)
+        obj.rodata["head_bytes"] = cfg.dns_head_bytes
+        obj.rodata["ringbuf_wakeup_bytes"] = cfg.ringbuf_wakeup_bytes
+        obj.set_max_entries("dns_events", max(cfg.ringbuf_bytes, MIN_RING_BYTES))
+        if not with_gai:
+            obj.only_programs([p for p in obj.programs if p.startswith("dns_")])
+        try:
+            obj.load()
+        except BpfError:
+            self.objects.remove(obj)
+            obj.close()
+            raise
+        return obj
+
+    def _attach_gai(self, obj: BpfObject, libc: str) -> None:
+        try:
+            obj.programs["gai_enter"].attach_uprobe(libc, "getaddrinfo")
+            obj.programs["gai_exit"].attach_uprobe(libc, "getaddrinfo", retprobe=True)
+        except BpfError as e:
+            log.warning("getaddrinfo uprobes on %s not attached (%s); DNS on the wire only",
+                        libc, e)
+            obj.detach_all()  # only the uprobe links exist yet
+            return
+        self._gai_untracked = obj.maps["gai_untracked"]
+        self._gai_ring = RingBuffer(obj.maps["gai_events"], record_dtype("dns", "gai_event"),
+                                    on_batch=self.gai.on_batch,
+                                    lost_map=obj.maps["gai_events_lost"])
+
     def rings(self) -> list[RingBuffer]:
-        return [self._ring] if self._ring is not None else []
+        return [r for r in (self._ring, self._gai_ring) if r is not None]
 
     def collect(self) -> None:
         self.expire()
         self.duration.export()
+        self.gai.histogram.export()
         with self._lock:
             qc, self._query_counts = self._query_counts, Counter()
             rc, self._response_counts = self._response_counts, Counter()
@@ -162,9 +210,9 @@ class DnsSignal(Signal):
     def close(self) -> None:
         self.spans.shutdown(5.0)
         super().close()
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
+        for r in self.rings():
+            r.close()
+        self._ring = self._gai_ring = None
 
     # --- the ring callback (poller thread) ---------------------------------------
     def on_batch(self, recs: np.ndarray) -> None:
@@ -283,6 +331,10 @@ class DnsSignal(Signal):
                   "DNS messages skipped: too short, truncated, invalid, no question",
                   lambda: [(n, {"reason": r})
                            for r, n in dict(self.decoder.malformed).items()])
+        t.observe("ebpf_otlp.dns.getaddrinfo.untracked", "{call}",
+                  "getaddrinfo() calls not measured: the in-flight table was full",
+                  lambda: [(self._gai_untracked.sum_u64(0), {})]
+                  if self._gai_untracked is not None else [])
         t.observe("ebpf_otlp.dns.tcp.continuations", "{segment}",
                   "TCP segments continuing a multi-segment DNS message (skipped, not parsed)",
                   lambda: [(self.tcp.skipped, {})])
