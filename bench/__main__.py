@@ -16,6 +16,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -99,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     order = [n for n in mods if n in names]
     for name in order:
         print(f"## {name} ...", flush=True)
+        load = os.getloadavg()[0]
         res = run_one(name, mods[name], args.quick)
+        res.raw["loadavg_1min_before"] = round(load, 2)
         res.raw["quick"] = args.quick
         res.raw["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         results[name] = res.to_json()

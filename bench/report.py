@@ -84,7 +84,8 @@ def write_markdown(path: Path, doc: dict) -> None:
         out += [f"## {r['title']} (`{r['name']}`)", "",
                 f"Status: **{r['status']}**; measured {r['raw'].get('measured_at', '?')}"
                 f"{' in --quick mode' if r['raw'].get('quick') else ''}, "
-                f"{r['seconds']} s.", "",
+                f"{r['seconds']} s; 1-minute load average before: "
+                f"{r['raw'].get('loadavg_1min_before', '?')}.", "",
                 f"Command: `{r['command']}`", ""]
         if r["figures"]:
             out += ["| figure | value | baseline (what) | ratio | target | met | notes |",

@@ -355,3 +355,80 @@ def test_histogram_overflow_and_failed_exports_are_counted():
     _, pts = _hist_points(h.request())
     assert sum(p.count for p in pts) == 5 and len(pts) == 3  # 2 series + the overflow one
     assert h.overflowed == 6
+
+
+# --- the signal's mapping, fed records directly (no kernel, no network) ---------------------
+
+def _signal(**cfg):
+    from ebpf_otlp.config import AgentConfig
+    from ebpf_otlp.signals.dns import DnsSignal
+    from ebpf_otlp.telemetry import Telemetry
+
+    # Nothing listens on port 9: the SDK metrics export at shutdown fails fast.
+    config = AgentConfig(ifaces=[], endpoint="http://127.0.0.1:9", export_timeout_s=0.2, **cfg)
+    tel = Telemetry(config)
+    sig = DnsSignal(config, tel)
+    sent: dict[str, list[bytes]] = {"traces": [], "metrics": []}
+    sig.spans._send = lambda d: sent["traces"].append(d) or True
+    sig.duration._send = lambda d: sent["metrics"].append(d) or True
+    return sig, tel, sent
+
+
+def _spans(sent: list[bytes]) -> list:
+    out = []
+    for data in sent:
+        req = ExportTraceServiceRequest()
+        req.ParseFromString(data)
+        out += list(req.resource_spans[0].scope_spans[0].spans)
+    return out
+
+
+def test_signal_maps_answers_errors_and_timeouts():
+    sig, tel, sent = _signal(dns_timeout_s=0.5, dns_names=True)
+    try:
+        ok_q, nx_q, fail_q, lost_q = (query("ok.test", qid=1), query("NX.test", qid=2),
+                                      query("fail.test", qid=3), query("lost.test", qid=4))
+        sig.on_batch(batch(
+            rec(ok_q.to_wire(), ts=1_000_000, sport=1001),
+            rec(nx_q.to_wire(), ts=1_000_000, sport=1002),
+            rec(fail_q.to_wire(), ts=1_000_000, sport=1003),
+            rec(lost_q.to_wire(), ts=1_000_000, sport=1004),
+            reply_rec(answer(ok_q), ts=3_500_000, dport=1001),
+            reply_rec(answer(nx_q, rcode=3, n=0), ts=2_000_000, dport=1002),
+            reply_rec(answer(fail_q, rcode=2, n=0), ts=9_000_000, dport=1003),
+        ))
+        sig.collect()  # ts 1 ms of CLOCK_MONOTONIC is long past: lost.test times out
+        sig.spans.start()
+        assert sig.spans.flush(5)
+        spans = {s.name + " " + {kv.key: kv.value.string_value for kv in s.attributes}[
+            "dns.question.name"]: s for s in _spans(sent["traces"])}
+        assert sorted(spans) == ["DNS A NX.test", "DNS A fail.test", "DNS A lost.test",
+                                 "DNS A ok.test"]
+        expect = {"ok.test": (2_500_000, 0, None, "NOERROR"),
+                  "NX.test": (1_000_000, 0, None, "NXDOMAIN"),  # an answer, not a failure
+                  "fail.test": (8_000_000, 2, "SERVFAIL", "SERVFAIL"),
+                  "lost.test": (500_000_000, 2, "timeout", None)}
+        for key, s in spans.items():
+            name = key.split()[-1]
+            dur, code, err, rcode = expect[name]
+            attrs = {kv.key: kv.value for kv in s.attributes}
+            assert s.end_time_unix_nano - s.start_time_unix_nano == dur, name
+            assert s.status.code == code and s.kind == 3
+            assert (attrs["error.type"].string_value if "error.type" in attrs else None) == err
+            assert (attrs["dns.response_code"].string_value
+                    if "dns.response_code" in attrs else None) == rcode
+            assert attrs["client.port"].int_value == {"ok.test": 1001, "NX.test": 1002,
+                                                      "fail.test": 1003,
+                                                      "lost.test": 1004}[name]
+            assert attrs["server.address"].string_value == SERVER
+        (temporality, points) = _hist_points(sent["metrics"][0])
+        by_name = {}
+        for p in points:
+            a = {kv.key: kv.value.string_value for kv in p.attributes}
+            by_name[a["dns.question.name"]] = (p.count, a.get("error.type"))
+        # Metrics keep names in lower case (0x20-randomised resolvers), spans the wire's.
+        assert by_name == {"ok.test": (1, None), "nx.test": (1, None),
+                           "fail.test": (1, "SERVFAIL"), "lost.test": (1, "timeout")}
+    finally:
+        sig.close()
+        tel.shutdown(1)

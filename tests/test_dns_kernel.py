@@ -490,3 +490,22 @@ def test_getaddrinfo_latency_from_libc_uprobes(env):
                   for s in rx.spans())
     assert wire == [("gai.test", "A"), ("gai.test", "AAAA"),
                     ("nosuch.nx.test", "A"), ("nosuch.nx.test", "AAAA")]
+
+
+def test_loopback_sees_each_message_twice_but_one_span(env):
+    """On lo a packet passes egress and then ingress of the same device: every
+    query and answer is seen twice. One span per query; the copies are counted."""
+    topo, srv, rx = env
+    rx_b = ReceiverProc(topo, topo.b)
+    with rx_b, AgentProc(topo, topo.b, rx_b, "--iface", "lo", "--signals", "dns") as agent:
+        for _ in range(3):
+            r = topo.run(topo.b, "dig", f"@{topo.b_ip4}", "h.test", "A", "+tries=1")
+            assert "status: NOERROR" in r.stdout
+        rx_b.wait_for(lambda: len(rx_b.spans()) >= 3, 20, "spans on lo")
+        time.sleep(1.5)
+        assert agent.stop() == 0
+        spans = rx_b.spans()
+        assert len(spans) == 3
+        assert all(s["attributes"]["network.interface.name"] == "lo" for s in spans)
+        assert metric_total(rx_b.metrics("ebpf_otlp.dns.duplicates")) == 6  # 3 x (q + a)
+        assert metric_total(rx_b.metrics("ebpf_otlp.dns.unmatched")) == 0

@@ -49,7 +49,7 @@ class GaiMetrics:
         items = []
         comms = [c.split(b"\0", 1)[0].decode(errors="replace") for c in
                  recs["comm"].view(f"S{recs['comm'].shape[1]}").ravel().tolist()]
-        qnames = ([n.split(b"\0", 1)[0].decode(errors="replace").rstrip(".") for n in
+        qnames = ([n.split(b"\0", 1)[0].decode(errors="replace").rstrip(".").lower() for n in
                    recs["name"].view(f"S{recs['name'].shape[1]}").ravel().tolist()]
                   if self.names else None)
         for i, (ret, dur) in enumerate(zip(recs["ret"].tolist(), recs["duration_ns"].tolist())):

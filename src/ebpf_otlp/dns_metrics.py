@@ -109,8 +109,9 @@ class BatchHistogram:
                     point = self._points[key] = _Point(nb)
             point.add(np.asarray(values, dtype=np.float64), self.bounds)
 
-    def request(self, now_ns: int | None = None) -> bytes | None:
-        """The request for what was recorded (delta) or everything so far (cumulative)."""
+    def metric(self, now_ns: int | None = None) -> tuple[Metric, int] | None:
+        """(the metric, lookups in it) for what was recorded (delta) or all so far
+        (cumulative); None when there is nothing to send."""
         self._fold()
         if not self._points:
             return None
@@ -127,31 +128,43 @@ class BatchHistogram:
         metric = Metric(name=self.name, unit=self.unit, description=self.description,
                         histogram=Histogram(data_points=points,
                                             aggregation_temporality=temporality))
-        req = ExportMetricsServiceRequest(resource_metrics=[ResourceMetrics(
-            resource=self._resource,
-            scope_metrics=[ScopeMetrics(scope=self._scope, metrics=[metric])])])
+        count = sum(p.count for p in self._points.values())
         if self.delta:
             self._points = {}
             self._start_ns = now_ns
+        return metric, count
+
+    def request(self, now_ns: int | None = None) -> bytes | None:
+        """This histogram alone as an ``ExportMetricsServiceRequest``."""
+        m = self.metric(now_ns)
+        return None if m is None else self.wrap([m[0]])
+
+    def wrap(self, metrics: list[Metric]) -> bytes:
+        req = ExportMetricsServiceRequest(resource_metrics=[ResourceMetrics(
+            resource=self._resource,
+            scope_metrics=[ScopeMetrics(scope=self._scope, metrics=metrics)])])
         return req.SerializeToString()
 
     def export(self) -> bool:
-        """Build and send; a failure is counted (and, for delta, its points are lost)."""
-        data = self.request()
-        if data is None:
-            return True
-        try:
-            ok = self._send(data)
-        except Exception as e:  # a collector that is down must not break collection
-            log.warning("export of %s failed: %s", self.name, e)
-            ok = False
-        self.exports += 1
+        return export_histograms([self])
+
+
+def export_histograms(hists: Sequence[BatchHistogram]) -> bool:
+    """Send several histograms (same resource, scope and sender) in one request;
+    a failure is counted on each (and, for delta, their lookups are lost)."""
+    parts = [(h, m) for h in hists if (m := h.metric()) is not None]
+    if not parts:
+        return True
+    first = parts[0][0]
+    try:
+        ok = first._send(first.wrap([m for _, (m, _) in parts]))
+    except Exception as e:  # a collector that is down must not break collection
+        log.warning("export of %s failed: %s", ", ".join(h.name for h, _ in parts), e)
+        ok = False
+    for h, (_, count) in parts:
+        h.exports += 1
         if not ok:
-            self.failures += 1
-            if self.delta:
-                req = ExportMetricsServiceRequest()
-                req.ParseFromString(data)
-                self.points_lost += sum(
-                    p.count for rm in req.resource_metrics for sm in rm.scope_metrics
-                    for m in sm.metrics for p in m.histogram.data_points)
-        return ok
+            h.failures += 1
+            if h.delta:
+                h.points_lost += count
+    return ok

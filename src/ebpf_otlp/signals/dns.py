@@ -34,7 +34,7 @@ from ..dns_decode import (
     rcode_text,
 )
 from ..dns_gai import GaiMetrics, libc_path
-from ..dns_metrics import BatchHistogram
+from ..dns_metrics import BatchHistogram, export_histograms
 from ..dns_spans import SpanBatchExporter, SpanItem, otlp_sender
 from ..layout import constant, record_dtype
 from ..libbpf import BpfError
@@ -187,8 +187,7 @@ class DnsSignal(Signal):
 
     def collect(self) -> None:
         self.expire()
-        self.duration.export()
-        self.gai.histogram.export()
+        export_histograms([self.duration, self.gai.histogram])  # one request for both
         with self._lock:
             qc, self._query_counts = self._query_counts, Counter()
             rc, self._response_counts = self._response_counts, Counter()
@@ -208,6 +207,7 @@ class DnsSignal(Signal):
             self.responses.add(n, a)
 
     def close(self) -> None:
+        self._gai_untracked = None  # its map goes with the object; health stops reading it
         self.spans.shutdown(5.0)
         super().close()
         for r in self.rings():
@@ -242,10 +242,10 @@ class DnsSignal(Signal):
                                                          dport[i], proto[i], family[i],
                                                          ifindex[i])))
                     qc[(qtype, server, dport[i], proto[i], family[i],
-                        name if names else None)] += 1
+                        name.lower() if names else None)] += 1
                 else:
                     rc[(qtype, rcode, saddr[o:o + 16], sport[i], proto[i], family[i],
-                        name if names else None)] += 1
+                        name.lower() if names else None)] += 1
                     q = answer(key, ts)
                     if q is not None:
                         done.append((q, ts, rcode, answers))
@@ -296,7 +296,9 @@ class DnsSignal(Signal):
             client = (("client.address", text(ca, fam)), ("client.port", cp))
             hist = (("dns.question.type", qtype),) + hist_part
             if names:
-                hist += (("dns.question.name", name),)
+                # Lower case on metrics: resolvers that randomise case (0x20
+                # encoding) would otherwise multiply the series. Spans keep the wire's.
+                hist += (("dns.question.name", name.lower()),)
             if rts is None:
                 err, end = TIMEOUT, ts + timeout_ns
                 attrs = qattrs + span_part + client
