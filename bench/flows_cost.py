@@ -135,7 +135,7 @@ def export_direct(d, url: str) -> dict[str, float]:
     t1 = time.perf_counter()
     attrs = fa.encoded(series, FLOW_ATTRIBUTES, {1: "eth0"})
     t2 = time.perf_counter()
-    sender = od.DirectSender(url, {}, 30.0)
+    sender = od.OtlpSender("metrics", url, {}, 30.0)
     ok = od.send_sums(sender, MAX_SERIES_PER_REQUEST, {"service.name": "bench"}, "ebpf_otlp", "",
                       METRICS, attrs, counts, np.full(len(series), time.time_ns(), np.uint64),
                       time.time_ns(), od.TEMPORALITY_DELTA).all()

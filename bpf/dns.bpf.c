@@ -209,13 +209,19 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, bool l3
 	e->proto = l.proto;
 	e->direction = direction;
 	__builtin_memset(e->pad, 0, sizeof(e->pad));
-	/* The verifier needs the length proved within [1, head_bytes]. */
-	copy &= 0x3ff;
-	if (copy > head_bytes)
-		copy = head_bytes;
-	if (copy == 0 || bpf_skb_load_bytes(skb, payload, e->head, copy))
-		copy = 0;
-	e->head_len = copy;
+	/* The verifier needs the length proved within [1, head_bytes]. Older
+	 * verifiers (6.1) do not narrow a register after `n == 0`, so test
+	 * `n < 1`, and keep clang from rewriting that test back into `n == 0`. */
+	{
+		__s64 n = copy & 0x3ff;
+
+		asm volatile("" : "+r"(n));
+		if (n > head_bytes)
+			n = head_bytes;
+		if (n < 1 || bpf_skb_load_bytes(skb, payload, e->head, n))
+			n = 0;
+		e->head_len = n;
+	}
 	RINGBUF_SUBMIT(dns_events, e);
 	return TC_ACT_UNSPEC;
 }

@@ -25,13 +25,10 @@ import time
 from collections import Counter, deque
 from typing import Callable, Iterable, Sequence
 
-from opentelemetry.proto.common.v1.common_pb2 import (
-    AnyValue,
-    ArrayValue,
-    InstrumentationScope,
-    KeyValue,
-)
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
+
+from .otlp_wire import OtlpSender, any_value, field, varint
 
 log = logging.getLogger(__name__)
 
@@ -40,71 +37,6 @@ STATUS_ERROR = 2
 
 # (start_ns, end_ns, name, ((key, value), ...), error_type or None)
 SpanItem = tuple[int, int, str, Sequence[tuple[str, "str | int"]], "str | None"]
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-_SMALL = [_varint(i) for i in range(1 << 14)]
-
-
-def varint(n: int) -> bytes:
-    """Protobuf base-128 varint (table lookup below 16384: lengths are small)."""
-    return _SMALL[n] if n < 16384 else _varint(n)
-
-
-def field(num: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return varint(num << 3 | 2) + varint(len(payload)) + payload
-
-
-def any_value(v: object) -> AnyValue:
-    if isinstance(v, bool):
-        return AnyValue(bool_value=v)
-    if isinstance(v, int):
-        return AnyValue(int_value=v)
-    if isinstance(v, float):
-        return AnyValue(double_value=v)
-    if isinstance(v, (list, tuple)):
-        return AnyValue(array_value=ArrayValue(values=[any_value(x) for x in v]))
-    return AnyValue(string_value=str(v))
-
-
-def otlp_sender(kind: str, endpoint: str, headers: dict[str, str],
-                timeout_s: float) -> Callable[[bytes], bool]:
-    """``send(bytes) -> ok`` through the HTTP client of the SDK's own OTLP
-    exporter for ``kind`` ("traces" or "metrics"), built with the agent's
-    endpoint, headers and timeout: compression, TLS and retry settings are
-    the SDK's (``OTEL_EXPORTER_OTLP_*``)."""
-    if kind == "traces":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as E
-    else:
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-            OTLPMetricExporter as E,  # noqa: N814
-        )
-    sdk = E(endpoint=endpoint, headers=headers or None, timeout=timeout_s)
-    client = getattr(sdk, "_client", None)
-    if client is not None and hasattr(client, "export"):
-        return lambda data: bool(client.export(data).success)
-    # SDKs without that client: one plain POST with the exporter's session.
-    import requests
-
-    session = getattr(sdk, "_session", None) or requests.Session()
-
-    def post(data: bytes) -> bool:
-        r = session.post(endpoint, data=data, timeout=timeout_s,
-                         headers={"Content-Type": "application/x-protobuf", **headers})
-        return r.ok
-    return post
 
 
 class SpanEncoder:
@@ -197,7 +129,7 @@ class SpanBatchExporter:
         self.requests = 0
         self.failures = 0
         self.dropped: Counter[str] = Counter()
-        self._send = send or otlp_sender("traces", endpoint, headers, timeout_s)
+        self._send = send or OtlpSender("traces", endpoint, headers, timeout_s)
 
     # --- producer side ----------------------------------------------------------
     def submit(self, items: Iterable[SpanItem]) -> int:

@@ -35,9 +35,10 @@ from ..dns_decode import (
 )
 from ..dns_gai import GaiMetrics, libc_path
 from ..dns_metrics import BatchHistogram, export_histograms
-from ..dns_spans import SpanBatchExporter, SpanItem, otlp_sender
+from ..dns_spans import SpanBatchExporter, SpanItem
 from ..layout import constant, record_dtype
 from ..libbpf import BpfError
+from ..otlp_wire import OtlpSender
 from ..ringbuf import RingBuffer
 from ..telemetry import DURATION_BUCKETS, SCOPE, signal_endpoint
 from .base import Signal
@@ -81,7 +82,7 @@ class DnsSignal(Signal):
             dict(telemetry.resource.attributes), SCOPE,
             delta=pref.get(SdkHistogram) == AggregationTemporality.DELTA,
             cardinality_limit=telemetry.cardinality_limit,
-            send=otlp_sender("metrics", signal_endpoint(
+            send=OtlpSender("metrics", signal_endpoint(
                 config.endpoint, "/v1/metrics", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
                 config.headers, config.export_timeout_s))
         self.queries = m.create_counter("dns.queries", unit="{query}",

@@ -77,7 +77,7 @@ class FlowsSignal(Signal):
         self.active = 0
         self._lock = threading.Lock()
         self._interval_start_ns = time.time_ns()
-        self._sender: od.DirectSender | None = None
+        self._sender: od.OtlpSender | None = None
         self._scope_version = _scope_version()
         self.drains = 0
         self.last_entries = 0
@@ -117,9 +117,10 @@ class FlowsSignal(Signal):
             obj.programs["flows_tc_egress"].attach_tc(idx, "egress")
         self._interval_start_ns = time.time_ns()
         if self.mode != "sdk":
-            self._sender = od.DirectSender(
+            self._sender = od.OtlpSender(
+                "metrics",
                 signal_endpoint(cfg.endpoint, "/v1/metrics", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
-                cfg.headers, getattr(self.telemetry, "export_timeout_s", cfg.export_timeout_s))
+                cfg.headers, self.telemetry.export_timeout_s)
 
     def _init_overflow(self) -> None:
         m = self.obj.maps["flows_overflow"]
