@@ -4,7 +4,7 @@
    generator in namespace a keeps N distinct UDP flows alive, exporting
    every interval to a null OTLP sink (bench/nullrx.py, which counts the
    data points it decodes). Direct path (the default) and SDK path
-   (``EBPF_OTLP_FLOWS_EXPORT=sdk``) side by side: agent CPU per export and
+   (``--flow-export sdk``) side by side: agent CPU per export and
    peak RSS at 10,000 and 100,000 flows. The offline drain+encode+send time
    per 100,000 flows is the ``flows_cost`` benchmark's.
 2. Spans: the highest rate sustained for a few seconds with nothing dropped
@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 
@@ -57,17 +56,12 @@ def live_flows(n: int, mode: str, seconds: float, interval: float) -> dict:
     with Topology() as topo:
         sink = NullReceiver(topo, topo.a).__enter__()
         try:
-            e = dict(EBPF_OTLP_FLOWS_EXPORT=mode,
-                     OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE="delta")
-            os.environ.update(e)  # Agent() passes os.environ through env()
-            try:
-                agent = Agent(topo, topo.a, "--iface", topo.a_if, "--signals", "flows",
-                              "--max-flows", str(max(65536, 2 * n)), "--interval",
-                              str(interval), "--endpoint", sink.endpoint,
-                              log_name=f"agent-flows-{mode}-{n}.log").__enter__()
-            finally:
-                for k in e:
-                    os.environ.pop(k, None)
+            agent = Agent(topo, topo.a, "--iface", topo.a_if, "--signals", "flows",
+                          "--max-flows", str(max(65536, 2 * n)), "--interval", str(interval),
+                          "--flow-export", mode, "--endpoint", sink.endpoint,
+                          log_name=f"agent-flows-{mode}-{n}.log",
+                          extra_env={"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE":
+                                     "delta"}).__enter__()
             try:
                 gen = topo.popen(topo.a, PY, "-c", GEN, topo.b_ip4, str(n), str(seconds),
                                  stdout=subprocess.PIPE, text=True, env=env())

@@ -49,8 +49,10 @@ class Receiver:
 class Agent:
     """``python -m ebpf_otlp run`` in a namespace; ``.cpu_s()`` is its CPU time so far."""
 
-    def __init__(self, topo: Topology, ns: str, *args: str, log_name: str = "agent.log"):
+    def __init__(self, topo: Topology, ns: str, *args: str, log_name: str = "agent.log",
+                 extra_env: dict[str, str] | None = None):
         self.topo, self.ns, self.args = topo, ns, list(args)
+        self.extra_env = extra_env or {}
         WORK.mkdir(parents=True, exist_ok=True)
         self.log_path = WORK / log_name
         self.proc: subprocess.Popen | None = None
@@ -62,7 +64,7 @@ class Agent:
         self._log = log
         # `ip netns exec` execs the command, so the pid is the agent's own.
         self.proc = self.topo.popen(self.ns, PY, "-m", "ebpf_otlp", "run", *self.args,
-                                    stdout=log, stderr=log, env=env())
+                                    stdout=log, stderr=log, env={**env(), **self.extra_env})
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             text = self.log_path.read_text()

@@ -230,10 +230,15 @@ def run(quick: bool = False) -> Result:
                            csus["consumer_cpu_s"], "C libbpf ring_buffer__poll, same ring "
                            "and policy", higher_is_better=False,
                            note=f"C lost {csus['lost']}"))
-    res.note("Producer: rb_produce XDP program via BPF_PROG_TEST_RUN, 64 records of 48 bytes "
-             "per run, 16 MiB ring for the rate figures. Each XDP test run with repeat > 1 "
-             "costs a fixed ~20 ms on this kernel (the XDP dispatcher is swapped in and out), "
-             "so the paced producer emits 10 ms slots as bursts.")
+    res.note("Producer: the self-test object's rb_produce XDP program via BPF_PROG_TEST_RUN "
+             "(64 records of 48 bytes per run) from bench/rb_consumer.c, a thread of the C "
+             "consumer or a separate process for ours; 16 MiB ring for the rate figures, "
+             "flat out in one call. Paced runs use one run (64 records) per call: an XDP test "
+             "run with repeat > 1 costs a fixed ~20 ms here, more under load (the XDP "
+             "dispatcher is swapped in and out), which would turn pacing into ring-sized "
+             "bursts.")
+    res.note("Every consumer checks sequence numbers (gaps) and reads the kernel's own count "
+             "of failed reservations (lost); medians of the trials, run alternately.")
     res.note("The C consume figure is bounded by the producer (its consumer thread uses a "
              "fraction of a CPU); a ratio near 1 means ours keeps up with the kernel too.")
     return res

@@ -165,6 +165,10 @@ def test_netfilter_drops_counted_exactly_per_flow(topo) -> None:
         got4 = wait_total(rx, sent4, **flow4)
         got6 = wait_total(rx, sent6, **flow6)
         got6x = wait_total(rx, sent6x, **flow6x)
+        # Log records travel on their own batch schedule: wait for them too.
+        rx.wait_for(lambda: len([r for r in rx.records() if r["type"] == "log" and
+                                 r["attributes"].get("destination.port") == port]) >= 3,
+                    what="first-drop log records")
         records = rx.records()
         traced = trace.locations()
     assert (sent4, sent6, sent6x) == (n4, n6, n6)
