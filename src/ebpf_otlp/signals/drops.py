@@ -18,6 +18,7 @@ from ..drops_kallsyms import KernelSymbols
 from ..drops_logs import FirstDropLogger
 from ..drops_reasons import DropReasons
 from ..layout import constant
+from ..tables import AlternatingTables
 from .base import Signal
 
 if TYPE_CHECKING:
@@ -28,9 +29,6 @@ log = logging.getLogger(__name__)
 
 PROGRAM = "on_kfree_skb"
 TABLES = ("drops_0", "drops_1")
-# After the flip, programs that read the old table index are at most a few
-# microseconds from done; this is orders of magnitude more.
-FLIP_GRACE_S = 0.005
 LOG_RATE_PER_S = 10.0
 LOG_BURST = 100.0
 
@@ -45,7 +43,6 @@ class DropsSignal(Signal):
         self.decoder: DropDecoder | None = None
         self.symbols = KernelSymbols() if config.drop_location else None
         self.first_drops: FirstDropLogger | None = None
-        self._active = 0
         self._overflow_seen: dict[int, int] = {}  # reason -> cumulative, last read
         self.last_entries = 0
         self._slots = {n: constant("drops", n) for n in
@@ -87,8 +84,8 @@ class DropsSignal(Signal):
         obj.rodata["reason_not_specified"] = self.reasons.not_specified
         obj.rodata["exclude_not_specified"] = int(cfg.drop_exclude_not_specified)
         obj.rodata["keep_location"] = int(cfg.drop_location)
-        for table in TABLES:
-            obj.set_max_entries(table, cfg.max_drops)
+        self.tables = AlternatingTables(obj, "active", TABLES)
+        self.tables.set_max_entries(cfg.max_drops)
         obj.load()
         obj.programs[PROGRAM].attach_tracepoint("skb", "kfree_skb")
         keep = tuple(a for a in cfg.flow_attributes if a != "network.io.direction")
@@ -103,8 +100,7 @@ class DropsSignal(Signal):
     def collect(self) -> None:
         if self.obj is None or not self.obj.loaded:
             return
-        idle = self._flip()
-        keys, values = self.obj.maps[TABLES[idle]].drain()
+        keys, values = self.tables.swap().drain()
         self.last_entries = len(keys)
         if self.symbols is not None and len(keys):
             loc = keys.view(key_dtype()).reshape(-1)["location"]
@@ -116,14 +112,6 @@ class DropsSignal(Signal):
             if self.first_drops is not None:
                 self.first_drops.offer(row, offset)
         self._export_overflow()
-
-    def _flip(self) -> int:
-        """Point the program at the other table; return the one now idle."""
-        idle = self._active
-        self._active ^= 1
-        self.obj.bss["active"] = self._active
-        time.sleep(FLIP_GRACE_S)
-        return idle
 
     def _export_overflow(self) -> None:
         """Drops without a flow (table full) still count, under their reason alone."""

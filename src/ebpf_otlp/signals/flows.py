@@ -24,6 +24,8 @@ from .. import flows_agg as agg
 from .. import flows_attrs as fattrs
 from .. import otlp_direct as od
 from ..bpfobj import BpfObject
+from ..maps import Map
+from ..tables import AlternatingTables
 from ..telemetry import SCOPE, signal_endpoint
 from .base import Signal
 
@@ -33,9 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Longer than any run of our programs (microseconds), so after the flip no
-# program still holds an element of the table being drained.
-GRACE_S = 0.01
 TABLES = ("flows_a", "flows_b")
 # Series per OTLP request: 8192 series x 3 metrics is ~7 MB with every attribute
 # kept, under the SDK's 64 MiB request limit and common collector body limits.
@@ -74,7 +73,6 @@ class FlowsSignal(Signal):
         self.store = agg.SeriesStore(cumulative, cap=max(4 * config.max_flows, 16384))
         self.ifnames: dict[int, str] = {}
         self.obj: BpfObject | None = None
-        self.active = 0
         self._lock = threading.Lock()
         self._interval_start_ns = time.time_ns()
         self._sender: od.OtlpSender | None = None
@@ -101,8 +99,8 @@ class FlowsSignal(Signal):
         obj = BpfObject.open_packaged("flows")
         self.obj = obj
         self.objects.append(obj)
-        for t in TABLES:
-            obj.set_max_entries(t, cfg.max_flows)
+        self.tables = AlternatingTables(obj, "flows_active", TABLES)
+        self.tables.set_max_entries(cfg.max_flows)
         obj.set_max_entries("flows_overflow", 2 * len(self.ifnames) + 2)
         progs = ["flows_tc_egress",
                  "flows_xdp_ingress" if cfg.flow_hook == "xdp" else "flows_tc_ingress"]
@@ -138,8 +136,8 @@ class FlowsSignal(Signal):
                 try:
                     self.obj.detach_all()
                     self._ovf_cache = self._read_overflow()
-                    for t in TABLES:
-                        self._ingest(self._drain(t))
+                    for table in self.tables.both():
+                        self._ingest(self._drain(table))
                     if len(self.store) and self._sender is not None:
                         self._export_direct()
                 except Exception:
@@ -162,14 +160,9 @@ class FlowsSignal(Signal):
                 self._export_direct()
 
     def _swap_and_drain(self) -> agg.Drained:
-        old = self.active
-        self.active = 1 - old
-        self.obj.bss["flows_active"] = self.active
-        time.sleep(GRACE_S)
-        return self._drain(TABLES[old])
+        return self._drain(self.tables.swap())
 
-    def _drain(self, table: str) -> agg.Drained:
-        m = self.obj.maps[table]
+    def _drain(self, m: Map) -> agg.Drained:
         keys, vals = m.drain()
         self.drains += 1
         self.last_entries = len(keys)
