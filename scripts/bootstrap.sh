@@ -19,7 +19,8 @@ PKGS="python3 python3-venv python3-dev libbpf1 libbpf-dev make clang-19 llvm-19 
       iproute2 procps ca-certificates"
 if [ "$what" = test ] || [ "$what" = bench ]; then
     PKGS="$PKGS bpftool nftables iperf3 dnsutils dnsmasq-base iputils-ping ethtool bpftrace
-          libelf-dev zlib1g-dev qemu-system-x86 busybox-static cpio xz-utils kmod"
+          tcpdump libelf-dev zlib1g-dev qemu-system-x86 busybox-static e2fsprogs util-linux
+          cpio xz-utils zstd kmod"
 fi
 if [ "$what" = demo ]; then
     PKGS="$PKGS dnsmasq-base dnsutils iputils-ping"
