@@ -63,7 +63,8 @@ class Agent:
             n = tc.remove_stale(idx)
             if n:
                 log.warning("removed %d tc filters an earlier ebpf-otlp run left on %s", n, name)
-        self._stats_fd = lib.bpf_enable_stats(BPF_STATS_RUN_TIME)  # harmless if refused
+        if cfg.bpf_stats:  # refused on old kernels: run time then reads as 0
+            self._stats_fd = lib.bpf_enable_stats(BPF_STATS_RUN_TIME)
         self.telemetry = Telemetry(cfg)
         self.poller = RingPoller()
         for name in cfg.signals:

@@ -79,6 +79,8 @@ def main() -> None:
               help="An OTLP log record for the first drop of each (reason, flow).")
 @click.option("--max-drops", type=click.IntRange(min=1, max=1 << 22),
               help="Distinct (reason, flow) drop entries per interval [16384].")
+@click.option("--bpf-stats/--no-bpf-stats", default=None,
+              help="Kernel run-time statistics of our programs; host-wide while on [on].")
 @click.option("--cgroup", "cgroup_path", metavar="PATH",
               help="cgroup v2 directory for sock_ops [/sys/fs/cgroup/unified].")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")

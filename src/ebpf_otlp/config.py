@@ -70,6 +70,9 @@ class AgentConfig:
     drop_exclude_not_specified: bool = False
     drop_logs: bool = False
     max_drops: int = 16384
+    # kernel BPF run-time statistics (ebpf_otlp.program.run_time); host-wide
+    # while on, costing every BPF program on the host two clock reads per run
+    bpf_stats: bool = True
     # ring buffers
     ringbuf_bytes: int = 4 << 20
     ringbuf_wakeup_bytes: int = 64 << 10
