@@ -101,11 +101,14 @@ def env(topo):
 
 @contextmanager
 def resolv_conf(topo, server: str):
-    """/etc/netns/<a>/resolv.conf: `ip netns exec a` mounts it over /etc/resolv.conf."""
+    """/etc/netns/<a>/{resolv.conf,hosts}: `ip netns exec a` mounts them over /etc's.
+    The hosts file is ours too: a minimal system may have none, and then even
+    `localhost` goes to the (test) DNS server."""
     etc = Path("/etc/netns", topo.a)
     etc.mkdir(parents=True, exist_ok=True)
     try:
         (etc / "resolv.conf").write_text(f"nameserver {server}\noptions timeout:3 attempts:1\n")
+        (etc / "hosts").write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost\n")
         yield
     finally:
         shutil.rmtree(etc, ignore_errors=True)
