@@ -54,6 +54,8 @@ def run(quick: bool = False) -> Result:
     res.note("iperf3 -c 10.201.0.2 -t N -J (TCP) and -u -b 0 -l 1400 (UDP, received rate) from "
              "namespace a to b; agent: python -m ebpf_otlp run --iface veth-a --signals "
              "flows,tcp,dns,drops --interval 1 --endpoint (local ebpf-otlp receive).")
+    res.note("The tcp and drops signals are host-wide (tracepoints, root cgroup): on this "
+             "shared machine other sessions' traffic adds to the agent's CPU and RSS here.")
     res.note("BPF run-time statistics are on for the whole benchmark (the agent's default); "
              "per-program ns/run come from them.")
     return res

@@ -65,13 +65,13 @@ def write_markdown(path: Path, doc: dict) -> None:
            "that baseline measured in the same run: the machines are shared and noisy, so "
            "the ratios are what carry over. Raw trials are in `bench/results.json`.", "",
            "## Machine", "",
-           f"- Date: {m['date_utc']} (per-benchmark times below)",
+           f"- Last run: {m['date_utc']} (each benchmark's own time is in its section)",
            f"- CPU: {m['cpu_model']}, {m['cpus']} CPUs"
            f"{' (virtual machine)' if m.get('hypervisor') else ''}, {m['cpu_mhz']} MHz, "
            f"{m['mem_gib']} GiB RAM, clocksource {m['clocksource']}",
            f"- Kernel: `{m['uname']}`",
-           f"- Load average at start: {' '.join(m['loadavg_at_start'])} (other sessions share "
-           "the machine)",
+           f"- Load average at the last run's start: {' '.join(m['loadavg_at_start'])} (other "
+           "sessions share the machine)",
            f"- Python {m['python']}, libbpf {m['libbpf']}, OpenTelemetry SDK "
            f"{m['opentelemetry_sdk']}, {m['iperf3']}, {m['bpftrace']}", "",
            "## Summary", "",

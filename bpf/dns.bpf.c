@@ -6,6 +6,7 @@
  * head. The programs never change a packet's fate: they always return
  * TC_ACT_UNSPEC, so the next filter (flows, or anyone else's) still runs. */
 #include "common.bpf.h"
+#include "pkt.bpf.h"
 #include "dns.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -60,7 +61,7 @@ static __always_inline bool parse_ipv4(struct __sk_buff *skb, __u32 off, struct 
 	struct iphdr ip;
 	__u8 ihl;
 
-	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)))
+	if (load(skb, false, off, &ip, sizeof(ip)))
 		return false;
 	ihl = ((__u8 *)&ip)[0] & 0x0f;
 	if (ihl < 5 || (bpf_ntohs(ip.frag_off) & IP_OFFSET))
@@ -80,7 +81,7 @@ static __always_inline bool parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
 	struct ipv6hdr ip;
 	__u8 nh;
 
-	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)))
+	if (load(skb, false, off, &ip, sizeof(ip)))
 		return false;
 	__builtin_memcpy(l->saddr, &ip.saddr, 16);
 	__builtin_memcpy(l->daddr, &ip.daddr, 16);
@@ -93,12 +94,12 @@ static __always_inline bool parse_ipv6(struct __sk_buff *skb, __u32 off, struct 
 		if (nh != NEXTHDR_HOP && nh != NEXTHDR_ROUTING && nh != NEXTHDR_DEST &&
 		    nh != NEXTHDR_FRAGMENT)
 			break;
-		if (bpf_skb_load_bytes(skb, off, ext, sizeof(ext)))
+		if (load(skb, false, off, ext, sizeof(ext)))
 			return false;
 		if (nh == NEXTHDR_FRAGMENT) {
 			__be16 frag;
 
-			if (bpf_skb_load_bytes(skb, off + 2, &frag, sizeof(frag)))
+			if (load(skb, false, off + 2, &frag, sizeof(frag)))
 				return false;
 			if (bpf_ntohs(frag) & 0xFFF8)	/* not the first fragment */
 				return false;
@@ -127,7 +128,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, bool l3
 	if (l3) {
 		proto = skb->protocol;
 	} else {
-		if (bpf_skb_load_bytes(skb, 12, &proto, sizeof(proto)))
+		if (load(skb, false, 12, &proto, sizeof(proto)))
 			return TC_ACT_UNSPEC;
 		off = 14;
 		/* Tags still in the frame (not offloaded to skb->vlan_tci): up to two. */
@@ -135,7 +136,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, bool l3
 		for (int i = 0; i < 2; i++) {
 			if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
 				break;
-			if (bpf_skb_load_bytes(skb, off + 2, &proto, sizeof(proto)))
+			if (load(skb, false, off + 2, &proto, sizeof(proto)))
 				return TC_ACT_UNSPEC;
 			off += 4;
 		}
@@ -153,7 +154,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, bool l3
 	if (l.proto == NEXTHDR_UDP) {
 		struct udphdr udp;
 
-		if (bpf_skb_load_bytes(skb, l.off, &udp, sizeof(udp)))
+		if (load(skb, false, l.off, &udp, sizeof(udp)))
 			return TC_ACT_UNSPEC;
 		sport = bpf_ntohs(udp.source);
 		dport = bpf_ntohs(udp.dest);
@@ -166,7 +167,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, bool l3
 		struct tcphdr tcp;
 		__be16 prefix;
 
-		if (bpf_skb_load_bytes(skb, l.off, &tcp, sizeof(tcp)))
+		if (load(skb, false, l.off, &tcp, sizeof(tcp)))
 			return TC_ACT_UNSPEC;
 		sport = bpf_ntohs(tcp.source);
 		dport = bpf_ntohs(tcp.dest);
@@ -177,7 +178,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, bool l3
 		 * we only read segments that start one (length prefix first). */
 		if (payload + sizeof(prefix) >= skb->len)
 			return TC_ACT_UNSPEC;
-		if (bpf_skb_load_bytes(skb, payload, &prefix, sizeof(prefix)))
+		if (load(skb, false, payload, &prefix, sizeof(prefix)))
 			return TC_ACT_UNSPEC;
 		msg_len = bpf_ntohs(prefix);
 		payload += sizeof(prefix);

@@ -20,6 +20,7 @@
  * store.
  */
 #include "common.bpf.h"
+#include "pkt.bpf.h"
 #include "flows.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -47,8 +48,6 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define IPPROTO_UDPLITE_ 136
 /* Extension headers walked before giving up (the key keeps the one reached). */
 #define MAX_IPV6_EXT 8
-/* Headers further into the frame than this are not read (bounds the verifier). */
-#define MAX_HDR_OFF 1024
 
 /* Which table the programs write: 0 -> flows_a, 1 -> flows_b. */
 __u32 flows_active = 0;
@@ -72,34 +71,6 @@ struct {
 	__type(key, struct flow_ovf_key);
 	__type(value, struct flow_ovf_value);
 } flows_overflow SEC(".maps");
-
-/*
- * Copy `len` header bytes at `off`: straight from the linear data when it
- * is there (cheap), else through the helper that also reads paged data.
- * Non-zero when the frame is too short.
- */
-static __always_inline int load(void *ctx, const bool xdp, __u32 off, void *to,
-				const __u32 len)
-{
-	void *data, *data_end;
-
-	if (off > MAX_HDR_OFF)
-		return -1;
-	if (xdp) {
-		data = (void *)(long)((struct xdp_md *)ctx)->data;
-		data_end = (void *)(long)((struct xdp_md *)ctx)->data_end;
-	} else {
-		data = (void *)(long)((struct __sk_buff *)ctx)->data;
-		data_end = (void *)(long)((struct __sk_buff *)ctx)->data_end;
-	}
-	if (data + off + len <= data_end) {
-		__builtin_memcpy(to, data + off, len);
-		return 0;
-	}
-	if (xdp)
-		return bpf_xdp_load_bytes(ctx, off, to, len);
-	return bpf_skb_load_bytes(ctx, off, to, len);
-}
 
 static __always_inline void set_v4_mapped(__u8 *dst, const __u8 *src)
 {
