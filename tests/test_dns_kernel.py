@@ -106,11 +106,18 @@ def resolv_conf(topo, server: str):
     `localhost` goes to the (test) DNS server."""
     etc = Path("/etc/netns", topo.a)
     etc.mkdir(parents=True, exist_ok=True)
+    # `ip netns exec` only mounts over files that exist; a minimal system may
+    # have no /etc/hosts at all: give the mount a target, removed afterwards.
+    made_hosts = not Path("/etc/hosts").exists()
+    if made_hosts:
+        Path("/etc/hosts").touch()
     try:
         (etc / "resolv.conf").write_text(f"nameserver {server}\noptions timeout:3 attempts:1\n")
         (etc / "hosts").write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost\n")
         yield
     finally:
+        if made_hosts:
+            Path("/etc/hosts").unlink(missing_ok=True)
         shutil.rmtree(etc, ignore_errors=True)
         try:
             Path("/etc/netns").rmdir()

@@ -198,7 +198,13 @@ def test_tcp_totals_equal_interface_counters(topo, hook):
         assert segs[("transmit",)] == segs_out
         pkts = by_attrs(flow_points(rx, "network.flow.packets", **conn), "network.io.direction")
         assert pkts[("transmit",)] < segs_out  # GSO was in play: skbs are not segments
-        assert segs[("receive",)] == segs_in
+        # A segment can still arrive after the client read tcp_info (a FIN
+        # retransmitted to its TIME_WAIT socket under load): the socket's count
+        # is a floor. At XDP, before GRO, every frame is one segment and the
+        # interface's own counter is exact.
+        assert segs[("receive",)] >= segs_in
+        if hook == "xdp":
+            assert segs[("receive",)] == after["rx_packets"] - before["rx_packets"]
 
 
 def test_table_full_overflow_is_counted(topo):
