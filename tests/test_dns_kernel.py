@@ -233,8 +233,7 @@ def test_known_queries_give_one_span_each(env):
     wire = cap.exchanges()
     for key, digs in seen.items():
         assert len(spans.get(key, [])) == tries, (key, sorted(spans))
-        close_to_dig = []
-        for s, (status, qtime_ms) in zip(spans[key], digs):
+        for s, (status, _qtime_ms) in zip(spans[key], digs):
             a = s["attributes"]
             assert a["dns.response_code"] == status
             assert status == ("NXDOMAIN" if key[0].endswith("nx.test") else "NOERROR")
@@ -246,17 +245,16 @@ def test_known_queries_give_one_span_each(env):
             assert abs(s["start_ns"] - time.time_ns()) < 120e9  # epoch, not monotonic
             span_ms = (s["end_ns"] - s["start_ns"]) / 1e6
             assert span_ms > 0
-            close_to_dig.append(abs(span_ms - qtime_ms) <= max(1.0, 0.1 * qtime_ms))
             # The packets' own timestamps (tcpdump taps next to our TC hooks) are
             # the precise truth; the hooks and the taps are microseconds apart.
             pcap_ms = [ms for (port, proto, _), ms in wire.items()
                        if port == a["client.port"] and proto == {"udp": 17, "tcp": 6}[key[2]]]
             assert len(pcap_ms) == 1, (key, a["client.port"], pcap_ms)
             assert abs(span_ms - pcap_ms[0]) <= 0.25, (key, span_ms, pcap_ms)
-        # dig's "Query time" also holds its own wake-up delays: on a busy 2-vCPU
-        # machine they reach milliseconds, so one of the tries must agree.
-        assert any(close_to_dig), (key, [(s["end_ns"] - s["start_ns"]) / 1e6
-                                         for s in spans[key]], digs)
+        # Not compared with dig's "Query time": it is whole ms and holds dig's own
+        # scheduling; here it read 3-4 ms for 0.2 ms exchanges (minimal chroot)
+        # and 0 ms for a 1.2 ms one (loaded host). The packets' own timestamps
+        # above are the truth, within 0.25 ms.
     for key in (("py.test", "AAAA", "udp", topo.b_ip6), ("py.test", "A", "tcp", topo.b_ip6),
                 ("gai.test", "A", "udp", topo.b_ip4), ("gai.test", "AAAA", "udp", topo.b_ip4)):
         assert len(spans.get(key, [])) == 1, (key, sorted(spans))
