@@ -25,6 +25,9 @@ import psutil
 from .common import PY, WORK, Figure, Result, command_for, env, median
 from .lab import Agent, Receiver, Topology, new_programs, prog_ids, prog_stats
 
+# The same churn client and server as the tcp_churn benchmark, so the figures compare.
+from .tcp_churn import CLIENT, PORT, SERVER
+
 NAME = "alternatives"
 TITLE = "Alternatives: bpftrace vs ebpf-otlp on TCP connection churn"
 
@@ -57,30 +60,6 @@ PEERS = [
     "container image only; not packaged for Debian.",
 ]
 
-try:  # the TCP helper's churn client/server: reuse rather than copy
-    from .tcp_churn import CLIENT, PORT, SERVER
-except ImportError:  # its module is absent: a minimal equivalent
-    PORT = 18080
-    SERVER = r"""
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(1024)
-print("ready", flush=True)
-while True:
-    c, _ = s.accept()
-    c.recv(4096); c.sendall(b"r" * 100); c.close()
-"""
-    CLIENT = r"""
-import json, socket, sys, time
-host, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-n = 0; end = time.monotonic() + secs; t0 = time.monotonic()
-while time.monotonic() < end:
-    c = socket.create_connection((host, port))
-    c.sendall(b"q" * 100)
-    while c.recv(4096): pass
-    c.close(); n += 1
-print(json.dumps({"n": n, "secs": time.monotonic() - t0}))
-"""
 
 
 def _churn(topo: Topology, secs: float) -> tuple[int, float]:
