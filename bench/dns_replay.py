@@ -59,7 +59,7 @@ def _produce(qfd: int, afd: int, rate: float, seconds: float, wfd: int) -> None:
     One prepared ``bpf_test_run_opts`` per frame, so a run is one cffi call
     (the producer's own cost must not cap the rate it offers).
     """
-    from ebpf_otlp.libbpf import ffi, lib
+    from ebpf_otlp.platform.libbpf import ffi, lib
 
     keep = []
 
@@ -92,9 +92,9 @@ def _produce(qfd: int, afd: int, rate: float, seconds: float, wfd: int) -> None:
 
 def run(quick: bool) -> Result:
     from ebpf_otlp.config import AgentConfig
-    from ebpf_otlp.ringbuf import RingPoller
+    from ebpf_otlp.otlp.sdk import Telemetry
+    from ebpf_otlp.platform.ringbuf import RingPoller
     from ebpf_otlp.signals.dns import DnsSignal
-    from ebpf_otlp.telemetry import Telemetry
 
     res = Result(NAME, TITLE, command_for(NAME, quick))
     rates = [10000, 20000] if quick else [10000, 20000, 30000, 40000, 50000, 60000]

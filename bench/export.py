@@ -183,7 +183,7 @@ def sdk_spans(rate: float, seconds: float, endpoint: str) -> dict:
 
 
 def batch_spans(rate: float, seconds: float, endpoint: str) -> dict:
-    from ebpf_otlp.dns_spans import SpanBatchExporter
+    from ebpf_otlp.otlp.spans import SpanBatchExporter
 
     ex = SpanBatchExporter({"service.name": "bench"}, endpoint + "/v1/traces", {}, 10.0)
     ex.start()
@@ -227,14 +227,14 @@ def spans_part(res: Result, quick: bool) -> None:
     sdk_best, sdk_trials = ceiling(sdk_spans, sdk_rates, seconds)
     res.raw["sdk_spans"] = sdk_trials
     try:
-        import ebpf_otlp.dns_spans  # noqa: F401
+        import ebpf_otlp.otlp.spans  # noqa: F401
         have_batch = True
     except ImportError:
         have_batch = False
     if not have_batch:
         res.add(Figure("SDK BatchSpanProcessor: highest sustained rate, nothing dropped",
                        sdk_best, "spans/s", note=f"{seconds:g} s per step"))
-        res.note("ebpf-otlp batch span path not built yet (ebpf_otlp.dns_spans missing)")
+        res.note("ebpf-otlp batch span path not built yet (ebpf_otlp.otlp.spans missing)")
         return
     b_rates = [5000, 10000] if quick else [10000, 25000, 50000, 75000, 100000, 150000,
                                            200000]

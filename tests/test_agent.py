@@ -16,8 +16,8 @@ pytestmark = pytest.mark.kernel
 
 PLANT_FILTER = textwrap.dedent("""
     import socket
-    from ebpf_otlp import tc
-    from ebpf_otlp.bpfobj import BpfObject
+    from ebpf_otlp.platform import tc
+    from ebpf_otlp.platform.bpfobj import BpfObject
     obj = BpfObject.open_packaged("selftest")
     obj.only_programs(["probe_tc"])
     obj.load()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import require
 
-from ebpf_otlp.libbpf import ffi
+from ebpf_otlp.platform.libbpf import ffi
 
 STRUCTS = ["bpf_object_open_opts", "bpf_uprobe_opts", "bpf_map_batch_opts",
            "bpf_test_run_opts", "bpf_tc_hook", "bpf_tc_opts", "btf_type", "btf_var_secinfo",

@@ -15,10 +15,10 @@ import dns.message
 import numpy as np
 import pytest
 
-from ebpf_otlp.bpfobj import BpfObject
-from ebpf_otlp.dns_decode import event_dtype
-from ebpf_otlp.layout import constant
-from ebpf_otlp.ringbuf import RingBuffer
+from ebpf_otlp.platform.bpfobj import BpfObject
+from ebpf_otlp.platform.layout import constant
+from ebpf_otlp.platform.ringbuf import RingBuffer
+from ebpf_otlp.signals.dns.decode import event_dtype
 
 pytestmark = pytest.mark.kernel
 

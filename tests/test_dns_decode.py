@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from ebpf_otlp.dns_decode import (
+from ebpf_otlp.otlp.spans import SpanBatchExporter, SpanEncoder
+from ebpf_otlp.platform.layout import record_dtype
+from ebpf_otlp.signals.dns.decode import (
     INVALID,
     NO_QUESTION,
     SHORT,
@@ -29,8 +31,6 @@ from ebpf_otlp.dns_decode import (
     Query,
     TcpContinuations,
 )
-from ebpf_otlp.dns_spans import SpanBatchExporter, SpanEncoder
-from ebpf_otlp.layout import record_dtype
 
 DT = record_dtype("dns", "dns_event")
 CLIENT, SERVER = "10.0.0.1", "10.0.0.53"
@@ -309,7 +309,7 @@ def _hist_points(data: bytes) -> list:
 
 
 def _hist(delta: bool, limit: int = 100, send=lambda d: True):
-    from ebpf_otlp.dns_metrics import BatchHistogram
+    from ebpf_otlp.otlp.histogram import BatchHistogram
 
     return BatchHistogram("dns.lookup.duration", "s", "d", (0.001, 0.01, 0.1), {"k": "v"},
                           "ebpf_otlp", delta=delta, cardinality_limit=limit, send=send)
@@ -361,8 +361,8 @@ def test_histogram_overflow_and_failed_exports_are_counted():
 
 def _signal(**cfg):
     from ebpf_otlp.config import AgentConfig
+    from ebpf_otlp.otlp.sdk import Telemetry
     from ebpf_otlp.signals.dns import DnsSignal
-    from ebpf_otlp.telemetry import Telemetry
 
     # Nothing listens on port 9: the SDK metrics export at shutdown fails fast.
     config = AgentConfig(ifaces=[], endpoint="http://127.0.0.1:9", export_timeout_s=0.2, **cfg)

@@ -18,9 +18,9 @@ import pytest
 from conftest import require
 from otlp import AgentProc, ReceiverProc, by_attrs, metric_total
 
-from ebpf_otlp.btf import kernel_enum
-from ebpf_otlp.drops_reasons import DropReasons
-from ebpf_otlp.layout import constant
+from ebpf_otlp.platform.btf import kernel_enum
+from ebpf_otlp.platform.layout import constant
+from ebpf_otlp.signals.drops.reasons import DropReasons
 
 pytestmark = pytest.mark.kernel
 PY = sys.executable
@@ -246,7 +246,7 @@ def test_drop_storm_counted_exactly_memory_flat(topo) -> None:
 
 
 def drops_object(table_size: int, **rodata: int):
-    from ebpf_otlp.bpfobj import BpfObject
+    from ebpf_otlp.platform.bpfobj import BpfObject
 
     reasons = DropReasons.from_kernel()
     obj = BpfObject.open_packaged("drops")
@@ -263,7 +263,7 @@ def drops_object(table_size: int, **rodata: int):
 
 def my_rows(obj, table: str, ports: set[int]) -> dict[int, int]:
     """dport -> packets of the drained ``table`` rows whose destination port is ours."""
-    from ebpf_otlp.drops_decode import key_dtype, value_dtype
+    from ebpf_otlp.signals.drops.decode import key_dtype, value_dtype
 
     keys, values = obj.maps[table].drain()
     k = keys.view(key_dtype()).reshape(-1)

@@ -7,10 +7,10 @@ import socket
 
 import numpy as np
 
-from ebpf_otlp.drops_decode import DropDecoder, key_dtype, value_dtype
-from ebpf_otlp.drops_kallsyms import KernelSymbols
-from ebpf_otlp.drops_logs import FirstDropLogger, describe
-from ebpf_otlp.drops_reasons import NEVER, REASON_UNKNOWN, DropReasons
+from ebpf_otlp.platform.kallsyms import KernelSymbols
+from ebpf_otlp.signals.drops.decode import DropDecoder, key_dtype, value_dtype
+from ebpf_otlp.signals.drops.logs import FirstDropLogger, describe
+from ebpf_otlp.signals.drops.reasons import NEVER, REASON_UNKNOWN, DropReasons
 
 # A made-up kernel: renumbered values, a reason no kernel has yet, the
 # sentinels, and a mask that BTF hands back as a signed number.

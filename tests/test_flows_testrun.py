@@ -108,7 +108,7 @@ def reference_key(frame: bytes, direction: int, ifindex: int = LO) -> tuple[tupl
 # --- running and reading the kernel side --------------------------------------------
 @pytest.fixture(scope="module")
 def flows_obj():
-    from ebpf_otlp.bpfobj import BpfObject
+    from ebpf_otlp.platform.bpfobj import BpfObject
 
     obj = BpfObject.open_packaged("flows")
     for t in ("flows_a", "flows_b"):
@@ -120,8 +120,8 @@ def flows_obj():
 
 def read_table(obj, table: str = "flows_a") -> dict[tuple, tuple]:
     """Drain ``table``: {key tuple: (packets, bytes, segments, tcp_flags)}."""
-    from ebpf_otlp import flows_agg as agg
-    from ebpf_otlp.flows_attrs import address_text
+    from ebpf_otlp.signals.flows import agg as agg
+    from ebpf_otlp.signals.flows.attrs import address_text
 
     m = obj.maps[table]
     d = agg.fold(*m.drain(), m.ncpus)
@@ -148,7 +148,7 @@ def kernel_refuses(prog: str, frame: bytes) -> bool:
 
 
 def run_one(obj, prog: str, frame: bytes, ctx: bytes | None = None) -> dict[tuple, tuple] | None:
-    from ebpf_otlp.libbpf import BpfError
+    from ebpf_otlp.platform.libbpf import BpfError
 
     read_table(obj)  # start empty
     try:
@@ -307,7 +307,7 @@ def test_random_garbage(flows_obj):
 
 @kernel
 def test_zero_length_and_runt(flows_obj):
-    from ebpf_otlp.libbpf import BpfError
+    from ebpf_otlp.platform.libbpf import BpfError
 
     for prog in PROGS:
         read_table(flows_obj)
@@ -347,8 +347,8 @@ def test_repeated_packets_and_double_buffer(flows_obj):
 
 @kernel
 def test_table_full_counts_overflow():
-    from ebpf_otlp import flows_agg as agg
-    from ebpf_otlp.bpfobj import BpfObject
+    from ebpf_otlp.platform.bpfobj import BpfObject
+    from ebpf_otlp.signals.flows import agg as agg
 
     with BpfObject.open_packaged("flows") as obj:
         for t in ("flows_a", "flows_b"):
@@ -377,7 +377,7 @@ def test_table_full_counts_overflow():
 # --- user-space side: aggregation and encoding (no kernel) ------------------------------
 def _drained(rows: list[tuple[str, int, str, int, int, int, int]]):
     """rows: (src, sport, dst, dport, proto, packets, bytes) -> a Drained."""
-    from ebpf_otlp import flows_agg as agg
+    from ebpf_otlp.signals.flows import agg as agg
 
     keys = np.zeros(len(rows), agg.KEY_DT)
     for i, (s, sp, d, dp, proto, _, _) in enumerate(rows):
@@ -391,8 +391,8 @@ def _drained(rows: list[tuple[str, int, str, int, int, int, int]]):
 
 
 def test_aggregate_over_dropped_attributes():
-    from ebpf_otlp import flows_agg as agg
-    from ebpf_otlp import flows_attrs as fa
+    from ebpf_otlp.signals.flows import agg as agg
+    from ebpf_otlp.signals.flows import attrs as fa
 
     d = _drained([("10.0.0.1", 1000, "10.0.0.2", 80, 6, 3, 300),
                   ("10.0.0.1", 1001, "10.0.0.2", 80, 6, 4, 400),
@@ -410,7 +410,7 @@ def test_aggregate_over_dropped_attributes():
 
 
 def test_series_store_delta_and_cumulative():
-    from ebpf_otlp import flows_agg as agg
+    from ebpf_otlp.signals.flows import agg as agg
 
     kept = ("source.address",)
     d1 = _drained([("10.0.0.1", 1, "10.0.0.2", 2, 17, 1, 100)])
@@ -447,11 +447,11 @@ def test_direct_encoding_decodes_with_opentelemetry_proto():
         ExportMetricsServiceRequest,
     )
 
-    from ebpf_otlp import flows_agg as agg
-    from ebpf_otlp import flows_attrs as fa
-    from ebpf_otlp import otlp_direct as od
     from ebpf_otlp.config import FLOW_ATTRIBUTES
+    from ebpf_otlp.otlp import sums as od
     from ebpf_otlp.receiver import metric_records
+    from ebpf_otlp.signals.flows import agg as agg
+    from ebpf_otlp.signals.flows import attrs as fa
 
     rows = [("10.0.0.1", 1000 + i, "10.0.0.2", 53, 17, i + 1, 1000 * (i + 1) + (1 << 40))
             for i in range(300)]
@@ -485,9 +485,9 @@ def test_attribute_sets_are_unique_whatever_is_kept():
     """Series that export the same attribute set must have been merged."""
     import itertools
 
-    from ebpf_otlp import flows_agg as agg
-    from ebpf_otlp import flows_attrs as fa
     from ebpf_otlp.config import FLOW_ATTRIBUTES
+    from ebpf_otlp.signals.flows import agg as agg
+    from ebpf_otlp.signals.flows import attrs as fa
 
     d = _drained([("10.0.0.1", 1000, "10.0.0.2", 80, 6, 1, 10),
                   ("10.0.0.1", 1000, "10.0.0.2", 80, 17, 2, 20),

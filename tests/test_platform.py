@@ -16,11 +16,11 @@ import pytest
 from conftest import require
 from netns import sh
 
-from ebpf_otlp import tc
-from ebpf_otlp.bpfobj import BpfObject
-from ebpf_otlp.layout import record_dtype
-from ebpf_otlp.libbpf import BpfError
-from ebpf_otlp.ringbuf import RingBuffer, RingPoller
+from ebpf_otlp.platform import tc
+from ebpf_otlp.platform.bpfobj import BpfObject
+from ebpf_otlp.platform.layout import record_dtype
+from ebpf_otlp.platform.libbpf import BpfError
+from ebpf_otlp.platform.ringbuf import RingBuffer, RingPoller
 
 pytestmark = pytest.mark.kernel
 ROOT = Path(__file__).parent.parent

@@ -14,8 +14,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 
 from ebpf_otlp.config import AgentConfig
+from ebpf_otlp.otlp.sdk import DURATION_BUCKETS, Telemetry
 from ebpf_otlp.receiver import Receiver
-from ebpf_otlp.telemetry import DURATION_BUCKETS, Telemetry
 
 
 def post(port: int, path: str, body: bytes, headers: dict | None = None) -> int:

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from ebpf_otlp.config import AgentConfig
 from ebpf_otlp.signals.tcp import TcpSignal
-from ebpf_otlp.tcp_records import (
+from ebpf_otlp.signals.tcp.records import (
     CKEY,
     EV_CLOSE,
     EV_FAIL,
@@ -157,8 +157,8 @@ def _hist_points(values_per_call: list[np.ndarray], bulk: bool) -> list:
     from opentelemetry.sdk.metrics.export import AggregationTemporality
     from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
+    from ebpf_otlp.otlp.sdk import DURATION_BUCKETS
     from ebpf_otlp.tcp_hist import record_many
-    from ebpf_otlp.telemetry import DURATION_BUCKETS
 
     reader = InMemoryMetricReader(preferred_temporality={
         Histogram: AggregationTemporality.DELTA})

@@ -12,12 +12,12 @@ import threading
 import time
 
 from . import signals as _signals
-from . import tc
 from .config import AgentConfig
-from .libbpf import BpfError, lib
-from .ringbuf import RingPoller
+from .otlp.sdk import Telemetry
+from .platform import tc
+from .platform.libbpf import BpfError, lib
+from .platform.ringbuf import RingPoller
 from .signals.base import Signal
-from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 

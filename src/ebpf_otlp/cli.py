@@ -124,8 +124,8 @@ def run(ifaces: tuple[str, ...], signals: tuple[str, ...] | None, headers: tuple
 
     try:
         from .agent import Agent, ConfigError
-        from .libbpf import BpfError
-        from .mounts import MountError
+        from .platform.libbpf import BpfError
+        from .platform.mounts import MountError
     except ImportError as e:  # libbpf.so.1 missing or too old: say what to install
         click.echo(f"ebpf-otlp: {e}", err=True)
         sys.exit(1)

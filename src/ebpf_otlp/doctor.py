@@ -43,7 +43,7 @@ SIGNAL_NEEDS = {
 
 
 def _try_hook(hook: str, prog_name: str) -> str:
-    from .bpfobj import BpfObject
+    from .platform.bpfobj import BpfObject
 
     with BpfObject.open_packaged("selftest") as obj:
         obj.only_programs([prog_name])
@@ -114,7 +114,7 @@ def facts() -> dict:
     out: dict = {"kernel": platform.release(), "machine": platform.machine()}
     out["btf"] = Path("/sys/kernel/btf/vmlinux").exists()
     try:
-        from . import libbpf
+        from .platform import libbpf
 
         out["libbpf"] = libbpf.version()
         out["capabilities"] = sorted(libbpf.effective_caps())
@@ -122,7 +122,7 @@ def facts() -> dict:
         out["libbpf"] = None
         out["libbpf_error"] = str(e)
         return out
-    from .mounts import MountError, ensure_tracefs
+    from .platform.mounts import MountError, ensure_tracefs
 
     try:
         out["tracefs"] = ensure_tracefs()

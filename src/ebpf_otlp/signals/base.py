@@ -5,12 +5,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
-from ..bpfobj import BpfObject, Program
-from ..ringbuf import RingBuffer
+from ..platform.bpfobj import BpfObject, Program
+from ..platform.ringbuf import RingBuffer
 
 if TYPE_CHECKING:
     from ..config import AgentConfig
-    from ..telemetry import Telemetry
+    from ..otlp.sdk import Telemetry
 
 
 class Signal(ABC):

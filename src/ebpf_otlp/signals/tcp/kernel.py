@@ -10,8 +10,8 @@ import logging
 import os
 import tempfile
 
-from .bpfobj import Link, Program
-from .libbpf import ffi, lib
+from ...platform.bpfobj import Link, Program
+from ...platform.libbpf import ffi, lib
 
 log = logging.getLogger(__name__)
 

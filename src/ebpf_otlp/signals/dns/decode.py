@@ -23,7 +23,7 @@ import dns.rcode
 import dns.rdatatype
 import numpy as np
 
-from .layout import record_dtype
+from ...platform.layout import record_dtype
 
 HEADER = 12
 MAX_LABELS = 128  # a 255-byte name has at most 127 labels

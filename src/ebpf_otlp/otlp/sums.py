@@ -23,7 +23,7 @@ from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope, KeyVa
 from opentelemetry.proto.metrics.v1.metrics_pb2 import ResourceMetrics, ScopeMetrics
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 
-from .otlp_wire import (  # noqa: F401 (re-exported for the flows signal)
+from .wire import (  # noqa: F401 (re-exported for the flows signal)
     TEMPORALITY_CUMULATIVE,
     TEMPORALITY_DELTA,
     OtlpSender,

@@ -3,7 +3,7 @@ the attributes the user keeps, aggregate over the dropped ones, and keep the
 per-series state that delta and cumulative export need.
 
 Python never loops over packets, and over series only to turn a distinct
-attribute value into text once (see :mod:`ebpf_otlp.flows_attrs`).
+attribute value into text once (see :mod:`ebpf_otlp.signals.flows.attrs`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .layout import record_dtype
+from ...platform.layout import record_dtype
 
 KEY_DT = record_dtype("flows", "flow_key")
 VAL_DT = record_dtype("flows", "flow_value")

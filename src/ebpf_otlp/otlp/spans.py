@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Sequence
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 
-from .otlp_wire import OtlpSender, any_value, field, varint
+from .wire import OtlpSender, any_value, field, varint
 
 log = logging.getLogger(__name__)
 

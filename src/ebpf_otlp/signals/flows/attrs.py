@@ -12,8 +12,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from . import otlp_direct as pb
-from .flows_agg import APPLIES_IP, APPLIES_PORTS, APPLIES_TCP_FLAGS, group_rows
+from ...otlp import sums as pb
+from .agg import APPLIES_IP, APPLIES_PORTS, APPLIES_TCP_FLAGS, group_rows
 
 TRANSPORTS = {1: "icmp", 58: "icmp", 6: "tcp", 17: "udp", 132: "sctp", 136: "udplite",
               2: "igmp", 4: "ipip", 41: "ipv6", 47: "gre", 50: "esp", 51: "ah", 33: "dccp",

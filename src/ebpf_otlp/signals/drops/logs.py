@@ -13,7 +13,7 @@ from typing import Callable
 
 from opentelemetry._logs import SeverityNumber
 
-from .drops_decode import DropRow
+from .decode import DropRow
 
 EVENT_NAME = "network.packet.drop"
 

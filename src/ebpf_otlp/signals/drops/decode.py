@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .drops_reasons import DropReasons
-from .layout import record_dtype
+from ...platform.layout import record_dtype
+from .reasons import DropReasons
 
 # IANA protocol numbers to `network.transport` values; others keep their number.
 TRANSPORTS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp", 132: "sctp", 136: "udplite",

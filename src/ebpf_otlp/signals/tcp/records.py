@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .layout import constant, record_dtype
+from ...platform.layout import constant, record_dtype
 
 EVENT = record_dtype("tcp", "tcp_event")
 CKEY = record_dtype("tcp", "tcp_ckey")

@@ -31,7 +31,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
 )
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 
-from .otlp_wire import any_value
+from .wire import any_value
 
 log = logging.getLogger(__name__)
 

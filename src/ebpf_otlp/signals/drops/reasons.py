@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .btf import kernel_enum
+from ...platform.btf import kernel_enum
 
 ENUM = "skb_drop_reason"
 SUBSYS_ENUM = "skb_drop_reason_subsys"
@@ -43,7 +43,7 @@ class DropReasons:
     @classmethod
     def from_enum(cls, values: dict[int, str], subsys: dict[int, str] | None = None
                   ) -> DropReasons:
-        """Build from raw enumerators as :func:`ebpf_otlp.btf.kernel_enum` returns them."""
+        """Build from raw enumerators as :func:`ebpf_otlp.platform.btf.kernel_enum` returns them."""
         names = {}
         for value, name in values.items():
             short = strip_name(name)

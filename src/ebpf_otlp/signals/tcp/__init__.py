@@ -15,13 +15,14 @@ import time
 import numpy as np
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ..bpfobj import BpfObject
-from ..layout import constant
-from ..libbpf import BpfError
-from ..ringbuf import RingBuffer
-from ..tcp_hist import record_many
-from ..tcp_kernel import OPTIONAL, VARIANTS, attach_sockops, kernel_structs
-from ..tcp_records import (
+from ...platform.bpfobj import BpfObject
+from ...platform.layout import constant
+from ...platform.libbpf import BpfError
+from ...platform.ringbuf import RingBuffer
+from ...tcp_hist import record_many
+from ..base import Signal
+from .kernel import OPTIONAL, VARIANTS, attach_sockops, kernel_structs
+from .records import (
     CKEY,
     CNT_RESET_RX,
     CNT_RESET_TX,
@@ -37,7 +38,6 @@ from ..tcp_records import (
     counter_deltas,
     failure_cause,
 )
-from .base import Signal
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class TcpSignal(Signal):
         try:
             self.mapper = AttributeMapper(config.tcp_attributes)
         except ValueError as e:  # a bad flag: one line and exit status 2, no traceback
-            from ..agent import ConfigError
+            from ...agent import ConfigError
 
             raise ConfigError(f"--tcp-attributes: {e}") from None
         m = telemetry.meter

@@ -22,8 +22,16 @@ import numpy as np
 from opentelemetry.sdk.metrics import Histogram as SdkHistogram
 from opentelemetry.sdk.metrics.export import AggregationTemporality
 
-from ..bpfobj import BpfObject
-from ..dns_decode import (
+from ...otlp.histogram import BatchHistogram, export_histograms
+from ...otlp.sdk import DURATION_BUCKETS, SCOPE, signal_endpoint
+from ...otlp.spans import SpanBatchExporter, SpanItem
+from ...otlp.wire import OtlpSender
+from ...platform.bpfobj import BpfObject
+from ...platform.layout import constant, record_dtype
+from ...platform.libbpf import BpfError
+from ...platform.ringbuf import RingBuffer
+from ..base import Signal
+from .decode import (
     AddressCache,
     Decoder,
     PendingTable,
@@ -33,15 +41,7 @@ from ..dns_decode import (
     new_query,
     rcode_text,
 )
-from ..dns_gai import GaiMetrics, libc_path
-from ..dns_metrics import BatchHistogram, export_histograms
-from ..dns_spans import SpanBatchExporter, SpanItem
-from ..layout import constant, record_dtype
-from ..libbpf import BpfError
-from ..otlp_wire import OtlpSender
-from ..ringbuf import RingBuffer
-from ..telemetry import DURATION_BUCKETS, SCOPE, signal_endpoint
-from .base import Signal
+from .gai import GaiMetrics, libc_path
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class DnsSignal(Signal):
 
     # --- lifecycle -------------------------------------------------------------
     def start(self) -> None:
-        from ..agent import ConfigError
+        from ...agent import ConfigError
 
         cfg = self.config
         max_ports = constant("dns", "DNS_MAX_PORTS")

@@ -6,7 +6,7 @@ Per interval (``collect``): flip the active table, wait out programs still
 writing the old one, batch-drain it, fold the per-CPU slots, project the keys
 onto the kept attributes and sum over the dropped ones (numpy), then export.
 The export builds the OTLP request directly from the arrays (see
-:mod:`ebpf_otlp.otlp_direct`); ``EBPF_OTLP_FLOWS_EXPORT=sdk`` uses SDK
+:mod:`ebpf_otlp.otlp.sums`); ``EBPF_OTLP_FLOWS_EXPORT=sdk`` uses SDK
 counters instead (fine for small tables, seconds per 100k series).
 """
 
@@ -20,18 +20,18 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .. import flows_agg as agg
-from .. import flows_attrs as fattrs
-from .. import otlp_direct as od
-from ..bpfobj import BpfObject
-from ..maps import Map
-from ..tables import AlternatingTables
-from ..telemetry import SCOPE, signal_endpoint
-from .base import Signal
+from ...otlp import sums as od
+from ...otlp.sdk import SCOPE, signal_endpoint
+from ...platform.bpfobj import BpfObject
+from ...platform.maps import Map
+from ...platform.tables import AlternatingTables
+from ..base import Signal
+from . import agg as agg
+from . import attrs as fattrs
 
 if TYPE_CHECKING:
-    from ..config import AgentConfig
-    from ..telemetry import Telemetry
+    from ...config import AgentConfig
+    from ...otlp.sdk import Telemetry
 
 log = logging.getLogger(__name__)
 

@@ -12,18 +12,18 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from ..bpfobj import BpfObject
-from ..drops_decode import DropDecoder, key_dtype
-from ..drops_kallsyms import KernelSymbols
-from ..drops_logs import FirstDropLogger
-from ..drops_reasons import DropReasons
-from ..layout import constant
-from ..tables import AlternatingTables
-from .base import Signal
+from ...platform.bpfobj import BpfObject
+from ...platform.kallsyms import KernelSymbols
+from ...platform.layout import constant
+from ...platform.tables import AlternatingTables
+from ..base import Signal
+from .decode import DropDecoder, key_dtype
+from .logs import FirstDropLogger
+from .reasons import DropReasons
 
 if TYPE_CHECKING:
-    from ..config import AgentConfig
-    from ..telemetry import Telemetry
+    from ...config import AgentConfig
+    from ...otlp.sdk import Telemetry
 
 log = logging.getLogger(__name__)
 

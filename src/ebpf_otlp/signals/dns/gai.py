@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dns_metrics import BatchHistogram
+from ...otlp.histogram import BatchHistogram
 
 # EAI_* codes as this libc defines them (negative on glibc), from Python's socket module.
 EAI_NAMES = {getattr(socket, n): n for n in dir(socket)
