@@ -125,8 +125,8 @@ def synthetic(n: int, seed: int = 1):
 
 def export_direct(d, url: str) -> dict[str, float]:
     from ebpf_otlp.config import FLOW_ATTRIBUTES
-    from ebpf_otlp.otlp import sums as od
-    from ebpf_otlp.signals.flows import MAX_SERIES_PER_REQUEST, METRICS
+    from ebpf_otlp.otlp import Exporter, ExportSettings
+    from ebpf_otlp.signals.flows import METRICS
     from ebpf_otlp.signals.flows import agg as agg
     from ebpf_otlp.signals.flows import attrs as fa
 
@@ -135,12 +135,13 @@ def export_direct(d, url: str) -> dict[str, float]:
     t1 = time.perf_counter()
     attrs = fa.encoded(series, FLOW_ATTRIBUTES, {1: "eth0"})
     t2 = time.perf_counter()
-    sender = od.OtlpSender("metrics", url, {}, 30.0)
-    ok = od.send_sums(sender, MAX_SERIES_PER_REQUEST, {"service.name": "bench"}, "ebpf_otlp", "",
-                      METRICS, attrs, counts, np.full(len(series), time.time_ns(), np.uint64),
-                      time.time_ns(), od.TEMPORALITY_DELTA).all()
+    ex = Exporter(ExportSettings.resolve(endpoint=url.rsplit("/v1/", 1)[0], timeout_s=30.0,
+                                         resource={"service.name": "bench"}), 30.0, 1 << 20)
+    sender = ex.senders["metrics"]
+    ok = ex.send_sums(METRICS, attrs, counts, np.full(len(series), time.time_ns(), np.uint64),
+                      time.time_ns()).all()
     t3 = time.perf_counter()
-    sender.close()
+    ex.shutdown(1)
     if not ok:
         raise RuntimeError("direct export to the sink failed")
     return {"aggregate": t1 - t0, "attributes": t2 - t1, "encode_send": t3 - t2,

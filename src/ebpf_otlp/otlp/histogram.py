@@ -1,39 +1,30 @@
-"""``dns.lookup.duration`` aggregated with numpy and exported as OTLP directly.
+"""The one bulk histogram path: values recorded in batches, bucketed with numpy.
 
 The SDK's ``Histogram.record`` costs 13-30 us per call here (attribute
 hashing and cleaning on every call), more than everything else a DNS lookup
-costs us together. Lookups are therefore grouped by attribute set as they
-come (one list append each), bucketed with numpy once per export interval,
-and sent as an ``ExportMetricsServiceRequest`` built with
-``opentelemetry-proto``: same resource, scope, bucket bounds and temporality
-as the SDK's histograms, through the SDK metric exporter's own HTTP client.
+or a TCP connection costs us together (bench/dns_flood.py,
+bench/tcp_churn.py). Values are therefore grouped by attribute set as they
+come (one list append each, or one array per group), bucketed with numpy
+once per export interval, and exported as ``Metric`` messages that the
+exporter puts into one request with the resource and scope.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
-    ExportMetricsServiceRequest,
-)
-from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import (
     AggregationTemporality,
     Histogram,
     HistogramDataPoint,
     Metric,
-    ResourceMetrics,
-    ScopeMetrics,
 )
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 
 from .wire import any_value
-
-log = logging.getLogger(__name__)
 
 AttrKey = tuple[tuple[str, object], ...]
 OVERFLOW: AttrKey = (("otel.metric.overflow", True),)
@@ -63,23 +54,19 @@ class BatchHistogram:
     """One histogram instrument fed in bulk; ``export`` once per interval."""
 
     def __init__(self, name: str, unit: str, description: str, bounds: Sequence[float],
-                 resource_attributes: dict, scope: str, delta: bool, cardinality_limit: int,
-                 send: Callable[[bytes], bool]):
+                 delta: bool, cardinality_limit: int):
         self.name, self.unit, self.description = name, unit, description
         self.bounds = np.asarray(bounds, dtype=np.float64)
         self.delta = delta
         self.cardinality_limit = cardinality_limit
-        self._send = send
-        self._resource = PbResource(attributes=[KeyValue(key=k, value=any_value(v))
-                                                for k, v in resource_attributes.items()])
-        self._scope = InstrumentationScope(name=scope)
-        self._pending: dict[AttrKey, list[float]] = {}
+        self._pending: dict[AttrKey, list] = {}
         self._points: dict[AttrKey, _Point] = {}
         self._lock = threading.Lock()
         self._start_ns = time.time_ns()
         self.exports = 0
         self.failures = 0
         self.overflowed = 0
+        self._folded: set[AttrKey] = set()
         self.points_lost = 0  # delta points whose export failed
 
     def record_batch(self, items: Sequence[tuple[AttrKey, float]]) -> None:
@@ -92,6 +79,18 @@ class BatchHistogram:
                     lst = pending[key] = []
                 lst.append(value)
 
+    def record_many(self, key: AttrKey, values: np.ndarray) -> None:
+        """All of ``values`` (seconds, finite and >= 0 kept) under one attribute set."""
+        values = np.asarray(values, dtype=np.float64)
+        values = values[np.isfinite(values) & (values >= 0)]
+        if not len(values):
+            return
+        with self._lock:
+            lst = self._pending.get(key)
+            if lst is None:
+                lst = self._pending[key] = []
+            lst.append(values)
+
     def _fold(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
@@ -99,15 +98,25 @@ class BatchHistogram:
         for key, values in pending.items():
             if not values:
                 continue
+            arr = (np.concatenate([np.atleast_1d(np.asarray(v, np.float64)) for v in values])
+                   if any(isinstance(v, np.ndarray) for v in values)
+                   else np.asarray(values, dtype=np.float64))
             point = self._points.get(key)
             if point is None:
                 if len(self._points) >= self.cardinality_limit - 1:
-                    self.overflowed += len(values)
+                    self.overflowed += len(arr)
+                    if key not in self._folded and len(self._folded) < (1 << 16):
+                        self._folded.add(key)  # distinct series folded (bounded memory)
                     key = OVERFLOW
                     point = self._points.get(key)
                 if point is None:
                     point = self._points[key] = _Point(nb)
-            point.add(np.asarray(values, dtype=np.float64), self.bounds)
+            point.add(arr, self.bounds)
+
+    @property
+    def series_overflowed(self) -> int:
+        """Distinct attribute sets folded into the overflow series so far."""
+        return len(self._folded)
 
     def metric(self, now_ns: int | None = None) -> tuple[Metric, int] | None:
         """(the metric, lookups in it) for what was recorded (delta) or all so far
@@ -133,38 +142,3 @@ class BatchHistogram:
             self._points = {}
             self._start_ns = now_ns
         return metric, count
-
-    def request(self, now_ns: int | None = None) -> bytes | None:
-        """This histogram alone as an ``ExportMetricsServiceRequest``."""
-        m = self.metric(now_ns)
-        return None if m is None else self.wrap([m[0]])
-
-    def wrap(self, metrics: list[Metric]) -> bytes:
-        req = ExportMetricsServiceRequest(resource_metrics=[ResourceMetrics(
-            resource=self._resource,
-            scope_metrics=[ScopeMetrics(scope=self._scope, metrics=metrics)])])
-        return req.SerializeToString()
-
-    def export(self) -> bool:
-        return export_histograms([self])
-
-
-def export_histograms(hists: Sequence[BatchHistogram]) -> bool:
-    """Send several histograms (same resource, scope and sender) in one request;
-    a failure is counted on each (and, for delta, their lookups are lost)."""
-    parts = [(h, m) for h in hists if (m := h.metric()) is not None]
-    if not parts:
-        return True
-    first = parts[0][0]
-    try:
-        ok = first._send(first.wrap([m for _, (m, _) in parts]))
-    except Exception as e:  # a collector that is down must not break collection
-        log.warning("export of %s failed: %s", ", ".join(h.name for h, _ in parts), e)
-        ok = False
-    for h, (_, count) in parts:
-        h.exports += 1
-        if not ok:
-            h.failures += 1
-            if h.delta:
-                h.points_lost += count
-    return ok

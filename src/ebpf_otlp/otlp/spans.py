@@ -1,15 +1,12 @@
-"""A batch span path: OTLP ``ExportTraceServiceRequest`` bytes built straight
-from span tuples, sent by one thread through the SDK exporter's own HTTP client.
+"""The one span path: OTLP ``ExportTraceServiceRequest`` bytes built straight
+from span records, sent by one thread through the traces sender.
 
 The SDK's span path costs ~100 us per span here (span objects, the batch
 processor, pure-Python OTLP encoding) and tops out near 5,000 spans/s
-(PERF.md). DNS spans all have the same shape, and their attribute values
-repeat (a few servers, types, codes), so each ``KeyValue`` is encoded once
-and cached; a span is then a handful of byte concatenations. The envelope
-(resource, scope) is encoded with ``opentelemetry-proto`` once. HTTP goes
-through the client of an ``OTLPSpanExporter`` built with the same endpoint,
-headers and timeout as the SDK's, so compression, TLS settings from
-``OTEL_*`` variables, retries and back-off are the SDK's own.
+(bench/dns_flood.py). Spans of one signal share their shape and their
+attribute values repeat (a few servers, types, codes), so each ``KeyValue``
+is encoded once and cached; a span is then a handful of byte
+concatenations. The envelope (resource, scope) is encoded once.
 
 Every span that is not exported is counted, by reason: the bounded queue
 was full, the export failed after retries, or shutdown came first.
@@ -23,34 +20,45 @@ import struct
 import threading
 import time
 from collections import Counter, deque
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
-from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope, KeyValue
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 
-from .wire import OtlpSender, any_value, field, varint
+from .wire import field, key_value, resource_message, varint
 
 log = logging.getLogger(__name__)
 
+SPAN_KIND_SERVER = 2
 SPAN_KIND_CLIENT = 3
 STATUS_ERROR = 2
 
-# (start_ns, end_ns, name, ((key, value), ...), error_type or None)
-SpanItem = tuple[int, int, str, Sequence[tuple[str, "str | int"]], "str | None"]
+
+class SpanRecord(NamedTuple):
+    """One finished span. Plain tuples of the first five fields work too."""
+
+    start_ns: int  # unix ns
+    end_ns: int
+    name: str
+    attributes: Sequence[tuple[str, object]]
+    error: str | None = None  # error.type; sets status ERROR
+    kind: int = SPAN_KIND_CLIENT
+    trace_id: bytes | None = None  # 16 bytes: join this trace (a traceparent seen)
+    parent_span_id: bytes | None = None  # 8 bytes
+
+
+SpanItem = SpanRecord
 
 
 class SpanEncoder:
     """Encodes span tuples into one request; ``KeyValue`` bytes are cached."""
 
     def __init__(self, resource_attributes: dict, scope: str, cache_size: int = 65536):
-        res = PbResource(attributes=[KeyValue(key=k, value=any_value(v))
-                                     for k, v in resource_attributes.items()])
-        self._resource_field = field(1, res.SerializeToString())
+        self._resource_field = field(1, resource_message(resource_attributes).SerializeToString())
         self._scope_field = field(1, InstrumentationScope(name=scope).SerializeToString())
         self._kv: dict[tuple[str, object], bytes] = {}
         self._names: dict[str, bytes] = {}
         self.cache_size = cache_size
-        self._kind = b"\x30" + varint(SPAN_KIND_CLIENT)  # field 6, varint
+        self._kinds = {k: b"\x30" + varint(k) for k in range(6)}  # field 6, varint
 
     def _keyvalue(self, key: str, value: object) -> bytes:
         kv = self._kv.get((key, value))
@@ -59,25 +67,31 @@ class SpanEncoder:
         return kv
 
     def _encode_kv(self, key: str, value: object) -> bytes:
-        if isinstance(value, int) and not isinstance(value, bool):
-            av = b"\x18" + varint(value & 0xFFFFFFFFFFFFFFFF)  # int_value, field 3
-        else:
-            av = field(1, str(value).encode())  # string_value
-        kv = field(9, field(1, key.encode()) + field(2, av))  # Span.attributes
+        kv = field(9, key_value(key, value))  # Span.attributes
         if len(self._kv) >= self.cache_size:
             self._kv.clear()  # bounded; the hot values come back at once
         self._kv[(key, value)] = kv
         return kv
 
-    def span(self, trace_id: bytes, span_id: bytes, item: SpanItem) -> bytes:
-        start, end, name, attrs, error = item
+    def span(self, trace_id: bytes, span_id: bytes, item: SpanRecord | tuple) -> bytes:
+        start, end, name, attrs, error, *rest = item
+        kind = rest[0] if rest else SPAN_KIND_CLIENT
+        parent = None
+        if len(rest) > 1 and rest[1] is not None:
+            trace_id = rest[1]
+            parent = rest[2] if len(rest) > 2 else None
         name_f = self._names.get(name)
         if name_f is None:
+            if len(self._names) >= self.cache_size:
+                self._names.clear()
             name_f = self._names[name] = field(5, name.encode())
         get = self._kv.get
         kvs = b"".join([get(a) or self._encode_kv(*a) for a in attrs])
-        body = [b"\x0a\x10", trace_id, b"\x12\x08", span_id, name_f, self._kind,
-                struct.pack("<BQBQ", 0x39, start, 0x41, end), kvs]
+        body = [b"\x0a\x10", trace_id, b"\x12\x08", span_id]
+        if parent:
+            body.append(b"\x22\x08" + parent)  # parent_span_id, field 4
+        body += [name_f, self._kinds.get(kind) or b"\x30" + varint(kind),
+                 struct.pack("<BQBQ", 0x39, start, 0x41, max(end, start)), kvs]
         if error is not None:
             body.append(self._keyvalue("error.type", error))
             body.append(field(15, field(2, error.encode()) + b"\x18" + varint(STATUS_ERROR)))
@@ -99,24 +113,19 @@ class SpanEncoder:
 
 
 class SpanBatchExporter:
-    """Bounded queue of span tuples and one sender thread.
+    """Bounded queue of encoded spans and one sender thread.
 
     ``submit`` never blocks: what does not fit is dropped and counted. The
-    sender sends when ``max_batch`` spans wait or every ``flush_interval_s``;
-    ``tick`` (if set) runs on the sender thread at least that often, so
-    timers (DNS timeouts) fire even when no traffic arrives.
+    sender sends when ``max_batch`` spans wait or every ``flush_interval_s``.
     """
 
-    def __init__(self, resource_attributes: dict, endpoint: str, headers: dict[str, str],
-                 timeout_s: float, scope: str = "ebpf_otlp", max_queue: int = 65536,
-                 max_batch: int = 4096, flush_interval_s: float = 0.5,
-                 send: Callable[[bytes], bool] | None = None):
+    def __init__(self, resource_attributes: dict, send: Callable[[bytes], bool],
+                 scope: str = "ebpf_otlp", max_queue: int = 65536, max_batch: int = 4096,
+                 flush_interval_s: float = 0.5):
         self.encoder = SpanEncoder(resource_attributes, scope)
-        self.endpoint = endpoint
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.flush_interval_s = flush_interval_s
-        self.tick: Callable[[], None] | None = None
         # Spans wait already encoded: bytes are invisible to the cyclic GC, while
         # thousands of queued attribute tuples made its collections cost ~30%.
         self._queue: deque[bytes] = deque()
@@ -129,7 +138,7 @@ class SpanBatchExporter:
         self.requests = 0
         self.failures = 0
         self.dropped: Counter[str] = Counter()
-        self._send = send or OtlpSender("traces", endpoint, headers, timeout_s)
+        self._send = send
 
     # --- producer side ----------------------------------------------------------
     def submit(self, items: Iterable[SpanItem]) -> int:
@@ -152,12 +161,12 @@ class SpanBatchExporter:
                 self._cond.notify()
         return dropped
 
-    def pending(self) -> int:
-        return len(self._queue)
-
     # --- sender thread -------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="dns-span-sender", daemon=True)
+        with self._cond:
+            if self._thread is not None or self._stop:
+                return
+            self._thread = threading.Thread(target=self._run, name="span-sender", daemon=True)
         self._thread.start()
 
     def _take(self) -> list[bytes]:
@@ -178,26 +187,17 @@ class SpanBatchExporter:
                 batch = self._take()
             if time.monotonic() >= next_flush:
                 next_flush = time.monotonic() + self.flush_interval_s
-                self._run_tick()
             if batch:
                 self._export(batch)
             if stopping and not self._queue:
                 return
-
-    def _run_tick(self) -> None:
-        if self.tick is None:
-            return
-        try:
-            self.tick()
-        except Exception:  # a timer bug must not stop span export
-            log.exception("span exporter tick failed")
 
     def _export(self, batch: list[bytes]) -> None:
         try:
             data = self.encoder.wrap(batch)
             ok = self._send(data)
         except Exception as e:  # a collector that is down must not kill the sender
-            log.warning("span export to %s failed: %s", self.endpoint, e)
+            log.warning("span export failed: %s", e)
             ok = False
         self.requests += 1
         if ok:

@@ -1,16 +1,12 @@
 """OTLP metrics built straight from arrays, without the SDK's per-point objects.
 
-The SDK spends ~70 us per data point (PERF.md); a flow table of 100,000
-series would take seconds per interval. Here a ``NumberDataPoint`` is a
+The SDK spends ~70 us per data point (bench/export.py); a flow table of
+100,000 series would take seconds per interval. Here a ``NumberDataPoint`` is a
 pre-encoded attribute blob (shared by the bytes, packets and segments
 metrics of a series) plus a 27-byte fixed tail built with numpy; the
 envelope (resource, scope) is serialised by ``opentelemetry-proto`` itself.
 The result is a plain ``ExportMetricsServiceRequest`` in protobuf wire format
 that any OTLP receiver decodes.
-
-Sending goes through the SDK exporter's own HTTP client (endpoint, headers,
-compression, TLS settings, timeout and retry with backoff all as the SDK
-resolves them), built from the same arguments as the agent's SDK exporter.
 """
 
 from __future__ import annotations
@@ -19,20 +15,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.metrics.v1.metrics_pb2 import ResourceMetrics, ScopeMetrics
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 
-from .wire import (  # noqa: F401 (re-exported for the flows signal)
-    TEMPORALITY_CUMULATIVE,
-    TEMPORALITY_DELTA,
-    OtlpSender,
-    any_value,
-    key_value,
-    len_field,
-    temporality_from_env,
-    varint,
-)
+from .wire import key_value, len_field, resource_message, varint
 
 
 def point_attribute(key: str, value: object) -> bytes:
@@ -91,8 +77,7 @@ def encode_sums(resource_attrs: dict, scope_name: str, scope_version: str,
         metric_parts.append([b"\x12" + varint(metric_len) + head + b"\x3a" + varint(body_len),
                              memoryview(buf), trailer])
     scope = ScopeMetrics(scope=InstrumentationScope(name=scope_name, version=scope_version))
-    res = PbResource(attributes=[KeyValue(key=k, value=any_value(v))
-                                 for k, v in resource_attrs.items()])
+    res = resource_message(resource_attrs)
     scope_b = scope.SerializeToString()
     sm_len = len(scope_b) + sum(len(p) for mp in metric_parts for p in mp)
     res_b = ResourceMetrics(resource=res).SerializeToString()
@@ -101,22 +86,3 @@ def encode_sums(resource_attrs: dict, scope_name: str, scope_version: str,
     for mp in metric_parts:
         parts.extend(mp)
     return b"".join(parts)
-
-
-def send_sums(sender: OtlpSender, chunk: int, resource_attrs: dict, scope_name: str,
-              scope_version: str, metrics: Sequence[SumMetric], attrs: Sequence[bytes],
-              values: np.ndarray, start_ns: np.ndarray, time_ns: int,
-              temporality: int) -> np.ndarray:
-    """Encode and send in requests of at most ``chunk`` series; stops at the first
-    failure (the rest would only wait for more timeouts). Returns which series
-    were delivered."""
-    n = len(attrs)
-    delivered = np.zeros(n, bool)
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        body = encode_sums(resource_attrs, scope_name, scope_version, metrics, attrs[lo:hi],
-                           values[lo:hi], start_ns[lo:hi], time_ns, temporality)
-        if not sender.send(body):
-            break
-        delivered[lo:hi] = True
-    return delivered

@@ -1,17 +1,12 @@
-"""Hand-encoded OTLP for the high-volume paths (flows, DNS spans, DNS
-histograms), and the one way they send it: through the HTTP client of the
-SDK's own OTLP exporter, so endpoint, headers, compression, TLS and retries
-are the SDK's (``OTEL_EXPORTER_OTLP_*``)."""
+"""Protobuf wire primitives for the hand-encoded OTLP paths: varints, fields,
+the one ``KeyValue`` encoder (points, spans and logs share it) and the
+resource message."""
 
 from __future__ import annotations
 
-import logging
-import os
-
 import numpy as np
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue
-
-log = logging.getLogger(__name__)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource as PbResource
 
 TEMPORALITY_DELTA = 1
 TEMPORALITY_CUMULATIVE = 2
@@ -78,68 +73,7 @@ def any_value(v: object) -> AnyValue:
     return AnyValue(string_value=str(v))
 
 
-def temporality_from_env() -> int:
-    """Counters' temporality per ``OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE``."""
-    pref = os.environ.get("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
-                          "cumulative").strip().lower()
-    return TEMPORALITY_DELTA if pref in ("delta", "lowmemory") else TEMPORALITY_CUMULATIVE
-
-
-class OtlpSender:
-    """POSTs serialised OTLP requests of one kind (``"metrics"`` or ``"traces"``).
-
-    Callable as ``sender(body) -> ok``; counts requests, failures and bytes.
-    """
-
-    def __init__(self, kind: str, endpoint: str, headers: dict[str, str] | None,
-                 timeout_s: float):
-        if kind == "traces":
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-                OTLPSpanExporter as Exporter,
-            )
-        elif kind == "metrics":
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
-                OTLPMetricExporter as Exporter,
-            )
-        else:
-            raise ValueError(f"unknown OTLP kind {kind!r}")
-        self.kind = kind
-        self._exporter = Exporter(endpoint=endpoint, headers=headers or None, timeout=timeout_s)
-        self.endpoint = endpoint
-        self.timeout_s = timeout_s
-        self.headers = dict(headers or {})
-        self.requests = 0
-        self.failures = 0
-        self.bytes_sent = 0
-
-    def send(self, body: bytes) -> bool:
-        self.requests += 1
-        try:
-            # The SDK keeps its retrying client private; without it, one plain POST.
-            client = getattr(self._exporter, "_client", None)
-            ok = (bool(client.export(body).success) if client is not None
-                  and hasattr(client, "export") else self._post(body))
-        except Exception as e:  # a collector that is down must not kill the agent
-            log.warning("%s export failed: %s", self.kind, e)
-            ok = False
-        if ok:
-            self.bytes_sent += len(body)
-        else:
-            self.failures += 1
-        return ok
-
-    __call__ = send
-
-    def _post(self, body: bytes) -> bool:
-        import requests
-
-        session = getattr(self._exporter, "_session", None) or requests
-        r = session.post(self.endpoint, data=body, timeout=self.timeout_s,
-                         headers={"Content-Type": "application/x-protobuf", **self.headers})
-        return 200 <= r.status_code < 300
-
-    def close(self) -> None:
-        try:
-            self._exporter.shutdown()
-        except Exception:
-            pass
+def resource_message(attributes: dict) -> PbResource:
+    """The OTLP ``Resource`` of a request (every path encodes it here)."""
+    return PbResource(attributes=[KeyValue(key=k, value=any_value(v))
+                                  for k, v in attributes.items()])

@@ -62,3 +62,17 @@ def kernel_enum(name: str) -> dict[int, str]:
         return {}
     finally:
         lib.btf__free(btf)
+
+
+KIND_STRUCT = 4
+
+
+def kernel_structs(names: set[str]) -> set[str]:
+    """Which of ``names`` the running kernel's BTF defines as structs."""
+    btf = lib.btf__load_vmlinux_btf()
+    if btf == ffi.NULL:
+        return set()
+    try:
+        return {n for n in names if lib.btf__find_by_name_kind(btf, n.encode(), KIND_STRUCT) >= 0}
+    finally:
+        lib.btf__free(btf)

@@ -175,3 +175,12 @@ def check_ptr(ptr: object, operation: str, log_lines: list[str] | None = None) -
     if ptr == ffi.NULL:
         raise BpfError(ffi.errno or _errno.EINVAL, operation, log_lines)
     return ptr
+
+
+BPF_STATS_RUN_TIME = 0
+
+
+def enable_run_time_stats() -> int:
+    """Turn on the kernel's run-time statistics of every BPF program while the
+    returned fd is open (-1 when the kernel refuses: run time then reads 0)."""
+    return lib.bpf_enable_stats(BPF_STATS_RUN_TIME)

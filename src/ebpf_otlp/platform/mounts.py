@@ -1,4 +1,4 @@
-"""tracefs and bpffs: mount them when absent, or say how."""
+"""tracefs, bpffs and cgroup2: mount them when absent, or say how."""
 
 from __future__ import annotations
 
@@ -22,13 +22,22 @@ def _mounted(path: str, fstype: str) -> bool:
         return False
 
 
-def _mount(fstype: str, path: str) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.mount(fstype.encode(), path.encode(), fstype.encode(), 0, None) != 0:
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def mount(fstype: str, path: str) -> None:
+    """``mount -t fstype fstype path`` (needs CAP_SYS_ADMIN)."""
+    if _libc().mount(fstype.encode(), path.encode(), fstype.encode(), 0, None) != 0:
         err = ctypes.get_errno()
         raise MountError(
             f"{fstype} is not mounted at {path} and mounting it failed ({os.strerror(err)}); "
             f"mount it as root: mount -t {fstype} {fstype} {path}")
+
+
+def unmount(path: str) -> None:
+    """Lazy unmount (MNT_DETACH): gone from the tree now, freed when unused."""
+    _libc().umount2(path.encode(), 2)
 
 
 def ensure_tracefs() -> str:
@@ -38,11 +47,5 @@ def ensure_tracefs() -> str:
     if os.path.isdir("/sys/kernel/debug/tracing/events"):
         return "/sys/kernel/debug/tracing"
     if not _mounted(TRACEFS, "tracefs"):
-        _mount("tracefs", TRACEFS)
+        mount("tracefs", TRACEFS)
     return TRACEFS
-
-
-def ensure_bpffs() -> str:
-    if not _mounted(BPFFS, "bpf"):
-        _mount("bpf", BPFFS)
-    return BPFFS

@@ -2,10 +2,10 @@
 
 Kernel: ``dns.bpf.c`` copies the head of each DNS message into a ring
 buffer (TC ingress and egress on every ``--iface``). Here: batches are
-decoded (``dns_decode``), queries are paired with answers by transaction id
-and 5-tuple, each finished lookup becomes one CLIENT span (through the batch
-span path in ``dns_spans``, not the SDK's) and one ``dns.lookup.duration``
-measurement. Unanswered queries become timeouts after ``--dns-timeout``.
+decoded (``decode``), queries are paired with answers by transaction id and
+5-tuple, each finished lookup becomes one CLIENT span (the exporter's batch
+span path) and one ``dns.lookup.duration`` value (its bulk histogram path).
+Unanswered queries become timeouts after ``--dns-timeout``.
 """
 
 from __future__ import annotations
@@ -19,20 +19,17 @@ from itertools import chain
 from pathlib import Path
 
 import numpy as np
-from opentelemetry.sdk.metrics import Histogram as SdkHistogram
-from opentelemetry.sdk.metrics.export import AggregationTemporality
 
-from ...otlp.histogram import BatchHistogram, export_histograms
-from ...otlp.sdk import DURATION_BUCKETS, SCOPE, signal_endpoint
-from ...otlp.spans import SpanBatchExporter, SpanItem
-from ...otlp.wire import OtlpSender
+from ...config import ConfigError
+from ...otlp.semconv import FAMILIES, AddressCache, transport
+from ...otlp.spans import SpanRecord
 from ...platform.bpfobj import BpfObject
+from ...platform.host import epoch_offset_ns, libc_path
 from ...platform.layout import constant, record_dtype
 from ...platform.libbpf import BpfError
 from ...platform.ringbuf import RingBuffer
 from ..base import Signal
 from .decode import (
-    AddressCache,
     Decoder,
     PendingTable,
     Query,
@@ -41,7 +38,7 @@ from .decode import (
     new_query,
     rcode_text,
 )
-from .gai import GaiMetrics, libc_path
+from .gai import GaiMetrics
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +46,6 @@ log = logging.getLogger(__name__)
 # definite "no such name"). Every other code is an error with error.type=<code>.
 OK_RCODES = frozenset((0, 3))
 TIMEOUT = "timeout"
-TRANSPORT = {6: "tcp", 17: "udp"}
-NET_TYPE = {4: "ipv4", 6: "ipv6"}
 EXPIRE_EVERY_NS = 100_000_000  # timeouts are checked at least this often under traffic
 # DNS records are ~330 bytes (default head) and floods come in bursts: 16 MiB
 # hold ~50,000 messages, over a second at 20,000 queries/s, so a consumer that
@@ -72,19 +67,12 @@ def has_link_header(ifname: str) -> bool:
 class DnsSignal(Signal):
     name = "dns"
 
-    def __init__(self, config, telemetry):
-        super().__init__(config, telemetry)
-        m = telemetry.meter
-        pref = getattr(telemetry.metric_exporter, "_preferred_temporality", None) or {}
-        self.duration = BatchHistogram(
+    def __init__(self, config, exporter):
+        super().__init__(config, exporter)
+        m = exporter.meter
+        self.duration = exporter.histogram(
             "dns.lookup.duration", "s",
-            "DNS lookups seen on the wire: query to answer (or timeout)", DURATION_BUCKETS,
-            dict(telemetry.resource.attributes), SCOPE,
-            delta=pref.get(SdkHistogram) == AggregationTemporality.DELTA,
-            cardinality_limit=telemetry.cardinality_limit,
-            send=OtlpSender("metrics", signal_endpoint(
-                config.endpoint, "/v1/metrics", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
-                config.headers, config.export_timeout_s))
+            "DNS lookups seen on the wire: query to answer (or timeout)")
         self.queries = m.create_counter("dns.queries", unit="{query}",
                                         description="DNS queries seen on the wire")
         self.responses = m.create_counter("dns.responses", unit="{response}",
@@ -93,12 +81,7 @@ class DnsSignal(Signal):
         self.tcp = TcpContinuations()
         self.table = PendingTable(config.dns_max_pending, int(config.dns_timeout_s * 1e9))
         self.addrs = AddressCache()
-        self.spans = SpanBatchExporter(
-            dict(telemetry.resource.attributes),
-            signal_endpoint(config.endpoint, "/v1/traces", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
-            config.headers, config.export_timeout_s,
-            max_queue=max(65536, config.dns_max_pending))
-        self.spans.tick = self.expire
+        self.spans_dropped = 0  # counted by the exporter too; kept for dns.* health
         self._lock = threading.Lock()
         self._query_counts: Counter[tuple] = Counter()
         self._response_counts: Counter[tuple] = Counter()
@@ -108,18 +91,14 @@ class DnsSignal(Signal):
         self._ring: RingBuffer | None = None
         self._gai_ring: RingBuffer | None = None
         self._gai_untracked = None
-        self.gai = GaiMetrics(BatchHistogram(
+        self.gai = GaiMetrics(exporter.histogram(
             "dns.getaddrinfo.duration", "s",
             "getaddrinfo() calls as applications saw them (libc uprobes): caches and "
-            "/etc/hosts included", DURATION_BUCKETS, dict(telemetry.resource.attributes),
-            SCOPE, delta=self.duration.delta, cardinality_limit=telemetry.cardinality_limit,
-            send=self.duration._send), config.dns_names)
+            "/etc/hosts included"), config.dns_names)
         self._register_health()
 
     # --- lifecycle -------------------------------------------------------------
     def start(self) -> None:
-        from ...agent import ConfigError
-
         cfg = self.config
         max_ports = constant("dns", "DNS_MAX_PORTS")
         head_max = constant("dns", "DNS_HEAD_MAX")
@@ -146,7 +125,6 @@ class DnsSignal(Signal):
             obj.programs["dns_egress" + suffix].attach_tc(idx, "egress")
         self._ring = RingBuffer(obj.maps["dns_events"], event_dtype(cfg.dns_head_bytes),
                                 on_batch=self.on_batch, lost_map=obj.maps["dns_events_lost"])
-        self.spans.start()
 
     def _load(self, ports: tuple[int, ...], with_gai: bool) -> BpfObject:
         cfg = self.config
@@ -186,30 +164,37 @@ class DnsSignal(Signal):
     def rings(self) -> list[RingBuffer]:
         return [r for r in (self._ring, self._gai_ring) if r is not None]
 
+    def tick(self) -> None:
+        if time.monotonic_ns() - self._last_expire >= EXPIRE_EVERY_NS:
+            self.expire()
+
     def collect(self) -> None:
         self.expire()
-        export_histograms([self.duration, self.gai.histogram])  # one request for both
         with self._lock:
             qc, self._query_counts = self._query_counts, Counter()
             rc, self._response_counts = self._response_counts, Counter()
         names = self.config.dns_names
         for (qtype, server, port, proto, fam, qname), n in qc.items():
             a = {"dns.question.type": qtype, "server.address": self.addrs.text(server, fam),
-                 "server.port": port, "network.transport": TRANSPORT.get(proto, str(proto))}
+                 "server.port": port, "network.transport": transport(proto)}
             if names:
                 a["dns.question.name"] = qname
             self.queries.add(n, a)
         for (qtype, rcode, server, port, proto, fam, qname), n in rc.items():
             a = {"dns.question.type": qtype, "dns.response_code": rcode_text(rcode),
                  "server.address": self.addrs.text(server, fam), "server.port": port,
-                 "network.transport": TRANSPORT.get(proto, str(proto))}
+                 "network.transport": transport(proto)}
             if names:
                 a["dns.question.name"] = qname
             self.responses.add(n, a)
 
     def close(self) -> None:
+        """Queries still waiting become timeouts now (the agent exports once more after)."""
         self._gai_untracked = None  # its map goes with the object; health stops reading it
-        self.spans.shutdown(5.0)
+        try:
+            self.expire(flush_all=True)
+        except Exception:
+            log.exception("final DNS expiry failed")
         super().close()
         for r in self.rings():
             r.close()
@@ -223,7 +208,7 @@ class DnsSignal(Signal):
         msgs = self.decoder.decode(recs)
         if not msgs:
             return
-        offset = time.time_ns() - time.monotonic_ns()
+        offset = epoch_offset_ns()
         sport, dport = recs["sport"].tolist(), recs["dport"].tolist()
         proto, family, ifindex = (recs["proto"].tolist(), recs["family"].tolist(),
                                   recs["ifindex"].tolist())
@@ -255,13 +240,13 @@ class DnsSignal(Signal):
         if now - self._last_expire >= EXPIRE_EVERY_NS:
             self.expire()
 
-    def expire(self) -> None:
-        """Turn queries older than the timeout into timeout lookups."""
+    def expire(self, flush_all: bool = False) -> None:
+        """Turn queries older than the timeout (all of them at shutdown) into timeouts."""
         now = time.monotonic_ns()
         offset = time.time_ns() - now
         with self._lock:
             self._last_expire = now
-            expired = self.table.expire(now)
+            expired = self.table.expire(now + (self.table.timeout_ns if flush_all else 0))
         if expired:
             self._emit([], expired, offset)
 
@@ -273,9 +258,9 @@ class DnsSignal(Signal):
         v = self._servers.get(key)
         if v is None:
             sa = self.addrs.text(raw, family)
-            tr = TRANSPORT.get(proto, str(proto))
+            tr = transport(proto)
             v = ((("server.address", sa), ("server.port", port), ("network.transport", tr),
-                  ("network.type", NET_TYPE.get(family, "")),
+                  ("network.type", FAMILIES.get(family, "")),
                   ("network.interface.name", self._ifname(ifindex))),
                  (("server.address", sa), ("server.port", port), ("network.transport", tr)))
             if len(self._servers) > 65536:
@@ -285,7 +270,7 @@ class DnsSignal(Signal):
 
     def _emit(self, done: list[tuple[Query, int, int, int]], expired: list[Query],
               offset: int) -> None:
-        spans: list[SpanItem] = []
+        spans: list[SpanRecord] = []
         durations: list[tuple[tuple, float]] = []
         names = self.config.dns_names
         text, server = self.addrs.text, self._server
@@ -312,10 +297,10 @@ class DnsSignal(Signal):
                 hist += (("dns.response_code", rc),)
                 if err is not None:
                     hist += (("error.type", err),)
-            spans.append((ts + offset, end + offset, "DNS " + qtype, attrs, err))
+            spans.append(SpanRecord(ts + offset, end + offset, "DNS " + qtype, attrs, err))
             durations.append((hist, (end - ts) / 1e9 if end > ts else 0.0))
         if spans:
-            self.spans.submit(spans)
+            self.spans_dropped += self.exporter.submit_spans(spans)
             self.duration.record_batch(durations)
 
     def _ifname(self, ifindex: int) -> str:
@@ -329,7 +314,7 @@ class DnsSignal(Signal):
         return n
 
     def _register_health(self) -> None:
-        t = self.telemetry
+        t = self.exporter
         t.observe("ebpf_otlp.dns.malformed", "{message}",
                   "DNS messages skipped: too short, truncated, invalid, no question",
                   lambda: [(n, {"reason": r})
@@ -353,14 +338,9 @@ class DnsSignal(Signal):
         t.observe("ebpf_otlp.dns.pending", "{query}", "queries waiting for an answer",
                   lambda: [(len(self.table), {})], kind="gauge")
         t.observe("ebpf_otlp.dns.spans.dropped", "{span}",
-                  "DNS spans not exported: queue full, export failed, shutdown",
-                  lambda: [(n, {"reason": r}) for r, n in dict(self.spans.dropped).items()])
-        t.observe("ebpf_otlp.dns.spans.exported", "{span}", "DNS spans exported",
-                  lambda: [(self.spans.exported, {})])
-        t.observe("ebpf_otlp.dns.export.failures", "{export}",
-                  "DNS's own OTLP requests that failed (spans; the duration histogram)",
-                  lambda: [(self.spans.failures, {"signal": "traces"}),
-                           (self.duration.failures, {"signal": "metrics"})])
+                  "DNS spans refused by the full span queue (export failures count under "
+                  "ebpf_otlp.spans.dropped)",
+                  lambda: [(self.spans_dropped, {"reason": "queue_full"})])
         t.observe("ebpf_otlp.dns.lookups.unexported", "{lookup}",
                   "lookups missing from dns.lookup.duration: failed delta export, or "
                   "folded into the overflow series",

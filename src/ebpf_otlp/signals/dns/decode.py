@@ -13,7 +13,6 @@ for: several questions, compression pointers, odd label types).
 
 from __future__ import annotations
 
-import socket
 from collections import Counter, OrderedDict
 from typing import NamedTuple
 
@@ -27,7 +26,6 @@ from ...platform.layout import record_dtype
 
 HEADER = 12
 MAX_LABELS = 128  # a 255-byte name has at most 127 labels
-PROTO_NAMES = {6: "tcp", 17: "udp"}
 
 # Reasons a message is skipped, the `reason` attribute of ebpf_otlp.dns.malformed.
 SHORT = "short"  # fewer than 12 bytes: no header
@@ -288,26 +286,6 @@ class PendingTable:
             del pending[key]
             out.append(q)
         return out
-
-
-class AddressCache:
-    """Text form of addresses, cached: the same few servers and clients repeat."""
-
-    def __init__(self, size: int = 65536):
-        self.size = size
-        self._cache: dict[bytes, str] = {}
-
-    def text(self, raw: bytes, family: int) -> str:
-        s = self._cache.get(raw)
-        if s is None:
-            if family == 4:
-                s = socket.inet_ntop(socket.AF_INET, raw[:4])
-            else:
-                s = socket.inet_ntop(socket.AF_INET6, raw)
-            if len(self._cache) >= self.size:
-                self._cache.clear()
-            self._cache[raw] = s
-        return s
 
 
 class TcpContinuations:

@@ -14,7 +14,6 @@ another libc image are not.
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
 import numpy as np
 
@@ -23,18 +22,6 @@ from ...otlp.histogram import BatchHistogram
 # EAI_* codes as this libc defines them (negative on glibc), from Python's socket module.
 EAI_NAMES = {getattr(socket, n): n for n in dir(socket)
              if n.startswith("EAI_") and isinstance(getattr(socket, n), int)}
-
-
-def libc_path() -> str | None:
-    """The libc file this process runs on (the one other processes share)."""
-    try:
-        for line in Path("/proc/self/maps").read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 6 and Path(parts[5]).name.startswith("libc.so"):
-                return parts[5]
-    except OSError:
-        pass
-    return None
 
 
 class GaiMetrics:

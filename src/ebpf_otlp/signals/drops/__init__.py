@@ -9,10 +9,10 @@ the idle table in one batch and adds each row to ``network.packet.drops``.
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from ...platform.bpfobj import BpfObject
+from ...platform.host import epoch_offset_ns
 from ...platform.kallsyms import KernelSymbols
 from ...platform.layout import constant
 from ...platform.tables import AlternatingTables
@@ -23,7 +23,7 @@ from .reasons import DropReasons
 
 if TYPE_CHECKING:
     from ...config import AgentConfig
-    from ...otlp.sdk import Telemetry
+    from ...otlp import Exporter
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ LOG_BURST = 100.0
 class DropsSignal(Signal):
     name = "drops"
 
-    def __init__(self, config: AgentConfig, telemetry: Telemetry):
-        super().__init__(config, telemetry)
+    def __init__(self, config: AgentConfig, exporter: Exporter):
+        super().__init__(config, exporter)
+        telemetry = exporter
         self.obj: BpfObject | None = None
         self.reasons = DropReasons({})
         self.decoder: DropDecoder | None = None
@@ -48,6 +49,7 @@ class DropsSignal(Signal):
         self._slots = {n: constant("drops", n) for n in
                        ("DROP_STAT_TABLE_FULL", "DROP_STAT_OVERFLOW_LOST", "DROP_STAT_EVENTS")}
         self.drained_packets = 0
+        self._stats_seen: dict[str, int] = {}
         self.counter = telemetry.meter.create_counter(
             "network.packet.drops", unit="{packet}",
             description="packets the kernel dropped, by its drop reason")
@@ -92,7 +94,7 @@ class DropsSignal(Signal):
         self.decoder = DropDecoder(self.reasons, keep,
                                    self.symbols.name if self.symbols else None)
         if cfg.drop_logs:
-            self.first_drops = FirstDropLogger(self.telemetry.logger(), cfg.max_drops,
+            self.first_drops = FirstDropLogger(self.exporter.logs, cfg.max_drops,
                                                LOG_RATE_PER_S, LOG_BURST)
         log.info("drops: %d reasons from BTF, table of %d, location %s",
                  len(self.reasons.names), cfg.max_drops, "on" if cfg.drop_location else "off")
@@ -100,12 +102,14 @@ class DropsSignal(Signal):
     def collect(self) -> None:
         if self.obj is None or not self.obj.loaded:
             return
-        keys, values = self.tables.swap().drain()
+        self._ingest(*self.tables.swap().drain())
+
+    def _ingest(self, keys, values) -> None:
         self.last_entries = len(keys)
         if self.symbols is not None and len(keys):
             loc = keys.view(key_dtype()).reshape(-1)["location"]
             self.symbols.resolve(set(loc.tolist()))
-        offset = time.time_ns() - time.monotonic_ns()
+        offset = epoch_offset_ns()
         for row in self.decoder.rows(keys, values):
             self.counter.add(row.packets, row.attributes)
             self.drained_packets += row.packets
@@ -133,9 +137,10 @@ class DropsSignal(Signal):
                 for r, n in self._overflow_seen.items()]
 
     def _stat(self, slot: str) -> int:
-        if self.obj is None or not self.obj.loaded:
-            return 0
-        return self.obj.maps["drop_stats"].sum_u64(self._slots[slot])
+        # After close the map is gone: report the last value read (counters never fall).
+        if self.obj is not None and self.obj.loaded:
+            self._stats_seen[slot] = self.obj.maps["drop_stats"].sum_u64(self._slots[slot])
+        return self._stats_seen.get(slot, 0)
 
     def _log_points(self) -> list[tuple[int, dict]]:
         if self.first_drops is None:
@@ -144,6 +149,16 @@ class DropsSignal(Signal):
                 (self.first_drops.suppressed, {"outcome": "suppressed"})]
 
     def close(self) -> None:
+        """Detach, then count what the tables still hold (the agent exports after)."""
+        if self.obj is not None and self.obj.loaded:
+            try:
+                self.obj.detach_all()
+                for slot in self._slots:
+                    self._stat(slot)
+                for table in self.tables.both():
+                    self._ingest(*table.drain())
+            except Exception:
+                log.exception("final drops drain failed")
         self.obj = None
         super().close()
 

@@ -13,14 +13,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ...otlp.semconv import PORT_PROTOS, address_text, transport
 from ...platform.layout import record_dtype
 from .reasons import DropReasons
-
-# IANA protocol numbers to `network.transport` values; others keep their number.
-TRANSPORTS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp", 132: "sctp", 136: "udplite",
-              47: "gre", 50: "esp", 51: "ah", 2: "igmp"}
-PORT_PROTOS = frozenset({6, 17, 132, 136})
-DROP_ATTRIBUTES = ("network.drop.reason", "network.drop.location")
 
 
 def key_dtype() -> np.dtype:
@@ -39,13 +34,7 @@ def own_netns() -> int:
         return 0
 
 
-def _address(raw: np.ndarray, family: int) -> str:
-    if family == 4:
-        return socket.inet_ntop(socket.AF_INET, raw[:4].tobytes())
-    return socket.inet_ntop(socket.AF_INET6, raw.tobytes())
-
-
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class DropRow:
     """One drained entry, decoded."""
 
@@ -108,9 +97,9 @@ class DropDecoder:
                 proto = int(rec["l4proto"])
                 flow: dict[str, str | int] = {
                     "network.type": f"ipv{family}",
-                    "network.transport": TRANSPORTS.get(proto, str(proto)),
-                    "source.address": _address(rec["saddr"], family),
-                    "destination.address": _address(rec["daddr"], family),
+                    "network.transport": transport(proto),
+                    "source.address": address_text(rec["saddr"].tobytes(), family),
+                    "destination.address": address_text(rec["daddr"].tobytes(), family),
                 }
                 if proto in PORT_PROTOS:
                     flow["source.port"] = int(rec["sport"])

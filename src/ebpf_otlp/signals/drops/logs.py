@@ -11,11 +11,10 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
-from opentelemetry._logs import SeverityNumber
-
 from .decode import DropRow
 
 EVENT_NAME = "network.packet.drop"
+SEVERITY_WARN = 13  # OTLP SeverityNumber WARN
 
 
 class TokenBucket:
@@ -85,7 +84,7 @@ class FirstDropLogger:
             self.suppressed += 1
             return
         self.logger.emit(timestamp=row.first_ns + epoch_offset_ns,
-                         severity_number=SeverityNumber.WARN, severity_text="WARN",
+                         severity_number=SEVERITY_WARN, severity_text="WARN",
                          body=describe(row.attributes), attributes=row.attributes,
                          event_name=EVENT_NAME)
         self.emitted += 1

@@ -5,9 +5,8 @@ TC (or XDP) programs, drained once per interval and exported as
 Per interval (``collect``): flip the active table, wait out programs still
 writing the old one, batch-drain it, fold the per-CPU slots, project the keys
 onto the kept attributes and sum over the dropped ones (numpy), then export.
-The export builds the OTLP request directly from the arrays (see
-:mod:`ebpf_otlp.otlp.sums`); ``EBPF_OTLP_FLOWS_EXPORT=sdk`` uses SDK
-counters instead (fine for small tables, seconds per 100k series).
+The export builds the OTLP request directly from the arrays (the exporter's
+sums path, :mod:`ebpf_otlp.otlp.sums`).
 """
 
 from __future__ import annotations
@@ -20,72 +19,47 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from ...otlp import sums as od
-from ...otlp.sdk import SCOPE, signal_endpoint
+from ...otlp.semconv import DIRECTIONS
+from ...otlp.sums import SumMetric
 from ...platform.bpfobj import BpfObject
 from ...platform.maps import Map
 from ...platform.tables import AlternatingTables
 from ..base import Signal
-from . import agg as agg
+from . import agg
 from . import attrs as fattrs
 
 if TYPE_CHECKING:
     from ...config import AgentConfig
-    from ...otlp.sdk import Telemetry
+    from ...otlp import Exporter
 
 log = logging.getLogger(__name__)
 
 TABLES = ("flows_a", "flows_b")
-# Series per OTLP request: 8192 series x 3 metrics is ~7 MB with every attribute
-# kept, under the SDK's 64 MiB request limit and common collector body limits.
-MAX_SERIES_PER_REQUEST = 8192
 METRICS = (
-    od.SumMetric("network.flow.bytes", "By", "bytes of the flow's frames as the hook saw "
-                 "them, L2 header included", 1),
-    od.SumMetric("network.flow.packets", "{packet}", "packets (skbs at TC, frames at XDP) "
-                 "of the flow; one GSO/GRO skb counts once", 0),
-    od.SumMetric("network.flow.segments", "{segment}", "wire segments of the flow: each "
-                 "GSO/GRO skb counts its gso_segs", 2),
+    SumMetric("network.flow.bytes", "By", "bytes of the flow's frames as the hook saw "
+              "them, L2 header included", 1),
+    SumMetric("network.flow.packets", "{packet}", "packets (skbs at TC, frames at XDP) "
+              "of the flow; one GSO/GRO skb counts once", 0),
+    SumMetric("network.flow.segments", "{segment}", "wire segments of the flow: each "
+              "GSO/GRO skb counts its gso_segs", 2),
 )
-
-
-def _scope_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("ebpf-otlp")
-    except Exception:
-        return ""
 
 
 class FlowsSignal(Signal):
     name = "flows"
 
-    def __init__(self, config: AgentConfig, telemetry: Telemetry):
-        super().__init__(config, telemetry)
+    def __init__(self, config: AgentConfig, exporter: Exporter):
+        super().__init__(config, exporter)
         self.kept = tuple(config.flow_attributes)
-        self.mode = config.flow_export
-        if self.mode not in ("direct", "sdk"):
-            log.warning("flow export %r: expected direct or sdk; using direct", self.mode)
-            self.mode = "direct"
-        self.temporality = od.temporality_from_env()
-        cumulative = self.temporality == od.TEMPORALITY_CUMULATIVE and self.mode != "sdk"
-        self.store = agg.SeriesStore(cumulative, cap=max(4 * config.max_flows, 16384))
+        self.store = agg.SeriesStore(not exporter.delta, cap=max(4 * config.max_flows, 16384))
         self.ifnames: dict[int, str] = {}
         self.obj: BpfObject | None = None
         self._lock = threading.Lock()
         self._interval_start_ns = time.time_ns()
-        self._sender: od.OtlpSender | None = None
-        self._scope_version = _scope_version()
         self.drains = 0
         self.last_entries = 0
         self.flows_drained = 0
         self._ovf_cache: list[tuple[dict, np.ndarray]] = []
-        self._sdk_counters = None
-        if self.mode == "sdk":
-            m = telemetry.meter
-            self._sdk_counters = [m.create_counter(x.name, unit=x.unit, description=x.description)
-                                  for x in METRICS]
         self._register_health()
 
     # --- lifecycle ----------------------------------------------------------------
@@ -114,11 +88,6 @@ class FlowsSignal(Signal):
                 obj.programs["flows_tc_ingress"].attach_tc(idx, "ingress")
             obj.programs["flows_tc_egress"].attach_tc(idx, "egress")
         self._interval_start_ns = time.time_ns()
-        if self.mode != "sdk":
-            self._sender = od.OtlpSender(
-                "metrics",
-                signal_endpoint(cfg.endpoint, "/v1/metrics", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
-                cfg.headers, self.telemetry.export_timeout_s)
 
     def _init_overflow(self) -> None:
         m = self.obj.maps["flows_overflow"]
@@ -130,7 +99,7 @@ class FlowsSignal(Signal):
                 m.update(k.tobytes(), zero)
 
     def close(self) -> None:
-        """Detach, export what arrived since the last collect, then free the maps."""
+        """Detach, drain both tables (the agent exports once more after), free the maps."""
         with self._lock:
             if self.obj is not None and self.obj.loaded:
                 try:
@@ -138,15 +107,10 @@ class FlowsSignal(Signal):
                     self._ovf_cache = self._read_overflow()
                     for table in self.tables.both():
                         self._ingest(self._drain(table))
-                    if len(self.store) and self._sender is not None:
-                        self._export_direct()
                 except Exception:
                     log.exception("final flows drain failed")
             self.obj = None
             super().close()
-            if self._sender is not None:
-                self._sender.close()
-                self._sender = None
 
     # --- per interval ---------------------------------------------------------------
     def collect(self) -> None:
@@ -154,10 +118,6 @@ class FlowsSignal(Signal):
             if self.obj is None:
                 return
             self._ingest(self._swap_and_drain())
-            if self.mode == "sdk":
-                self._export_sdk()
-            else:
-                self._export_direct()
 
     def _swap_and_drain(self) -> agg.Drained:
         return self._drain(self.tables.swap())
@@ -175,34 +135,16 @@ class FlowsSignal(Signal):
         self.store.merge(series, counts, self._interval_start_ns)
         self._interval_start_ns = now
 
-    def _export_direct(self) -> None:
-        st = self.store
-        n = len(st)
-        if n == 0 or self._sender is None:
-            return
-        attrs = fattrs.encoded(st.series, self.kept, self.ifnames)
-        delivered = od.send_sums(self._sender, MAX_SERIES_PER_REQUEST,
-                                 dict(self.telemetry.resource.attributes), SCOPE,
-                                 self._scope_version, METRICS, attrs, st.counts, st.start_ns,
-                                 time.time_ns(), self.temporality)
-        if not delivered.all():
-            # the same count the SDK path feeds (ebpf_otlp.export.failures); what was
-            # not delivered stays pending (delta) for the next interval
-            self.telemetry.metric_exporter.failures += 1
-        st.exported(delivered)
-
-    def _export_sdk(self) -> None:
-        st = self.store
-        if len(st) == 0:
-            return
-        dicts = fattrs.dicts(st.series, self.kept, self.ifnames)
-        # The SDK keeps its own totals (cumulative) or deltas: hand it this interval only.
-        for counter, metric in zip(self._sdk_counters, METRICS):
-            col = st.counts[:, metric.column].tolist()
-            for v, a in zip(col, dicts):
-                if v:
-                    counter.add(v, a)
-        st.exported()
+    def export(self) -> None:
+        with self._lock:
+            st = self.store
+            if len(st) == 0:
+                return
+            attrs = fattrs.encoded(st.series, self.kept, self.ifnames)
+            # What was not delivered stays pending (delta) for the next interval;
+            # the failed request is counted by the exporter's sender.
+            st.exported(self.exporter.send_sums(METRICS, attrs, st.counts, st.start_ns,
+                                                time.time_ns()))
 
     # --- health ------------------------------------------------------------------------
     def _read_overflow(self) -> list[tuple[dict, np.ndarray]]:
@@ -217,7 +159,7 @@ class FlowsSignal(Signal):
             v = np.ascontiguousarray(raw).view(agg.OVF_VAL_DT).reshape(m.ncpus)
             totals = np.array([v[f].sum(dtype=np.uint64) for f in agg.OVF_VAL_DT.names],
                               np.uint64)
-            attrs = {"network.io.direction": fattrs.DIRECTIONS[int(k["direction"])]}
+            attrs = {"network.io.direction": DIRECTIONS[int(k["direction"])]}
             if int(k["ifindex"]):
                 attrs["network.interface.name"] = self.ifnames.get(int(k["ifindex"]),
                                                                    str(int(k["ifindex"])))
@@ -230,7 +172,7 @@ class FlowsSignal(Signal):
         return lambda: [(int(t[i]), a) for a, t in self._read_overflow()]
 
     def _register_health(self) -> None:
-        t = self.telemetry
+        t = self.exporter
         t.observe("ebpf_otlp.flows.overflow.packets", "{packet}",
                   "packets of new flows counted here because the flow table was full",
                   self._ovf("packets"))

@@ -12,38 +12,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ...otlp import sums as pb
+from ...otlp.semconv import DIRECTIONS, address_text, network_type, transport
+from ...otlp.sums import point_attribute
 from .agg import APPLIES_IP, APPLIES_PORTS, APPLIES_TCP_FLAGS, group_rows
 
-TRANSPORTS = {1: "icmp", 58: "icmp", 6: "tcp", 17: "udp", 132: "sctp", 136: "udplite",
-              2: "igmp", 4: "ipip", 41: "ipv6", 47: "gre", 50: "esp", 51: "ah", 33: "dccp",
-              89: "ospf", 103: "pim", 112: "vrrp", 115: "l2tp"}
-ETHERTYPES = {0x0800: "ipv4", 0x86DD: "ipv6", 0x0806: "arp", 0x8035: "rarp", 0x88CC: "lldp",
-              0x8100: "vlan", 0x88A8: "qinq", 0x8847: "mpls", 0x8848: "mpls", 0x8863: "pppoe",
-              0x8864: "pppoe", 0x888E: "eapol", 0x88F7: "ptp"}
-DIRECTIONS = {0: "receive", 1: "transmit"}
 TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
-_V4_PREFIX = bytes(10) + b"\xff\xff"
-
-
-def address_text(raw: bytes) -> str:
-    """16 key bytes -> ``10.0.0.1`` (IPv4-mapped) or ``fd00::1``."""
-    if raw[:12] == _V4_PREFIX:
-        return socket.inet_ntop(socket.AF_INET, raw[12:])
-    return socket.inet_ntop(socket.AF_INET6, raw)
-
-
-def network_type(ethertype: int) -> str:
-    """``ipv4``/``ipv6``, a name for other common EtherTypes, else ``0x88b5``."""
-    if ethertype in ETHERTYPES:
-        return ETHERTYPES[ethertype]
-    if 0 < ethertype < 0x0600:
-        return "802.3"  # a length field: LLC/SNAP frames (STP ...)
-    return f"0x{ethertype:04x}"
-
-
-def transport(proto: int) -> str:
-    return TRANSPORTS.get(proto, str(proto))
 
 
 def tcp_flags_text(flags: int) -> str:
@@ -125,7 +98,7 @@ def _per_column(series: np.ndarray, kept: Iterable[str], ifnames: dict[int, str]
 
 def encoded(series: np.ndarray, kept: Iterable[str], ifnames: dict[int, str]) -> list[bytes]:
     """Per series, its attributes as encoded ``NumberDataPoint.attributes`` fields."""
-    cols = _per_column(series, kept, ifnames, pb.point_attribute)
+    cols = _per_column(series, kept, ifnames, point_attribute)
     if not cols:
         return [b""] * len(series)
     parts = []

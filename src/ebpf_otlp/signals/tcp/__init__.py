@@ -10,18 +10,19 @@ export interval.
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
-from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from ...config import ConfigError
+from ...otlp.spans import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, SpanRecord
 from ...platform.bpfobj import BpfObject
+from ...platform.btf import kernel_structs
+from ...platform.host import epoch_offset_ns
 from ...platform.layout import constant
 from ...platform.libbpf import BpfError
 from ...platform.ringbuf import RingBuffer
-from ...tcp_hist import record_many
 from ..base import Signal
-from .kernel import OPTIONAL, VARIANTS, attach_sockops, kernel_structs
+from .kernel import OPTIONAL, VARIANTS, attach_sockops
 from .records import (
     CKEY,
     CNT_RESET_RX,
@@ -55,15 +56,13 @@ CAUSE_CODES = {c: i for i, c in enumerate(CAUSES)}
 class TcpSignal(Signal):
     name = "tcp"
 
-    def __init__(self, config, telemetry):
-        super().__init__(config, telemetry)
+    def __init__(self, config, exporter):
+        super().__init__(config, exporter)
         try:
             self.mapper = AttributeMapper(config.tcp_attributes)
         except ValueError as e:  # a bad flag: one line and exit status 2, no traceback
-            from ...agent import ConfigError
-
             raise ConfigError(f"--tcp-attributes: {e}") from None
-        m = telemetry.meter
+        m = exporter.meter
         self.opened = m.create_counter(
             "network.tcp.connections.opened", "{connection}",
             "TCP connections that completed the handshake")
@@ -73,13 +72,13 @@ class TcpSignal(Signal):
         self.active = m.create_up_down_counter(
             "network.tcp.connections.active", "{connection}",
             "established TCP connections opened since the agent started and not yet closed")
-        self.duration = m.create_histogram(
+        self.duration = exporter.histogram(
             "network.tcp.connection.duration", "s",
             "from the first SYN (sent or received) to CLOSE")
-        self.handshake = m.create_histogram(
+        self.handshake = exporter.histogram(
             "network.tcp.handshake.duration", "s",
             "client: SYN sent to ESTABLISHED; server: SYN received to ESTABLISHED")
-        self.rtt = m.create_histogram(
+        self.rtt = exporter.histogram(
             "network.tcp.rtt", "s",
             "smoothed RTT of live connections, sampled once per second per connection")
         self.retransmits = m.create_counter(
@@ -97,6 +96,7 @@ class TcpSignal(Signal):
         self.sockops_attached = False
         self.bad_records = 0
         self.untracked_closes = 0
+        self._stats_seen: dict[int, int] = {}
         self._register_health()
 
     # --- lifecycle -------------------------------------------------------------
@@ -128,13 +128,13 @@ class TcpSignal(Signal):
                 log.warning("tcp: %s:%s not attached (%s): passive opens keep no owner",
                             cat, tp, e)
         try:
-            attach_sockops(obj.programs["tcp_sockops"], cfg.cgroup_path)
+            attach_sockops(obj.programs["tcp_sockops"], cfg.cgroup())
             self.sockops_attached = True
         except (BpfError, OSError) as e:
             # Lifecycle, bytes, retransmits and resets still work; RTT samples
             # do not, and server handshakes fall back to the SYN-ACK RTT.
             log.warning("tcp: sock_ops not attached to %s (%s): no RTT samples, server "
-                        "handshake estimated from the SYN-ACK RTT", cfg.cgroup_path, e)
+                        "handshake estimated from the SYN-ACK RTT", cfg.cgroup(), e)
         self._ring = RingBuffer(obj.maps["tcp_events"], EVENT, on_batch=self.on_batch,
                                 lost_map=obj.maps["tcp_events_lost"])
 
@@ -153,6 +153,8 @@ class TcpSignal(Signal):
         return [self._ring] if self._ring is not None else []
 
     def close(self) -> None:
+        for idx in (*_STATS, _SYN_MISS):
+            self._stat(idx)  # last values, for the final export
         self._ring = None
         self._obj = None
         super().close()
@@ -185,7 +187,7 @@ class TcpSignal(Signal):
         for g, attrs in enumerate(groups):
             sel = inv == g if mask is None else (inv == g) & mask
             if sel.any():
-                record_many(hist, values[sel], attrs)
+                hist.record_many(tuple(attrs.items()), values[sel])
 
     def _on_opens(self, recs: np.ndarray) -> None:
         # Opens happen in softirq for servers, before accept() names the owner:
@@ -229,18 +231,22 @@ class TcpSignal(Signal):
             self.failed.add(n, dict(attrs, **{"error.type": CAUSES[code]}))
 
     def _spans(self, closes: np.ndarray, fails: np.ndarray) -> None:
-        offset = time.time_ns() - time.monotonic_ns()
+        offset = epoch_offset_ns()
+        out = []
         for rec in closes:
             start = int(rec["start_ns"]) or int(rec["est_ns"])
             flags = int(rec["flags"])
             if start and flags & F_TRACKED and int(rec["est_ns"]) and not flags & F_ROLE_GUESSED:
-                self._span(rec, start + offset, int(rec["ts_ns"]) + offset, None)
+                out.append(self._span(rec, start + offset, int(rec["ts_ns"]) + offset, None))
         for rec in fails:
             if int(rec["start_ns"]):
-                self._span(rec, int(rec["start_ns"]) + offset, int(rec["ts_ns"]) + offset,
-                           failure_cause(int(rec["cause"]), int(rec["flags"])))
+                out.append(self._span(rec, int(rec["start_ns"]) + offset,
+                                      int(rec["ts_ns"]) + offset,
+                                      failure_cause(int(rec["cause"]), int(rec["flags"]))))
+        if out:
+            self.exporter.submit_spans(out)
 
-    def _span(self, rec: np.void, start_ns: int, end_ns: int, error: str | None) -> None:
+    def _span(self, rec: np.void, start_ns: int, end_ns: int, error: str | None) -> SpanRecord:
         attrs = self.mapper.span(rec)
         attrs["network.tcp.bytes.transmit"] = int(rec["bytes_tx"])
         attrs["network.tcp.bytes.receive"] = int(rec["bytes_rx"])
@@ -252,16 +258,10 @@ class TcpSignal(Signal):
         est = int(rec["est_ns"])
         if est and int(rec["start_ns"]):
             attrs["network.tcp.handshake.duration"] = (est - int(rec["start_ns"])) / 1e9
-        if error:
-            attrs["error.type"] = error
         server = attrs["network.tcp.handshake.role"] == "server"
         name = f"tcp {'accept' if server else 'connect'} {attrs['server.port']}"
-        span = self.telemetry.tracer.start_span(
-            name, kind=SpanKind.SERVER if server else SpanKind.CLIENT, attributes=attrs,
-            start_time=start_ns)
-        if error:
-            span.set_status(Status(StatusCode.ERROR, error))
-        span.end(end_time=max(end_ns, start_ns))
+        return SpanRecord(start_ns, max(end_ns, start_ns), name, tuple(attrs.items()), error,
+                          SPAN_KIND_SERVER if server else SPAN_KIND_CLIENT)
 
     # --- counters (export thread) ----------------------------------------------------
     def collect(self) -> None:
@@ -271,7 +271,6 @@ class TcpSignal(Signal):
         keys, vals = cmap.drain(delete=False)
         if not len(keys):
             return
-        recs = keys.view(CKEY).reshape(-1)
         values = vals[:, :8].copy().view("<u8").reshape(-1)
         seen = set()
         for kb, delta in counter_deltas(keys, values, self._last):
@@ -288,7 +287,6 @@ class TcpSignal(Signal):
             elif kind == CNT_RESET_RX:
                 self.resets.add(delta, dict(attrs, **{"network.io.direction": "receive"}))
         self._evict_idle(cmap, keys, seen)
-        del recs
 
     def _evict_idle(self, cmap, keys: np.ndarray, changed: set[bytes]) -> None:
         """Delete kernel counter keys idle for a while: the map stays small and
@@ -308,12 +306,14 @@ class TcpSignal(Signal):
 
     # --- health ------------------------------------------------------------------------
     def _stat(self, idx: int) -> int:
-        if self._obj is None or not self._obj.loaded:
-            return 0
-        return self._obj.maps["tcp_stats"].sum_u64(idx)
+        # After close the map is gone: keep reporting the last value read, so the
+        # final export does not see the counter fall back to 0.
+        if self._obj is not None and self._obj.loaded:
+            self._stats_seen[idx] = self._obj.maps["tcp_stats"].sum_u64(idx)
+        return self._stats_seen.get(idx, 0)
 
     def _register_health(self) -> None:
-        t = self.telemetry
+        t = self.exporter
         t.observe("ebpf_otlp.tcp.dropped", "{event}",
                   "TCP updates the kernel side could not record (map full)",
                   lambda: [(self._stat(i), {"reason": r}) for i, r in _STATS.items()]

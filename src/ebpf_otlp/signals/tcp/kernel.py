@@ -4,14 +4,12 @@ the cgroup2 mount."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import tempfile
 
 from ...platform.bpfobj import Link, Program
-from ...platform.libbpf import ffi, lib
+from ...platform.mounts import MountError, mount, unmount
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +23,6 @@ VARIANTS = {
 }
 # Owner attribution of passive opens: useful, not essential.
 OPTIONAL = {"tcp_accept", "tcp_accept4"}
-KIND_STRUCT = 4
-
-
-def kernel_structs(names: set[str]) -> set[str]:
-    """Which of ``names`` the running kernel's BTF defines as structs."""
-    btf = lib.btf__load_vmlinux_btf()
-    if btf == ffi.NULL:
-        return set()
-    try:
-        return {n for n in names if lib.btf__find_by_name_kind(btf, n.encode(), KIND_STRUCT) >= 0}
-    finally:
-        lib.btf__free(btf)
-
 
 def attach_sockops(prog: Program, path: str) -> Link:
     """Attach ``prog`` to the cgroup v2 directory ``path``.
@@ -51,14 +36,15 @@ def attach_sockops(prog: Program, path: str) -> Link:
         return prog.attach_cgroup(path)
     tmp = tempfile.mkdtemp(prefix="ebpf-otlp-cg-")
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        if libc.mount(b"cgroup2", tmp.encode(), b"cgroup2", 0, None) != 0:
-            raise OSError(ctypes.get_errno(), f"{path} missing and cgroup2 mount failed")
+        try:
+            mount("cgroup2", tmp)
+        except MountError as e:
+            raise OSError(f"{path} missing and cgroup2 mount failed: {e}") from None
         try:
             log.info("tcp: %s not mounted here, attached sock_ops via a private cgroup2 mount",
                      path)
             return prog.attach_cgroup(tmp)
         finally:
-            libc.umount2(tmp.encode(), 2)  # MNT_DETACH
+            unmount(tmp)
     finally:
         os.rmdir(tmp)

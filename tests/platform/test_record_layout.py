@@ -13,7 +13,7 @@ from conftest import require
 
 from ebpf_otlp.platform.layout import header_ffi, record_dtype
 
-BPF_DIR = Path(__file__).parent.parent / "src" / "ebpf_otlp" / "bpf"
+BPF_DIR = Path(__file__).resolve().parents[2] / "src" / "ebpf_otlp" / "bpf"
 HEADERS = sorted(p.stem for p in BPF_DIR.glob("*.h") if (BPF_DIR / f"{p.stem}.bpf.o").exists())
 
 

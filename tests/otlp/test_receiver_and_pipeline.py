@@ -14,8 +14,12 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 
 from ebpf_otlp.config import AgentConfig
-from ebpf_otlp.otlp.sdk import DURATION_BUCKETS, Telemetry
+from ebpf_otlp.otlp import DURATION_BUCKETS, Exporter, SpanRecord
 from ebpf_otlp.receiver import Receiver
+
+
+def exporter(cfg: AgentConfig) -> Exporter:
+    return Exporter(cfg.export_settings(), cfg.interval_s, cfg.cardinality_limit)
 
 
 def post(port: int, path: str, body: bytes, headers: dict | None = None) -> int:
@@ -54,14 +58,14 @@ def test_pipeline_exports_resource_and_seconds_histograms(monkeypatch) -> None:
     with Receiver(port=0) as rx:
         cfg = AgentConfig(endpoint=f"http://127.0.0.1:{rx.port}")
         cfg.service_name = "from-flag"  # a flag overrides the environment
-        t = Telemetry(cfg)
-        h = t.meter.create_histogram("network.tcp.rtt", unit="s")
-        h.record(0.0003, {"network.tcp.handshake.role": "client"})
+        t = exporter(cfg)
+        h = t.histogram("network.tcp.rtt", "s", "rtt")
+        h.record_batch([((("network.tcp.handshake.role", "client"),), 0.0003)])
         c = t.meter.create_counter("network.flow.bytes", unit="By")
         c.add(1234, {"network.transport": "udp"})
-        with t.tracer.start_as_current_span("probe"):
-            pass
-        assert t.export_metrics(5)
+        now = time.time_ns()
+        assert t.submit_spans([SpanRecord(now, now + 1000, "probe", ())]) == 0
+        assert t.export()
         t.shutdown(5)
         recs = rx.records
     hist = [r for r in recs if r.get("name") == "network.tcp.rtt"]
@@ -78,10 +82,10 @@ def test_pipeline_exports_resource_and_seconds_histograms(monkeypatch) -> None:
 def test_collector_down_is_counted_and_shutdown_is_bounded() -> None:
     cfg = AgentConfig(endpoint=f"http://127.0.0.1:{free_port()}")
     cfg.export_timeout_s = 1.0
-    t = Telemetry(cfg)
+    t = exporter(cfg)
     t.meter.create_counter("x").add(1)
-    t.export_metrics(1)
-    assert t.metric_exporter.failures >= 1
+    t.export()
+    assert t.senders["metrics"].failures >= 1
     start = time.monotonic()
     t.shutdown(2)
     assert time.monotonic() - start < 10
@@ -91,9 +95,9 @@ def test_collector_down_is_counted_and_shutdown_is_bounded() -> None:
 def test_temporality_follows_environment(monkeypatch, env: str, expected: str) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", env)
     with Receiver(port=0) as rx:
-        t = Telemetry(AgentConfig(endpoint=f"http://127.0.0.1:{rx.port}"))
+        t = exporter(AgentConfig(endpoint=f"http://127.0.0.1:{rx.port}"))
         t.meter.create_counter("c").add(2)
-        t.export_metrics(5)
+        t.export()
         t.shutdown(5)
         pts = [r for r in rx.records if r.get("name") == "c"]
     assert pts[0]["temporality"] == expected

@@ -273,8 +273,7 @@ def test_exporter_counts_queue_full_and_failed_exports():
         sent.append(data)
         return ok[0]
 
-    ex = SpanBatchExporter({}, "http://x", {}, 1.0, max_queue=10, max_batch=4,
-                           flush_interval_s=0.05, send=send)
+    ex = SpanBatchExporter({}, send, max_queue=10, max_batch=4, flush_interval_s=0.05)
     assert ex.submit([ITEM] * 15) == 5
     ex.start()
     assert ex.flush(5)
@@ -308,11 +307,33 @@ def _hist_points(data: bytes) -> list:
     return m.histogram.aggregation_temporality, list(m.histogram.data_points)
 
 
-def _hist(delta: bool, limit: int = 100, send=lambda d: True):
-    from ebpf_otlp.otlp.histogram import BatchHistogram
+class _Hist:
+    """A bulk histogram and the request the exporter would make of it."""
 
-    return BatchHistogram("dns.lookup.duration", "s", "d", (0.001, 0.01, 0.1), {"k": "v"},
-                          "ebpf_otlp", delta=delta, cardinality_limit=limit, send=send)
+    def __init__(self, delta: bool, limit: int = 100):
+        from ebpf_otlp.otlp.histogram import BatchHistogram
+
+        self.h = BatchHistogram("dns.lookup.duration", "s", "d", (0.001, 0.01, 0.1),
+                                delta=delta, cardinality_limit=limit)
+        self.record_batch = self.h.record_batch
+
+    def request(self, now_ns: int | None = None) -> bytes | None:
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+            ExportMetricsServiceRequest,
+        )
+        from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+        from opentelemetry.proto.metrics.v1.metrics_pb2 import ResourceMetrics, ScopeMetrics
+
+        m = self.h.metric(now_ns)
+        if m is None:
+            return None
+        return ExportMetricsServiceRequest(resource_metrics=[ResourceMetrics(scope_metrics=[
+            ScopeMetrics(scope=InstrumentationScope(name="ebpf_otlp"), metrics=[m[0]])])]
+        ).SerializeToString()
+
+
+def _hist(delta: bool, limit: int = 100) -> _Hist:
+    return _Hist(delta, limit)
 
 
 A = (("dns.question.type", "A"), ("server.port", 53))
@@ -345,32 +366,47 @@ def test_histogram_delta_resets_cumulative_accumulates():
     assert d.request() is None  # nothing new: no empty delta points
 
 
-def test_histogram_overflow_and_failed_exports_are_counted():
-    h = _hist(delta=True, limit=3, send=lambda d: False)
+def test_histogram_overflow_and_failed_exports_are_counted(monkeypatch):
+    from ebpf_otlp.config import AgentConfig
+    from ebpf_otlp.otlp import Exporter
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "delta")
+    cfg = AgentConfig(endpoint=f"http://127.0.0.1:{_free_port()}", export_timeout_s=0.5)
+    ex = Exporter(cfg.export_settings(), 1.0, cardinality_limit=3)
+    h = ex.histogram("dns.lookup.duration", "s", "d", (0.001, 0.01, 0.1))
     keys = [(("dns.question.type", f"T{i}"),) for i in range(5)]
     h.record_batch([(k, 0.001) for k in keys])
-    assert not h.export()
+    assert not ex.export()  # nobody listens
     assert (h.failures, h.points_lost) == (1, 5)
     h.record_batch([(k, 0.001) for k in keys])
-    _, pts = _hist_points(h.request())
-    assert sum(p.count for p in pts) == 5 and len(pts) == 3  # 2 series + the overflow one
-    assert h.overflowed == 6
+    m, n = h.metric()
+    assert n == 5 and len(m.histogram.data_points) == 3  # 2 series + the overflow one
+    assert h.overflowed == 6 and h.series_overflowed == 3
+    ex.shutdown(1)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # --- the signal's mapping, fed records directly (no kernel, no network) ---------------------
 
 def _signal(**cfg):
     from ebpf_otlp.config import AgentConfig
-    from ebpf_otlp.otlp.sdk import Telemetry
+    from ebpf_otlp.otlp import Exporter
     from ebpf_otlp.signals.dns import DnsSignal
 
     # Nothing listens on port 9: the SDK metrics export at shutdown fails fast.
     config = AgentConfig(ifaces=[], endpoint="http://127.0.0.1:9", export_timeout_s=0.2, **cfg)
-    tel = Telemetry(config)
+    tel = Exporter(config.export_settings(), 1.0, config.cardinality_limit)
     sig = DnsSignal(config, tel)
     sent: dict[str, list[bytes]] = {"traces": [], "metrics": []}
-    sig.spans._send = lambda d: sent["traces"].append(d) or True
-    sig.duration._send = lambda d: sent["metrics"].append(d) or True
+    for kind in sent:
+        tel.senders[kind].send = lambda d, *_a, _k=kind: sent[_k].append(d) or True
     return sig, tel, sent
 
 
@@ -398,8 +434,9 @@ def test_signal_maps_answers_errors_and_timeouts():
             reply_rec(answer(fail_q, rcode=2, n=0), ts=9_000_000, dport=1003),
         ))
         sig.collect()  # ts 1 ms of CLOCK_MONOTONIC is long past: lost.test times out
-        sig.spans.start()
-        assert sig.spans.flush(5)
+        tel.spans.start()
+        assert tel.spans.flush(5)
+        tel.export()
         spans = {s.name + " " + {kv.key: kv.value.string_value for kv in s.attributes}[
             "dns.question.name"]: s for s in _spans(sent["traces"])}
         assert sorted(spans) == ["DNS A NX.test", "DNS A fail.test", "DNS A lost.test",

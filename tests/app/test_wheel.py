@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import require
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.kernel
 
 

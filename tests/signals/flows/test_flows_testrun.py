@@ -120,8 +120,8 @@ def flows_obj():
 
 def read_table(obj, table: str = "flows_a") -> dict[tuple, tuple]:
     """Drain ``table``: {key tuple: (packets, bytes, segments, tcp_flags)}."""
+    from ebpf_otlp.otlp.semconv import address_text
     from ebpf_otlp.signals.flows import agg as agg
-    from ebpf_otlp.signals.flows.attrs import address_text
 
     m = obj.maps[table]
     d = agg.fold(*m.drain(), m.ncpus)
@@ -449,6 +449,7 @@ def test_direct_encoding_decodes_with_opentelemetry_proto():
 
     from ebpf_otlp.config import FLOW_ATTRIBUTES
     from ebpf_otlp.otlp import sums as od
+    from ebpf_otlp.otlp.wire import TEMPORALITY_DELTA
     from ebpf_otlp.receiver import metric_records
     from ebpf_otlp.signals.flows import agg as agg
     from ebpf_otlp.signals.flows import attrs as fa
@@ -462,7 +463,7 @@ def test_direct_encoding_decodes_with_opentelemetry_proto():
                od.SumMetric("network.flow.packets", "{packet}", "p", 0)]
     start = np.arange(len(series), dtype=np.uint64) + 5
     body = od.encode_sums({"service.name": "t", "n": 3}, "ebpf_otlp", "1.0", metrics, blobs,
-                          counts, start, 999, od.TEMPORALITY_DELTA)
+                          counts, start, 999, TEMPORALITY_DELTA)
     req = ExportMetricsServiceRequest()
     req.ParseFromString(body)
     recs = list(metric_records(req))

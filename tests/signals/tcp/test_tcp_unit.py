@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from opentelemetry.sdk.metrics import Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ebpf_otlp.config import AgentConfig
+from ebpf_otlp.otlp.histogram import BatchHistogram
+from ebpf_otlp.otlp.semconv import DURATION_BUCKETS
+from ebpf_otlp.otlp.spans import SPAN_KIND_CLIENT, SpanRecord
 from ebpf_otlp.signals.tcp import TcpSignal
 from ebpf_otlp.signals.tcp.records import (
     CKEY,
@@ -72,19 +72,30 @@ def test_attribute_choice_is_validated_and_applied() -> None:
                      "client.address": "10.0.0.1", "client.port": 5555}
 
 
-class _Telemetry:
-    """What TcpSignal uses of Telemetry, backed by in-memory SDK parts."""
+class _Exporter:
+    """What TcpSignal uses of the Exporter: SDK instruments read in memory, the
+    real bulk histograms, spans collected as records."""
+
+    delta = False
+    cardinality_limit = 2000
 
     def __init__(self) -> None:
         self.reader = InMemoryMetricReader()
         self.meter = MeterProvider(metric_readers=[self.reader]).get_meter("t")
-        self.spans = InMemorySpanExporter()
-        tp = TracerProvider()
-        tp.add_span_processor(SimpleSpanProcessor(self.spans))
-        self.tracer = tp.get_tracer("t")
+        self.hists: dict[str, BatchHistogram] = {}
+        self.spans: list = []
 
     def observe(self, *args: object, **kwargs: object) -> None:
         pass
+
+    def histogram(self, name: str, unit: str, description: str) -> BatchHistogram:
+        h = self.hists[name] = BatchHistogram(name, unit, description, DURATION_BUCKETS,
+                                              delta=False, cardinality_limit=100)
+        return h
+
+    def submit_spans(self, spans) -> int:
+        self.spans.extend(SpanRecord(*s) for s in spans)
+        return 0
 
     def points(self) -> dict[str, list]:
         out: dict[str, list] = {}
@@ -93,7 +104,18 @@ class _Telemetry:
             for sm in rm.scope_metrics:
                 for m in sm.metrics:
                     out.setdefault(m.name, []).extend(m.data.data_points)
+        for name, h in self.hists.items():
+            m = h.metric()
+            if m is not None:
+                out[name] = [_HistPoint({kv.key: kv.value.string_value or kv.value.int_value
+                                         for kv in p.attributes}, p.sum, p.count)
+                             for p in m[0].histogram.data_points]
         return out
+
+
+class _HistPoint:
+    def __init__(self, attributes: dict, total: float, count: int) -> None:
+        self.attributes, self.sum, self.count = attributes, total, count
 
 
 def _rec(kind: int, role: int, **kw: object) -> np.ndarray:
@@ -108,7 +130,7 @@ def _rec(kind: int, role: int, **kw: object) -> np.ndarray:
 
 
 def test_records_map_to_instruments_and_spans() -> None:
-    tel = _Telemetry()
+    tel = _Exporter()
     sig = TcpSignal(AgentConfig(tcp_spans=True), tel)
     s = 1_000_000_000
     recs = np.concatenate([
@@ -143,22 +165,19 @@ def test_records_map_to_instruments_and_spans() -> None:
     assert failed.attributes["server.port"] == 8080
     assert sig.bad_records == 1
 
-    spans = sorted(tel.spans.get_finished_spans(), key=lambda x: x.start_time)
+    spans = sorted(tel.spans, key=lambda x: x.start_ns)
     assert len(spans) == 2
     ok, bad = spans
-    assert ok.end_time - ok.start_time == 3 * s
-    assert ok.attributes["process.executable.name"] == "curl"
-    assert ok.attributes["network.tcp.bytes.transmit"] == 100
-    assert bad.attributes["error.type"] == "refused"
-    assert bad.status.status_code.name == "ERROR"
+    assert ok.end_ns - ok.start_ns == 3 * s
+    assert dict(ok.attributes)["process.executable.name"] == "curl"
+    assert dict(ok.attributes)["network.tcp.bytes.transmit"] == 100
+    assert bad.error == "refused" and bad.kind == SPAN_KIND_CLIENT
 
 
-def _hist_points(values_per_call: list[np.ndarray], bulk: bool) -> list:
+def _sdk_points(values_per_call: list[np.ndarray]) -> list:
+    """The reference: one SDK ``Histogram.record`` per value, delta per call."""
     from opentelemetry.sdk.metrics.export import AggregationTemporality
     from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
-
-    from ebpf_otlp.otlp.sdk import DURATION_BUCKETS
-    from ebpf_otlp.tcp_hist import record_many
 
     reader = InMemoryMetricReader(preferred_temporality={
         Histogram: AggregationTemporality.DELTA})
@@ -169,24 +188,32 @@ def _hist_points(values_per_call: list[np.ndarray], bulk: bool) -> list:
     out = []
     for values in values_per_call:
         for attrs in ({"a": 1}, {"a": 2}):
-            if bulk:
-                record_many(hist, values, attrs)
-            else:
-                for v in values.tolist():
-                    hist.record(v, attrs)
+            for v in values.tolist():
+                hist.record(v, attrs)
         data = reader.get_metrics_data()
         for rm in data.resource_metrics:
             for sm in rm.scope_metrics:
                 for m in sm.metrics:
                     out.extend((dict(p.attributes), p.count, round(p.sum, 9), p.min, p.max,
                                 list(p.bucket_counts)) for p in m.data.data_points)
-    return out
+    return sorted(out, key=repr)
 
 
-def test_bulk_histogram_equals_one_record_per_value() -> None:
-    from ebpf_otlp.tcp_hist import fast_path_available
+def _bulk_points(values_per_call: list[np.ndarray]) -> list:
+    h = BatchHistogram("h", "s", "", DURATION_BUCKETS, delta=True, cardinality_limit=100)
+    out = []
+    for values in values_per_call:
+        for attrs in ({"a": 1}, {"a": 2}):
+            h.record_many(tuple(attrs.items()), values)
+        m, _ = h.metric()
+        out.extend(({kv.key: kv.value.int_value for kv in p.attributes}, p.count,
+                    round(p.sum, 9), p.min, p.max, list(p.bucket_counts))
+                   for p in m.histogram.data_points)
+    return sorted(out, key=repr)
 
+
+def test_bulk_histogram_equals_one_sdk_record_per_value() -> None:
     rng = np.random.default_rng(7)
-    calls = [rng.exponential(0.01, 500), np.array([0.25, 0.0001, 3.0]), rng.exponential(1, 50)]
-    assert _hist_points(calls, bulk=True) == _hist_points(calls, bulk=False)
-    assert fast_path_available()  # the installed SDK takes the fast path
+    calls = [rng.exponential(0.01, 500), np.array([0.25, 0.0001, 3.0, 0.005]),
+             rng.exponential(1, 50)]
+    assert _bulk_points(calls) == _sdk_points(calls)

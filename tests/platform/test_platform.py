@@ -23,7 +23,7 @@ from ebpf_otlp.platform.libbpf import BpfError
 from ebpf_otlp.platform.ringbuf import RingBuffer, RingPoller
 
 pytestmark = pytest.mark.kernel
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EVENT = record_dtype("selftest", "selftest_event")
 HIT_TP, HIT_RAW_TP, HIT_UPROBE, HIT_URETPROBE, HIT_SOCKOPS = 1, 2, 5, 6, 7
 

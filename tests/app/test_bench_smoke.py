@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import require
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench.__main__ import _modules  # noqa: E402
