@@ -155,7 +155,8 @@ def export_sdk(d, url: str) -> dict[str, float]:
     from opentelemetry.sdk.metrics.view import View
 
     from ebpf_otlp.config import FLOW_ATTRIBUTES
-    from ebpf_otlp.signals.flows import MAX_SERIES_PER_REQUEST, METRICS
+    from ebpf_otlp.otlp.exporter import MAX_SERIES_PER_REQUEST
+    from ebpf_otlp.signals.flows import METRICS
     from ebpf_otlp.signals.flows import agg as agg
     from ebpf_otlp.signals.flows import attrs as fa
 

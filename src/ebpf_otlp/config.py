@@ -76,8 +76,9 @@ class AgentConfig:
         return max(2000, 2 * self.max_flows + 1000)
 
     def cgroup(self) -> str:
-        """The cgroup v2 directory sock_ops attaches to."""
-        return self.cgroup_path or cgroup2_mount() or "/sys/fs/cgroup"
+        """The cgroup v2 directory sock_ops attaches to ("" when none is mounted here:
+        the TCP signal then mounts one privately for the attach)."""
+        return self.cgroup_path or cgroup2_mount() or ""
 
     def export_settings(self) -> ExportSettings:
         """Where OTLP goes; a bad ``OTEL_*`` value raises :class:`ConfigError`."""

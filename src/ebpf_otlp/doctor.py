@@ -15,6 +15,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from .platform.host import cgroup2_mount
+
 CLONE_NEWNET = 0x40000000
 
 # hook -> (program in selftest.bpf.o, how to attach it)
@@ -67,11 +69,10 @@ def _try_hook(hook: str, prog_name: str) -> str:
 
 
 def _cgroup2_path() -> str:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        parts = line.split()
-        if parts[2] == "cgroup2":
-            return parts[1]
-    raise OSError(2, "no cgroup v2 mount")
+    path = cgroup2_mount()
+    if path is None:
+        raise OSError(2, "no cgroup v2 mount")
+    return path
 
 
 def _probe_child(wfd: int) -> None:

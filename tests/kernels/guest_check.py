@@ -236,7 +236,7 @@ def scenario_dns() -> dict:
         while not stop.is_set():
             try:
                 data, peer = srv.recvfrom(2048)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             q = dns.message.from_wire(data)
             r = dns.message.make_response(q)

@@ -84,8 +84,10 @@ def test_uprobe_unknown_symbol_is_a_clear_error() -> None:
 
 
 def test_sock_ops_on_cgroup_v2() -> None:
-    path = "/sys/fs/cgroup/unified"
-    require(os.path.isdir(path), f"cgroup v2 is not mounted at {path}")
+    from ebpf_otlp.platform.host import cgroup2_mount
+
+    path = cgroup2_mount()
+    require(path is not None and os.path.isdir(path), "cgroup v2 is not mounted")
     with selftest("probe_sockops") as obj:
         obj.programs["probe_sockops"].attach_cgroup(path)
         srv = socket.create_server(("127.0.0.1", 0))

@@ -12,7 +12,6 @@ import logging
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
 
 from . import btf as _btf
 from . import tc as _tc
@@ -125,7 +124,7 @@ class Program:
         self._obj._tc_filters.append(filt)
         return filt
 
-    def attach_cgroup(self, path: str = "/sys/fs/cgroup/unified") -> Link:
+    def attach_cgroup(self, path: str) -> Link:
         """Attach (sock_ops, cgroup_skb ...) to the cgroup v2 directory ``path``."""
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -181,9 +180,6 @@ class GlobalData:
         if p == ffi.NULL:
             raise BpfError(errno.EINVAL, f"map {self.section} has no memory image")
         return ffi.buffer(p, self._size[0])
-
-    def names(self) -> list[str]:
-        return list(self._vars)
 
     def __contains__(self, name: str) -> bool:
         return name in self._vars
@@ -333,5 +329,3 @@ class BpfObject:
         except Exception:  # interpreter shutdown
             pass
 
-    def links(self) -> Iterator[Link]:
-        return iter(self._links)

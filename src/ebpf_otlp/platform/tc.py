@@ -14,7 +14,6 @@ log = logging.getLogger(__name__)
 HANDLE = 0xEB0F
 PRIO_BASE = 0xEB00
 PRIO_SLOTS = 32
-BPF_TC_F_REPLACE = 1
 _POINTS = {"ingress": 1, "egress": 2}  # enum bpf_tc_attach_point
 
 

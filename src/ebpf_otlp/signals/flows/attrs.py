@@ -111,7 +111,7 @@ def encoded(series: np.ndarray, kept: Iterable[str], ifnames: dict[int, str]) ->
 
 
 def dicts(series: np.ndarray, kept: Iterable[str], ifnames: dict[int, str]) -> list[dict]:
-    """Per series, its attributes as a dict (for the SDK path and tests)."""
+    """Per series, its attributes as a dict (tests and the live views)."""
     cols = _per_column(series, kept, ifnames, lambda name, v: (name, v))
     out = [dict() for _ in range(len(series))]
     for enc, mask in cols:

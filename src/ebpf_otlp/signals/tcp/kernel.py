@@ -32,7 +32,7 @@ def attach_sockops(prog: Program, path: str) -> Link:
     our cgroup namespace is mounted on a private temporary directory just for
     the attach and unmounted right after: the link keeps the cgroup.
     """
-    if os.path.isdir(path):
+    if path and os.path.exists(os.path.join(path, "cgroup.controllers")):
         return prog.attach_cgroup(path)
     tmp = tempfile.mkdtemp(prefix="ebpf-otlp-cg-")
     try:

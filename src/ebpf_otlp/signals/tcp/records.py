@@ -149,16 +149,6 @@ class AttributeMapper:
         self._rows[row] = a
         return a
 
-    def event(self, rec: np.void) -> tuple[tuple[str, object], ...]:
-        out = self.base(int(rec["role"]), rec["saddr"].tobytes(), rec["caddr"].tobytes(),
-                        int(rec["sport"]), int(rec["cport"]))
-        pid = int(rec["pid"])
-        if pid and "process.pid" in self.keep:
-            out += (("process.pid", pid),)
-        if pid and "process.executable.name" in self.keep:
-            out += (("process.executable.name", comm(rec["comm"].tobytes())),)
-        return out
-
     def span(self, rec: np.void) -> dict[str, object]:
         """Every attribute we know, for one connection's span."""
         s_text, ntype = address(rec["saddr"].tobytes())
