@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 import time
+from typing import Callable
 
 from . import signals as _signals
 from .config import AgentConfig, ConfigError
@@ -35,10 +36,16 @@ def resolve_ifaces(names: list[str]) -> dict[str, int]:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, strict: bool = True):
-        """``strict``: a signal that fails to start stops the agent (else it is skipped)."""
+    def __init__(self, config: AgentConfig, strict: bool = True,
+                 exporter: Exporter | None = None,
+                 tap: Callable[[str, object], None] | None = None):
+        """``strict``: a signal that fails to start stops the agent (else it is skipped).
+        ``exporter`` replaces the OTLP one and ``tap`` listens to every signal's
+        decoded rows (both for the live views, ``ebpf-otlp observe``/``top``)."""
         self.config = config
         self.strict = strict
+        self._given_exporter = exporter
+        self._tap = tap
         self.ifindex = resolve_ifaces(config.ifaces)
         self.settings = config.export_settings()  # a bad OTEL_* value fails here, exit 2
         self.exporter: Exporter | None = None
@@ -62,13 +69,16 @@ class Agent:
                 log.warning("removed %d tc filters an earlier ebpf-otlp run left on %s", n, name)
         if cfg.bpf_stats:  # refused on old kernels: run time then reads as 0
             self._stats_fd = enable_run_time_stats()
-        self.exporter = Exporter(self.settings, cfg.interval_s, cfg.cardinality_limit,
-                                 span_queue=max(65536, cfg.dns_max_pending))
+        self.exporter = self._given_exporter or Exporter(
+            self.settings, cfg.interval_s, cfg.cardinality_limit,
+            span_queue=max(65536, cfg.dns_max_pending))
         self.poller = RingPoller()
         for name in cfg.signals:
             sig = None
             try:
                 sig = _signals.load(name)(cfg, self.exporter)
+                if self._tap is not None:
+                    sig.taps.append(self._tap)
                 sig.start()
             except (BpfError, OSError, RuntimeError) as e:
                 if sig is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from pathlib import Path
 
 from .libbpf import BpfError, capture_log, ffi, lib
 
@@ -93,14 +94,38 @@ def attach(prog_fd: int, ifindex: int, direction: str, name: str) -> TcFilter:
                    f"ebpf-otlp are taken on ifindex {ifindex}")
 
 
+def _held_prog_ids() -> set[int]:
+    """Ids of the BPF programs some live process holds a descriptor of."""
+    held = set()
+    for fdinfo in Path("/proc").glob("[0-9]*/fdinfo/*"):
+        try:
+            text = fdinfo.read_text()
+        except OSError:  # the process or descriptor went away meanwhile
+            continue
+        i = text.find("prog_id:")
+        if i >= 0:
+            held.add(int(text[i + 8:].split(None, 1)[0]))
+    return held
+
+
 def remove_stale(ifindex: int) -> int:
-    """Remove filters of ours left on ``ifindex`` by an earlier run; returns how many."""
+    """Remove filters of ours left on ``ifindex`` by an earlier run; returns how many.
+
+    A filter whose program a live process still holds belongs to a running
+    ebpf-otlp (an agent, or ``observe``/``top`` beside it) and is left alone."""
     removed = 0
+    held: set[int] | None = None
     for direction in _POINTS:
         hook = _hook(ifindex, direction)
         for slot in range(PRIO_SLOTS):
             prio = PRIO_BASE + slot
-            if not _occupied(hook, prio):
+            opts = _opts(prio)
+            with capture_log():
+                if lib.bpf_tc_query(hook, opts) != 0:
+                    continue
+            if held is None:
+                held = _held_prog_ids()
+            if opts.prog_id in held:
                 continue
             with capture_log():
                 ret = lib.bpf_tc_detach(hook, _opts(prio))

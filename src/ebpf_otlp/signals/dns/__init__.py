@@ -300,6 +300,8 @@ class DnsSignal(Signal):
             spans.append(SpanRecord(ts + offset, end + offset, "DNS " + qtype, attrs, err))
             durations.append((hist, (end - ts) / 1e9 if end > ts else 0.0))
         if spans:
+            if self.taps:  # the live views: one SpanRecord per finished lookup
+                self.tap("dns", spans)
             self.spans_dropped += self.exporter.submit_spans(spans)
             self.duration.record_batch(durations)
 

@@ -180,6 +180,8 @@ class TcpSignal(Signal):
             self._histogram(self.rtt, rtts["srtt_us"] / 1e6, inv, groups)
         if self.spans and (len(closes) or len(fails)):
             self._spans(closes, fails)
+        if self.taps:  # the live views: the batch's records (EVENT dtype)
+            self.tap("tcp", recs)
 
     @staticmethod
     def _histogram(hist, values: np.ndarray, inv: np.ndarray, groups: list[dict],
