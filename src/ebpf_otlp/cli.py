@@ -219,6 +219,8 @@ def _view_options(fn):  # noqa: ANN001, ANN202 (a click decorator)
     fn = click.option("--iface", "ifaces", multiple=True, metavar="IFACE",
                       help="Interface for flows and DNS (repeatable); without one, "
                       "TCP and drops only.")(fn)
+    fn = click.option("--all-drops", is_flag=True,
+                      help="Also frees the kernel gives no reason for (NOT_SPECIFIED).")(fn)
     fn = click.option("--interval", type=click.FloatRange(min=0.2), default=1.0,
                       show_default=True, metavar="SECONDS",
                       help="How often drops and flows are drained from the kernel.")(fn)
@@ -228,6 +230,8 @@ def _view_options(fn):  # noqa: ANN001, ANN202 (a click decorator)
 def _view_session(ifaces: tuple[str, ...], interval: float, verbose: int,
                   filters: dict[str, tuple[str, ...]], want: tuple[str, ...],
                   flows_top: int = 5000):
+    filters_all = bool(filters.pop("all_drops")) or any(
+        "NOT_SPECIFIED" in r.upper() for r in filters.get("drop_reason", ()))
     """A started-up view: filters checked (one line and exit 2 when bad), the
     signals chosen, the agent built with a local exporter."""
     logging.basicConfig(level=logging.WARNING - 10 * verbose,
@@ -258,6 +262,9 @@ def _view_session(ifaces: tuple[str, ...], interval: float, verbose: int,
         cfg.interval_s = interval
         cfg.bpf_stats = False
         cfg.drop_location = True
+        # Frees without a reason (NOT_SPECIFIED) are mostly not drops a person looks for
+        # (segments a TIME_WAIT socket absorbed, multicast nobody joined).
+        cfg.drop_exclude_not_specified = not filters_all
     except (FilterError, ConfigError) as e:
         click.echo(f"ebpf-otlp: {e}", err=True)
         sys.exit(2)

@@ -43,6 +43,10 @@ class Column:
     key: Callable[[dict], object]  # sort key (numbers: descending)
     text: Callable[[dict], str]
     numeric: bool = True
+    width: int = 0  # at least this wide, and takes a share of spare width (addresses, names)
+    wide: bool = False  # only shown on terminals of WIDE columns or more
+
+WIDE = 100
 
 
 @dataclass
@@ -57,10 +61,14 @@ class Table:
     def sortable(self) -> list[Column]:
         return [c for c in self.columns if c.numeric]
 
-    def sorted_rows(self, limit: int | None = None) -> list[list[str]]:
+    def shown(self, width: int = WIDE) -> list[Column]:
+        return [c for c in self.columns if width >= WIDE or not c.wide]
+
+    def sorted_rows(self, limit: int | None = None, width: int = WIDE) -> list[list[str]]:
         col = self.sortable[self.sort % len(self.sortable)]
         rows = sorted(self.rows.values(), key=lambda r: col.key(r), reverse=True)
-        return [[c.text(r) for c in self.columns] for r in rows[:limit]]
+        cols = self.shown(width)
+        return [[c.text(r) for c in cols] for r in rows[:limit]]
 
     def trim(self) -> None:
         if len(self.rows) > MAX_KEYS:
@@ -79,16 +87,17 @@ class TopState:
     def __init__(self) -> None:
         self.flows = Table("flows", "Top flows (last interval)", [
             Column("RATE", lambda r: r["rate"], lambda r: rate(r["rate"])),
-            Column("SOURCE", lambda r: r["src"], lambda r: r["src"], False),
-            Column("DESTINATION", lambda r: r["dst"], lambda r: r["dst"], False),
+            Column("SOURCE", lambda r: r["src"], lambda r: r["src"], False, width=21),
+            Column("DESTINATION", lambda r: r["dst"], lambda r: r["dst"], False, width=21),
             Column("PROTO", lambda r: r["proto"], lambda r: r["proto"], False),
             Column("DIR", lambda r: r["dir"], lambda r: r["dir"], False),
-            Column("IFACE", lambda r: r["iface"], lambda r: r["iface"], False),
+            Column("IFACE", lambda r: r["iface"], lambda r: r["iface"], False,
+                   wide=True),
             Column("PACKETS", lambda r: r["packets"], lambda r: count(r["packets"])),
         ])
         self.tcp = Table("tcp", "TCP peers (since start)", [
             Column("CONNS", lambda r: r["opened"], lambda r: count(r["opened"])),
-            Column("PEER", lambda r: r["peer"], lambda r: r["peer"], False),
+            Column("PEER", lambda r: r["peer"], lambda r: r["peer"], False, width=21),
             Column("ROLE", lambda r: r["role"], lambda r: r["role"], False),
             Column("FAILED", lambda r: r["failed"], lambda r: count(r["failed"])),
             Column("RETRANS", lambda r: r["retrans"], lambda r: count(r["retrans"])),
@@ -98,7 +107,7 @@ class TopState:
         ])
         self.dns = Table("dns", "DNS names (since start)", [
             Column("QUERIES", lambda r: r["queries"], lambda r: count(r["queries"])),
-            Column("NAME", lambda r: r["name"], lambda r: r["name"], False),
+            Column("NAME", lambda r: r["name"], lambda r: r["name"], False, width=21),
             Column("TYPE", lambda r: r["type"], lambda r: r["type"], False),
             Column("ERRORS", lambda r: r["errors"], lambda r: count(r["errors"])),
             Column("ERR %", lambda r: r["errors"] / r["queries"],
@@ -111,7 +120,7 @@ class TopState:
             Column("PACKETS", lambda r: r["packets"], lambda r: count(r["packets"])),
             Column("REASON", lambda r: r["reason"], lambda r: r["reason"], False),
             Column("PKT/S", lambda r: r["rate"], lambda r: f"{r['rate']:.1f}"),
-            Column("LAST FLOW", lambda r: r["flow"], lambda r: r["flow"], False),
+            Column("LAST FLOW", lambda r: r["flow"], lambda r: r["flow"], False, width=21),
         ])
         self.tables = [self.flows, self.tcp, self.dns, self.drops]
         self._flows_next: dict[tuple, dict] = {}

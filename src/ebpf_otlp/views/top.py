@@ -23,7 +23,6 @@ import tty
 from datetime import datetime
 from typing import TextIO
 
-from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table as RichTable
@@ -33,7 +32,7 @@ from .events import Event
 from .session import Session
 from .tables import Table, TopState
 
-HEADER_LINES = 6  # title, table title, header row and borders, footer
+HEADER_LINES = 5  # tabs, table title, column titles, blank line, footer
 
 
 class Top:
@@ -87,22 +86,21 @@ class Top:
 
     def screen(self) -> Group:
         t = self.current
-        height = self.console.size.height if self.console else 24
+        width, height = self.console.size if self.console else (80, 24)
         limit = self.rows or max(1, height - HEADER_LINES)
         sort = t.sortable[t.sort % len(t.sortable)].title
         tabs = Text()
         for i, table in enumerate(self.state.tables):
             tabs.append(f" {i + 1} {table.name} ", style="reverse" if i == self.view else "")
-        head = Text.assemble(("ebpf-otlp top ", "bold"), tabs,
-                             f"  sort: {sort} (s)  q quits  "
-                             f"{datetime.now().strftime('%H:%M:%S')}")
-        table = RichTable(title=t.title, box=box.SIMPLE_HEAD, expand=True, pad_edge=False,
-                          padding=(0, 1))
-        for c in t.columns:
+        head = Text.assemble(tabs, f"  sort {sort} [s]  q quits  ",
+                             (datetime.now().strftime("%H:%M:%S"), "bold"))
+        table = RichTable(title=t.title, box=None, expand=False, pad_edge=False,
+                          padding=(0, 1), header_style="bold underline")
+        for c in t.shown(width):
             table.add_column(c.title, justify="right" if c.numeric else "left",
                              no_wrap=True, overflow="ellipsis",
-                             min_width=len(c.title), ratio=None if c.numeric else 2)
-        for row in t.sorted_rows(limit):
+                             min_width=max(len(c.title), c.width))
+        for row in t.sorted_rows(limit, width):
             table.add_row(*row)
         foot = Text(f"signals: {','.join(self.session.signals)}  interval "
                     f"{self.state.interval_s:.1f}s  events not shown: {self.session.dropped}",
