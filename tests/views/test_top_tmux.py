@@ -146,6 +146,12 @@ def test_top_shows_the_busiest_flow_first_at_its_rate_and_q_exits_clean(topo, wi
             assert screen.index(f":{big}") < screen.index(f":{small}")
             assert held, "top holds its programs while it runs"
 
+            # Keys: 2 shows the TCP peers, s sorts by its next numeric column.
+            tm.tmux("send-keys", "-t", "top", "2")
+            wait_until(lambda: "TCP peers" in tm.screen() and "sort CONNS" in tm.screen(),
+                       10, "the TCP view")
+            tm.tmux("send-keys", "-t", "top", "s")
+            wait_until(lambda: "sort FAILED" in tm.screen(), 10, "the next sort column")
             tm.tmux("send-keys", "-t", "top", "q")
             wait_until(lambda: tm.pane("#{pane_dead}") == "1", 30, "top to exit on q")
             assert tm.pane("#{pane_dead_status}") == "0", tm.screen()
@@ -158,3 +164,26 @@ def test_top_shows_the_busiest_flow_first_at_its_rate_and_q_exits_clean(topo, wi
     tcs = t.run(t.a, "tc", "filter", "show", "dev", "veth-a", "ingress").stdout \
         + t.run(t.a, "tc", "filter", "show", "dev", "veth-a", "egress").stdout
     assert "0xeb0f" not in tcs, tcs
+
+
+def test_top_prints_plain_tables_when_not_a_terminal(topo) -> None:
+    t = topo
+    port = random.randrange(20000, 40000)
+    tmp = Path(tempfile.mkdtemp(prefix="eo-top-"))
+    sink = t.popen(t.b, PY, "-c", SINK, str(port))
+    gen = t.popen(t.a, PY, "-c", GENERATOR.format(payload=PAYLOAD), t.b_ip4, str(port), "500",
+                  str(tmp / "gen.log"))
+    try:
+        res = t.run(t.a, PY, "-m", "ebpf_otlp", "top", "--iface", "veth-a", "--duration", "4",
+                    timeout=120)
+    finally:
+        for p in (gen, sink):
+            p.kill()
+            p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = res.stdout
+    assert "\x1b" not in out, "no escape sequences when the output is not a terminal"
+    assert out.count("--- ebpf-otlp top") >= 2, out
+    for title in ("Top flows", "TCP peers", "DNS names", "Drops by reason"):
+        assert title in out, out
+    assert re.search(rf"10\.201\.0\.2:{port}\b", out), out
