@@ -258,7 +258,9 @@ def _view_session(ifaces: tuple[str, ...], interval: float, verbose: int,
         if not wanted:
             raise FilterError("these filters leave no signal to watch")
         cfg = AgentConfig(ifaces=list(ifaces))
-        cfg.signals = tuple(s for s in ALL_SIGNALS if s in wanted)
+        from .signals import available
+
+        cfg.signals = tuple(s for s in available() if s in wanted)
         cfg.interval_s = interval
         cfg.bpf_stats = False
         cfg.drop_location = True
@@ -308,8 +310,11 @@ def _run_view(fn, *args: object) -> None:  # noqa: ANN001
 def observe(ifaces: tuple[str, ...], interval: float, verbose: int, fmt: str, flows: bool,
             flows_top: int, duration: float | None, **filters: tuple[str, ...]) -> None:
     """One line per event (TCP, DNS, drops; flows per interval), as it happens."""
+    from .signals import available
+
     want = ("tcp", "dns", "drops") + (("flows",) if flows or any(
-        "flows" in v for v in filters["signal"]) else ())
+        "flows" in v for v in filters["signal"]) else ()) + (
+        ("http",) if "http" in available() else ())
     session = _view_session(ifaces, interval, verbose, filters, want)
     from .views.observe import run_observe
 

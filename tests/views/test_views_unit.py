@@ -162,3 +162,29 @@ def test_line_and_json_output() -> None:
     p(None)  # end of the interval: the busiest flow only
     rows = [json.loads(x) for x in out.getvalue().splitlines()]
     assert [r["network.flow.bytes"] for r in rows] == [3_000_000]
+
+
+def test_http_spans_reach_the_view_through_its_exporter() -> None:
+    """The HTTP signal (another issue) hands spans to the exporter: the view's
+    exporter turns those, and only those, into HTTP events."""
+    from ebpf_otlp.config import AgentConfig
+    from ebpf_otlp.otlp import SPAN_KIND_SERVER, SpanRecord
+    from ebpf_otlp.views.events import EventMaker
+    from ebpf_otlp.views.session import LocalExporter
+
+    got = []
+    exp = LocalExporter(AgentConfig(), on_http=got.extend)
+    http = SpanRecord(T, T + 2_000_000, "GET /items/{id}",
+                      (("http.request.method", "GET"), ("url.path", "/items/7"),
+                       ("http.response.status_code", 200), ("server.port", 8080),
+                       ("process.pid", 7)), None, SPAN_KIND_SERVER)
+    dns = SpanRecord(T, T + 1, "DNS A", (("dns.question.name", "x"),))
+    assert exp.submit_spans([dns, http]) == 0
+    assert got == [http]
+    (ev,) = EventMaker().events("http", got)
+    assert ev["signal"] == "http" and ev["http.side"] == "server"
+    assert ev["http.server.request.duration"] == 0.002 and ev["url.path"] == "/items/7"
+    assert "GET  /items/7  200  2.00ms  pid 7" in line(ev, colour=False)
+    assert parse(port=["8080"])(ev) and not parse(port=["80"])(ev)
+    TopState().add(ev)  # no HTTP table yet: ignored, not an error
+    exp.shutdown()

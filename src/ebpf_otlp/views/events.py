@@ -10,13 +10,19 @@ The rows come from the signals' own decoders through ``Signal.tap``:
 | dns | one ``SpanRecord`` per finished lookup | ``lookup`` (answered or timed out) |
 | drops | ``DropRow`` per (reason, flow) and interval | ``drop`` with ``network.packet.drops`` |
 | flows | one ``Drained`` table per interval | ``flow`` per flow and direction |
+| http | its spans, as handed to the exporter | ``request`` (server or client side) |
+
+HTTP needs no tap: its spans carry every attribute, and the view's exporter
+receives them (:class:`~.session.LocalExporter`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .. import signals as _signals
 from ..config import FLOW_ATTRIBUTES
+from ..otlp.spans import SPAN_KIND_SERVER
 from ..platform.host import epoch_offset_ns
 from ..signals.flows import agg
 from ..signals.flows import attrs as fattrs
@@ -32,7 +38,8 @@ from ..signals.tcp.records import (
 )
 
 Event = dict[str, object]
-SIGNALS = ("tcp", "dns", "drops", "flows")
+SIGNALS = tuple(s for s in ("tcp", "dns", "drops", "flows", "http")
+                if s in _signals.available())
 _TCP_KINDS = {EV_OPEN: "open", EV_CLOSE: "close", EV_FAIL: "fail", EV_RTT: "rtt"}
 
 
@@ -87,6 +94,20 @@ class EventMaker:
             ev: Event = {"time": s.start_ns, "signal": "dns", "event": "lookup"}
             ev.update(s.attributes)
             ev["dns.lookup.duration"] = max(0, s.end_ns - s.start_ns) / 1e9
+            if s.error is not None:
+                ev["error.type"] = s.error
+            out.append(ev)
+        return out
+
+    def _http(self, spans: list) -> list[Event]:
+        out = []
+        for s in spans:
+            server = s.kind == SPAN_KIND_SERVER
+            ev: Event = {"time": s.start_ns, "signal": "http", "event": "request",
+                         "http.side": "server" if server else "client"}
+            ev.update(s.attributes)
+            name = f"http.{'server' if server else 'client'}.request.duration"
+            ev[name] = max(0, s.end_ns - s.start_ns) / 1e9
             if s.error is not None:
                 ev["error.type"] = s.error
             out.append(ev)

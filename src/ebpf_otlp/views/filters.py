@@ -78,7 +78,7 @@ class Filters:
         if self.dns_names:
             out &= {"dns"}
         if self.pids or self.comms:
-            out &= {"tcp"}  # the only signal with process attribution today
+            out &= {"tcp", "http"}  # the signals with process attribution
         return out
 
     def __call__(self, ev: Event) -> bool:

@@ -24,7 +24,7 @@ import click
 from .events import Event
 from .session import Session
 
-COLOURS = {"tcp": "cyan", "dns": "magenta", "drops": "red", "flows": "blue"}
+COLOURS = {"tcp": "cyan", "dns": "magenta", "drops": "red", "flows": "blue", "http": "green"}
 SKIP_EVENTS = frozenset({"rtt"})  # RTT samples feed `top`; a close line carries the RTT
 
 
@@ -93,6 +93,14 @@ def details(ev: Event) -> str:
             parts.append("at " + str(ev["network.drop.location"]))
         if "network.interface.name" in ev:
             parts.append("on " + str(ev["network.interface.name"]))
+    elif sig == "http":
+        dur = ev.get("http.server.request.duration", ev.get("http.client.request.duration"))
+        parts += [str(ev.get("http.side", "")), str(ev.get("http.request.method", "")),
+                  str(ev.get("url.path", ev.get("http.route", ""))),
+                  str(ev.get("http.response.status_code", ev.get("error.type", "-"))),
+                  _secs(dur) if dur is not None else ""]
+        if "process.pid" in ev:
+            parts.append(f"pid {ev['process.pid']} {ev.get('process.executable.name', '')}")
     elif sig == "flows":
         parts += [str(ev.get("network.transport", ev.get("network.type", ""))),
                   str(ev.get("network.io.direction", "")),

@@ -34,13 +34,21 @@ class LocalExporter(Exporter):
     """The exporter seam, short-circuited: signals hand over as usual, nothing is
     encoded or sent (the views read the decoded rows through the taps)."""
 
-    def __init__(self, config: AgentConfig):
+    def __init__(self, config: AgentConfig,
+                 on_http: Callable[[list[SpanRecord]], None] | None = None):
+        self.on_http = on_http
         settings = ExportSettings.resolve(endpoint="http://127.0.0.1:9", headers={},
                                           timeout_s=1.0, resource={"service.name": "view"},
                                           env={})
         super().__init__(settings, config.interval_s, config.cardinality_limit, span_queue=1)
 
     def submit_spans(self, spans: Iterable[SpanRecord | tuple]) -> int:
+        """HTTP spans become the view's HTTP events (every attribute is on them)."""
+        if self.on_http is not None:
+            http = [s for s in spans if isinstance(s, SpanRecord)
+                    and any(k == "http.request.method" for k, _ in s.attributes)]
+            if http:
+                self.on_http(http)
         return 0
 
     def send_sums(self, metrics: Sequence[SumMetric], attrs: Sequence[bytes],
@@ -85,8 +93,8 @@ class Session:
         self.stop = threading.Event()
         self.intervals = 0
         self.last_collect = time.monotonic()
-        self.agent = make_agent(config, strict=True, exporter=LocalExporter(config),
-                                tap=self._on_rows)
+        exporter = LocalExporter(config, on_http=lambda spans: self._on_rows("http", spans))
+        self.agent = make_agent(config, strict=True, exporter=exporter, tap=self._on_rows)
 
     def _on_rows(self, what: str, rows: object) -> None:
         for ev in self.maker.events(what, rows):

@@ -129,7 +129,9 @@ class TopState:
         self.intervals = 0
 
     def add(self, ev: Event) -> None:
-        getattr(self, "_" + str(ev["signal"]))(ev)
+        fn = getattr(self, "_" + str(ev["signal"]), None)
+        if fn is not None:  # signals without a table (HTTP yet) are not shown
+            fn(ev)
 
     def _flows(self, ev: Event) -> None:
         src, dst = _ep(ev, "source"), _ep(ev, "destination")
