@@ -194,8 +194,12 @@ def test_observe_json_gives_each_expected_event_once_and_filters_narrow_exactly(
         try:
             wait_until(lambda: seen() == (N_UDP, 3), 40, "drops and DNS lookups")
         except AssertionError:
-            raise AssertionError(f"(udp drops, dns lookups) seen: {seen()}; stderr: "
-                                 f"{every.err.read_text()[-2000:]}") from None
+            ev = every.events()
+            raise AssertionError(
+                f"(udp drops, dns lookups) seen: {seen()}; {len(ev)} events, "
+                f"{len(mine(ev))} ours, last: {ev[-1:]}; alive: {every.proc.poll() is None}; "
+                f"filters: {t.run(t.a, 'tc', 'filter', 'show', 'dev', 'veth-a', 'egress').stdout}"
+                f"; stderr: {every.err.read_text()[-2000:]}") from None
         for p in (every, *procs.values()):
             assert p.stop() == 0, p.err.read_text()
         events = mine(every.events())

@@ -123,7 +123,9 @@ def remove_stale(ifindex: int) -> int:
             with capture_log():
                 if lib.bpf_tc_query(hook, opts) != 0:
                     continue
-            if held is None:
+            if held is None or opts.prog_id not in held:
+                # Scanned after the query: a filter attached meanwhile by a live
+                # process is held by then, so only orphans are removed.
                 held = _held_prog_ids()
             if opts.prog_id in held:
                 continue
