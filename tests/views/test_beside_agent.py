@@ -45,8 +45,9 @@ def ours_filters(topo) -> str:
 
 def test_observe_beside_the_agent_both_counts_exact(topo) -> None:
     t = topo
-    udp, tcp, sport = (random.randrange(20000, 30000), random.randrange(30000, 40000),
-                       random.randrange(40000, 50000))
+    # below the ephemeral range: no other connection's client port is ours
+    udp, tcp, sport = (random.randrange(10000, 20000), random.randrange(20000, 30000),
+                       random.randrange(30000, 32000))
     n1, n2, k = 300, 200, 5
     sink = t.popen(t.b, PY, "-c", SINK, str(udp), str(tcp), stdout=subprocess.PIPE, text=True)
     try:

@@ -149,7 +149,7 @@ def env(topo):
 
 def test_observe_json_gives_each_expected_event_once_and_filters_narrow_exactly(env) -> None:
     t = env
-    port = random.randrange(20000, 40000)
+    port = random.randrange(10000, 30000)  # below the ephemeral range
     closed = port + 2  # port + 1 is refused over TCP
     comm = f"eocli{random.randrange(10**6)}"
     # Each filter with the predicate it must equal, written independently of views.filters.
@@ -178,11 +178,15 @@ def test_observe_json_gives_each_expected_event_once_and_filters_narrow_exactly(
         held = {p.proc.pid: held_programs(p.proc.pid) for p in (every, *procs.values())}
         did, _ = traffic(t, port, closed, comm)
         assert did.get("refused") and len(did["conns"]) == K and len(did["udp"]) == N_UDP
-        ours = {port, port + 1, closed}
-
         def mine(events: list[dict]) -> list[dict]:
-            return [e for e in events if e["signal"] == "dns"
-                    or ports_of(e) & ours]
+            """Ours: by the server side's port (a client port of someone else's
+            connection may equal ours), DNS by name (only ours cross veth-a)."""
+            return [e for e in events
+                    if (e["signal"] == "dns" and (e["dns.question.name"],
+                                                  e["dns.question.type"]) in NAMES)
+                    or (e["signal"] == "tcp" and e.get("server.port") in (port, port + 1))
+                    or (e["signal"] == "drops" and e.get("destination.port")
+                        in (port + 1, closed) and e.get("source.address") == t.a_ip4)]
 
         udp = set(did["udp"])
 

@@ -105,7 +105,7 @@ def test_top_shows_the_busiest_flow_first_at_its_rate_and_q_exits_clean(topo, wi
     require(shutil.which("tmux") is not None, "tmux not installed (Debian tmux)")
     require(shutil.which("bpftool") is not None, "bpftool not installed")
     t = topo
-    big, small = random.randrange(20000, 40000), random.randrange(40000, 60000)
+    big, small = random.randrange(10000, 20000), random.randrange(20000, 30000)
     tmp = Path(tempfile.mkdtemp(prefix="eo-top-"))
     procs = [t.popen(t.b, PY, "-c", SINK, str(big), str(small))]
     before = loaded_programs()
@@ -168,7 +168,7 @@ def test_top_shows_the_busiest_flow_first_at_its_rate_and_q_exits_clean(topo, wi
 
 def test_top_prints_plain_tables_when_not_a_terminal(topo) -> None:
     t = topo
-    port = random.randrange(20000, 40000)
+    port = random.randrange(10000, 30000)
     tmp = Path(tempfile.mkdtemp(prefix="eo-top-"))
     sink = t.popen(t.b, PY, "-c", SINK, str(port))
     gen = t.popen(t.a, PY, "-c", GENERATOR.format(payload=PAYLOAD), t.b_ip4, str(port), "500",

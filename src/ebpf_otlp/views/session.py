@@ -125,7 +125,6 @@ class Session:
         self.agent.collect_and_export()
         self.last_collect = now
         self.intervals += 1
-        self.events.put(None)  # marks the end of one interval for the consumer
         return self.maker.interval_s
 
     def run(self, handle: Callable[[Event | None], None], seconds: float | None = None) -> None:
@@ -140,6 +139,9 @@ class Session:
                 break
             if now >= next_at:
                 self.collect()
+                for ev in self.pending():  # the drain's events, then the interval's end
+                    handle(ev)
+                handle(None)
                 next_at += interval
                 if next_at < now:  # a slow drain: skip, don't burst
                     next_at = now + interval
