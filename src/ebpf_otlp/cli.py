@@ -229,7 +229,7 @@ def _view_options(fn):  # noqa: ANN001, ANN202 (a click decorator)
 
 def _view_session(ifaces: tuple[str, ...], interval: float, verbose: int,
                   filters: dict[str, tuple[str, ...]], want: tuple[str, ...],
-                  flows_top: int = 5000):
+                  flows_top: int = 5000, rtt: bool = True):
     filters_all = bool(filters.pop("all_drops")) or any(
         "NOT_SPECIFIED" in r.upper() for r in filters.get("drop_reason", ()))
     """A started-up view: filters checked (one line and exit 2 when bad), the
@@ -274,7 +274,8 @@ def _view_session(ifaces: tuple[str, ...], interval: float, verbose: int,
         from .agent import Agent
         from .views.session import Session
 
-        return Session(Agent, cfg, accept=flt, flows_top=flows_top)
+        accept = flt if rtt else (lambda e: e["event"] != "rtt" and flt(e))
+        return Session(Agent, cfg, accept=accept, flows_top=flows_top)
     except ImportError as e:  # libbpf.so.1 missing or too old: say what to install
         click.echo(f"ebpf-otlp: {e}", err=True)
         sys.exit(1)
@@ -315,7 +316,8 @@ def observe(ifaces: tuple[str, ...], interval: float, verbose: int, fmt: str, fl
     want = ("tcp", "dns", "drops") + (("flows",) if flows or any(
         "flows" in v for v in filters["signal"]) else ()) + (
         ("http",) if "http" in available() else ())
-    session = _view_session(ifaces, interval, verbose, filters, want)
+    # RTT samples feed top's table; observe prints the RTT on each close line
+    session = _view_session(ifaces, interval, verbose, filters, want, rtt=False)
     from .views.observe import run_observe
 
     _run_view(run_observe, session, fmt == "json", flows_top, duration)

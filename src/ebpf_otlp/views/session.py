@@ -87,8 +87,9 @@ class Session:
                  flows_top: int = 5000):
         self.config = config
         self.accept = accept
-        self.events: queue.Queue[Event | None] = queue.Queue(QUEUE_MAX)
+        self.events: queue.Queue[Event] = queue.Queue(QUEUE_MAX)
         self.dropped = 0  # events not queued (output too slow), reported at the end
+        self._dropped_lock = threading.Lock()  # the poller and the drain both queue
         self.maker = EventMaker(flows_top=flows_top)
         self.stop = threading.Event()
         self.intervals = 0
@@ -103,7 +104,8 @@ class Session:
             try:
                 self.events.put_nowait(ev)
             except queue.Full:
-                self.dropped += 1
+                with self._dropped_lock:
+                    self.dropped += 1
 
     @property
     def signals(self) -> list[str]:
@@ -142,8 +144,9 @@ class Session:
                 for ev in self.pending():  # the drain's events, then the interval's end
                     handle(ev)
                 handle(None)
+                now = time.monotonic()
                 next_at += interval
-                if next_at < now:  # a slow drain: skip, don't burst
+                if next_at < now:  # a slow drain or output: skip, don't burst
                     next_at = now + interval
             try:
                 ev = self.events.get(timeout=max(0.0, min(next_at - now, 0.1)))
@@ -151,14 +154,15 @@ class Session:
                 continue
             handle(ev)
 
-    def pending(self) -> list[Event | None]:
-        """Events queued and not yet handled (after :meth:`close`: the final drain's)."""
+    def pending(self) -> list[Event]:
+        """Events queued now and not yet handled (after :meth:`close`: the final drain's)."""
         out = []
-        while True:
+        for _ in range(self.events.qsize()):  # not what keeps arriving meanwhile
             try:
                 out.append(self.events.get_nowait())
             except queue.Empty:
-                return out
+                break
+        return out
 
     def close(self) -> None:
         """The agent's own teardown (final drain, every hook detached), then the
