@@ -35,8 +35,9 @@ if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-make build
+# Install first: the build generates the Hubble stubs with grpcio-tools (a test extra).
 .venv/bin/python -m pip install -q -e '.[test]'
+make build
 
 case "$what" in
     demo) exec .venv/bin/ebpf-otlp demo ;;
