@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto" / "cilium"
 FILES = ["flow/flow.proto", "relay/relay.proto", "observer/observer.proto"]
 PACKAGES = ("flow", "relay", "observer")
-_IMPORT = re.compile(r"^from (%s)(\.\w+)? import " % "|".join(PACKAGES), re.M)
+_IMPORT = re.compile(r"^from (" + "|".join(PACKAGES) + r")(\.\w+)? import ", re.M)
 
 
 def generate(out: Path) -> list[Path]:

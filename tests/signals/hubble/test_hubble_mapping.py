@@ -1,0 +1,166 @@
+"""The mapping alone: the scripted stream in, aggregated rows, spans and logs out,
+compared with the hand-written expectations of hubble_script."""
+
+from __future__ import annotations
+
+import hubble_script as hs
+import pytest
+
+from ebpf_otlp.signals.hubble._proto.flow import flow_pb2 as fpb
+from ebpf_otlp.signals.hubble._proto.observer import observer_pb2 as opb
+from ebpf_otlp.signals.hubble.l7 import route_template, split_url
+from ebpf_otlp.signals.hubble.mapping import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, Mapper
+
+KIND = {SPAN_KIND_SERVER: "SERVER", SPAN_KIND_CLIENT: "CLIENT"}
+
+
+def _norm(points: dict) -> list:
+    return sorted((sorted(dict(a).items(), key=str), n) for a, n in points.items())
+
+
+def _expected(name: str) -> list:
+    return sorted((sorted(a.items(), key=str), n) for a, n in hs.EXPECTED_SUMS[name])
+
+
+def test_script_maps_exactly():
+    s = hs.build()
+    m = Mapper()
+    m.feed(s.events)
+    out = m.drain()
+    by: dict[str, dict] = {}
+    for (name, attrs), n in out.sums.items():
+        by.setdefault(name, {})[attrs] = n
+    for name in hs.EXPECTED_SUMS:
+        assert _norm(by[name]) == _expected(name), name
+    assert by["ebpf_otlp.events.lost"] == {
+        (("source", "hubble"), ("hubble.lost.source", "hubble_ring_buffer")): hs.EXPECTED_LOST}
+    assert by["ebpf_otlp.events.received"] == {(("source", "hubble"),): len(s.events)}
+    # The one unknown drop reason (999) is counted as such, nothing else is malformed.
+    assert by["ebpf_otlp.hubble.malformed"] == {
+        (("reason", "unknown_enum"), ("field", "drop_reason_desc")): 1}
+    spans = sorted((it[2], KIND[k], it[1] - it[0], dict(it[3]), it[4]) for k, it in out.spans)
+    want = sorted((n, k, d, {a: v for a, v in attrs.items() if a != "error.type"}, e)
+                  for n, k, d, attrs, e in hs.EXPECTED_SPANS)
+    assert spans == want
+    hist: dict[str, list] = {}
+    for name, attrs, v in out.histograms:
+        hist.setdefault(name, []).append((dict(attrs), v))
+    for name, rows in hs.EXPECTED_HISTOGRAMS.items():
+        got = sorted(((sorted(a.items(), key=str), v) for a, v in hist[name]), key=str)
+        exp = sorted(((sorted(a.items(), key=str), s_) for a, _, s_ in rows), key=str)
+        assert [g[0] for g in got] == [e[0] for e in exp], name
+        assert [g[1] for g in got] == pytest.approx([e[1] for e in exp]), name
+    logs = [tuple(dict(r.attributes).get(k) for k in ("source.address", "destination.address",
+                                                      "destination.port", "network.policy.names"))
+            for r in out.logs]
+    assert logs == hs.EXPECTED_DENIAL_LOGS
+    assert "shop/deny-world" in out.logs[0].body and out.logs[0].severity_text == "WARN"
+    # A second drain is empty: deltas.
+    again = m.drain()
+    assert not again.sums and not again.spans and not again.histograms and not again.logs
+
+
+def test_replayed_events_are_not_counted_twice():
+    s = hs.build()
+    m = Mapper()
+    m.feed(s.events[:20])
+    m.feed(s.events[15:])  # a reconnect that resumes from an earlier point
+    by: dict = {}
+    for (name, attrs), n in m.drain().sums.items():
+        by.setdefault(name, {})[attrs] = n
+    for name in hs.EXPECTED_SUMS:
+        assert _norm(by[name]) == _expected(name), name
+    assert sum(by["ebpf_otlp.hubble.duplicates"].values()) == 5  # a LostEvent among them
+    assert sum(by["ebpf_otlp.events.lost"].values()) == hs.EXPECTED_LOST
+
+
+def test_unknown_enums_and_odd_events_are_counted_not_fatal():
+    m = Mapper()
+    r = opb.GetFlowsResponse()
+    f = r.flow
+    f.verdict = 77  # unknown verdict
+    f.event_type.type = 5
+    f.policy_match_type = 42
+    f.IP.source, f.IP.destination = "10.0.0.1", "10.0.0.2"
+    empty = opb.GetFlowsResponse()  # no oneof set
+    node = opb.GetFlowsResponse()
+    node.node_status.message = "x"
+    noip = opb.GetFlowsResponse()
+    noip.flow.event_type.type = 4
+    l7odd = opb.GetFlowsResponse()
+    l7odd.flow.event_type.type = 129
+    l7odd.flow.l7.type = 9
+    l7odd.flow.l7.http.method = "GET"
+    sock = opb.GetFlowsResponse()
+    sock.flow.event_type.type = 7
+    lost = opb.GetFlowsResponse()
+    lost.lost_events.source = 12
+    lost.lost_events.num_events_lost = 3
+    m.feed([r, empty, node, noip, l7odd, sock, lost])
+    sums = m.drain().sums
+    mal = {a: n for (name, a), n in sums.items() if name == "ebpf_otlp.hubble.malformed"}
+    assert mal == {
+        (("reason", "unknown_enum"), ("field", "verdict")): 1,
+        (("reason", "unknown_enum"), ("field", "policy_match_type")): 1,
+        (("reason", "empty"),): 1,
+        (("reason", "no_ip"),): 1,
+        (("reason", "unknown_enum"), ("field", "l7.type")): 1,
+        (("reason", "unknown_enum"), ("field", "lost_events.source")): 1,
+    }
+    ign = {a: n for (name, a), n in sums.items() if name == "ebpf_otlp.hubble.ignored"}
+    assert ign == {(("kind", "node_status"),): 1, (("kind", "event_type_7"),): 1}
+    verdicts = [a for (name, a), _ in sums.items() if name == "network.policy.verdicts"]
+    assert dict(verdicts[0])["network.policy.verdict"] == "unknown_77"
+    assert dict(verdicts[0])["network.policy.match_type"] == "unknown_42"
+    lost_pts = {a: n for (name, a), n in sums.items() if name == "ebpf_otlp.events.lost"}
+    assert lost_pts == {(("source", "hubble"), ("hubble.lost.source", "unknown_12")): 3}
+
+
+def test_series_and_pending_are_bounded():
+    m = Mapper(max_series=3, max_pending=2, l7_timeout_s=1.0)
+    s = hs.Script()
+    for port in range(10):
+        s._flow(hs.CLIENT, hs.WEB, "TCP", 30000 + port, 80, event=4, reply=False)
+    for i in range(3):
+        f = s._flow(hs.CLIENT, hs.WEB, "TCP", 41000 + i, 80, event=129, direction=fpb.EGRESS)
+        f.l7.type = fpb.REQUEST
+        f.l7.http.method, f.l7.http.url = "GET", f"http://web/{'abc'[i]}"
+    m.feed(s.events)
+    out = m.drain()
+    pk = {a: n for (name, a), n in out.sums.items() if name == "network.flow.packets"}
+    assert len(pk) == 4 and pk[(("otel.metric.overflow", True),)] == 7
+    assert out.sums[("ebpf_otlp.hubble.series.overflow", ())] == 7
+    assert out.sums[("ebpf_otlp.hubble.pending.evicted", (("protocol", "http"),))] == 1
+    assert m.pending() == 2
+    # The stream's clock moves past the timeout: the two waiting requests time out.
+    s._flow(hs.CLIENT, hs.WEB, "TCP", 1, 80, event=4, reply=False, dt_ns=2_000_000_000)
+    m.feed(s.events[-1:])
+    out = m.drain()
+    assert sorted(it[2] for _, it in out.spans) == ["GET /b", "GET /c"]
+    assert all(it[4] == "timeout" and it[1] - it[0] == 1_000_000_000 for _, it in out.spans)
+    assert m.pending() == 0
+
+
+def test_denial_logs_rate_limited_and_counted():
+    m = Mapper(denial_log_rate=0.0, denial_log_burst=2)
+    s = hs.Script()
+    for port in range(5):
+        s._flow(hs.CLIENT, hs.WORLD, "TCP", 40000, 1000 + port, event=5,
+                verdict=fpb.DROPPED, direction=fpb.EGRESS)
+    m.feed(s.events)
+    out = m.drain()
+    assert len(out.logs) == 2
+    assert out.sums[("ebpf_otlp.hubble.logs.suppressed", ())] == 3
+
+
+@pytest.mark.parametrize("path,route", [("/", "/"), ("/users/42/orders", "/users/*/orders"),
+                                        ("/o/123e4567-e89b-12d3-a456-426614174000", "/o/*"),
+                                        ("/blob/deadbeef00", "/blob/*"), ("/api/v2", "/api/v2")])
+def test_route_template(path, route):
+    assert route_template(path) == route
+
+
+def test_split_url():
+    assert split_url("http://web:8080/a/b?q=1#f") == ("http", "web:8080", "/a/b")
+    assert split_url("/a?q") == (None, None, "/a")
+    assert split_url("") == (None, None, "/")
