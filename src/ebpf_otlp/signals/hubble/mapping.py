@@ -117,11 +117,18 @@ class Mapper:
         """Map a batch of ``GetFlowsResponse`` or ``ExportEvent`` messages."""
         with self._lock:
             for m in msgs:
-                try:
-                    self._one(m)
-                except Exception as e:  # a message we cannot map must not stop the stream
-                    self._health[(N.MALFORMED, (("reason", "mapping"),
-                                                ("error", type(e).__name__)))] += 1
+                self._guarded(m)
+
+    def feed_one(self, msg) -> None:
+        with self._lock:
+            self._guarded(msg)
+
+    def _guarded(self, m) -> None:
+        try:
+            self._one(m)
+        except Exception as e:  # a message we cannot map must not stop the stream
+            self._health[(N.MALFORMED, (("reason", "mapping"),
+                                        ("error", type(e).__name__)))] += 1
 
     def _one(self, m) -> None:
         h = self._health
