@@ -258,3 +258,40 @@ EXPECTED_DENIAL_LOGS = [
     ("10.0.1.10", "203.0.113.9", 443, "shop/deny-world"),
     ("2001:db8::9", "fd00::30", 5432, None),
 ]
+
+
+def sums_by_name(out) -> dict[str, dict]:
+    by: dict[str, dict] = {}
+    for (name, attrs), n in out.sums.items():
+        by.setdefault(name, {})[attrs] = n
+    return by
+
+
+def _rows(points) -> list:
+    return sorted((sorted(dict(a).items(), key=str), n) for a, n in points)
+
+
+def assert_mapped(out) -> None:
+    """A mapper drain (``Interval``) holds exactly what the script must become."""
+    by = sums_by_name(out)
+    for name, rows in EXPECTED_SUMS.items():
+        assert _rows(by.get(name, {}).items()) == _rows((tuple(a.items()), n)
+                                                        for a, n in rows), name
+    assert by["ebpf_otlp.events.lost"] == {
+        (("source", "hubble"), ("hubble.lost.source", "hubble_ring_buffer")): EXPECTED_LOST}
+    kinds = {2: "SERVER", 3: "CLIENT"}
+    spans = sorted((it[2], kinds[k], it[1] - it[0], dict(it[3]), it[4]) for k, it in out.spans)
+    want = sorted((n, k, d, {a: v for a, v in attrs.items() if a != "error.type"}, e)
+                  for n, k, d, attrs, e in EXPECTED_SPANS)
+    assert spans == want
+    hist: dict[str, list] = {}
+    for name, attrs, v in out.histograms:
+        hist.setdefault(name, []).append((sorted(dict(attrs).items(), key=str), round(v, 9)))
+    assert set(hist) == set(EXPECTED_HISTOGRAMS)
+    for name, rows in EXPECTED_HISTOGRAMS.items():
+        assert sorted(hist[name], key=str) == sorted(
+            ((sorted(a.items(), key=str), s) for a, _, s in rows), key=str), name
+    logs = [tuple(dict(r.attributes).get(k) for k in ("source.address", "destination.address",
+                                                      "destination.port", "network.policy.names"))
+            for r in out.logs]
+    assert logs == EXPECTED_DENIAL_LOGS
