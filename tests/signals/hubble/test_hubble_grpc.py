@@ -1,0 +1,140 @@
+"""The GetFlows follower against a gRPC server implementing Observer from the
+same protos: the scripted stream with a disconnect and a resume, garbage
+messages, mutual TLS named as the hubble CLI names it, and back-off."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import hubble_script as hs
+import pytest
+from hubble_server import HubbleServer, ScriptedObserver
+
+from ebpf_otlp.signals.hubble.mapping import Mapper
+from ebpf_otlp.signals.hubble.source_grpc import Backoff, GrpcFollower, TlsOptions
+
+
+class _Follow:
+    def __init__(self, address: str, **kw):
+        self.mapper = Mapper()
+        self.follower = GrpcFollower(address, self.mapper, backoff=Backoff(0.05, 0.2), **kw)
+        self.thread = threading.Thread(target=self.follower.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.follower.stop()
+        self.thread.join(5)
+        assert not self.thread.is_alive(), "follower did not stop"
+
+
+def _wait(pred, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_stream_with_disconnect_and_resume():
+    s = hs.build()
+    cut = 12
+    obs = ScriptedObserver(s.events, cut=cut)
+    with HubbleServer(obs) as srv, _Follow(srv.address) as f:
+        assert obs.done.wait(20), "the bridge never came back for the rest"
+        _wait(lambda: f.follower.messages == len(s.events) + 1, "every message")
+        out = f.mapper.drain()
+    hs.assert_mapped(out)
+    by = hs.sums_by_name(out)
+    assert by["ebpf_otlp.hubble.reconnects"] == {(("reason", "unavailable"),): 1}
+    assert by["ebpf_otlp.hubble.duplicates"] == {(("source", "hubble"),): 1}
+    first, again = obs.requests
+    assert first.follow and not first.HasField("since")
+    # Resumed from the newest timestamp seen before the break.
+    assert again.follow and again.since.ToNanoseconds() == s.events[cut - 1].time.ToNanoseconds()
+
+
+def test_garbage_and_unknown_enums_counted_never_fatal():
+    s = hs.build()
+    odd = hs.Script()
+    f = odd._flow(hs.CLIENT, hs.WEB, "TCP", 1, 2, event=4, reply=False)
+    f.verdict = 99
+    f.uuid = "odd-1"
+    raw = [b"\xff\xff\xff", b"\x0a\x05abc", odd.events[0].SerializeToString()]
+    obs = ScriptedObserver(s.events, raw=raw)
+    with HubbleServer(obs, raw=True) as srv, _Follow(srv.address) as fol:
+        assert obs.done.wait(20)
+        _wait(lambda: fol.follower.messages == len(s.events) + 3, "every message")
+        out = fol.mapper.drain()
+    by = hs.sums_by_name(out)
+    assert by["ebpf_otlp.hubble.malformed"] == {
+        (("reason", "decode"),): 2,
+        (("reason", "unknown_enum"), ("field", "verdict")): 1,
+        (("reason", "unknown_enum"), ("field", "drop_reason_desc")): 1,
+    }
+    assert fol.follower.connections == 1 and "ebpf_otlp.hubble.reconnects" not in by
+    # The flow with the unknown verdict is still a packet; the script is intact.
+    pk = by["network.flow.packets"]
+    assert sum(pk.values()) == sum(n for _, n in hs.EXPECTED_SUMS["network.flow.packets"]) + 1
+
+
+def test_server_down_backs_off_and_counts():
+    with socket.socket() as probe:  # a port nobody listens on after this
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with _Follow(f"127.0.0.1:{port}") as f:
+        _wait(lambda: f.follower.backoff.current_s >= 0.2, "back-off to reach its cap")
+    out = f.mapper.drain()
+    n = hs.sums_by_name(out)["ebpf_otlp.hubble.reconnects"][(("reason", "unavailable"),)]
+    assert 3 <= n < 50, n  # 0.05, 0.1, 0.2, ...: attempts are spaced, not a busy loop
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def pki(tmp_path):
+    d = tmp_path
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+             "ca.pem", "-days", "2", "-subj", "/CN=test hubble ca", cwd=d)
+    for name, cn in (("server", "hubble.test"), ("client", "bridge")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                 f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
+        (d / f"{name}.ext").write_text(f"subjectAltName=DNS:{cn}\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile",
+                 f"{name}.ext", cwd=d)
+    return d
+
+
+def test_mutual_tls_with_the_hubble_cli_options(pki):
+    s = hs.build()
+    creds = grpc.ssl_server_credentials(
+        [((pki / "server.key").read_bytes(), (pki / "server.pem").read_bytes())],
+        root_certificates=(pki / "ca.pem").read_bytes(), require_client_auth=True)
+    tls = TlsOptions(enabled=True, ca_cert_files=(str(pki / "ca.pem"),),
+                     client_cert_file=str(pki / "client.pem"),
+                     client_key_file=str(pki / "client.key"), server_name="hubble.test")
+    obs = ScriptedObserver(s.events)
+    with HubbleServer(obs, credentials=creds) as srv:
+        with _Follow(srv.address, tls=tls) as f:
+            assert obs.done.wait(20)
+            _wait(lambda: f.follower.messages == len(s.events), "every message over TLS")
+        hs.assert_mapped(f.mapper.drain())
+        # Without the client certificate the server refuses: counted, nothing mapped.
+        bare = TlsOptions(enabled=True, ca_cert_files=(str(pki / "ca.pem"),),
+                          server_name="hubble.test")
+        with _Follow(srv.address, tls=bare) as f:
+            _wait(lambda: f.follower.backoff.current_s > 0.05, "a refused attempt")
+        out = f.mapper.drain()
+        assert "network.flow.packets" not in hs.sums_by_name(out)
+        assert sum(hs.sums_by_name(out)["ebpf_otlp.hubble.reconnects"].values()) >= 1
