@@ -19,10 +19,14 @@ from ebpf_otlp.signals.hubble.mapping import Mapper
 from ebpf_otlp.signals.hubble.source_grpc import Backoff, GrpcFollower, TlsOptions
 
 
+CLIENTS = pytest.mark.parametrize("client", ["h2", "grpcio"])
+
+
 class _Follow:
-    def __init__(self, address: str, **kw):
+    def __init__(self, address: str, client: str = "h2", **kw):
         self.mapper = Mapper()
-        self.follower = GrpcFollower(address, self.mapper, backoff=Backoff(0.05, 0.2), **kw)
+        self.follower = GrpcFollower(address, self.mapper, backoff=Backoff(0.05, 0.2),
+                                     client=client, **kw)
         self.thread = threading.Thread(target=self.follower.run, daemon=True)
 
     def __enter__(self):
@@ -44,11 +48,12 @@ def _wait(pred, what: str, timeout: float = 20.0) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_stream_with_disconnect_and_resume():
+@CLIENTS
+def test_stream_with_disconnect_and_resume(client):
     s = hs.build()
     cut = 12
     obs = ScriptedObserver(s.events, cut=cut)
-    with HubbleServer(obs) as srv, _Follow(srv.address) as f:
+    with HubbleServer(obs) as srv, _Follow(srv.address, client) as f:
         assert obs.done.wait(20), "the bridge never came back for the rest"
         _wait(lambda: f.follower.messages == len(s.events) + 1, "every message")
         out = f.mapper.drain()
@@ -62,7 +67,8 @@ def test_stream_with_disconnect_and_resume():
     assert again.follow and again.since.ToNanoseconds() == s.events[cut - 1].time.ToNanoseconds()
 
 
-def test_garbage_and_unknown_enums_counted_never_fatal():
+@CLIENTS
+def test_garbage_and_unknown_enums_counted_never_fatal(client):
     s = hs.build()
     odd = hs.Script()
     f = odd._flow(hs.CLIENT, hs.WEB, "TCP", 1, 2, event=4, reply=False)
@@ -70,7 +76,7 @@ def test_garbage_and_unknown_enums_counted_never_fatal():
     f.uuid = "odd-1"
     raw = [b"\xff\xff\xff", b"\x0a\x05abc", odd.events[0].SerializeToString()]
     obs = ScriptedObserver(s.events, raw=raw)
-    with HubbleServer(obs, raw=True) as srv, _Follow(srv.address) as fol:
+    with HubbleServer(obs, raw=True) as srv, _Follow(srv.address, client) as fol:
         assert obs.done.wait(20)
         _wait(lambda: fol.follower.messages == len(s.events) + 3, "every message")
         out = fol.mapper.drain()
@@ -86,11 +92,12 @@ def test_garbage_and_unknown_enums_counted_never_fatal():
     assert sum(pk.values()) == sum(n for _, n in hs.EXPECTED_SUMS["network.flow.packets"]) + 1
 
 
-def test_server_down_backs_off_and_counts():
+@CLIENTS
+def test_server_down_backs_off_and_counts(client):
     with socket.socket() as probe:  # a port nobody listens on after this
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with _Follow(f"127.0.0.1:{port}") as f:
+    with _Follow(f"127.0.0.1:{port}", client) as f:
         _wait(lambda: f.follower.backoff.current_s >= 0.2, "back-off to reach its cap")
     out = f.mapper.drain()
     n = hs.sums_by_name(out)["ebpf_otlp.hubble.reconnects"][(("reason", "unavailable"),)]
@@ -116,7 +123,8 @@ def pki(tmp_path):
     return d
 
 
-def test_mutual_tls_with_the_hubble_cli_options(pki):
+@CLIENTS
+def test_mutual_tls_with_the_hubble_cli_options(client, pki):
     s = hs.build()
     creds = grpc.ssl_server_credentials(
         [((pki / "server.key").read_bytes(), (pki / "server.pem").read_bytes())],
@@ -126,14 +134,14 @@ def test_mutual_tls_with_the_hubble_cli_options(pki):
                      client_key_file=str(pki / "client.key"), server_name="hubble.test")
     obs = ScriptedObserver(s.events)
     with HubbleServer(obs, credentials=creds) as srv:
-        with _Follow(srv.address, tls=tls) as f:
+        with _Follow(srv.address, client, tls=tls) as f:
             assert obs.done.wait(20)
             _wait(lambda: f.follower.messages == len(s.events), "every message over TLS")
         hs.assert_mapped(f.mapper.drain())
         # Without the client certificate the server refuses: counted, nothing mapped.
         bare = TlsOptions(enabled=True, ca_cert_files=(str(pki / "ca.pem"),),
                           server_name="hubble.test")
-        with _Follow(srv.address, tls=bare) as f:
+        with _Follow(srv.address, client, tls=bare) as f:
             _wait(lambda: f.follower.backoff.current_s > 0.05, "a refused attempt")
         out = f.mapper.drain()
         assert "network.flow.packets" not in hs.sums_by_name(out)

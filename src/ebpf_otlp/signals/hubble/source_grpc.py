@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +22,16 @@ from typing import Callable
 
 import grpc
 
+from . import h2stream
 from . import names as N
 from ._proto.observer import observer_pb2 as opb
 from .mapping import Mapper
 
 log = logging.getLogger(__name__)
 
+# "h2": our own HTTP/2 reader (fast, the default); "grpcio": gRPC's client (h2stream.py says why
+# it is not the default).
+CLIENTS = ("h2", "grpcio")
 GET_FLOWS = "/" + opb.DESCRIPTOR.services_by_name["Observer"].full_name + "/GetFlows"
 
 
@@ -39,6 +44,13 @@ class TlsOptions:
     client_cert_file: str | None = None                    # --tls-client-cert-file
     client_key_file: str | None = None                     # --tls-client-key-file
     server_name: str | None = None                         # --tls-server-name
+
+    def context(self) -> ssl.SSLContext:
+        """The same options for our own HTTP/2 client."""
+        if bool(self.client_cert_file) != bool(self.client_key_file):
+            raise ValueError("--tls-client-cert-file and --tls-client-key-file go together")
+        return h2stream.tls_context(self.ca_cert_files, self.client_cert_file,
+                                    self.client_key_file)
 
     def credentials(self) -> grpc.ChannelCredentials:
         roots = b"".join(Path(p).read_bytes() for p in self.ca_cert_files) or None
@@ -78,7 +90,10 @@ class GrpcFollower:
 
     def __init__(self, server: str, mapper: Mapper, tls: TlsOptions = TlsOptions(),
                  backoff: Backoff | None = None, connect_timeout_s: float = 10.0,
-                 on_message: Callable[[], None] | None = None):
+                 on_message: Callable[[], None] | None = None, client: str = "h2"):
+        if client not in CLIENTS:
+            raise ValueError(f"unknown gRPC client {client!r}; known: {', '.join(CLIENTS)}")
+        self.client = client
         self.target, self.tls = parse_server(server, tls)
         self.mapper = mapper
         self.backoff = backoff or Backoff()
@@ -122,6 +137,65 @@ class GrpcFollower:
 
     def _follow_once(self) -> str:
         """One connection: returns why it ended (``eof`` or a gRPC status name)."""
+        if self.client == "h2":
+            return self._follow_h2()
+        return self._follow_grpcio()
+
+    def _follow_h2(self) -> str:
+        try:
+            ctx = self.tls.context() if self.tls.enabled else None
+        except (OSError, ValueError, ssl.SSLError) as e:
+            log.error("hubble TLS configuration: %s", e)
+            return "tls_config"
+        try:
+            sock = h2stream.connect(self.target, ctx, self.tls.server_name,
+                                    self.connect_timeout_s)
+        except h2stream.StreamError as e:
+            return e.reason
+        except ssl.SSLError as e:
+            log.warning("hubble TLS handshake with %s failed: %s", self.target, e)
+            return "tls"
+        except OSError as e:
+            log.debug("hubble connect %s: %s", self.target, e)
+            return "unavailable"
+        authority = self.tls.server_name or (self.target if not self.target.startswith("unix:")
+                                             else "localhost")
+        try:
+            call = h2stream.GrpcStreamCall(sock, authority, GET_FLOWS, self._request(),
+                                           "https" if ctx is not None else "http")
+        except OSError:
+            sock.close()
+            return "unavailable"
+        with self._lock:
+            self._call = call
+        if self._stop.is_set():
+            call.close()
+        self.connections += 1
+        parse = opb.GetFlowsResponse.FromString
+        mapper, count = self.mapper, self.mapper.count
+        try:
+            for raws in call.messages():
+                self.backoff.reset()
+                self.messages += len(raws)
+                msgs = []
+                for raw in raws:
+                    try:
+                        msgs.append(parse(raw))
+                    except Exception:  # DecodeError, or anything the decoder raises
+                        count(N.MALFORMED, (("reason", "decode"),))
+                mapper.feed(msgs)
+                if self.on_message is not None:
+                    self.on_message()
+            return "eof"
+        except h2stream.StreamError as e:
+            return e.reason
+        except (OSError, ssl.SSLError):
+            return "unavailable"
+        finally:
+            with self._lock:
+                self._call = None
+
+    def _follow_grpcio(self) -> str:
         try:
             channel = self._channel()
         except (OSError, ValueError) as e:
@@ -165,4 +239,4 @@ class GrpcFollower:
         self._stop.set()
         with self._lock:
             if self._call is not None:
-                self._call.cancel()
+                (self._call.close if self.client == "h2" else self._call.cancel)()
