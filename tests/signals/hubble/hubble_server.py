@@ -71,7 +71,7 @@ class HubbleServer:
     """``with HubbleServer(observer) as srv: srv.address``; TLS with ``credentials``."""
 
     def __init__(self, observer: ScriptedObserver, raw: bool = False,
-                 credentials: grpc.ServerCredentials | None = None):
+                 credentials: grpc.ServerCredentials | None = None, bind: str = "127.0.0.1:0"):
         self.observer = observer
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         if raw:
@@ -79,10 +79,10 @@ class HubbleServer:
         else:
             ogrpc.add_ObserverServicer_to_server(observer, self.server)
         if credentials is None:
-            self.port = self.server.add_insecure_port("127.0.0.1:0")
+            self.port = self.server.add_insecure_port(bind)
         else:
-            self.port = self.server.add_secure_port("127.0.0.1:0", credentials)
-        self.address = f"127.0.0.1:{self.port}"
+            self.port = self.server.add_secure_port(bind, credentials)
+        self.address = bind if bind.startswith("unix:") else f"127.0.0.1:{self.port}"
 
     def __enter__(self) -> HubbleServer:
         self.server.start()

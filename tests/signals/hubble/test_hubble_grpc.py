@@ -18,7 +18,6 @@ from hubble_server import HubbleServer, ScriptedObserver
 from ebpf_otlp.signals.hubble.mapping import Mapper
 from ebpf_otlp.signals.hubble.source_grpc import Backoff, GrpcFollower, TlsOptions
 
-
 CLIENTS = pytest.mark.parametrize("client", ["h2", "grpcio"])
 
 
@@ -146,3 +145,29 @@ def test_mutual_tls_with_the_hubble_cli_options(client, pki):
         out = f.mapper.drain()
         assert "network.flow.packets" not in hs.sums_by_name(out)
         assert sum(hs.sums_by_name(out)["ebpf_otlp.hubble.reconnects"].values()) >= 1
+
+
+def test_server_address_forms_and_backoff_schedule():
+    from ebpf_otlp.signals.hubble.source_grpc import parse_server
+
+    assert parse_server("relay:80", TlsOptions()) == ("relay:80", TlsOptions())
+    target, tls = parse_server("tls://relay:443", TlsOptions(server_name="x"))
+    assert target == "relay:443" and tls.enabled and tls.server_name == "x"
+    b = Backoff()
+    waits = [b.next() for _ in range(9)]
+    assert [round(b.initial_s * 2 ** i, 3) for i in range(6)] == [0.5, 1, 2, 4, 8, 16]
+    for w, nominal in zip(waits, [0.5, 1, 2, 4, 8, 16, 30, 30, 30]):
+        assert 0.8 * nominal <= w <= 1.2 * nominal, (w, nominal)
+    b.reset()
+    assert 0.4 <= b.next() <= 0.6
+
+
+@CLIENTS
+def test_unix_socket(client, tmp_path):
+    s = hs.build()
+    obs = ScriptedObserver(s.events)
+    with HubbleServer(obs, bind=f"unix://{tmp_path / 'hubble.sock'}") as srv, \
+            _Follow(srv.address, client) as f:
+        assert obs.done.wait(20)
+        _wait(lambda: f.follower.messages == len(s.events), "every message over the socket")
+        hs.assert_mapped(f.mapper.drain())

@@ -131,3 +131,23 @@ def test_split_url():
     assert split_url("http://web:8080/a/b?q=1#f") == ("http", "web:8080", "/a/b")
     assert split_url("/a?q") == (None, None, "/a")
     assert split_url("") == (None, None, "/")
+
+
+def test_response_without_request_is_a_span_timed_by_hubble_and_counted():
+    m = Mapper()
+    s = hs.Script()
+    f = s._flow(hs.WEB, hs.CLIENT, "TCP", 80, 40100, event=129, direction=fpb.INGRESS,
+                reply=True)
+    f.l7.type = fpb.RESPONSE
+    f.l7.latency_ns = 5_000_000
+    f.l7.http.code, f.l7.http.method, f.l7.http.url = 404, "GET", "http://web/missing"
+    m.feed(s.events)
+    out = m.drain()
+    assert out.sums[("ebpf_otlp.hubble.unmatched", (("protocol", "http"),))] == 1
+    (kind, (start, end, name, attrs, err)), = out.spans
+    assert (name, end - start, err) == ("GET /missing", 5_000_000, None)  # 404: no server error
+    a = dict(attrs)
+    # The response travels server -> client: the server is its source.
+    assert (a["server.address"], a["server.port"], a["client.address"]) == (
+        "10.0.2.20", 80, "10.0.1.10")
+    assert a["http.response.status_code"] == 404
