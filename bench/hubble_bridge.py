@@ -6,9 +6,10 @@ a fixed rate; ``ebpf-otlp hubble --server`` follows it and exports to an
 OTLP receiver in this process. A rate is sustained when the sender never fell
 more than 0.5 s behind its schedule (a real Hubble does not wait for a slow
 client: what its buffer cannot hold is lost) and the exported
-``network.flow.packets`` add up to every flow sent. The bridge's CPU (user+system, /proc) is measured
-over each run. Baseline in the same run: the same bridge with grpcio's
-client (``--hubble-client grpcio``), at the rates it can take.
+``network.flow.packets`` add up to every flow sent. The bridge's CPU
+(user+system, /proc) is measured over each run. Baseline in the same run:
+the same bridge with grpcio's client (``--hubble-client grpcio``), at the
+rates it can take.
 """
 
 from __future__ import annotations
@@ -125,10 +126,10 @@ def run(quick: bool) -> Result:
     if c_ours:
         res.add(Figure("flows per CPU-second (1 / CPU per flow)", 1.0 / c_ours * 1000,
                        "flows/CPU-s"))
-    res.note("Each rate runs for %gs; 'nothing lost' = every flow sent came out as "
-             "network.flow.packets and the sender was never more than %gs behind schedule. "
-             "The stand-in server, the receiver and the bridge share this machine's cores."
-             % (seconds, MAX_LAG_S))
+    res.note(f"Each rate runs for {seconds:g}s; 'nothing lost' = every flow sent came out as "
+             f"network.flow.packets and the sender was never more than {MAX_LAG_S:g}s behind "
+             "schedule. The stand-in server, the receiver and the bridge share this machine's "
+             "cores.")
     if not b_ours:
         res.status = "partial"
     return res
