@@ -61,11 +61,15 @@ def one_rate(rate: float, seconds: float, client: str, workdir: Path) -> dict:
         port = portfile.read_text().strip()
         with Receiver("127.0.0.1", 0, sink=counter.sink) as rx:
             e = dict(env(), OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE="delta")
-            log = open(workdir / f"bridge-{client}-{int(rate)}.log", "w")  # noqa: SIM115
+            log_path = workdir / f"bridge-{client}-{int(rate)}.log"
+            log = open(log_path, "w")  # noqa: SIM115
             bridge = subprocess.Popen(
                 [PY, "-m", "ebpf_otlp", "hubble", "--server", f"127.0.0.1:{port}",
                  "--hubble-client", client, "--endpoint", f"http://127.0.0.1:{rx.port}",
                  "--interval", "1"], stdout=log, stderr=log, env=e)
+            # Start-up (imports) is not per-flow cost: CPU counts from the "running" line.
+            if not wait_until(lambda: "hubble running" in log_path.read_text(), 60):
+                raise RuntimeError(f"bridge did not start: {log_path.read_text()}")
             cpu0 = _cpu_s(bridge.pid)
             line = server.stdout.readline()  # the server's summary, when all was sent
             sent = json.loads(line) if line.strip() else {"sent": 0, "lag_max_s": None}
