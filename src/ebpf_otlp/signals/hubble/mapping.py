@@ -197,8 +197,9 @@ class Mapper:
     @staticmethod
     def _endpoint(ep) -> tuple:
         """(namespace, pod, ((workload attr, name), ...)) of a Hubble endpoint."""
-        wl = tuple((N.WORKLOAD_ATTR.get(w.kind, "k8s.workload.name"), w.name)
-                   for w in ep.workloads if w.name)
+        wls = ep.workloads
+        wl = tuple([(_WORKLOAD_ATTR(w.kind, "k8s.workload.name"), w.name) for w in wls
+                    if w.name]) if wls else ()
         return ep.namespace, ep.pod_name, wl
 
     def _add(self, key: tuple, n: int = 1) -> None:
@@ -218,7 +219,7 @@ class Mapper:
             return
         transport, sp, dp = self._l4(f)
         td = f.traffic_direction
-        reply = f.is_reply.value if f.HasField("is_reply") else False
+        reply = f.is_reply.value  # unset reads False: not known to be a reply
         # traffic_direction is the connection's (replies keep it): the packet's
         # own direction at the local endpoint flips for replies.
         if td == N.EGRESS:
@@ -454,6 +455,7 @@ class _Dns:
 
 
 _DIRECTION = {True: "transmit", False: "receive"}
+_WORKLOAD_ATTR = N.WORKLOAD_ATTR.get
 
 
 def _local_attrs(local: tuple, prefix: str = "") -> Attrs:
