@@ -150,8 +150,11 @@ def test_export_file_growing_and_rotated_end_to_end(tmp_path):
 
 def test_bad_invocations_exit_2_with_one_line():
     for args in ([], ["--server", "x:1", "--file", "y"],
-                 ["--server", "x:1", "--tls-client-cert-file", "c.pem"]):
+                 ["--server", "x:1", "--tls-client-cert-file", "c.pem"],
+                 ["--server", "tls://x:1", "--tls-ca-cert-files", "/nonexistent/ca.pem"],
+                 ["--server", "x:1", "--tls", "--tls-client-cert-file", "/nonexistent/c.pem",
+                  "--tls-client-key-file", "/nonexistent/k.pem"]):
         r = subprocess.run([PY, "-m", "ebpf_otlp", "hubble", *args], capture_output=True,
                            text=True, timeout=60)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
-        assert "Traceback" not in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

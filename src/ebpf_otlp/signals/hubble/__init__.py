@@ -57,6 +57,11 @@ def run(opts: HubbleOptions, config: AgentConfig) -> None:
                      opts.tls_client_key_file, opts.tls_server_name)
     if bool(tls.client_cert_file) != bool(tls.client_key_file):
         raise ConfigError("hubble: --tls-client-cert-file and --tls-client-key-file go together")
+    if opts.server is not None and (tls.enabled or opts.server.startswith("tls://")):
+        try:  # unreadable or invalid certificate files: say so now, not at every reconnect
+            tls.context() if opts.client == "h2" else tls.credentials()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"hubble: TLS files: {e}") from None
     mapper = Mapper(max_series=opts.max_series, max_pending=opts.max_pending,
                     l7_timeout_s=opts.l7_timeout_s, dns_names=opts.dns_names,
                     denial_log_rate=opts.denial_log_rate)
