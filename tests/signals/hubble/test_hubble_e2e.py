@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import hubble_script as hs
+import pytest
 from hubble_server import HubbleServer, ScriptedObserver, append, export_line
 from otlp import ReceiverProc
 
@@ -35,10 +36,10 @@ def _free_port() -> int:
 
 
 class Bridge:
-    def __init__(self, rx: ReceiverProc, *args: str):
+    def __init__(self, rx: ReceiverProc, *args: str, temporality: str = "delta"):
         self.args = ["--endpoint", rx.endpoint, "--interval", "0.5", *args]
         self.log_path = Path(rx.dir) / "bridge.log"
-        self.env = dict(os.environ, OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE="delta",
+        self.env = dict(os.environ, OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=temporality,
                         OTEL_SERVICE_NAME="hubble-test")
 
     def __enter__(self):
@@ -71,10 +72,16 @@ class Bridge:
 
 
 def _totals(rx: ReceiverProc, name: str) -> dict[frozenset, float]:
+    """Per series: the sum of deltas, or the newest cumulative value."""
     out: dict[frozenset, float] = defaultdict(float)
+    newest: dict[frozenset, int] = {}
     for p in rx.metrics(name):
-        assert p["temporality"] == "delta", p
-        out[frozenset(p["attributes"].items())] += p["value"]
+        key = frozenset(p["attributes"].items())
+        if p["temporality"] == "delta":
+            out[key] += p["value"]
+        elif p["time_ns"] >= newest.get(key, 0):
+            newest[key] = p["time_ns"]
+            out[key] = p["value"]
     return dict(out)
 
 
@@ -97,8 +104,12 @@ def check_export(rx: ReceiverProc) -> None:
     for name, rows in hs.EXPECTED_HISTOGRAMS.items():
         got: dict[frozenset, list] = defaultdict(lambda: [0, 0.0])
         for p in rx.metrics(name):
-            got[frozenset(p["attributes"].items())][0] += p["count"]
-            got[frozenset(p["attributes"].items())][1] += p["sum"]
+            g = got[frozenset(p["attributes"].items())]
+            if p["temporality"] == "delta":
+                g[0] += p["count"]
+                g[1] += p["sum"]
+            else:  # cumulative: the newest point (they only grow)
+                g[0], g[1] = max(g[0], p["count"]), max(g[1], p["sum"])
         assert {k: (c, round(s, 9)) for k, (c, s) in got.items()} == {
             frozenset(a.items()): (c, s) for a, c, s in rows}, name
     logs = [r for r in rx.records() if r["type"] == "log"]
@@ -110,11 +121,12 @@ def check_export(rx: ReceiverProc) -> None:
     assert {r["resource"].get("service.name") for r in rx.records()} == {"hubble-test"}
 
 
-def test_grpc_stream_with_disconnect_end_to_end():
+@pytest.mark.parametrize("temporality", ["delta", "cumulative"])
+def test_grpc_stream_with_disconnect_end_to_end(temporality):
     s = hs.build()
     obs = ScriptedObserver(s.events, cut=12)
     with HubbleServer(obs) as srv, ReceiverProc(_Host(), "", _free_port()) as rx:
-        with Bridge(rx, "--server", srv.address) as br:
+        with Bridge(rx, "--server", srv.address, temporality=temporality) as br:
             assert obs.done.wait(30), br.log()
             rx.wait_for(lambda: _received(rx) == len(s.events) + 1 and len(rx.spans()) == 4,
                         what="every event and span exported")
