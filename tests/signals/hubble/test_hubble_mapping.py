@@ -151,3 +151,16 @@ def test_response_without_request_is_a_span_timed_by_hubble_and_counted():
     assert (a["server.address"], a["server.port"], a["client.address"]) == (
         "10.0.2.20", 80, "10.0.1.10")
     assert a["http.response.status_code"] == 404
+
+
+def test_dns_names_option_and_dedup_memory():
+    s = hs.build()
+    m = Mapper(dns_names=True, dedup_memory=4)
+    m.feed(s.events)
+    hist = [dict(a) for name, a, _ in m.drain().histograms if name == "dns.lookup.duration"]
+    assert sorted(h["dns.question.name"] for h in hist) == ["example.com", "missing.example"]
+    # Only the last 4 uuids are remembered: an older event replayed counts again.
+    m.feed([s.events[0], s.events[-1]])
+    by = hs.sums_by_name(m.drain())
+    assert sum(by["network.flow.packets"].values()) == 1
+    assert sum(by["ebpf_otlp.hubble.duplicates"].values()) == 1
