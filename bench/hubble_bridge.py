@@ -87,6 +87,66 @@ def one_rate(rate: float, seconds: float, client: str, workdir: Path) -> dict:
             "ok": bool(n) and counter.packets == n and sent["lag_max_s"] < MAX_LAG_S}
 
 
+def file_rate(n: int, workdir: Path) -> dict:
+    """``ebpf-otlp hubble --file`` over an export file of ``n`` flows written in advance:
+    how fast it reads, decodes and maps them, and its CPU per 1,000 lines."""
+    from google.protobuf import json_format
+
+    from ebpf_otlp.receiver import Receiver
+    from ebpf_otlp.signals.hubble._proto.observer import observer_pb2 as opb
+
+    from .hubble_server import flow_messages
+
+    path = workdir / "events.log"
+    with open(path, "wb") as f:
+        for raw in flow_messages(n):
+            ev = opb.ExportEvent.FromString(raw)
+            f.write(json_format.MessageToJson(ev, preserving_proto_field_name=True,
+                                              indent=None).encode() + b"\n")
+    counter = _Counter()
+    with Receiver("127.0.0.1", 0, sink=counter.sink) as rx:
+        e = dict(env(), OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE="delta")
+        log_path = workdir / "bridge-file.log"
+        log = open(log_path, "w")  # noqa: SIM115
+        bridge = subprocess.Popen([PY, "-m", "ebpf_otlp", "hubble", "--file", str(path),
+                                   "--endpoint", f"http://127.0.0.1:{rx.port}",
+                                   "--interval", "0.5"], stdout=log, stderr=log, env=e)
+        wait_until(lambda: "hubble running" in log_path.read_text(), 60)
+        cpu0, t0 = _cpu_s(bridge.pid), time.monotonic()
+        wait_until(lambda: counter.packets >= n, 60 + n / 2000, interval=0.01)
+        # The last export can be up to one interval after the last line was mapped.
+        elapsed = time.monotonic() - t0
+        cpu = _cpu_s(bridge.pid) - cpu0
+        stop_process(bridge)
+        log.close()
+    return {"lines": n, "exported": counter.packets, "seconds": elapsed, "cpu_s": cpu,
+            "cpu_s_per_1000": cpu / n * 1000, "lines_per_s": n / elapsed}
+
+
+def json_decode_cost(n: int = 20_000) -> tuple[float, float]:
+    """CPU s per 1,000 export lines decoded in this process: ours (json + jsonpb.merge)
+    and protobuf's own ``json_format.Parse``, on the same lines."""
+    from google.protobuf import json_format
+
+    from ebpf_otlp.signals.hubble._proto.observer import observer_pb2 as opb
+    from ebpf_otlp.signals.hubble.source_file import parse_line
+
+    from .hubble_server import flow_messages
+
+    lines = [json_format.MessageToJson(opb.ExportEvent.FromString(r),
+                                       preserving_proto_field_name=True, indent=None).encode()
+             for r in flow_messages(n)]
+    t = time.process_time()
+    for line in lines:
+        parse_line(line, None)
+    ours = time.process_time() - t
+    t = time.process_time()
+    for line in lines:
+        json_format.Parse(line, opb.ExportEvent())
+    theirs = time.process_time() - t
+    return ours / n * 1000, theirs / n * 1000
+
+
 def ladder(client: str, rates: list[float], seconds: float, workdir: Path) -> list[dict]:
     out = []
     for rate in rates:
@@ -108,7 +168,10 @@ def run(quick: bool) -> Result:
     with tempfile.TemporaryDirectory(prefix="eo-hubble-") as d:
         ours = ladder("h2", ours_rates, seconds, Path(d))
         base = ladder("grpcio", base_rates, seconds, Path(d))
-    res.raw["h2"], res.raw["grpcio"] = ours, base
+        fr = file_rate(5_000 if quick else 200_000, Path(d))
+    res.raw["h2"], res.raw["grpcio"], res.raw["file"] = ours, base, fr
+    print(f"  file   {fr['lines']} lines in {fr['seconds']:.2f}s, "
+          f"{fr['cpu_s_per_1000']:.4f} CPU s/1000", flush=True)
 
     def best(rows: list[dict]) -> dict | None:
         good = [r for r in rows if r["ok"]]
@@ -130,6 +193,15 @@ def run(quick: bool) -> Result:
     if c_ours:
         res.add(Figure("flows per CPU-second (1 / CPU per flow)", 1.0 / c_ours * 1000,
                        "flows/CPU-s"))
+    res.add(Figure("export file: lines/s read, decoded, mapped and exported (--file)",
+                   fr["lines_per_s"], "lines/s",
+                   note=f"{fr['lines']:,} lines written in advance; exported "
+                   f"{fr['exported']:.0f}; includes up to one 0.5 s interval of waiting"))
+    res.add(Figure("export file: bridge CPU per 1,000 lines", fr["cpu_s_per_1000"], "CPU s"))
+    ours_j, pb_j = json_decode_cost(2_000 if quick else 20_000)
+    res.add(Figure.compare("export-file JSON decode, CPU per 1,000 lines (jsonpb.merge)", ours_j,
+                           "CPU s", pb_j, "protobuf's json_format.Parse",
+                           higher_is_better=False))
     res.note(f"Each rate runs for {seconds:g}s; 'nothing lost' = every flow sent came out as "
              f"network.flow.packets and the sender was never more than {MAX_LAG_S:g}s behind "
              "schedule. The stand-in server, the receiver and the bridge share this machine's "
