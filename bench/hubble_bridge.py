@@ -163,7 +163,8 @@ def ladder(client: str, rates: list[float], seconds: float, workdir: Path) -> li
 def run(quick: bool) -> Result:
     res = Result(NAME, TITLE, command_for(NAME, quick))
     seconds = 1.0 if quick else 8.0
-    ours_rates = [5_000.0] if quick else [10_000.0, 20_000.0, 40_000.0, 60_000.0, 80_000.0]
+    ours_rates = [5_000.0] if quick else [10_000.0, 20_000.0, 30_000.0, 40_000.0, 50_000.0,
+                                          60_000.0, 80_000.0]
     base_rates = [2_000.0] if quick else [2_500.0, 5_000.0, 10_000.0, 20_000.0]
     with tempfile.TemporaryDirectory(prefix="eo-hubble-") as d:
         ours = ladder("h2", ours_rates, seconds, Path(d))
