@@ -164,3 +164,18 @@ def test_dns_names_option_and_dedup_memory():
     by = hs.sums_by_name(m.drain())
     assert sum(by["network.flow.packets"].values()) == 1
     assert sum(by["ebpf_otlp.hubble.duplicates"].values()) == 1
+
+
+def test_a_timestamp_from_the_future_does_not_move_the_stream_clock():
+    s = hs.build()
+    m = Mapper()
+    m.feed(s.events[:3])
+    before = m.stream_time_ns
+    odd = hs.Script(start_ns=before + 3600 * 10**9)  # an hour ahead
+    odd._flow(hs.CLIENT, hs.WEB, "TCP", 1, 2, event=4, reply=False)
+    odd.events[0].flow.uuid = "future"
+    m.feed(odd.events)
+    assert m.stream_time_ns == before
+    out = m.drain()
+    assert out.sums[("ebpf_otlp.hubble.malformed", (("reason", "future_time"),))] == 1
+    assert sum(hs.sums_by_name(out)["network.flow.packets"].values()) == 4  # still counted

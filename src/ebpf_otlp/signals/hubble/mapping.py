@@ -22,6 +22,7 @@ mapping needs and events of kinds not mapped are counted
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -39,6 +40,7 @@ OVERFLOW: Attrs = (("otel.metric.overflow", True),)
 HUBBLE: Attrs = (("source", "hubble"),)
 DNS_OK_RCODES = frozenset((0, 3))  # NOERROR, NXDOMAIN: answers, not failures (as the DNS signal)
 TIMEOUT = "timeout"
+MAX_SKEW_NS = 60_000_000_000  # node clocks may differ; a minute ahead is still believed
 _RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED",
            6: "YXDOMAIN", 7: "YXRRSET", 8: "NXRRSET", 9: "NOTAUTH", 10: "NOTZONE"}
 
@@ -154,7 +156,12 @@ class Mapper:
     def _flow(self, f, node_name: str) -> None:
         t = ts_ns(f.time)
         if t > self.stream_time_ns:
-            self.stream_time_ns = t
+            # The stream's clock (resume point, L7 timeouts) never follows a timestamp from
+            # the future: one bad event would otherwise blind the resume after a reconnect.
+            if t <= time.time_ns() + MAX_SKEW_NS:
+                self.stream_time_ns = t
+            else:
+                self._health[(N.MALFORMED, (("reason", "future_time"),))] += 1
         if f.uuid and self._is_duplicate(f.uuid):
             return
         verdict = f.verdict
