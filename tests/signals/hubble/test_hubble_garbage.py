@@ -63,6 +63,8 @@ REPLIES = {
     "status_503": (_frame(4, 0, 0) + _frame(1, 0x4 | 0x1, 1, b"\x8d")),  # :status 503 (static)
     "bad_hpack": _frame(4, 0, 0) + _frame(1, 0x4, 1, b"\xff\xff\xff\xff"),
     "huge_frame": b"\xff\xff\xff\x00\x00\x00\x00\x00\x01",
+    "huge_message": (_frame(4, 0, 0) + _frame(1, 0x4, 1, b"\x88")
+                     + _frame(0, 0, 1, b"\x00\x7f\xff\xff\xff" + b"\0" * 100)),
     "rst": _frame(4, 0, 0) + _frame(3, 0, 1, b"\x00\x00\x00\x02"),
     "goaway": _frame(4, 0, 0) + _frame(7, 0, 0, b"\x00\x00\x00\x00\x00\x00\x00\x02"),
     "grpc_garbage": (_frame(4, 0, 0) + _frame(1, 0x4, 1, b"\x88")  # :status 200

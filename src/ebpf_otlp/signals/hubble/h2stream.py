@@ -33,6 +33,9 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDO
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 SETTINGS_ENABLE_PUSH, SETTINGS_INITIAL_WINDOW_SIZE = 0x2, 0x4
 WINDOW = 1 << 24  # 16 MiB: a burst of ~150,000 flows in flight before the server waits
+MAX_FRAME = 16384  # SETTINGS_MAX_FRAME_SIZE left at its default: larger frames are errors
+MAX_MESSAGE = 16 << 20  # a gRPC message larger than this is not a flow (grpcio's limit: 4 MiB)
+MAX_HEADER_BLOCK = 1 << 20
 STREAM = 1
 GRPC_STATUS = {0: "ok", 1: "cancelled", 2: "unknown", 3: "invalid_argument",
                4: "deadline_exceeded", 5: "not_found", 6: "already_exists",
@@ -150,6 +153,8 @@ class GrpcStreamCall:
                 ending: Exception | None = None
                 while n - off >= 9:
                     length = int.from_bytes(buf[off:off + 3], "big")
+                    if length > MAX_FRAME:
+                        raise StreamError("internal", f"frame of {length} bytes")
                     if n - off - 9 < length:
                         break
                     ftype, flags = buf[off + 3], buf[off + 4]
@@ -195,6 +200,8 @@ class GrpcStreamCall:
         off, n = 0, len(data)
         while n - off >= 5:
             length = _HDR.unpack_from(data, off + 1)[0]
+            if length > MAX_MESSAGE:
+                raise StreamError("resource_exhausted", f"gRPC message of {length} bytes")
             if n - off - 5 < length:
                 break
             if data[off]:  # compressed: we announced no grpc-accept-encoding
@@ -216,6 +223,8 @@ class GrpcStreamCall:
             else:
                 self._hblock += payload
                 self._hflags |= flags & END_HEADERS
+                if len(self._hblock) > MAX_HEADER_BLOCK:
+                    raise StreamError("internal", "header block too large")
             if not self._hflags & END_HEADERS:
                 return False
             try:
