@@ -179,3 +179,12 @@ def test_a_timestamp_from_the_future_does_not_move_the_stream_clock():
     out = m.drain()
     assert out.sums[("ebpf_otlp.hubble.malformed", (("reason", "future_time"),))] == 1
     assert sum(hs.sums_by_name(out)["network.flow.packets"].values()) == 4  # still counted
+
+
+def test_spans_per_interval_are_bounded_and_counted():
+    s = hs.build()
+    m = Mapper(max_spans=1)
+    m.feed(s.events)
+    out = m.drain()
+    assert len(out.spans) == 1 and len(out.histograms) == 4
+    assert out.sums[("ebpf_otlp.hubble.spans.dropped", (("reason", "interval_full"),))] == 3

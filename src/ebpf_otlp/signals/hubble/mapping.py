@@ -92,8 +92,10 @@ class Mapper:
     def __init__(self, max_series: int = 65536, max_pending: int = 65536,
                  l7_timeout_s: float = 30.0, dns_names: bool = False,
                  denial_log_rate: float = 10.0, denial_log_burst: float = 100.0,
-                 denial_memory: int = 65536, dedup_memory: int = 65536):
+                 denial_memory: int = 65536, dedup_memory: int = 65536,
+                 max_spans: int = 65536):
         self.max_series = max_series
+        self.max_spans = max_spans
         self.dns_names = dns_names
         self._lock = threading.Lock()
         self._counts: dict[tuple, int] = {}  # raw key (metric tag first) -> count
@@ -381,7 +383,7 @@ class Mapper:
         if h.protocol.upper().startswith("HTTP/"):
             attrs += (("network.protocol.version", h.protocol[5:]),)
         kind = SPAN_KIND_SERVER if server else SPAN_KIND_CLIENT
-        self._spans.append((kind, (start, end, f"{method} {route}", attrs, err)))
+        self._span(kind, (start, end, f"{method} {route}", attrs, err))
         self._hist.append((N.HTTP_SERVER if server else N.HTTP_CLIENT, hist,
                            max(0, end - start) / 1e9))
 
@@ -410,8 +412,14 @@ class Mapper:
             hist += (("dns.response_code", rc),)
             if err is not None:
                 hist += (("error.type", err),)
-        self._spans.append((SPAN_KIND_CLIENT, (start, end, f"DNS {qtype}", attrs, err)))
+        self._span(SPAN_KIND_CLIENT, (start, end, f"DNS {qtype}", attrs, err))
         self._hist.append((N.DNS_DURATION, hist, max(0, end - start) / 1e9))
+
+    def _span(self, kind: int, item: SpanItem) -> None:
+        if len(self._spans) < self.max_spans:
+            self._spans.append((kind, item))
+        else:  # the histogram still has it; the span path would drop it anyway
+            self._health[(N.SPANS_DROPPED, (("reason", "interval_full"),))] += 1
 
     def _expire(self) -> None:
         for req in self._pending.expire(self.stream_time_ns):

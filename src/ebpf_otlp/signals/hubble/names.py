@@ -62,6 +62,7 @@ UNMATCHED = "ebpf_otlp.hubble.unmatched"
 PENDING_EVICTED = "ebpf_otlp.hubble.pending.evicted"
 SERIES_OVERFLOW = "ebpf_otlp.hubble.series.overflow"
 LOGS_SUPPRESSED = "ebpf_otlp.hubble.logs.suppressed"
+SPANS_DROPPED = "ebpf_otlp.hubble.spans.dropped"
 
 # name -> (unit, description) for every sum the bridge exports.
 SUMS: dict[str, tuple[str, str]] = {
@@ -78,6 +79,7 @@ SUMS: dict[str, tuple[str, str]] = {
     PENDING_EVICTED: ("{request}", "L7 requests dropped from the pairing table (full)"),
     SERIES_OVERFLOW: ("{event}", "Events counted under the overflow series (too many series)"),
     LOGS_SUPPRESSED: ("{record}", "Denial log records not sent (rate limit)"),
+    SPANS_DROPPED: ("{span}", "L7 spans over the per-interval bound (their durations are kept)"),
 }
 
 TRANSPORTS = {"TCP": "tcp", "UDP": "udp", "ICMPv4": "icmp", "ICMPv6": "icmp", "SCTP": "sctp",
