@@ -16,6 +16,15 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
+from . import names as N
+
+SPAN_KIND_SERVER = 2
+SPAN_KIND_CLIENT = 3
+TIMEOUT = "timeout"
+DNS_OK_RCODES = frozenset((0, 3))  # NOERROR, NXDOMAIN: answers, not failures (as the DNS signal)
+RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED",
+          6: "YXDOMAIN", 7: "YXRRSET", 8: "NXRRSET", 9: "NOTAUTH", 10: "NOTZONE"}
+
 
 @dataclass(frozen=True)
 class Request:
@@ -112,3 +121,67 @@ def split_url(url: str) -> tuple[str | None, str | None, str]:
         rest = sep + rest
     path = rest.split("?", 1)[0].split("#", 1)[0]
     return scheme or None, host or None, path or "/"
+
+
+def http_span(start: int, end: int, info: tuple, method: str, url: str, code: int,
+              protocol: str, timeout: bool) -> tuple[int, tuple, str, tuple]:
+    """(span kind, span tuple, histogram name, histogram attributes) of one HTTP
+    exchange, with the HTTP signal's names. ``info`` is (client, server,
+    transport, IP version, traffic direction) of the request."""
+    (ca, _), (sa, sport), _transport, _ipv, td = info
+    server = td == N.INGRESS  # Cilium's ingress proxy stands in front of the server
+    scheme, _host, path = split_url(url)
+    scheme = scheme or "http"
+    route = route_template(path)
+    method = method or "_OTHER"
+    code = 0 if timeout else code
+    if timeout:
+        err: str | None = TIMEOUT
+    elif code >= 500 or (not server and code >= 400):
+        err = str(code)
+    else:
+        err = None
+    status = (("http.response.status_code", code),) if code else ()
+    where = ((("server.address", sa),) if sa else ()) + \
+        ((("server.port", sport),) if sport else ())
+    hist = (("http.request.method", method),) + status + (("http.route", route),
+                                                         ("url.scheme", scheme)) + where
+    if err is not None:
+        hist += (("error.type", err),)
+    attrs = (("http.request.method", method), ("url.path", path), ("url.scheme", scheme)) \
+        + status + where + ((("client.address", ca),) if ca else ())
+    if protocol.upper().startswith("HTTP/"):
+        attrs += (("network.protocol.version", protocol[5:]),)
+    kind = SPAN_KIND_SERVER if server else SPAN_KIND_CLIENT
+    return (kind, (start, end, f"{method} {route}", attrs, err),
+            N.HTTP_SERVER if server else N.HTTP_CLIENT, hist)
+
+
+def dns_span(start: int, end: int, info: tuple, query: str, qtype: str, response: Any,
+             names: bool) -> tuple[tuple, tuple]:
+    """(span tuple, histogram attributes) of one DNS lookup with the DNS signal's
+    names; ``response`` is Hubble's ``DNS`` record of the answer, None for a timeout."""
+    (ca, cport), (sa, sport), transport, ipv, _td = info
+    qname = query[:-1] if query.endswith(".") else query
+    server = (("server.address", sa), ("server.port", sport or 0),
+              ("network.transport", transport or "udp"))
+    client = (("network.type", N.NET_TYPE.get(ipv, "")), ("client.address", ca),
+              ("client.port", cport or 0))
+    attrs: tuple = (("dns.question.name", qname), ("dns.question.type", qtype))
+    hist: tuple = (("dns.question.type", qtype),) + server
+    if names:
+        hist += (("dns.question.name", qname.lower()),)
+    if response is None:
+        err: str | None = TIMEOUT
+        attrs += server + client
+        hist += (("error.type", TIMEOUT),)
+    else:
+        d = response
+        rc = RCODES.get(d.rcode, str(d.rcode))
+        err = None if d.rcode in DNS_OK_RCODES else rc
+        answers = len(d.rrtypes) if d.rrtypes else len(d.ips) + len(d.cnames)
+        attrs += (("dns.response_code", rc), ("dns.answer.count", answers)) + server + client
+        hist += (("dns.response_code", rc),)
+        if err is not None:
+            hist += (("error.type", err),)
+    return (start, end, f"DNS {qtype}", attrs, err), hist

@@ -28,21 +28,15 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from . import names as N
-from .l7 import PendingTable, Request, route_template, split_url
+from .attrs import ATTRS, Attrs, verdict_attrs
+from .l7 import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, PendingTable, Request, dns_span, http_span
 
 # (start_ns, end_ns, name, attribute pairs, error type or None): the batch span path's tuple
 SpanItem = tuple
 
-Attrs = tuple  # tuple[tuple[str, object], ...], in a fixed order per metric
-SPAN_KIND_SERVER = 2
-SPAN_KIND_CLIENT = 3
 OVERFLOW: Attrs = (("otel.metric.overflow", True),)
 HUBBLE: Attrs = (("source", "hubble"),)
-DNS_OK_RCODES = frozenset((0, 3))  # NOERROR, NXDOMAIN: answers, not failures (as the DNS signal)
-TIMEOUT = "timeout"
 MAX_SKEW_NS = 60_000_000_000  # node clocks may differ; a minute ahead is still believed
-_RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED",
-           6: "YXDOMAIN", 7: "YXRRSET", 8: "NXRRSET", 9: "NOTAUTH", 10: "NOTZONE"}
 
 
 @dataclass(frozen=True)
@@ -83,6 +77,9 @@ class TokenBucket:
             self.tokens -= 1
             return True
         return False
+
+
+_WORKLOAD = N.WORKLOAD_ATTR.get
 
 
 class Mapper:
@@ -207,7 +204,7 @@ class Mapper:
     def _endpoint(ep) -> tuple:
         """(namespace, pod, ((workload attr, name), ...)) of a Hubble endpoint."""
         wls = ep.workloads
-        wl = tuple([(_WORKLOAD_ATTR(w.kind, "k8s.workload.name"), w.name) for w in wls
+        wl = tuple([(_WORKLOAD(w.kind, "k8s.workload.name"), w.name) for w in wls
                     if w.name]) if wls else ()
         return ep.namespace, ep.pod_name, wl
 
@@ -291,7 +288,7 @@ class Mapper:
         policies = [p for p in (*f.ingress_denied_by, *f.egress_denied_by)]
         pnames = tuple(f"{p.namespace}/{p.name}" if p.namespace else p.name
                        for p in policies if p.name)
-        attrs = _verdict_attrs(key)
+        attrs = verdict_attrs(key)
         if ip.source:
             attrs += (("source.address", ip.source),)
         if ip.destination:
@@ -338,81 +335,28 @@ class Mapper:
             else:
                 start, info = req.time_ns, req.info
             if rec == "http":
-                self._http_span(start, t, info, l7.http)
+                h = l7.http
+                self._http_span(start, t, info, h.method, h.url, h.code, h.protocol)
             else:
-                self._dns_span(start, t, info, l7.dns)
+                d = l7.dns
+                self._dns_span(start, t, info, d.query, d.qtypes[0] if d.qtypes else "", d)
         else:
             name, known = N.enum_name(N.L7_TYPE, typ)
             self._health[(N.MALFORMED if not known else N.IGNORED,
                           (("reason", "unknown_enum"), ("field", "l7.type")) if not known
                           else (("kind", f"l7_{name.lower()}"),))] += 1
 
-    def _http_span(self, start: int, end: int, info: tuple, h, timeout: bool = False) -> None:
-        (ca, _), (sa, sport), _transport, _ipv, td = info
-        server = td == N.INGRESS
-        scheme, _host, path = split_url(h.url)
-        route = route_template(path)
-        method = h.method or "_OTHER"
-        code = 0 if timeout else h.code
-        if timeout:
-            err = TIMEOUT
-        elif code >= 500 or (not server and code >= 400):
-            err = str(code)
-        else:
-            err = None
-        hist: Attrs = (("http.request.method", method),)
-        if code:
-            hist += (("http.response.status_code", code),)
-        hist += (("http.route", route), ("url.scheme", scheme or "http"))
-        if sa:
-            hist += (("server.address", sa),)
-        if sport:
-            hist += (("server.port", sport),)
-        if err is not None:
-            hist += (("error.type", err),)
-        attrs = (("http.request.method", method), ("url.path", path),
-                 ("url.scheme", scheme or "http"))
-        if code:
-            attrs += (("http.response.status_code", code),)
-        if sa:
-            attrs += (("server.address", sa),)
-        if sport:
-            attrs += (("server.port", sport),)
-        if ca:
-            attrs += (("client.address", ca),)
-        if h.protocol.upper().startswith("HTTP/"):
-            attrs += (("network.protocol.version", h.protocol[5:]),)
-        kind = SPAN_KIND_SERVER if server else SPAN_KIND_CLIENT
-        self._span(kind, (start, end, f"{method} {route}", attrs, err))
-        self._hist.append((N.HTTP_SERVER if server else N.HTTP_CLIENT, hist,
-                           max(0, end - start) / 1e9))
+    def _http_span(self, start: int, end: int, info: tuple, method: str, url: str,
+                   code: int = 0, protocol: str = "", timeout: bool = False) -> None:
+        kind, item, hist_name, hist = http_span(start, end, info, method, url, code, protocol,
+                                                timeout)
+        self._span(kind, item)
+        self._hist.append((hist_name, hist, max(0, end - start) / 1e9))
 
-    def _dns_span(self, start: int, end: int, info: tuple, d, timeout: bool = False) -> None:
-        (ca, cport), (sa, sport), transport, ipv, _td = info
-        qname = d.query[:-1] if d.query.endswith(".") else d.query
-        qtype = d.qtypes[0] if d.qtypes else ""
-        server = (("server.address", sa), ("server.port", sport or 0),
-                  ("network.transport", transport or "udp"))
-        attrs: Attrs = (("dns.question.name", qname), ("dns.question.type", qtype))
-        hist: Attrs = (("dns.question.type", qtype),) + server
-        if self.dns_names:
-            hist += (("dns.question.name", qname.lower()),)
-        if timeout:
-            err = TIMEOUT
-            attrs += server + (("network.type", N.NET_TYPE.get(ipv, "")),
-                               ("client.address", ca), ("client.port", cport or 0))
-            hist += (("error.type", TIMEOUT),)
-        else:
-            rc = _RCODES.get(d.rcode, str(d.rcode))
-            err = None if d.rcode in DNS_OK_RCODES else rc
-            answers = len(d.rrtypes) if d.rrtypes else len(d.ips) + len(d.cnames)
-            attrs += (("dns.response_code", rc), ("dns.answer.count", answers)) + server + \
-                (("network.type", N.NET_TYPE.get(ipv, "")), ("client.address", ca),
-                 ("client.port", cport or 0))
-            hist += (("dns.response_code", rc),)
-            if err is not None:
-                hist += (("error.type", err),)
-        self._span(SPAN_KIND_CLIENT, (start, end, f"DNS {qtype}", attrs, err))
+    def _dns_span(self, start: int, end: int, info: tuple, query: str, qtype: str,
+                  response=None) -> None:
+        item, hist = dns_span(start, end, info, query, qtype, response, self.dns_names)
+        self._span(SPAN_KIND_CLIENT, item)
         self._hist.append((N.DNS_DURATION, hist, max(0, end - start) / 1e9))
 
     def _span(self, kind: int, item: SpanItem) -> None:
@@ -426,10 +370,10 @@ class Mapper:
             end = req.time_ns + self._pending.timeout_ns
             if req.key[0] == "http":
                 _, _, method, url = req.key
-                self._http_span(req.time_ns, end, req.info, _Http(method, url), timeout=True)
+                self._http_span(req.time_ns, end, req.info, method, url, timeout=True)
             else:
                 _, _, query, qtype = req.key
-                self._dns_span(req.time_ns, end, req.info, _Dns(query, qtype), timeout=True)
+                self._dns_span(req.time_ns, end, req.info, query, qtype)
 
     # --- output ---------------------------------------------------------------------
     def drain(self) -> Interval:
@@ -445,7 +389,7 @@ class Mapper:
         sums = out.sums
         for key, n in counts.items():
             name = key[0]
-            attrs = OVERFLOW if key[1:] == ("overflow",) else _ATTRS[name](key)
+            attrs = OVERFLOW if key[1:] == ("overflow",) else ATTRS[name](key)
             sums[(name, attrs)] = sums.get((name, attrs), 0) + n
         for key, n in health.items():
             sums[key] = sums.get(key, 0) + n
@@ -453,89 +397,6 @@ class Mapper:
 
     def pending(self) -> int:
         return len(self._pending)
-
-
-class _Http:
-    __slots__ = ("method", "url", "code", "protocol")
-
-    def __init__(self, method: str, url: str):
-        self.method, self.url, self.code, self.protocol = method, url, 0, ""
-
-
-class _Dns:
-    __slots__ = ("query", "qtypes")
-
-    def __init__(self, query: str, qtype: str):
-        self.query, self.qtypes = query, [qtype] if qtype else []
-
-
-_DIRECTION = {True: "transmit", False: "receive"}
-_WORKLOAD_ATTR = N.WORKLOAD_ATTR.get
-
-
-def _local_attrs(local: tuple, prefix: str = "") -> Attrs:
-    if not local:
-        return ()
-    ns, pod, wl = local if len(local) == 3 else (local[0], "", local[1])
-    out: Attrs = ()
-    if ns:
-        out += ((prefix + "k8s.namespace.name", ns),)
-    if pod:
-        out += ((prefix + "k8s.pod.name", pod),)
-    return out + tuple((prefix + k, v) for k, v in wl)
-
-
-def _flow_attrs(key: tuple) -> Attrs:
-    _, src, sp, dst, dp, transport, ipv, tx, iface, local, node = key[:11]
-    a: Attrs = ()
-    if src:
-        a += (("source.address", src),)
-    if sp is not None:
-        a += (("source.port", sp),)
-    if dst:
-        a += (("destination.address", dst),)
-    if dp is not None:
-        a += (("destination.port", dp),)
-    if transport:
-        a += (("network.transport", transport),)
-    if ipv in N.NET_TYPE:
-        a += (("network.type", N.NET_TYPE[ipv]),)
-    if tx is not None:
-        a += (("network.io.direction", _DIRECTION[tx]),)
-    if iface:
-        a += (("network.interface.name", iface),)
-    a += _local_attrs(local)
-    if node:
-        a += (("k8s.node.name", node),)
-    return a
-
-
-def _drop_attrs(key: tuple) -> Attrs:
-    return _flow_attrs(key) + (("network.drop.reason", key[11]),)
-
-
-def _verdict_attrs(key: tuple) -> Attrs:
-    _, verdict, tx, mt, sid, did, sloc, dloc, transport, dp, node = key
-    a: Attrs = (("network.policy.verdict", verdict),)
-    if tx is not None:
-        a += (("network.io.direction", _DIRECTION[tx]),)
-    a += (("network.policy.match_type", mt),)
-    if sid:
-        a += (("source.cilium.identity", sid),)
-    a += _local_attrs(sloc, "source.")
-    if did:
-        a += (("destination.cilium.identity", did),)
-    a += _local_attrs(dloc, "destination.")
-    if transport:
-        a += (("network.transport", transport),)
-    if dp is not None:
-        a += (("destination.port", dp),)
-    if node:
-        a += (("k8s.node.name", node),)
-    return a
-
-
-_ATTRS = {N.FLOW_PACKETS: _flow_attrs, N.DROPS: _drop_attrs, N.VERDICTS: _verdict_attrs}
 
 
 def sums_by_name(interval: Interval) -> dict[str, dict[Attrs, int]]:
