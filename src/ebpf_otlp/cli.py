@@ -36,6 +36,22 @@ def _setup_logging(verbose: int) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _otlp_options(fn):
+    """Where and how often OTLP goes: the same flags for ``run`` and ``hubble``."""
+    for opt in reversed((
+        click.option("--endpoint", help="OTLP/HTTP base URL [env OTEL_EXPORTER_OTLP_ENDPOINT, "
+                     "default http://localhost:4318]."),
+        click.option("--header", "headers", multiple=True, metavar="K=V",
+                     help="Extra OTLP header (repeatable) [env OTEL_EXPORTER_OTLP_HEADERS]."),
+        click.option("--service-name",
+                     help="service.name [env OTEL_SERVICE_NAME, default ebpf-otlp]."),
+        click.option("--interval", type=click.FloatRange(min=0.1), metavar="SECONDS",
+                     help="Export interval [env OTEL_METRIC_EXPORT_INTERVAL (ms), default 10 s]."),
+    )):
+        fn = opt(fn)
+    return fn
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ebpf-otlp")
 def main() -> None:
@@ -47,13 +63,7 @@ def main() -> None:
               help="Interface to watch (repeatable). Needed by flows and dns.")
 @click.option("--signals", callback=_csv, metavar="LIST",
               help=f"Comma-separated signals [default: all of {','.join(ALL_SIGNALS)}].")
-@click.option("--endpoint", help="OTLP/HTTP base URL [env OTEL_EXPORTER_OTLP_ENDPOINT, "
-              "default http://localhost:4318].")
-@click.option("--header", "headers", multiple=True, metavar="K=V",
-              help="Extra OTLP header (repeatable) [env OTEL_EXPORTER_OTLP_HEADERS].")
-@click.option("--service-name", help="service.name [env OTEL_SERVICE_NAME, default ebpf-otlp].")
-@click.option("--interval", type=click.FloatRange(min=0.1), metavar="SECONDS",
-              help="Export interval [env OTEL_METRIC_EXPORT_INTERVAL (ms), default 10 s].")
+@_otlp_options
 @click.option("--max-flows", type=click.IntRange(min=1, max=1 << 24),
               help="Flow table size [65536].")
 @click.option("--flow-hook", type=click.Choice(["tc", "xdp"]), help="Ingress hook for flows [tc].")
@@ -210,13 +220,7 @@ def demo(seconds: float) -> None:
 @click.option("--tls-server-name", metavar="NAME", help="Name the server's certificate carries.")
 @click.option("--hubble-client", type=click.Choice(["h2", "grpcio"]), default="h2",
               show_default=True, help="gRPC client for --server (README: Hubble bridge).")
-@click.option("--endpoint", help="OTLP/HTTP base URL [env OTEL_EXPORTER_OTLP_ENDPOINT, "
-              "default http://localhost:4318].")
-@click.option("--header", "headers", multiple=True, metavar="K=V",
-              help="Extra OTLP header (repeatable) [env OTEL_EXPORTER_OTLP_HEADERS].")
-@click.option("--service-name", help="service.name [env OTEL_SERVICE_NAME, default ebpf-otlp].")
-@click.option("--interval", type=click.FloatRange(min=0.1), metavar="SECONDS",
-              help="Export interval [env OTEL_METRIC_EXPORT_INTERVAL (ms), default 10 s].")
+@_otlp_options
 @click.option("--max-series", type=click.IntRange(min=1, max=1 << 22), default=65536,
               show_default=True, help="Series per metric before the overflow series.")
 @click.option("--max-pending", type=click.IntRange(min=1, max=1 << 22), default=65536,

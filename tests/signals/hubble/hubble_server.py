@@ -4,6 +4,7 @@ generated protos, serving a script; and a writer of Hubble export files."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 from typing import Sequence
@@ -105,3 +106,31 @@ def append(path: Path, lines: Sequence[bytes]) -> None:
     with open(path, "ab") as f:
         f.write(b"".join(lines))
         f.flush()
+
+
+def wait_until(pred, what: str, timeout: float = 20.0) -> None:
+    """Poll ``pred`` until true; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Running:
+    """Runs ``follower.run`` on a thread for a ``with`` block; stops and joins it."""
+
+    def __init__(self, follower):
+        self.follower = follower
+        self.mapper = follower.mapper
+        self.thread = threading.Thread(target=follower.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.follower.stop()
+        self.thread.join(5)
+        assert not self.thread.is_alive(), "follower did not stop"

@@ -5,39 +5,17 @@ lines among the events."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import hubble_script as hs
-from hubble_server import append, export_line
+from hubble_server import Running, append, export_line, wait_until
 
 from ebpf_otlp.signals.hubble.mapping import Mapper
 from ebpf_otlp.signals.hubble.source_file import FileFollower
 
 
-def _wait(pred, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-class _Run:
-    def __init__(self, path):
-        self.mapper = Mapper()
-        self.follower = FileFollower(str(path), self.mapper, poll_s=0.02)
-        self.thread = threading.Thread(target=self.follower.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.follower.stop()
-        self.thread.join(5)
-        assert not self.thread.is_alive(), "follower did not stop"
+def _run(path) -> Running:
+    return Running(FileFollower(str(path), Mapper(), poll_s=0.02))
 
 
 def test_growing_file_then_rotation(tmp_path):
@@ -45,20 +23,20 @@ def test_growing_file_then_rotation(tmp_path):
     lines = [export_line(e) for e in s.events]
     path = tmp_path / "hubble-events.log"
     append(path, lines[:6])
-    with _Run(path) as r:
-        _wait(lambda: r.follower.lines == 6, "the lines already there")
+    with _run(path) as r:
+        wait_until(lambda: r.follower.lines == 6, "the lines already there")
         # Growing, with a line written in two pieces (the writer's buffer split it).
         append(path, lines[6:12] + [lines[12][:40]])
-        _wait(lambda: r.follower.lines == 12, "the appended lines")
+        wait_until(lambda: r.follower.lines == 12, "the appended lines")
         append(path, [lines[12][40:]])
-        _wait(lambda: r.follower.lines == 13, "the completed line")
+        wait_until(lambda: r.follower.lines == 13, "the completed line")
         # Rotation as the exporter does it: last lines into the old file, rename, new file.
         append(path, lines[13:16])
         os.rename(path, tmp_path / "hubble-events-2026.log")
         append(path, [b"this is not json\n", b'{"flow": {"verdict": "FROM_THE_FUTURE"}}\n',
                       b'{"flow": {"uuid": "n-1", "some_new_field": {"a": 1}}}\n', b"[1, 2]\n",
                       b"\xff\xfe\n"] + lines[16:])
-        _wait(lambda: r.follower.lines == len(lines) + 5, "the rotated file")
+        wait_until(lambda: r.follower.lines == len(lines) + 5, "the rotated file")
         out = r.mapper.drain()
     hs.assert_mapped(out)
     by = hs.sums_by_name(out)
@@ -80,15 +58,15 @@ def test_truncated_in_place_and_missing_file(tmp_path):
     s = hs.build()
     lines = [export_line(e) for e in s.events]
     path = tmp_path / "later.log"
-    with _Run(path) as r:  # the file does not exist yet: waited for
+    with _run(path) as r:  # the file does not exist yet: waited for
         time.sleep(0.1)
         append(path, lines[:10])
-        _wait(lambda: r.follower.lines == 10, "the file to appear")
+        wait_until(lambda: r.follower.lines == 10, "the file to appear")
         with open(path, "r+b") as f:  # copytruncate
             f.truncate(0)
-        _wait(lambda: r.follower.reopened == 1, "the truncation to be noticed")
+        wait_until(lambda: r.follower.reopened == 1, "the truncation to be noticed")
         append(path, lines[10:])
-        _wait(lambda: r.follower.lines == len(lines), "the lines after truncation")
+        wait_until(lambda: r.follower.lines == len(lines), "the lines after truncation")
         out = r.mapper.drain()
     hs.assert_mapped(out)
     assert hs.sums_by_name(out)["ebpf_otlp.hubble.reconnects"] == {(("reason", "truncated"),): 1}

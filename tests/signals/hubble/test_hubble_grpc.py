@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import grpc
 import hubble_script as hs
 import pytest
-from hubble_server import HubbleServer, ScriptedObserver
+from hubble_server import HubbleServer, Running, ScriptedObserver, wait_until
 
 from ebpf_otlp.signals.hubble.mapping import Mapper
 from ebpf_otlp.signals.hubble.source_grpc import Backoff, GrpcFollower, TlsOptions
@@ -21,30 +19,9 @@ from ebpf_otlp.signals.hubble.source_grpc import Backoff, GrpcFollower, TlsOptio
 CLIENTS = pytest.mark.parametrize("client", ["h2", "grpcio"])
 
 
-class _Follow:
-    def __init__(self, address: str, client: str = "h2", **kw):
-        self.mapper = Mapper()
-        self.follower = GrpcFollower(address, self.mapper, backoff=Backoff(0.05, 0.2),
-                                     client=client, **kw)
-        self.thread = threading.Thread(target=self.follower.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.follower.stop()
-        self.thread.join(5)
-        assert not self.thread.is_alive(), "follower did not stop"
-
-
-def _wait(pred, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+def _follow(address: str, client: str = "h2", **kw) -> Running:
+    return Running(GrpcFollower(address, Mapper(), backoff=Backoff(0.05, 0.2), client=client,
+                                **kw))
 
 
 @CLIENTS
@@ -52,9 +29,9 @@ def test_stream_with_disconnect_and_resume(client):
     s = hs.build()
     cut = 12
     obs = ScriptedObserver(s.events, cut=cut)
-    with HubbleServer(obs) as srv, _Follow(srv.address, client) as f:
+    with HubbleServer(obs) as srv, _follow(srv.address, client) as f:
         assert obs.done.wait(20), "the bridge never came back for the rest"
-        _wait(lambda: f.follower.messages == len(s.events) + 1, "every message")
+        wait_until(lambda: f.follower.messages == len(s.events) + 1, "every message")
         out = f.mapper.drain()
     hs.assert_mapped(out)
     by = hs.sums_by_name(out)
@@ -75,9 +52,9 @@ def test_garbage_and_unknown_enums_counted_never_fatal(client):
     f.uuid = "odd-1"
     raw = [b"\xff\xff\xff", b"\x0a\x05abc", odd.events[0].SerializeToString()]
     obs = ScriptedObserver(s.events, raw=raw)
-    with HubbleServer(obs, raw=True) as srv, _Follow(srv.address, client) as fol:
+    with HubbleServer(obs, raw=True) as srv, _follow(srv.address, client) as fol:
         assert obs.done.wait(20)
-        _wait(lambda: fol.follower.messages == len(s.events) + 3, "every message")
+        wait_until(lambda: fol.follower.messages == len(s.events) + 3, "every message")
         out = fol.mapper.drain()
     by = hs.sums_by_name(out)
     assert by["ebpf_otlp.hubble.malformed"] == {
@@ -96,8 +73,8 @@ def test_server_down_backs_off_and_counts(client):
     with socket.socket() as probe:  # a port nobody listens on after this
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with _Follow(f"127.0.0.1:{port}", client) as f:
-        _wait(lambda: f.follower.backoff.current_s >= 0.2, "back-off to reach its cap")
+    with _follow(f"127.0.0.1:{port}", client) as f:
+        wait_until(lambda: f.follower.backoff.current_s >= 0.2, "back-off to reach its cap")
     out = f.mapper.drain()
     n = hs.sums_by_name(out)["ebpf_otlp.hubble.reconnects"][(("reason", "unavailable"),)]
     assert 3 <= n < 50, n  # 0.05, 0.1, 0.2, ...: attempts are spaced, not a busy loop
@@ -133,15 +110,15 @@ def test_mutual_tls_with_the_hubble_cli_options(client, pki):
                      client_key_file=str(pki / "client.key"), server_name="hubble.test")
     obs = ScriptedObserver(s.events)
     with HubbleServer(obs, credentials=creds) as srv:
-        with _Follow(srv.address, client, tls=tls) as f:
+        with _follow(srv.address, client, tls=tls) as f:
             assert obs.done.wait(20)
-            _wait(lambda: f.follower.messages == len(s.events), "every message over TLS")
+            wait_until(lambda: f.follower.messages == len(s.events), "every message over TLS")
         hs.assert_mapped(f.mapper.drain())
         # Without the client certificate the server refuses: counted, nothing mapped.
         bare = TlsOptions(enabled=True, ca_cert_files=(str(pki / "ca.pem"),),
                           server_name="hubble.test")
-        with _Follow(srv.address, client, tls=bare) as f:
-            _wait(lambda: f.follower.backoff.current_s > 0.05, "a refused attempt")
+        with _follow(srv.address, client, tls=bare) as f:
+            wait_until(lambda: f.follower.backoff.current_s > 0.05, "a refused attempt")
         out = f.mapper.drain()
         assert "network.flow.packets" not in hs.sums_by_name(out)
         assert sum(hs.sums_by_name(out)["ebpf_otlp.hubble.reconnects"].values()) >= 1
@@ -167,7 +144,7 @@ def test_unix_socket(client, tmp_path):
     s = hs.build()
     obs = ScriptedObserver(s.events)
     with HubbleServer(obs, bind=f"unix://{tmp_path / 'hubble.sock'}") as srv, \
-            _Follow(srv.address, client) as f:
+            _follow(srv.address, client) as f:
         assert obs.done.wait(20)
-        _wait(lambda: f.follower.messages == len(s.events), "every message over the socket")
+        wait_until(lambda: f.follower.messages == len(s.events), "every message over the socket")
         hs.assert_mapped(f.mapper.drain())
