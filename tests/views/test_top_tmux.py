@@ -92,7 +92,8 @@ class Tmux:
 
 
 def generated_rate(log: Path, seconds: float = 3.0) -> float:
-    """Frame bytes per second the generator sent over its last ``seconds``."""
+    """Frame bytes per second the generator sent over its last ``seconds`` (top's
+    rate is over its last three one-second intervals)."""
     pts = [json.loads(x) for x in log.read_text().splitlines() if x.endswith("]")]
     end = pts[-1]
     start = next(p for p in pts if p[0] >= end[0] - seconds)
@@ -127,7 +128,7 @@ def test_top_shows_the_busiest_flow_first_at_its_rate_and_q_exits_clean(topo, wi
 
             wait_until(lambda: (r := first_row()) and row.search(r), 90,
                        "the busy flow on top's screen")
-            time.sleep(2.5)  # two more refreshes: the rate of whole intervals
+            time.sleep(3.5)  # the rate's window (three intervals) all inside the traffic
             screen = tm.screen()
             pid = int(tm.pane("#{pane_pid}"))
             held = held_programs(pid)

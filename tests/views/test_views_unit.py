@@ -140,7 +140,11 @@ def test_top_tables_rates_sorting_and_peers() -> None:
     assert st.flows.sorted_rows()[0][-1] == "2000"
     assert "IFACE" not in [c.title for c in st.flows.shown(80)]
     st.end_interval(1.0)
-    assert st.flows.rows == {} and st.tcp.sorted_rows()[0][-1] == "0.0"
+    assert st.flows.sorted_rows()[0][0] == "1.00 MB/s"  # 3 MB over the window's 3 s
+    assert st.tcp.sorted_rows()[0][-1] == "0.0"
+    st.end_interval(1.0)
+    st.end_interval(1.0)
+    assert st.flows.rows == {}  # out of the window
 
 
 def test_line_and_json_output() -> None:

@@ -1,15 +1,17 @@
-"""What ``top`` shows, as plain rows: flows of the last interval by rate, TCP
+"""What ``top`` shows, as plain rows: flows by rate over the last intervals, TCP
 peers, DNS names and drop reasons since the start. Pure (events in, rows out),
 so it is tested without a terminal; :mod:`.top` draws it."""
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .events import Event
 
 MAX_KEYS = 4096  # per table; the least active entries go first beyond this
+FLOW_WINDOW = 3  # intervals the flow rates average over
 
 
 def rate(n: float) -> str:
@@ -85,7 +87,7 @@ class TopState:
     """Four tables fed by events; :meth:`end_interval` after each drain."""
 
     def __init__(self) -> None:
-        self.flows = Table("flows", "Top flows (last interval)", [
+        self.flows = Table("flows", f"Top flows ({FLOW_WINDOW} intervals)", [
             Column("RATE", lambda r: r["rate"], lambda r: rate(r["rate"])),
             Column("SOURCE", lambda r: r["src"], lambda r: r["src"], False, width=21),
             Column("DESTINATION", lambda r: r["dst"], lambda r: r["dst"], False, width=21),
@@ -124,6 +126,7 @@ class TopState:
         ])
         self.tables = [self.flows, self.tcp, self.dns, self.drops]
         self._flows_next: dict[tuple, dict] = {}
+        self._flow_window: deque[tuple[dict[tuple, dict], float]] = deque(maxlen=FLOW_WINDOW)
         self._interval_counts: dict[tuple[str, tuple], float] = {}
         self.interval_s = 1.0
         self.intervals = 0
@@ -145,7 +148,6 @@ class TopState:
             "bytes": 0, "packets": 0, "rate": 0.0})
         r["bytes"] += ev["network.flow.bytes"]
         r["packets"] += ev["network.flow.packets"]
-        r["rate"] = r["bytes"] / float(ev.get("interval.seconds") or 1.0)
 
     def _tcp(self, ev: Event) -> None:
         role = str(ev.get("network.tcp.handshake.role", ""))
@@ -201,8 +203,22 @@ class TopState:
         """One drain done: the flows table shows this interval; rates are per second."""
         self.intervals += 1
         self.interval_s = interval_s or 1.0
-        self.flows.rows = self._flows_next
+        # Flow rates over the last FLOW_WINDOW intervals: one interval alone jumps
+        # with the sender's bursts and stalls (and with when the drain ran).
+        self._flow_window.append((self._flows_next, self.interval_s))
         self._flows_next = {}
+        seconds = sum(d for _, d in self._flow_window)
+        rows: dict[tuple, dict] = {}
+        for flows, _ in self._flow_window:
+            for key, f in flows.items():
+                r = rows.get(key)
+                if r is None:
+                    rows[key] = r = dict(f, bytes=0, packets=0)
+                r["bytes"] += f["bytes"]
+                r["packets"] += f["packets"]
+        for r in rows.values():
+            r["rate"] = r["bytes"] / seconds
+        self.flows.rows = rows
         for t in (self.tcp, self.drops):
             for key, r in t.rows.items():
                 r["rate"] = self._interval_counts.get((t.name, key), 0) / self.interval_s
