@@ -1,0 +1,299 @@
+"""The HTTP signal: kernel records in, spans and duration histograms out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+from opentelemetry.sdk.metrics import Histogram as SdkHistogram
+from opentelemetry.sdk.metrics.export import AggregationTemporality
+
+from ...bpfobj import BpfObject
+from ...dns_decode import AddressCache
+from ...dns_metrics import BatchHistogram, export_histograms
+from ...dns_spans import SpanBatchExporter
+from ...layout import constant, record_dtype
+from ...otlp_wire import OtlpSender
+from ...ringbuf import RingBuffer
+from ...telemetry import SCOPE, signal_endpoint
+from ..base import Signal
+from .conn import CLIENT, IN, OUT, SERVER, Conn, ConnTable, Counts, Exchange
+from .route import RouteTemplater
+from .spans import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, HttpSpanEncoder, parse_traceparent
+from .tls import PROGRAMS as TLS_PROGRAMS
+from .tls import TlsAttacher
+
+log = logging.getLogger(__name__)
+
+OP_READ, OP_WRITE, OP_SENDFILE, OP_EOF, OP_CLOSE = 1, 2, 3, 4, 5
+# The HTTP semantic conventions' advice for request durations, in seconds.
+HTTP_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                         7.5, 10.0)
+# Records are ~370 bytes with the default head; 16 MiB hold ~45,000 calls.
+MIN_RING_BYTES = 16 << 20
+KERNEL_STATS = ("calls_untracked", "fds_untracked", "ssl_calls_untracked", "ssl_no_fd",
+                "read_failed")
+ADDRESS_ATTRIBUTES = ("server.address", "server.port", "client.address",
+                      "network.peer.address")
+
+
+def event_dtype(head_bytes: int) -> np.dtype:
+    """``struct http_event`` as loaded with ``head_bytes``: the fixed fields, then
+    ``head_bytes`` rounded up to 8 (what the BPF side reserves per record)."""
+    base = record_dtype("http", "http_event")
+    off = base.fields["head"][1]
+    n = (head_bytes + 7) & ~7
+    names = [k for k in base.names if k != "head"]
+    return np.dtype({"names": [*names, "head"],
+                     "formats": [base.fields[k][0] for k in names] + [(np.uint8, (n,))],
+                     "offsets": [base.fields[k][1] for k in names] + [off],
+                     "itemsize": off + n})
+
+
+def _comm(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+class HttpSignal(Signal):
+    name = "http"
+
+    def __init__(self, config, telemetry):
+        super().__init__(config, telemetry)
+        res = dict(telemetry.resource.attributes)
+        pref = getattr(telemetry.metric_exporter, "_preferred_temporality", None) or {}
+        delta = pref.get(SdkHistogram) == AggregationTemporality.DELTA
+        send = OtlpSender("metrics", signal_endpoint(
+            config.endpoint, "/v1/metrics", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
+            config.headers, config.export_timeout_s)
+        self.server_duration = BatchHistogram(
+            "http.server.request.duration", "s", "Duration of HTTP server requests",
+            HTTP_DURATION_BUCKETS, res, SCOPE, delta=delta,
+            cardinality_limit=telemetry.cardinality_limit, send=send)
+        self.client_duration = BatchHistogram(
+            "http.client.request.duration", "s", "Duration of HTTP client requests",
+            HTTP_DURATION_BUCKETS, res, SCOPE, delta=delta,
+            cardinality_limit=telemetry.cardinality_limit, send=send)
+        self.spans = SpanBatchExporter(
+            res, signal_endpoint(config.endpoint, "/v1/traces",
+                                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            config.headers, config.export_timeout_s, max_queue=65536)
+        self.spans.encoder = HttpSpanEncoder(res, SCOPE)
+        self.counts = Counts()
+        self.table = ConnTable(config.http_max_conns, int(config.http_idle_s * 1e9), self.counts)
+        self.route = RouteTemplater(config.http_route_patterns)
+        self.capture = frozenset(h.lower() for h in config.http_capture_headers)
+        self.keep = frozenset(config.http_attributes)
+        self.addrs = AddressCache()
+        self.tls: TlsAttacher | None = None
+        self._stats = None
+        self._lock = threading.Lock()
+        self._ring: RingBuffer | None = None
+        self._register_health()
+
+    # --- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        from ...agent import ConfigError
+
+        cfg = self.config
+        head_max = constant("http", "HTTP_HEAD_MAX")
+        if not 16 <= cfg.http_head_bytes <= head_max:
+            raise ConfigError(f"--http-head-bytes must be within 16..{head_max}")
+        unknown = set(cfg.http_attributes) - set(ADDRESS_ATTRIBUTES)
+        if unknown:
+            raise ConfigError(f"--http-attributes: unknown {sorted(unknown)}; choose from "
+                              f"{', '.join(ADDRESS_ATTRIBUTES)}")
+        for p in cfg.tls_libs:
+            if not os.path.isfile(p):
+                raise ConfigError(f"--tls-lib {p}: no such file")
+        obj = BpfObject.open_packaged("http")
+        self.objects.append(obj)
+        obj.rodata["head_bytes"] = cfg.http_head_bytes
+        obj.rodata["self_tgid"] = os.getpid()
+        obj.rodata["ringbuf_wakeup_bytes"] = cfg.ringbuf_wakeup_bytes
+        obj.set_max_entries("http_events", max(cfg.ringbuf_bytes, MIN_RING_BYTES))
+        obj.load()
+        self._stats = obj.maps["http_stats"]
+        for prog in obj.programs.values():
+            if prog.name not in TLS_PROGRAMS:
+                prog.attach()
+        self._ring = RingBuffer(obj.maps["http_events"], event_dtype(cfg.http_head_bytes),
+                                on_batch=self.on_batch, lost_map=obj.maps["http_events_lost"])
+        self.spans.tick = self.expire
+        self.spans.start()
+        self.tls = TlsAttacher(obj, cfg.tls_libs, cfg.tls_scan_interval_s)
+        self.tls.start()
+
+    def rings(self) -> list[RingBuffer]:
+        return [self._ring] if self._ring is not None else []
+
+    def collect(self) -> None:
+        self.expire()
+        export_histograms([self.server_duration, self.client_duration])
+
+    def close(self) -> None:
+        if self.tls is not None:
+            self.tls.stop()
+        self._stats = None
+        self.spans.shutdown(5.0)
+        super().close()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+
+    def expire(self) -> None:
+        with self._lock:
+            self.table.expire(time.monotonic_ns())
+
+    # --- the ring callback (poller thread) ---------------------------------------
+    def on_batch(self, recs: np.ndarray) -> None:
+        offset = time.time_ns() - time.monotonic_ns()
+        hb = recs.dtype.fields["head"][0].shape[0]
+        heads = recs["head"].tobytes()
+        pid, conn, op, length, hlen = (recs[k].tolist() for k in
+                                       ("pid", "conn", "op", "len", "head_len"))
+        start, end, tls = recs["start_ns"].tolist(), recs["end_ns"].tolist(), recs["tls"].tolist()
+        out: list[Exchange] = []
+        counts, capture, table = self.counts, self.capture, self.table
+        with self._lock:
+            for i in range(len(op)):
+                key = (pid[i], conn[i])
+                o = op[i]
+                c = table.get(key, end[i])
+                if o == OP_CLOSE:
+                    if c is not None:
+                        table.pop(key)
+                        c.close(end[i], out)
+                    continue
+                if o == OP_EOF:
+                    if c is not None:
+                        c.close(end[i], out)
+                    continue
+                if c is None:
+                    c = table.add(Conn(key, self._info(recs[i]), bool(tls[i])), end[i])
+                if o == OP_SENDFILE:
+                    c.feed(OUT, b"", length[i], start[i], end[i], counts, capture, out)
+                    continue
+                b = i * hb
+                c.feed(IN if o == OP_READ else OUT, heads[b:b + hlen[i]], length[i], start[i],
+                       end[i], counts, capture, out)
+        if out:
+            self._emit(out, offset)
+
+    def _info(self, rec: np.void) -> tuple:
+        fam = int(rec["family"])
+        la, ra = rec["laddr"].tobytes(), rec["raddr"].tobytes()
+        if fam == 0:
+            return (0, "", 0, "", 0, _comm(rec["comm"].tobytes()))
+        return (fam, self._addr(la, fam), int(rec["lport"]), self._addr(ra, fam),
+                int(rec["rport"]), _comm(rec["comm"].tobytes()))
+
+    def _addr(self, raw: bytes, family: int) -> str:
+        text = self.addrs.text(raw, family)
+        if family == 6 and text.startswith("::ffff:") and "." in text:
+            text = text[7:]  # an IPv4 peer on a dual-stack socket
+        return text
+
+    # --- telemetry -----------------------------------------------------------------
+    def _emit(self, done: list[Exchange], offset: int) -> None:
+        spans, server_h, client_h = [], [], []
+        route, keep, capture_query = self.route, self.keep, self.config.http_capture_query
+        for c, req, req_ns, resp, resp_ns, error in done:
+            fam, laddr, lport, raddr, rport, comm = c.info
+            server = c.role == SERVER
+            if server:
+                srv_addr, srv_port, cli_addr = laddr, lport, raddr
+            else:
+                srv_addr, srv_port, cli_addr = raddr, rport, laddr
+            target = req.target
+            if target.startswith(("http://", "https://")):  # absolute form (proxies)
+                target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+            path, _, query = target.partition("?")
+            r = route(path)
+            scheme = "https" if c.tls else "http"
+            status = resp.status if resp is not None else 0
+            if error is None and (status >= 500 or (not server and status >= 400)):
+                error = str(status)
+            common = (("http.request.method", req.method), ("url.scheme", scheme),
+                      ("network.protocol.version", req.version), ("http.route", r))
+            if status:
+                common += (("http.response.status_code", status),)
+            attrs = common + (("url.path", path), ("server.address", srv_addr),
+                              ("server.port", srv_port), ("client.address", cli_addr),
+                              ("network.peer.address", raddr), ("network.peer.port", rport),
+                              ("process.pid", c.key[0]), ("process.executable.name", comm))
+            if capture_query and query:
+                attrs += (("url.query", query),)
+            for name, value in req.captured.items():
+                attrs += ((f"http.request.header.{name}", value),)
+            parent = parse_traceparent(req.traceparent) if req.traceparent else None
+            start = req_ns + offset
+            end = max(resp_ns + offset, start)
+            spans.append((start, end, f"{req.method} {r}", attrs, error,
+                          SPAN_KIND_SERVER if server else SPAN_KIND_CLIENT,
+                          parent[0] if parent else b"", parent[1] if parent else b""))
+            hkey = common
+            for k, v in (("server.address", srv_addr), ("server.port", srv_port),
+                         ("client.address", cli_addr), ("network.peer.address", raddr)):
+                if k in keep:
+                    hkey += ((k, v),)
+            if error is not None:
+                hkey += (("error.type", error),)
+            (server_h if server else client_h).append((hkey, (end - start) / 1e9))
+        self.spans.submit(spans)
+        if server_h:
+            self.server_duration.record_batch(server_h)
+        if client_h:
+            self.client_duration.record_batch(client_h)
+
+    def _register_health(self) -> None:
+        t, n = self.telemetry, self.counts
+
+        def kernel_stats():
+            if self._stats is None:
+                return []
+            return [(self._stats.sum_u64(i), {"reason": r}) for i, r in enumerate(KERNEL_STATS)]
+
+        t.observe("ebpf_otlp.http.messages", "{message}", "HTTP message heads parsed",
+                  lambda: [(v, {"kind": k}) for k, v in dict(n.messages).items()])
+        t.observe("ebpf_otlp.http.malformed", "{message}",
+                  "HTTP heads that did not parse, by reason",
+                  lambda: [(v, {"reason": k}) for k, v in dict(n.malformed).items()])
+        t.observe("ebpf_otlp.http.requests.unanswered", "{request}",
+                  "requests without a span: evicted, expired, too many pending",
+                  lambda: [(v, {"reason": k}) for k, v in dict(n.unanswered).items()])
+        t.observe("ebpf_otlp.http.responses.unmatched", "{response}",
+                  "responses with no request waiting for them", lambda: [(n.unmatched, {})])
+        t.observe("ebpf_otlp.http.bytes.unparsed", "By",
+                  "bytes on HTTP connections that could not be followed (garbage, bodies "
+                  "of unknown length, data beyond the copied head)",
+                  lambda: [(n.bytes_unparsed, {})])
+        t.observe("ebpf_otlp.http.records.ignored", "{record}",
+                  "records on upgraded connections or against the connection's role",
+                  lambda: [(n.records_ignored, {})])
+        t.observe("ebpf_otlp.http.connections.dropped", "{connection}",
+                  "connection states let go before they closed",
+                  lambda: [(n.conns_evicted, {"reason": "evicted"}),
+                           (n.conns_expired, {"reason": "expired"})])
+        t.observe("ebpf_otlp.http.connections", "{connection}", "connections followed",
+                  lambda: [(len(self.table), {})], kind="gauge")
+        t.observe("ebpf_otlp.http.kernel.untracked", "{event}",
+                  "calls the kernel side could not follow, by reason", kernel_stats)
+        t.observe("ebpf_otlp.http.tls.libraries", "{file}",
+                  "TLS library files with SSL uprobes attached",
+                  lambda: [(len(self.tls.files) if self.tls else 0, {})], kind="gauge")
+        t.observe("ebpf_otlp.http.spans.dropped", "{span}",
+                  "HTTP spans not exported: queue full, export failed, shutdown",
+                  lambda: [(v, {"reason": r}) for r, v in dict(self.spans.dropped).items()])
+        t.observe("ebpf_otlp.http.spans.exported", "{span}", "HTTP spans exported",
+                  lambda: [(self.spans.exported, {})])
+        t.observe("ebpf_otlp.http.export.failures", "{export}",
+                  "HTTP's own OTLP requests that failed",
+                  lambda: [(self.spans.failures, {"signal": "traces"}),
+                           (self.server_duration.failures + self.client_duration.failures,
+                            {"signal": "metrics"})])
+
+
+__all__ = ["ADDRESS_ATTRIBUTES", "CLIENT", "HttpSignal", "event_dtype"]
