@@ -243,7 +243,12 @@ static __always_inline void emit(__u8 op, __u8 tls, __u64 id, int fd, __u64 sk, 
 	/* The verifier needs the length proved within [1, head_bytes]; see
 	 * dns.bpf.c for why the test is `n < 1` behind an empty asm. */
 	{
-		__s64 n = (avail < len ? avail : len) & 0x7ff;
+		__u32 want = avail < len ? avail : len;
+		__s64 n;
+
+		if (want > head_bytes)
+			want = head_bytes;
+		n = want & 0x7ff;
 
 		asm volatile("" : "+r"(n));
 		if (n > head_bytes)

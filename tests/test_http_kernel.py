@@ -1,0 +1,289 @@
+"""HTTP end to end: nginx and a Debian-python3 server in namespace b, curl and
+Debian-python3 clients in namespace a, the agent (``--signals http``) exporting
+to a real OTLP receiver.
+
+The truth is what the clients did and saw: the requests they sent, the
+status codes and the times curl and the python client measured. The
+tracepoints are host-wide, so every assertion is filtered to our own
+processes (client and server pids) and ports.
+"""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import require
+from http_env import HTTP_PORT, HTTPS_PORT, PY_PORT, Nginx, PyServer, curl, run_client
+from otlp import AgentProc, ReceiverProc
+
+pytestmark = pytest.mark.kernel
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+PARENT_ID = "b7ad6b7169203331"
+
+# Debian python3 clients: http.client keep-alive, urllib, a pipelined burst.
+PY_CLIENT = textwrap.dedent("""
+    import http.client, json, socket, ssl, sys, time, urllib.request
+    host, port, scheme = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    ctx = ssl._create_unverified_context()
+    def conn():
+        if scheme == "https":
+            return http.client.HTTPSConnection(host, port, context=ctx, timeout=10)
+        return http.client.HTTPConnection(host, port, timeout=10)
+    c = conn()
+    for method, path, body in (("GET", "/ok.txt", None), ("POST", "/echo", b"x" * 3000),
+                               ("GET", "/missing", None), ("HEAD", "/ok.txt", None),
+                               ("GET", "/error", None)):
+        t = time.monotonic()
+        c.request(method, path, body=body)
+        r = c.getresponse()
+        r.read()
+        print(json.dumps({"method": method, "path": path, "code": r.status,
+                          "time": time.monotonic() - t}))
+    c.close()
+    t = time.monotonic()
+    with urllib.request.urlopen(f"{scheme}://{host}:{port}/ok.txt?q=1", context=ctx) as r:
+        r.read()
+        print(json.dumps({"method": "GET", "path": "/ok.txt", "code": r.status,
+                          "time": time.monotonic() - t}))
+""")
+
+PIPELINE = textwrap.dedent("""
+    import json, socket, sys, time
+    host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    s = socket.create_connection((host, port))
+    reqs = b"".join(b"GET /ok.txt?i=%d HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n" % i for i in range(n))
+    t = time.monotonic()
+    s.sendall(reqs)
+    buf = b""
+    while buf.count(b"HTTP/1.1 200") < n or not buf.endswith(b"hello\\n"):
+        d = s.recv(65536)
+        if not d:
+            break
+        buf += d
+    s.close()
+    for i in range(n):
+        print(json.dumps({"method": "GET", "path": "/ok.txt", "code": 200,
+                          "time": time.monotonic() - t}))
+""")
+
+
+# Pipelined responses that one read returns together are seen as far as the
+# copied head reaches: the scripted set (3 pipelined) runs with 1024 bytes.
+@pytest.fixture(params=[("--http-head-bytes", "1024")])
+def web(topo, request):
+    require(Path("/usr/sbin/nginx").exists(), "nginx not installed (Debian nginx-light)")
+    require(shutil.which("curl") is not None, "curl not installed")
+    require(shutil.which("openssl") is not None, "openssl not installed")
+    require(Path("/usr/bin/python3").exists(), "Debian python3 not installed")
+    with Nginx(topo, topo.b, topo.b_ip4) as ngx, PyServer(topo, topo.b, topo.b_ip4) as py, \
+            ReceiverProc(topo, topo.a) as rx, \
+            AgentProc(topo, topo.a, rx, "--signals", "http", *request.param) as agent:
+        yield topo, ngx, py, rx, agent
+
+
+def ours(rx, pids: set[int], port: int) -> list[dict]:
+    return [s for s in rx.spans() if s["attributes"].get("process.pid") in pids
+            and s["attributes"].get("server.port") == port]
+
+
+def settle(topo, rx, port: int) -> None:
+    """Send a marker request and wait for its two spans: records are handled in
+    order, so everything before it has been exported by then."""
+    pid, res = curl(topo, topo.a, [f"http://{topo.b_ip4}:{port}/marker-{port}"]
+                    if port != HTTPS_PORT else [f"https://{topo.b_ip4}:{port}/marker-{port}"])
+    assert res, "marker request failed"
+    rx.wait_for(lambda: [s for s in rx.spans(**{"url.path": f"/marker-{port}"})
+                         if s["attributes"]["process.pid"] == pid], timeout=30,
+                what=f"marker spans on port {port}")
+    rx.wait_for(lambda: len([s for s in rx.spans(**{"url.path": f"/marker-{port}"})]) >= 2,
+                timeout=30, what="marker SERVER span")
+
+
+def triples(spans: list[dict]) -> list[tuple]:
+    return sorted((s["attributes"]["http.request.method"], s["attributes"]["url.path"],
+                   s["attributes"].get("http.response.status_code", 0)) for s in spans)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_scripted_requests_one_span_per_side(web, scheme: str) -> None:
+    topo, ngx, _py, rx, agent = web
+    port = HTTP_PORT if scheme == "http" else HTTPS_PORT
+    base = f"{scheme}://{topo.b_ip4}:{port}"
+    # curl: keep-alive over one connection, HEAD, POST, chunked upload, traceparent.
+    c1, r1 = curl(topo, topo.a, [f"{base}/ok.txt", f"{base}/missing", f"{base}/error",
+                                 f"{base}/big.bin"])
+    c2, r2 = curl(topo, topo.a, [f"{base}/ok.txt"], "-I")
+    c3, r3 = curl(topo, topo.a, [f"{base}/echo"], "-d", "a=1")
+    c4, r4 = curl(topo, topo.a, [f"{base}/echo"], "-H", "Transfer-Encoding: chunked",
+                  "--data-binary", "x" * 5000)
+    c5, r5 = curl(topo, topo.a, [f"{base}/ok.txt"], "-H",
+                  f"traceparent: 00-{TRACE_ID}-{PARENT_ID}-01")
+    p1, rp = run_client(topo, topo.a, PY_CLIENT, topo.b_ip4, str(port), scheme)
+    pids = {c1, c2, c3, c4, c5, p1}
+    expected = [("GET", "/ok.txt", 200), ("GET", "/missing", 404), ("GET", "/error", 500),
+                ("GET", "/big.bin", 200), ("HEAD", "/ok.txt", 200), ("POST", "/echo", 200),
+                ("POST", "/echo", 200), ("GET", "/ok.txt", 200)]
+    seen = [r["code"] for r in r1 + r2 + r3 + r4 + r5]
+    assert seen == [e[2] for e in expected], f"curl saw {seen}"
+    expected += [(r["method"], r["path"], r["code"]) for r in rp]
+    if scheme == "http":
+        p2, rpl = run_client(topo, topo.a, PIPELINE, topo.b_ip4, str(port), "3")
+        pids.add(p2)
+        expected += [(r["method"], r["path"], r["code"]) for r in rpl]
+    settle(topo, rx, port)
+
+    client = [s for s in ours(rx, pids, port) if s["kind"] == "CLIENT"]
+    server = [s for s in ours(rx, {ngx.pid}, port) if s["kind"] == "SERVER"
+              and not s["attributes"]["url.path"].startswith("/marker")]
+    assert triples(client) == sorted(expected), f"CLIENT spans {triples(client)} {sorted(expected)}"
+    assert triples(server) == sorted(expected), f"SERVER spans {triples(server)} {sorted(expected)}"
+    for s in client + server:
+        a = s["attributes"]
+        assert a["url.scheme"] == scheme
+        assert a["server.address"] == topo.b_ip4 and a["server.port"] == port
+        assert a["client.address"] == topo.a_ip4
+        assert a["network.protocol.version"] == "1.1"
+        assert s["name"] == f'{a["http.request.method"]} {a["http.route"]}'
+        assert "url.query" not in a, "query exported without --http-capture-query"
+        code = a["http.response.status_code"]
+        bad = code >= 500 or (s["kind"] == "CLIENT" and code >= 400)
+        assert (s["status"] == "ERROR") == bad, s
+        assert (a.get("error.type") == str(code)) if bad else "error.type" not in a, s
+    assert {s["attributes"]["process.executable.name"] for s in server} == {"nginx"}
+
+    # traceparent: both sides join the caller's trace, as children of its span.
+    tp = [s for s in client + server if s["trace_id"] == TRACE_ID]
+    assert sorted(s["kind"] for s in tp) == ["CLIENT", "SERVER"], tp
+    assert all(s["parent_span_id"] == PARENT_ID for s in tp)
+    assert [s for s in client if s["attributes"]["process.pid"] == c5][0]["trace_id"] == TRACE_ID
+
+    # Durations: within what each client measured itself (curl's time_total covers
+    # connect and TLS too, so it is an upper bound of the request's own time).
+    by_pid_path = {}
+    for pid, results in ((c1, r1), (c2, r2), (c3, r3), (c4, r4), (c5, r5)):
+        for r in results:
+            path = "/" + r["url"].split("/", 3)[3]
+            by_pid_path[(pid, path)] = r["time"]
+    for s in client:
+        a = s["attributes"]
+        dur = (s["end_ns"] - s["start_ns"]) / 1e9
+        assert dur > 0
+        limit = by_pid_path.get((a["process.pid"], a["url.path"]))
+        if limit is not None:
+            assert dur <= limit + 0.002, f"{s['name']}: span {dur:.6f}s > curl {limit:.6f}s"
+    for r in rp:
+        assert r["time"] > 0
+    rx.wait_for(lambda: [m for m in rx.metrics("http.server.request.duration")
+                         if m["attributes"].get("server.port") == port],
+                what="http.server.request.duration")
+    rx.wait_for(lambda: [m for m in rx.metrics("http.client.request.duration")
+                         if m["attributes"].get("server.port") == port],
+                what="http.client.request.duration")
+    assert agent.proc.poll() is None, agent.log()
+
+
+def test_server_sleep_and_chunked(web) -> None:
+    """A server that sleeps a known time: SERVER spans within 10 % of it; a chunked
+    response followed by another request on the same connection."""
+    topo, _ngx, py, rx, _agent = web
+    base = f"http://{topo.b_ip4}:{PY_PORT}"
+    sleep_ms = 400
+    c1, r1 = curl(topo, topo.a, [f"{base}/sleep/{sleep_ms}"] * 3 + [f"{base}/chunked",
+                                                                    f"{base}/after"])
+    assert [r["code"] for r in r1] == [200] * 5, r1
+    rx.wait_for(lambda: len([s for s in ours(rx, {py.pid}, PY_PORT)
+                             if s["kind"] == "SERVER"]) >= 5 and
+                len(ours(rx, {c1}, PY_PORT)) >= 5, what="5 spans per side")
+    server = [s for s in ours(rx, {py.pid}, PY_PORT) if s["kind"] == "SERVER"]
+    client = ours(rx, {c1}, PY_PORT)
+    want = sorted([("GET", f"/sleep/{sleep_ms}", 200)] * 3 + [("GET", "/chunked", 200),
+                                                              ("GET", "/after", 200)])
+    assert triples(server) == want and triples(client) == want
+    for s in server:
+        if s["attributes"]["url.path"].startswith("/sleep/"):
+            dur = (s["end_ns"] - s["start_ns"]) / 1e9
+            assert sleep_ms / 1000 <= dur <= sleep_ms / 1000 * 1.1, f"server span {dur:.4f}s"
+            assert s["attributes"]["http.route"] == "/sleep/*"
+
+
+ROBUST = textwrap.dedent("""
+    import json, socket, sys, time
+    host, port, what = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    s = socket.create_connection((host, port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if what == "garbage":
+        s.sendall(b"\\x16\\x03\\x01garbage that is not http\\r\\n\\r\\n")
+    elif what == "split":
+        for part in (b"GET /split HTTP/1.1\\r\\n", b"Host: x\\r\\n", b"X-A: 1\\r\\n",
+                     b"X-B: 2\\r\\n", b"\\r\\n"):
+            s.sendall(part)
+            time.sleep(0.05)
+    elif what == "huge":
+        s.sendall(b"GET /huge HTTP/1.1\\r\\nHost: x\\r\\nX-Big: " + b"a" * 65536
+                  + b"\\r\\n\\r\\n")
+    elif what == "cut":
+        s.sendall(b"POST /echo HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 100000\\r\\n\\r\\npart")
+        s.close()
+        print(json.dumps({"port": 0}))
+        sys.exit(0)
+    port_used = s.getsockname()[1]
+    data = b""
+    s.settimeout(10)
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        data += d
+        if b"\\r\\n\\r\\n" in data and what == "split":
+            break
+    s.close()
+    print(json.dumps({"port": port_used, "status": data[:12].decode(errors="replace")}))
+""")
+
+
+def counter(rx, name: str) -> float:
+    from otlp import metric_total
+
+    return metric_total(rx.metrics(name))
+
+
+def test_garbage_split_huge_cut(web) -> None:
+    """Bad and odd input: no crash; spans where there is a request, counted where not."""
+    topo, ngx, _py, rx, agent = web
+    host, port = topo.b_ip4, str(HTTP_PORT)
+    gp, g = run_client(topo, topo.a, ROBUST, host, port, "garbage")
+    sp, sres = run_client(topo, topo.a, ROBUST, host, port, "split")
+    hp, h = run_client(topo, topo.a, ROBUST, host, port, "huge")
+    cp, _ = run_client(topo, topo.a, ROBUST, host, port, "cut")
+    assert g[0]["status"].startswith("HTTP/1.1 400"), g
+    assert sres[0]["status"].startswith("HTTP/1.1 404"), sres
+    assert h[0]["status"].startswith("HTTP/1.1 400"), h
+    settle(topo, rx, HTTP_PORT)
+
+    def spans_of(pid: int, path: str) -> list[dict]:
+        return [s for s in ours(rx, {pid}, HTTP_PORT) if s["attributes"]["url.path"] == path]
+
+    def server_for(client_port: int) -> list[dict]:
+        return [s for s in ours(rx, {ngx.pid}, HTTP_PORT)
+                if s["attributes"]["network.peer.port"] == client_port]
+
+    # Garbage: no request, so no span on either side; nginx's 400 is counted unmatched.
+    assert not ours(rx, {gp}, HTTP_PORT) and not server_for(g[0]["port"])
+    rx.wait_for(lambda: counter(rx, "ebpf_otlp.http.responses.unmatched") >= 2,
+                what="unmatched responses counted")
+    # A head written in five pieces: one span per side, the right path and status.
+    assert triples(spans_of(sp, "/split")) == [("GET", "/split", 404)]
+    assert triples(server_for(sres[0]["port"])) == [("GET", "/split", 404)]
+    # A 64 KB header: the request line is known, the rest was not copied.
+    assert triples(spans_of(hp, "/huge")) == [("GET", "/huge", 400)]
+    assert triples(server_for(h[0]["port"])) == [("GET", "/huge", 400)]
+    assert counter(rx, "ebpf_otlp.http.bytes.unparsed") >= 65536
+    # Cut mid-request: the client never read a response.
+    cut = spans_of(cp, "/echo")
+    assert len(cut) == 1 and cut[0]["attributes"].get("error.type") == "connection_closed", cut
+    assert "http.response.status_code" not in cut[0]["attributes"]
+    assert agent.proc.poll() is None, agent.log()
