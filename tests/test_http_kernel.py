@@ -10,14 +10,17 @@ processes (client and server pids) and ports.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 from conftest import require
-from http_env import HTTP_PORT, HTTPS_PORT, PY_PORT, Nginx, PyServer, curl, run_client
-from otlp import AgentProc, ReceiverProc
+from http_env import HTTP_PORT, HTTPS_PORT, PY3, PY_PORT, Nginx, PyServer, curl, run_client
+from otlp import AgentProc, ReceiverProc, metric_total
 
 pytestmark = pytest.mark.kernel
 
@@ -81,7 +84,7 @@ def web(topo, request):
     require(Path("/usr/bin/python3").exists(), "Debian python3 not installed")
     with Nginx(topo, topo.b, topo.b_ip4) as ngx, PyServer(topo, topo.b, topo.b_ip4) as py, \
             ReceiverProc(topo, topo.a) as rx, \
-            AgentProc(topo, topo.a, rx, "--signals", "http", *request.param) as agent:
+            AgentProc(topo, topo.a, rx, "-v", "--signals", "http", *request.param) as agent:
         yield topo, ngx, py, rx, agent
 
 
@@ -246,8 +249,6 @@ ROBUST = textwrap.dedent("""
 
 
 def counter(rx, name: str) -> float:
-    from otlp import metric_total
-
     return metric_total(rx.metrics(name))
 
 
@@ -287,3 +288,58 @@ def test_garbage_split_huge_cut(web) -> None:
     assert len(cut) == 1 and cut[0]["attributes"].get("error.type") == "connection_closed", cut
     assert "http.response.status_code" not in cut[0]["attributes"]
     assert agent.proc.poll() is None, agent.log()
+
+
+CONTAINED = textwrap.dedent("""
+    import http.client, json, ssl, sys, time
+    host, port = sys.argv[1], int(sys.argv[2])
+    libs = [l.split()[-1] for l in open("/proc/self/maps") if "libssl.so" in l]
+    print(json.dumps({"ready": True, "libs": sorted(set(libs))}), flush=True)
+    sys.stdin.readline()  # the test says when the agent has found our libssl copy
+    c = http.client.HTTPSConnection(host, port, context=ssl._create_unverified_context())
+    for path in ("/ok.txt", "/missing"):
+        c.request("GET", path)
+        r = c.getresponse()
+        r.read()
+        print(json.dumps({"path": path, "code": r.status}), flush=True)
+""")
+
+
+def test_tls_in_own_mount_namespace_with_own_libssl(web, tmp_path) -> None:
+    """A container-like process: its own mount namespace, where libssl.so.3 is a
+    copy the test made (another inode). The agent finds it through /proc/PID/maps
+    and /proc/PID/root while running, and traces that process's HTTPS."""
+    topo, _ngx, _py, rx, agent = web
+    require(shutil.which("unshare") is not None, "unshare not installed (util-linux)")
+    lib = Path("/usr/lib/x86_64-linux-gnu/libssl.so.3")
+    require(lib.exists(), "Debian libssl3 not installed")
+    copy = tmp_path / "libssl.so.3"
+    shutil.copy2(lib, copy)
+    assert copy.stat().st_ino != lib.stat().st_ino
+
+    shell = f'mount --bind {copy} {lib} && exec {PY3} -c "$0" "$@"'
+    p = topo.popen(topo.a, "unshare", "-m", "--propagation", "private", "sh", "-c", shell,
+                   CONTAINED, topo.b_ip4, str(HTTPS_PORT), stdin=subprocess.PIPE,
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(p.stdout.readline() or "{}")
+        assert first.get("ready"), p.stderr.read() if p.poll() is not None else first
+        assert first["libs"] == [str(lib)], first
+        st = os.stat(f"/proc/{p.pid}/root{lib}")
+        assert st.st_ino == copy.stat().st_ino, "the process does not map the copy"
+        # The agent logs each file it attaches to, by the first path that opened it.
+        rx.wait_for(lambda: f"TLS uprobes on /proc/{p.pid}/root{lib}" in agent.log(),
+                    timeout=30, what="the agent attaching to the libssl copy")
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    res = [json.loads(line) for line in out.splitlines()]
+    assert [r["code"] for r in res] == [200, 404], (res, err)
+    spans = rx.wait_for(lambda: len(ours(rx, {p.pid}, HTTPS_PORT)) >= 2 and
+                        ours(rx, {p.pid}, HTTPS_PORT), what="spans of the contained process")
+    assert triples(spans) == [("GET", "/missing", 404), ("GET", "/ok.txt", 200)]
+    assert {s["attributes"]["url.scheme"] for s in spans} == {"https"}
