@@ -22,7 +22,15 @@ from __future__ import annotations
 from collections import Counter, OrderedDict, deque
 from typing import NamedTuple
 
-from .parse import REQUEST, RESPONSE, Head, ParseError, parse_head, starts_message
+from .parse import (
+    REQUEST,
+    RESPONSE,
+    Head,
+    ParseError,
+    may_start_message,
+    parse_head,
+    starts_message,
+)
 
 IN, OUT = 0, 1
 SERVER, CLIENT = 2, 3
@@ -60,14 +68,51 @@ class Exchange(NamedTuple):
 
 
 class Stream:
-    __slots__ = ("buf", "buf_ns", "body_left", "chunked", "lost")
+    __slots__ = ("buf", "buf_ns", "body_left", "chunked", "chunk_left", "lost")
 
     def __init__(self) -> None:
         self.buf: bytearray | None = None  # a head being gathered across calls
         self.buf_ns = 0
         self.body_left = 0
-        self.chunked = False
+        self.chunked = False  # in a chunked body
+        self.chunk_left = 0  # bytes of the current chunk and its CRLF; -1: lost track
         self.lost = False
+
+    def walk_chunks(self, data: bytes, n: int, pos: int, total: int) -> int:
+        """Follow a chunked body by its size lines while they are among the copied
+        bytes; returns where the body ends (or ``total``). When a size line was not
+        copied, ``chunk_left`` becomes -1 and the body's end is found by looking
+        for a message start or a call ending with the last chunk."""
+        while pos < total:
+            if self.chunk_left > 0:
+                k = min(self.chunk_left, total - pos)
+                self.chunk_left -= k
+                pos += k
+                continue
+            eol = data.find(b"\r\n", pos) if pos < n else -1
+            if eol < 0:
+                self.chunk_left = -1
+                return total
+            try:
+                size = int(data[pos:eol].split(b";", 1)[0], 16)
+            except ValueError:
+                self.chunk_left = -1
+                return total
+            pos = eol + 2
+            if size > 0:
+                self.chunk_left = size + 2
+                continue
+            if data[pos:pos + 2] == b"\r\n":  # no trailers
+                end = pos + 2
+            else:
+                end = data.find(b"\r\n\r\n", pos)
+                end = end + 4 if end >= 0 else -1
+            if end < 0:
+                self.chunk_left = -1
+                return total
+            self.chunked = False
+            return end
+        return pos
 
 
 class Conn:
@@ -102,6 +147,9 @@ class Conn:
                 s.body_left -= k
                 pos += k
                 continue
+            if s.chunked and s.chunk_left >= 0:
+                pos = s.walk_chunks(data, n, pos, total)
+                continue
             if s.buf is not None:
                 pos = self._gather(s, direction, data, n, total, first_ns, end_ns, counts,
                                    capture, out)
@@ -112,6 +160,10 @@ class Conn:
                 counts.bytes_unparsed += total - pos
                 break
             kind = starts_message(data, pos)
+            if not kind and n == total and may_start_message(data, pos):
+                s.buf = bytearray(data[pos:])  # "HTTP/1" or "GE": the rest comes next
+                s.buf_ns = first_ns
+                break
             if not kind:
                 if s.chunked:
                     if n == total and data.endswith(CHUNK_END):
@@ -154,8 +206,15 @@ class Conn:
         s.buf += data
         buf, s.buf = bytes(s.buf), None
         kind = starts_message(buf)
+        if not kind:
+            if n == total and may_start_message(buf):
+                s.buf = bytearray(buf)
+                return total
+            s.lost = True
+            counts.bytes_unparsed += total
+            return total
         try:
-            head = parse_head(buf, kind or REQUEST, capture)
+            head = parse_head(buf, kind, capture)
         except ParseError as e:
             if e.reason == "first_line_cut" and n == total and len(buf) < MAX_HEAD:
                 s.buf = bytearray(buf)
@@ -179,6 +238,7 @@ class Conn:
     def _body(s: Stream, length: int) -> None:
         if length == CHUNKED:
             s.chunked = True
+            s.chunk_left = 0
         elif length == UNTIL_CLOSE:
             s.lost = True
         else:

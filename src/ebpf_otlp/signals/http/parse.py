@@ -33,6 +33,18 @@ def starts_message(data: bytes | memoryview, pos: int = 0) -> int:
     return RESPONSE if data[pos:pos + 5] == b"HTTP/" else REQUEST
 
 
+_STARTS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"PATCH ", b"OPTIONS ",
+           b"CONNECT ", b"TRACE ", b"HTTP/1.1 ", b"HTTP/1.0 ")
+
+
+def may_start_message(data: bytes | memoryview, pos: int = 0) -> bool:
+    """Whether ``data[pos:]`` is too short to tell but could begin a message head
+    (a head split after its first few bytes)."""
+    rest = bytes(data[pos:pos + 12])
+    return len(rest) < 12 and any(s.startswith(rest) or rest.startswith(s) for s in _STARTS) \
+        and not starts_message(data, pos)
+
+
 @dataclass(slots=True)
 class Head:
     """One parsed message head (or its first line, when the rest was not captured)."""
