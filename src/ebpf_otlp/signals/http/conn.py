@@ -118,7 +118,8 @@ class Stream:
 class Conn:
     """One connection as one process sees it."""
 
-    __slots__ = ("key", "info", "role", "pending", "streams", "last_ns", "upgraded", "tls")
+    __slots__ = ("key", "info", "role", "pending", "streams", "last_ns", "upgraded", "tls",
+                 "attrs")
 
     def __init__(self, key: tuple, info: tuple, tls: bool):
         self.key = key
@@ -129,6 +130,7 @@ class Conn:
         self.streams = (Stream(), Stream())
         self.last_ns = 0
         self.upgraded = False
+        self.attrs: tuple | None = None  # the exporter's per-connection attributes
 
     # --- one read or write --------------------------------------------------
     def feed(self, direction: int, data: bytes, total: int, start_ns: int, end_ns: int,

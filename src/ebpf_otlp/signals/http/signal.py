@@ -87,6 +87,7 @@ class HttpSignal(Signal):
         self.capture = frozenset(h.lower() for h in config.http_capture_headers)
         self.keep = frozenset(config.http_attributes)
         self.addrs = AddressCache()
+        self._commons: dict[tuple, tuple] = {}
         self.tls: TlsAttacher | None = None
         self._stats = None
         self._lock = threading.Lock()
@@ -197,48 +198,61 @@ class HttpSignal(Signal):
         return text
 
     # --- telemetry -----------------------------------------------------------------
+    def _conn_attrs(self, c: Conn) -> tuple:
+        """(span attributes, histogram attributes) of one connection, made once."""
+        fam, laddr, lport, raddr, rport, comm = c.info
+        if c.role == SERVER:
+            srv_addr, srv_port, cli_addr = laddr, lport, raddr
+        else:
+            srv_addr, srv_port, cli_addr = raddr, rport, laddr
+        span = (("server.address", srv_addr), ("server.port", srv_port),
+                ("client.address", cli_addr), ("network.peer.address", raddr),
+                ("network.peer.port", rport), ("process.pid", c.key[0]),
+                ("process.executable.name", comm))
+        hist = tuple(kv for kv in span[:4] if kv[0] in self.keep)
+        c.attrs = (span, hist)
+        return c.attrs
+
     def _emit(self, done: list[Exchange], offset: int) -> None:
         spans, server_h, client_h = [], [], []
-        route, keep, capture_query = self.route, self.keep, self.config.http_capture_query
+        route, capture_query = self.route, self.config.http_capture_query
+        commons = self._commons
         for c, req, req_ns, resp, resp_ns, error in done:
-            fam, laddr, lport, raddr, rport, comm = c.info
+            span_part, hist_part = c.attrs or self._conn_attrs(c)
             server = c.role == SERVER
-            if server:
-                srv_addr, srv_port, cli_addr = laddr, lport, raddr
-            else:
-                srv_addr, srv_port, cli_addr = raddr, rport, laddr
             target = req.target
             if target.startswith(("http://", "https://")):  # absolute form (proxies)
                 target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
             path, _, query = target.partition("?")
-            r = route(path)
-            scheme = "https" if c.tls else "http"
             status = resp.status if resp is not None else 0
+            ckey = (req.method, path, req.version, c.tls, status)
+            common = commons.get(ckey)
+            if common is None:
+                r = route(path)
+                common = (("http.request.method", req.method),
+                          ("url.scheme", "https" if c.tls else "http"),
+                          ("network.protocol.version", req.version), ("http.route", r))
+                if status:
+                    common += (("http.response.status_code", status),)
+                common = (common, (("url.path", path),), f"{req.method} {r}")
+                if len(commons) >= 65536:
+                    commons.clear()
+                commons[ckey] = common
+            common, path_part, name = common
             if error is None and (status >= 500 or (not server and status >= 400)):
                 error = str(status)
-            common = (("http.request.method", req.method), ("url.scheme", scheme),
-                      ("network.protocol.version", req.version), ("http.route", r))
-            if status:
-                common += (("http.response.status_code", status),)
-            attrs = common + (("url.path", path), ("server.address", srv_addr),
-                              ("server.port", srv_port), ("client.address", cli_addr),
-                              ("network.peer.address", raddr), ("network.peer.port", rport),
-                              ("process.pid", c.key[0]), ("process.executable.name", comm))
+            attrs = common + path_part + span_part
             if capture_query and query:
                 attrs += (("url.query", query),)
-            for name, value in req.captured.items():
-                attrs += ((f"http.request.header.{name}", value),)
+            if req.captured:
+                attrs += tuple((f"http.request.header.{k}", v) for k, v in req.captured.items())
             parent = parse_traceparent(req.traceparent) if req.traceparent else None
             start = req_ns + offset
             end = max(resp_ns + offset, start)
-            spans.append((start, end, f"{req.method} {r}", attrs, error,
+            spans.append((start, end, name, attrs, error,
                           SPAN_KIND_SERVER if server else SPAN_KIND_CLIENT,
                           parent[0] if parent else b"", parent[1] if parent else b""))
-            hkey = common
-            for k, v in (("server.address", srv_addr), ("server.port", srv_port),
-                         ("client.address", cli_addr), ("network.peer.address", raddr)):
-                if k in keep:
-                    hkey += ((k, v),)
+            hkey = common + hist_part
             if error is not None:
                 hkey += (("error.type", error),)
             (server_h if server else client_h).append((hkey, (end - start) / 1e9))
