@@ -37,7 +37,7 @@ def run(quick: bool = False) -> Result:
     seconds = 1 if quick else 4
     rounds = 1 if quick else 4
     runs: list[dict] = []
-    from ebpf_otlp.libbpf import lib
+    from ebpf_otlp.platform.libbpf import lib
 
     # The agent turns run-time statistics on itself (unless --no-bpf-stats); holding
     # them on here too keeps the per-program figures whatever its default becomes.

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import PY, Figure, Result, command_for, env, stop_process, wait_until
+from .common import PY, TESTS, Figure, Result, command_for, env, stop_process, wait_until
 from .dns_flood import RECEIVER, _cpu_s, _Totals
 
 NAME = "http_load"
@@ -54,7 +54,7 @@ def sdk_vs_batch_spans_per_s(n: int = 3000) -> tuple[float, float]:
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
     from opentelemetry.trace import SpanKind
 
-    from ebpf_otlp.signals.http.spans import HttpSpanEncoder
+    from ebpf_otlp.otlp.spans import SpanEncoder, SpanRecord
 
     class Encode(SpanExporter):
         def export(self, spans):
@@ -77,9 +77,10 @@ def sdk_vs_batch_spans_per_s(n: int = 3000) -> tuple[float, float]:
                               attributes=dict(attrs))
         s.end(end_time=i + 1000)
     sdk = n / (time.process_time() - t0)
-    enc = HttpSpanEncoder({"service.name": "bench"}, "ebpf_otlp")
-    items = [(i, i + 1000, "GET /ok.txt", attrs[:10] + (("network.peer.port", 40000 + i % 512),)
-              + attrs[11:], None, 2, b"", b"") for i in range(n)]
+    enc = SpanEncoder({"service.name": "bench"}, "ebpf_otlp")
+    items = [SpanRecord(i, i + 1000, "GET /ok.txt", attrs[:10]
+                        + (("network.peer.port", 40000 + i % 512),) + attrs[11:], None, 2)
+             for i in range(n)]
     t0 = time.process_time()
     for j in range(0, n, 1000):
         enc.request(items[j:j + 1000])
@@ -88,6 +89,9 @@ def sdk_vs_batch_spans_per_s(n: int = 3000) -> tuple[float, float]:
 
 
 def run(quick: bool) -> Result:
+    import sys
+
+    sys.path.insert(0, str(TESTS / "signals" / "http"))
     from http_env import HTTP_PORT, HTTPS_PORT, Nginx
     from netns import Topology
 

@@ -172,3 +172,20 @@ def _parse(data: bytes, kind: int, capture: frozenset[str], end: int) -> Head:
     _headers(head, data, capture)
     head.length = end + 4 if col.done and end >= 0 else 0
     return head
+
+
+def parse_traceparent(value: str) -> tuple[bytes, bytes] | None:
+    """(trace id, parent span id) of a W3C ``traceparent`` value, or None if invalid."""
+    parts = value.strip().split("-")
+    if len(parts) < 4 or len(parts[0]) != 2 or parts[0].lower() == "ff":
+        return None
+    if len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) < 2:
+        return None
+    try:
+        trace, parent = bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
+        bytes.fromhex(parts[0] + parts[3][:2])
+    except ValueError:
+        return None
+    if not any(trace) or not any(parent):
+        return None
+    return trace, parent

@@ -8,21 +8,18 @@ import threading
 import time
 
 import numpy as np
-from opentelemetry.sdk.metrics import Histogram as SdkHistogram
-from opentelemetry.sdk.metrics.export import AggregationTemporality
 
-from ...bpfobj import BpfObject
-from ...dns_decode import AddressCache
-from ...dns_metrics import BatchHistogram, export_histograms
-from ...dns_spans import SpanBatchExporter
-from ...layout import constant, record_dtype
-from ...otlp_wire import OtlpSender
-from ...ringbuf import RingBuffer
-from ...telemetry import SCOPE, signal_endpoint
+from ...config import ConfigError
+from ...otlp.semconv import AddressCache
+from ...otlp.spans import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, SpanRecord
+from ...platform.bpfobj import BpfObject
+from ...platform.host import epoch_offset_ns
+from ...platform.layout import constant, record_dtype
+from ...platform.ringbuf import RingBuffer
 from ..base import Signal
 from .conn import CLIENT, IN, OUT, SERVER, Conn, ConnTable, Counts, Exchange
+from .parse import parse_traceparent
 from .route import RouteTemplater
-from .spans import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, HttpSpanEncoder, parse_traceparent
 from .tls import PROGRAMS as TLS_PROGRAMS
 from .tls import TlsAttacher
 
@@ -32,6 +29,7 @@ OP_READ, OP_WRITE, OP_SENDFILE, OP_EOF, OP_CLOSE = 1, 2, 3, 4, 5
 # The HTTP semantic conventions' advice for request durations, in seconds.
 HTTP_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                          7.5, 10.0)
+EXPIRE_EVERY_NS = 1_000_000_000
 # Records are ~370 bytes with the default head; 16 MiB hold ~45,000 calls.
 MIN_RING_BYTES = 16 << 20
 KERNEL_STATS = ("calls_untracked", "fds_untracked", "ssl_calls_untracked", "ssl_no_fd",
@@ -60,27 +58,15 @@ def _comm(raw: bytes) -> str:
 class HttpSignal(Signal):
     name = "http"
 
-    def __init__(self, config, telemetry):
-        super().__init__(config, telemetry)
-        res = dict(telemetry.resource.attributes)
-        pref = getattr(telemetry.metric_exporter, "_preferred_temporality", None) or {}
-        delta = pref.get(SdkHistogram) == AggregationTemporality.DELTA
-        send = OtlpSender("metrics", signal_endpoint(
-            config.endpoint, "/v1/metrics", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
-            config.headers, config.export_timeout_s)
-        self.server_duration = BatchHistogram(
+    def __init__(self, config, exporter):
+        super().__init__(config, exporter)
+        self.server_duration = exporter.histogram(
             "http.server.request.duration", "s", "Duration of HTTP server requests",
-            HTTP_DURATION_BUCKETS, res, SCOPE, delta=delta,
-            cardinality_limit=telemetry.cardinality_limit, send=send)
-        self.client_duration = BatchHistogram(
+            HTTP_DURATION_BUCKETS)
+        self.client_duration = exporter.histogram(
             "http.client.request.duration", "s", "Duration of HTTP client requests",
-            HTTP_DURATION_BUCKETS, res, SCOPE, delta=delta,
-            cardinality_limit=telemetry.cardinality_limit, send=send)
-        self.spans = SpanBatchExporter(
-            res, signal_endpoint(config.endpoint, "/v1/traces",
-                                 "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
-            config.headers, config.export_timeout_s, max_queue=65536)
-        self.spans.encoder = HttpSpanEncoder(res, SCOPE)
+            HTTP_DURATION_BUCKETS)
+        self.spans_dropped = 0  # counted by the exporter too; kept for http.* health
         self.counts = Counts()
         self.table = ConnTable(config.http_max_conns, int(config.http_idle_s * 1e9), self.counts)
         self.route = RouteTemplater(config.http_route_patterns)
@@ -92,12 +78,11 @@ class HttpSignal(Signal):
         self._stats = None
         self._lock = threading.Lock()
         self._ring: RingBuffer | None = None
+        self._last_expire = 0
         self._register_health()
 
     # --- lifecycle -------------------------------------------------------------
     def start(self) -> None:
-        from ...agent import ConfigError
-
         cfg = self.config
         head_max = constant("http", "HTTP_HEAD_MAX")
         if not 16 <= cfg.http_head_bytes <= head_max:
@@ -122,23 +107,25 @@ class HttpSignal(Signal):
                 prog.attach()
         self._ring = RingBuffer(obj.maps["http_events"], event_dtype(cfg.http_head_bytes),
                                 on_batch=self.on_batch, lost_map=obj.maps["http_events_lost"])
-        self.spans.tick = self.expire
-        self.spans.start()
         self.tls = TlsAttacher(obj, cfg.tls_libs, cfg.tls_scan_interval_s)
         self.tls.start()
 
     def rings(self) -> list[RingBuffer]:
         return [self._ring] if self._ring is not None else []
 
+    def tick(self) -> None:
+        now = time.monotonic_ns()
+        if now - self._last_expire >= EXPIRE_EVERY_NS:
+            self._last_expire = now
+            self.expire()
+
     def collect(self) -> None:
         self.expire()
-        export_histograms([self.server_duration, self.client_duration])
 
     def close(self) -> None:
         if self.tls is not None:
             self.tls.stop()
         self._stats = None
-        self.spans.shutdown(5.0)
         super().close()
         if self._ring is not None:
             self._ring.close()
@@ -150,7 +137,7 @@ class HttpSignal(Signal):
 
     # --- the ring callback (poller thread) ---------------------------------------
     def on_batch(self, recs: np.ndarray) -> None:
-        offset = time.time_ns() - time.monotonic_ns()
+        offset = epoch_offset_ns()
         hb = recs.dtype.fields["head"][0].shape[0]
         heads = recs["head"].tobytes()
         pid, conn, op, length, hlen = (recs[k].tolist() for k in
@@ -192,10 +179,7 @@ class HttpSignal(Signal):
                 int(rec["rport"]), _comm(rec["comm"].tobytes()))
 
     def _addr(self, raw: bytes, family: int) -> str:
-        text = self.addrs.text(raw, family)
-        if family == 6 and text.startswith("::ffff:") and "." in text:
-            text = text[7:]  # an IPv4 peer on a dual-stack socket
-        return text
+        return self.addrs.text(raw, family)  # IPv4-mapped peers read as IPv4
 
     # --- telemetry -----------------------------------------------------------------
     def _conn_attrs(self, c: Conn) -> tuple:
@@ -249,21 +233,22 @@ class HttpSignal(Signal):
             parent = parse_traceparent(req.traceparent) if req.traceparent else None
             start = req_ns + offset
             end = max(resp_ns + offset, start)
-            spans.append((start, end, name, attrs, error,
-                          SPAN_KIND_SERVER if server else SPAN_KIND_CLIENT,
-                          parent[0] if parent else b"", parent[1] if parent else b""))
+            spans.append(SpanRecord(start, end, name, attrs, error,
+                                    SPAN_KIND_SERVER if server else SPAN_KIND_CLIENT,
+                                    parent[0] if parent else None,
+                                    parent[1] if parent else None))
             hkey = common + hist_part
             if error is not None:
                 hkey += (("error.type", error),)
             (server_h if server else client_h).append((hkey, (end - start) / 1e9))
-        self.spans.submit(spans)
+        self.spans_dropped += self.exporter.submit_spans(spans)
         if server_h:
             self.server_duration.record_batch(server_h)
         if client_h:
             self.client_duration.record_batch(client_h)
 
     def _register_health(self) -> None:
-        t, n = self.telemetry, self.counts
+        t, n = self.exporter, self.counts
 
         def kernel_stats():
             if self._stats is None:
@@ -299,15 +284,9 @@ class HttpSignal(Signal):
                   "TLS library files with SSL uprobes attached",
                   lambda: [(len(self.tls.files) if self.tls else 0, {})], kind="gauge")
         t.observe("ebpf_otlp.http.spans.dropped", "{span}",
-                  "HTTP spans not exported: queue full, export failed, shutdown",
-                  lambda: [(v, {"reason": r}) for r, v in dict(self.spans.dropped).items()])
-        t.observe("ebpf_otlp.http.spans.exported", "{span}", "HTTP spans exported",
-                  lambda: [(self.spans.exported, {})])
-        t.observe("ebpf_otlp.http.export.failures", "{export}",
-                  "HTTP's own OTLP requests that failed",
-                  lambda: [(self.spans.failures, {"signal": "traces"}),
-                           (self.server_duration.failures + self.client_duration.failures,
-                            {"signal": "metrics"})])
+                  "HTTP spans the span queue had no room for (export failures are in "
+                  "ebpf_otlp.spans.dropped)",
+                  lambda: [(self.spans_dropped, {"reason": "queue_full"})])
 
 
 __all__ = ["ADDRESS_ATTRIBUTES", "CLIENT", "HttpSignal", "event_dtype"]

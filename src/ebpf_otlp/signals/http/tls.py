@@ -19,8 +19,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from ...bpfobj import BpfObject
-from ...libbpf import BpfError
+from ...platform.bpfobj import BpfObject
+from ...platform.libbpf import BpfError
 
 log = logging.getLogger(__name__)
 
