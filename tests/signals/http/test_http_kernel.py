@@ -180,12 +180,16 @@ def test_scripted_requests_one_span_per_side(web, scheme: str) -> None:
             assert dur <= limit + 0.002, f"{s['name']}: span {dur:.6f}s > curl {limit:.6f}s"
     for r in rp:
         assert r["time"] > 0
-    rx.wait_for(lambda: [m for m in rx.metrics("http.server.request.duration")
-                         if m["attributes"].get("server.port") == port],
-                what="http.server.request.duration")
-    rx.wait_for(lambda: [m for m in rx.metrics("http.client.request.duration")
-                         if m["attributes"].get("server.port") == port],
-                what="http.client.request.duration")
+    for name in ("http.server.request.duration", "http.client.request.duration"):
+        pts = rx.wait_for(lambda name=name: [m for m in rx.metrics(name)
+                                             if m["attributes"].get("server.port") == port],
+                          what=name)
+        keys = set().union(*(p["attributes"] for p in pts))
+        assert {"http.request.method", "http.response.status_code", "http.route",
+                "url.scheme", "server.address", "server.port"} <= keys, keys
+        assert not keys & {"client.address", "url.path", "network.peer.port"}, keys
+    # The agent's own OTLP requests are HTTP too: never traced.
+    assert not [s for s in rx.spans() if s["attributes"].get("process.pid") == agent.proc.pid]
     assert agent.proc.poll() is None, agent.log()
 
 
@@ -343,3 +347,37 @@ def test_tls_in_own_mount_namespace_with_own_libssl(web, tmp_path) -> None:
                         ours(rx, {p.pid}, HTTPS_PORT), what="spans of the contained process")
     assert triples(spans) == [("GET", "/missing", 404), ("GET", "/ok.txt", 200)]
     assert {s["attributes"]["url.scheme"] for s in spans} == {"https"}
+
+
+@pytest.fixture
+def capture_env(topo):
+    require(Path("/usr/sbin/nginx").exists(), "nginx not installed (Debian nginx-light)")
+    require(shutil.which("curl") is not None, "curl not installed")
+    with Nginx(topo, topo.b, topo.b_ip4) as ngx, ReceiverProc(topo, topo.a) as rx, \
+            AgentProc(topo, topo.a, rx, "--signals", "http", "--http-capture-query",
+                      "--http-capture-header", "X-Req-Id", "--http-route-pattern",
+                      "item-[a-z]+", "--http-attributes",
+                      "server.address,server.port,client.address") as agent:
+        yield topo, ngx, rx, agent
+
+
+def test_capture_flags_route_pattern_and_privacy(capture_env) -> None:
+    """What leaves the host is what the flags name: the query, one header; the
+    Authorization header's value never does."""
+    topo, ngx, rx, _agent = capture_env
+    url = f"http://{topo.b_ip4}:{HTTP_PORT}/items/item-abc/ok.txt?color=red"
+    pid, res = curl(topo, topo.a, [url], "-H", "X-Req-Id: r42", "-H",
+                    "Authorization: Bearer secret-token")
+    assert [r["code"] for r in res] == [404]
+    spans = rx.wait_for(lambda: len(ours(rx, {pid, ngx.pid}, HTTP_PORT)) >= 2 and
+                        ours(rx, {pid, ngx.pid}, HTTP_PORT), what="both spans")
+    for s in spans:
+        a = s["attributes"]
+        assert a["url.query"] == "color=red"
+        assert a["http.request.header.x-req-id"] == "r42"
+        assert a["http.route"] == "/items/*/ok.txt" and s["name"] == "GET /items/*/ok.txt"
+        assert "secret-token" not in json.dumps(s)
+    pts = rx.wait_for(lambda: [m for m in rx.metrics("http.client.request.duration")
+                               if m["attributes"].get("server.port") == HTTP_PORT],
+                      what="client histogram")
+    assert pts[0]["attributes"]["client.address"] == topo.a_ip4
