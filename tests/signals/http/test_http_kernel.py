@@ -381,3 +381,34 @@ def test_capture_flags_route_pattern_and_privacy(capture_env) -> None:
                                if m["attributes"].get("server.port") == HTTP_PORT],
                       what="client histogram")
     assert pts[0]["attributes"]["client.address"] == topo.a_ip4
+
+
+@pytest.fixture
+def static_client(topo, tmp_path):
+    require(shutil.which("gcc") is not None, "gcc not installed")
+    require(Path("/usr/lib/x86_64-linux-gnu/libssl.a").exists(),
+            "static OpenSSL not installed (Debian libssl-dev)")
+    require(Path("/usr/sbin/nginx").exists(), "nginx not installed (Debian nginx-light)")
+    exe = tmp_path / "static-tls-client"
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(exe),
+                    str(Path(__file__).parent / "static_tls_client.c"), "-lssl", "-lcrypto",
+                    "-lpthread"], check=True, capture_output=True)
+    with Nginx(topo, topo.b, topo.b_ip4) as ngx, ReceiverProc(topo, topo.a) as rx, \
+            AgentProc(topo, topo.a, rx, "--signals", "http", "--tls-lib", str(exe)) as agent:
+        yield topo, ngx, rx, agent, exe
+
+
+def test_tls_lib_flag_traces_a_statically_linked_binary(static_client) -> None:
+    """OpenSSL linked into the binary (no libssl.so in its maps): --tls-lib names it."""
+    topo, ngx, rx, _agent, exe = static_client
+    p = topo.popen(topo.a, str(exe), topo.b_ip4, str(HTTPS_PORT), "/missing",
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and out.startswith("HTTP/1.1 404"), (p.returncode, out, err)
+    spans = rx.wait_for(lambda: ours(rx, {p.pid}, HTTPS_PORT), what="the static client's span")
+    assert triples(spans) == [("GET", "/missing", 404)]
+    assert spans[0]["kind"] == "CLIENT" and spans[0]["attributes"]["url.scheme"] == "https"
+    server = rx.wait_for(lambda: [s for s in ours(rx, {ngx.pid}, HTTPS_PORT)
+                                  if s["attributes"]["url.path"] == "/missing"],
+                         what="nginx's span")
+    assert triples(server) == [("GET", "/missing", 404)]
