@@ -31,7 +31,11 @@ TITLE = "HTTP: nginx requests/s with the agent vs without"
 TARGET_RATIO = 0.90
 CASES = (("http", "keep-alive"), ("http", "close"), ("https", "keep-alive"),
          ("https", "close"))
-HTTP_RECEIVER = RECEIVER.replace('"ebpf_otlp.dns.spans.dropped"', '"ebpf_otlp.http.spans.dropped"')
+HTTP_RECEIVER = RECEIVER.replace(
+    '"ebpf_otlp.dns.spans.dropped"',
+    '"ebpf_otlp.http.spans.dropped", "ebpf_otlp.spans.dropped", "ebpf_otlp.export.failures", '
+    '"ebpf_otlp.http.responses.unmatched", "ebpf_otlp.http.requests.unanswered"').replace(
+    'kv.value.string_value == "dns"', 'kv.value.string_value == "http"')
 
 
 def _wrk(t, url: str, seconds: float, close: bool) -> float:
@@ -44,6 +48,46 @@ def _wrk(t, url: str, seconds: float, close: bool) -> float:
         raise RuntimeError(f"wrk printed no rate: {out}")
     total = re.search(r"(\d+) requests in", out)
     return float(m.group(1)), int(total.group(1)) if total else 0
+
+
+def _kernel_only(t, url: str, seconds: float, close: bool, which: str) -> float:
+    """requests/s with only part of the kernel side attached (``uprobes``: the SSL
+    probes on the system libssl; ``tracepoints``: the syscall programs), records
+    drained and dropped by a thread here: what the hooks cost nginx and wrk alone."""
+    import threading
+
+    from ebpf_otlp.platform.bpfobj import BpfObject
+    from ebpf_otlp.platform.ringbuf import RingBuffer
+    from ebpf_otlp.signals.http.signal import event_dtype
+    from ebpf_otlp.signals.http.tls import PROGRAMS, TlsAttacher, system_tls_library
+
+    obj = BpfObject.open_packaged("http")
+    try:
+        obj.rodata["self_tgid"] = os.getpid()
+        obj.load()
+        if which == "uprobes":
+            TlsAttacher(obj).attach_path(system_tls_library(), required=True)
+        else:
+            for p in obj.programs.values():
+                if p.name not in PROGRAMS:
+                    p.attach()
+        ring = RingBuffer(obj.maps["http_events"], event_dtype(256), on_batch=lambda r: None)
+        stop = threading.Event()
+
+        def drain() -> None:
+            while not stop.wait(0.01):
+                ring.drain()
+
+        th = threading.Thread(target=drain, daemon=True)
+        th.start()
+        try:
+            return _wrk(t, url, seconds, close)[0]
+        finally:
+            stop.set()
+            th.join()
+            ring.close()
+    finally:
+        obj.close()
 
 
 def sdk_vs_batch_spans_per_s(n: int = 3000) -> tuple[float, float]:
@@ -155,6 +199,10 @@ def run(quick: bool) -> Result:
                         "spans_dropped": after.get("ebpf_otlp.http.spans.dropped", 0)
                         - before.get("ebpf_otlp.http.spans.dropped", 0),
                         "agent_cpu_s": round(cpu, 3)}
+                    for k in ("ebpf_otlp.spans.dropped", "ebpf_otlp.export.failures",
+                              "ebpf_otlp.http.responses.unmatched",
+                              "ebpf_otlp.http.requests.unanswered"):
+                        with_agent[c][k.split(".", 1)[1]] = after.get(k, 0) - before.get(k, 0)
                     print(f"  {c}: {json.dumps(with_agent[c])}", flush=True)
             finally:
                 if agent is not None:
@@ -162,6 +210,9 @@ def run(quick: bool) -> Result:
                 stop_process(rx, 5)
             for c in CASES:  # second baseline
                 base[c].append(_wrk(t, urls[c[0]], seconds, c[1] == "close")[0])
+            parts = {"uprobes": _kernel_only(t, urls["https"], seconds, False, "uprobes"),
+                     "tracepoints": _kernel_only(t, urls["http"], seconds, False,
+                                                 "tracepoints")}
     finally:
         res.raw["agent_log_tail"] = (work / "agent.log").read_text()[-1500:] \
             if (work / "agent.log").exists() else ""
@@ -178,8 +229,17 @@ def run(quick: bool) -> Result:
                        round(per_k * 1000, 2) if per_k is not None else None, "ms",
                        note=f"{w['spans']} spans for {w['requests']} requests "
                             f"(2 per request expected), ring lost {w['ring_lost']}, "
-                            f"spans dropped {w['spans_dropped']}"))
+                            f"spans dropped (queue) {w['spans_dropped']}, (any reason) "
+                            f"{w['spans.dropped']}, export failures {w['export.failures']}"))
         rows.append({"case": name, "baseline_runs": base[c], **w})
+    for which, case in (("uprobes", ("https", "keep-alive")),
+                        ("tracepoints", ("http", "keep-alive"))):
+        b = sum(base[case]) / len(base[case])
+        what = ("SSL uprobes alone" if which == "uprobes"
+                else "syscall tracepoints alone")
+        res.add(Figure.compare(f"requests/s, {case[0]} keep-alive, {what} (no agent)",
+                               round(parts[which]), "req/s", round(b),
+                               "without agent (mean of before and after)"))
     spans = sum(with_agent[c]["spans"] for c in CASES)
     secs = seconds * len(CASES)
     res.add(Figure("spans exported per second under load", round(spans / secs), "spans/s",
