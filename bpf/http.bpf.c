@@ -27,6 +27,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define IPPROTO_TCP 6
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
+#define MSG_PEEK 2
 #define HTTP_FIXED_BYTES __builtin_offsetof(struct http_event, head)
 
 /* Bytes of each call copied into the record (1..HTTP_HEAD_MAX); sizes the records. */
@@ -80,15 +81,17 @@ struct call {
 	__u8 pad[7];
 };
 
+/* LRU: a thread that dies inside a call leaves its entry behind; LRU lets
+ * such entries go instead of filling the map. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u64);
 	__type(value, struct call);
 } http_calls SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u64);
 	__type(value, struct call);
@@ -375,9 +378,12 @@ int http_enter_write(struct trace_event_raw_sys_enter *ctx)
 	return sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_WRITE);
 }
 
+/* MSG_PEEK reads bytes that a later call reads again: only that one counts. */
 SEC("tracepoint/syscalls/sys_enter_recvfrom")
 int http_enter_recvfrom(struct trace_event_raw_sys_enter *ctx)
 {
+	if (ARG(3) & MSG_PEEK)
+		return 0;
 	return sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_READ);
 }
 
@@ -402,6 +408,8 @@ int http_enter_writev(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_recvmsg")
 int http_enter_recvmsg(struct trace_event_raw_sys_enter *ctx)
 {
+	if (ARG(2) & MSG_PEEK)
+		return 0;
 	return sys_enter_msg(ARG(0), (void *)ARG(1), HTTP_OP_READ);
 }
 

@@ -68,6 +68,7 @@ class Nginx:
                 uwsgi_temp_path {d}/ut;
                 scgi_temp_path {d}/st;
                 keepalive_requests 10000;
+                sendfile on;  # as Debian's default configuration: file bodies by sendfile
                 server {{
                     listen {self.ip}:{HTTP_PORT};
                     listen {self.ip}:{HTTPS_PORT} ssl;
