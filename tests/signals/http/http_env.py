@@ -38,8 +38,8 @@ def make_cert(d: Path) -> None:
 class Nginx:
     """nginx in namespace ``ns`` on ``ip``: :8080 plaintext, :8443 TLS; one process."""
 
-    def __init__(self, topo, ns: str, ip: str):
-        self.topo, self.ns, self.ip = topo, ns, ip
+    def __init__(self, topo, ns: str, ip: str, ip6: str | None = None):
+        self.topo, self.ns, self.ip, self.ip6 = topo, ns, ip, ip6
         self.dir = Path(tempfile.mkdtemp(prefix="eo-nginx-"))
         self.proc: subprocess.Popen | None = None
 
@@ -72,6 +72,7 @@ class Nginx:
                 server {{
                     listen {self.ip}:{HTTP_PORT};
                     listen {self.ip}:{HTTPS_PORT} ssl;
+                    {f"listen [{self.ip6}]:{HTTP_PORT};" if self.ip6 else ""}
                     ssl_certificate {d}/cert.pem;
                     ssl_certificate_key {d}/key.pem;
                     root {d}/www;

@@ -82,7 +82,8 @@ def web(topo, request):
     require(shutil.which("curl") is not None, "curl not installed")
     require(shutil.which("openssl") is not None, "openssl not installed")
     require(Path("/usr/bin/python3").exists(), "Debian python3 not installed")
-    with Nginx(topo, topo.b, topo.b_ip4) as ngx, PyServer(topo, topo.b, topo.b_ip4) as py, \
+    with Nginx(topo, topo.b, topo.b_ip4, topo.b_ip6) as ngx, \
+            PyServer(topo, topo.b, topo.b_ip4) as py, \
             ReceiverProc(topo, topo.a) as rx, \
             AgentProc(topo, topo.a, rx, "-v", "--signals", "http", *request.param) as agent:
         yield topo, ngx, py, rx, agent
@@ -191,6 +192,24 @@ def test_scripted_requests_one_span_per_side(web, scheme: str) -> None:
     # The agent's own OTLP requests are HTTP too: never traced.
     assert not [s for s in rx.spans() if s["attributes"].get("process.pid") == agent.proc.pid]
     assert agent.proc.poll() is None, agent.log()
+
+
+def test_ipv6(web) -> None:
+    """Addresses and ports read from an IPv6 socket."""
+    topo, ngx, _py, rx, _agent = web
+    pid, res = curl(topo, topo.a, [f"http://[{topo.b_ip6}]:{HTTP_PORT}/ok.txt"], "-g")
+    assert [r["code"] for r in res] == [200], res
+    spans = rx.wait_for(lambda: len([s for s in ours(rx, {pid, ngx.pid}, HTTP_PORT)
+                                     if s["attributes"]["server.address"] == topo.b_ip6]) >= 2
+                        and [s for s in ours(rx, {pid, ngx.pid}, HTTP_PORT)
+                             if s["attributes"]["server.address"] == topo.b_ip6],
+                        what="IPv6 spans")
+    assert sorted(s["kind"] for s in spans) == ["CLIENT", "SERVER"]
+    for s in spans:
+        a = s["attributes"]
+        assert a["client.address"] == topo.a_ip6 and a["server.port"] == HTTP_PORT
+        assert a["network.peer.address"] == (topo.b_ip6 if s["kind"] == "CLIENT"
+                                             else topo.a_ip6)
 
 
 def test_server_sleep_and_chunked(web) -> None:
