@@ -51,10 +51,6 @@ def event_dtype(head_bytes: int) -> np.dtype:
                      "itemsize": off + n})
 
 
-def _comm(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode(errors="replace")
-
-
 class HttpSignal(Signal):
     name = "http"
 
@@ -145,6 +141,7 @@ class HttpSignal(Signal):
         start, end, tls = recs["start_ns"].tolist(), recs["end_ns"].tolist(), recs["tls"].tolist()
         out: list[Exchange] = []
         counts, capture, table = self.counts, self.capture, self.table
+        cols = None
         with self._lock:
             for i in range(len(op)):
                 key = (pid[i], conn[i])
@@ -160,7 +157,11 @@ class HttpSignal(Signal):
                         c.close(end[i], out)
                     continue
                 if c is None:
-                    c = table.add(Conn(key, self._info(recs[i]), bool(tls[i])), end[i])
+                    if cols is None:
+                        cols = (recs["family"].tolist(), recs["lport"].tolist(),
+                                recs["rport"].tolist(), recs["laddr"].tobytes(),
+                                recs["raddr"].tobytes(), recs["comm"].tobytes())
+                    c = table.add(Conn(key, self._info(cols, i), bool(tls[i])), end[i])
                 if o == OP_SENDFILE:
                     c.feed(OUT, b"", length[i], start[i], end[i], counts, capture, out)
                     continue
@@ -170,13 +171,16 @@ class HttpSignal(Signal):
         if out:
             self._emit(out, offset)
 
-    def _info(self, rec: np.void) -> tuple:
-        fam = int(rec["family"])
-        la, ra = rec["laddr"].tobytes(), rec["raddr"].tobytes()
-        if fam == 0:
-            return (0, "", 0, "", 0, _comm(rec["comm"].tobytes()))
-        return (fam, self._addr(la, fam), int(rec["lport"]), self._addr(ra, fam),
-                int(rec["rport"]), _comm(rec["comm"].tobytes()))
+    def _info(self, cols: tuple, i: int) -> tuple:
+        """(family, local address, local port, remote address, remote port, comm) of
+        record ``i``, from the batch's columns (made once per new connection)."""
+        fam, lport, rport, laddr, raddr, comm = cols
+        name = comm[16 * i:16 * i + 16].split(b"\0", 1)[0].decode(errors="replace")
+        f = fam[i]
+        if f == 0:
+            return (0, "", 0, "", 0, name)
+        return (f, self._addr(laddr[16 * i:16 * i + 16], f), lport[i],
+                self._addr(raddr[16 * i:16 * i + 16], f), rport[i], name)
 
     def _addr(self, raw: bytes, family: int) -> str:
         return self.addrs.text(raw, family)  # IPv4-mapped peers read as IPv4
