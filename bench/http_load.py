@@ -147,7 +147,7 @@ def run(quick: bool) -> Result:
         res.status = "partial"
         res.note("wrk or nginx not installed (Debian wrk, nginx-light)")
         return res
-    seconds = 2.0 if quick else 5.0
+    seconds = 1.0 if quick else 5.0
     work = Path(tempfile.mkdtemp(prefix="eo-httpload-"))
     rows = []
     try:
@@ -188,7 +188,7 @@ def run(quick: bool) -> Result:
                         prev[0] = cur
                         return done or same
 
-                    wait_until(settled, 60, 1.5)
+                    wait_until(settled, 20 if quick else 60, 1.5)
                     cpu = _cpu_s(agent.pid) - cpu0
                     after = totals.get()
                     with_agent[c] = {
