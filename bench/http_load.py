@@ -50,6 +50,59 @@ def _wrk(t, url: str, seconds: float, close: bool) -> float:
     return float(m.group(1)), int(total.group(1)) if total else 0
 
 
+LOOP_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+__attribute__((noinline)) int probe_me(void *a, void *b, int n)
+{
+	__asm__ volatile("" ::: "memory");
+	return n + 1;
+}
+int main(int argc, char **argv)
+{
+	long iters = atol(argv[1]);
+	struct timespec t0, t1;
+	int s = 0;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (long i = 0; i < iters; i++)
+		s += probe_me(0, 0, i);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	printf("%.1f\n", ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / iters);
+	return s == 42;
+}
+"""
+
+
+def uprobe_hit_ns(work: Path, iters: int = 20000) -> tuple[float, float] | None:
+    """(ns per call of a trivial function with the SSL entry program on it as a
+    uprobe, ns per call without): what one uprobe hit costs on this machine."""
+    import os as _os
+
+    from ebpf_otlp.platform.bpfobj import BpfObject
+
+    if not shutil.which("gcc"):
+        return None
+    src, exe = work / "loop.c", work / "loop"
+    src.write_text(LOOP_C)
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(src)], check=True, capture_output=True)
+
+    def per_call() -> float:
+        out = subprocess.run([str(exe), str(iters)], capture_output=True, text=True, check=True)
+        return float(out.stdout)
+
+    bare = per_call()
+    obj = BpfObject.open_packaged("http")
+    try:
+        obj.rodata["self_tgid"] = _os.getpid()
+        obj.load()
+        obj.programs["ssl_read_enter"].attach_uprobe(str(exe), "probe_me")
+        probed = per_call()
+    finally:
+        obj.close()
+    return probed, bare
+
+
 def _kernel_only(t, url: str, seconds: float, close: bool, which: str) -> float:
     """requests/s with only part of the kernel side attached (``uprobes``: the SSL
     probes on the system libssl; ``tracepoints``: the syscall programs), records
@@ -150,6 +203,12 @@ def run(quick: bool) -> Result:
     seconds = 1.0 if quick else 5.0
     work = Path(tempfile.mkdtemp(prefix="eo-httpload-"))
     rows = []
+    hit = uprobe_hit_ns(work)
+    if hit is not None:
+        res.add(Figure.compare("one uprobe hit: a trivial call with the SSL entry program on it",
+                               round(hit[0], 1), "ns/call", round(hit[1], 1),
+                               "the same call without", note="TLS costs this per SSL_read/"
+                               "SSL_write call (twice with the return probe)"))
     try:
         with Topology() as t, Nginx(t, t.b, t.b_ip4):
             urls = {"http": f"http://{t.b_ip4}:{HTTP_PORT}/ok.txt",
