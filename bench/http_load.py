@@ -203,13 +203,13 @@ def run(quick: bool) -> Result:
     seconds = 1.0 if quick else 5.0
     work = Path(tempfile.mkdtemp(prefix="eo-httpload-"))
     rows = []
-    hit = uprobe_hit_ns(work)
-    if hit is not None:
-        res.add(Figure.compare("one uprobe hit: a trivial call with the SSL entry program on it",
-                               round(hit[0], 1), "ns/call", round(hit[1], 1),
-                               "the same call without", note="TLS costs this per SSL_read/"
-                               "SSL_write call (twice with the return probe)"))
     try:
+        hit = uprobe_hit_ns(work)
+        if hit is not None:
+            res.add(Figure.compare("one uprobe hit: a trivial call with the SSL entry program "
+                                   "on it", round(hit[0], 1), "ns/call", round(hit[1], 1),
+                                   "the same call without", note="TLS costs this per "
+                                   "SSL_read/SSL_write call (twice with the return probe)"))
         with Topology() as t, Nginx(t, t.b, t.b_ip4):
             urls = {"http": f"http://{t.b_ip4}:{HTTP_PORT}/ok.txt",
                     "https": f"https://{t.b_ip4}:{HTTPS_PORT}/ok.txt"}
