@@ -117,6 +117,7 @@ def _kernel_only(t, url: str, seconds: float, close: bool, which: str) -> float:
     obj = BpfObject.open_packaged("http")
     try:
         obj.rodata["self_tgid"] = os.getpid()
+        obj.rodata["ringbuf_wakeup_bytes"] = 64 << 10  # as the agent loads it
         obj.load()
         if which == "uprobes":
             TlsAttacher(obj).attach_path(system_tls_library(), required=True)
