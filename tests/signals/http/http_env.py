@@ -113,7 +113,9 @@ PY_SERVER = textwrap.dedent("""
 
         def do_GET(self):
             if self.path.startswith("/sleep/"):
+                t = time.monotonic()
                 time.sleep(int(self.path.split("/")[2]) / 1000)
+                print("slept %.6f" % (time.monotonic() - t), flush=True)
             if self.path == "/chunked":
                 self.send_response(200)
                 self.send_header("Transfer-Encoding", "chunked")
