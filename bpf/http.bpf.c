@@ -269,8 +269,12 @@ static __always_inline void emit(__u8 op, __u8 tls, __u64 id, int fd, __u64 sk, 
 
 /* --- syscalls ------------------------------------------------------------ */
 
-/* Entry of a read/write-family syscall on `fd` moving data at `buf` (`buflen` bytes there). */
-static __always_inline int sys_enter(int fd, __u64 buf, __u32 buflen, __u8 op)
+/* Bytes received by splice() out of a socket: counted like a read, no head. */
+#define OP_SPLICE_IN 16
+
+/* Entry of a read/write-family syscall on `fd` moving data at `buf` (`buflen`
+ * bytes there); true when the call is followed to its return. */
+static __always_inline bool sys_enter(int fd, __u64 buf, __u32 buflen, __u8 op)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	__u32 pid = id >> 32;
@@ -278,30 +282,32 @@ static __always_inline int sys_enter(int fd, __u64 buf, __u32 buflen, __u8 op)
 	struct call *ssl, c = {};
 
 	if (pid == self_tgid || fd < 0)
-		return 0;
+		return false;
 	st = fd_lookup(pid, fd);
 	if (!st || !(st->flags & FD_TCP))
-		return 0;
+		return false;
 	ssl = bpf_map_lookup_elem(&ssl_calls, &id);
 	if (ssl) {	/* underneath SSL_read/SSL_write: ciphertext on this fd */
 		ssl->fd = fd;
 		ssl->sk = st->sk;
 		st->flags |= FD_TLS;
-		return 0;
+		return false;
 	}
 	if (st->flags & FD_TLS)
-		return 0;
-	if (op == HTTP_OP_SENDFILE && !(st->flags & FD_HTTP))
-		return 0;
+		return false;
+	if ((op == HTTP_OP_SENDFILE || op == OP_SPLICE_IN) && !(st->flags & FD_HTTP))
+		return false;
 	c.buf = buf;
 	c.buflen = buflen;
 	c.sk = st->sk;
 	c.fd = fd;
 	c.op = op;
 	c.start_ns = bpf_ktime_get_ns();
-	if (bpf_map_update_elem(&http_calls, &id, &c, BPF_ANY))
+	if (bpf_map_update_elem(&http_calls, &id, &c, BPF_ANY)) {
 		stat_inc(HTTP_STAT_CALLS_UNTRACKED);
-	return 0;
+		return false;
+	}
+	return true;
 }
 
 static __always_inline int sys_exit(long ret)
@@ -326,8 +332,9 @@ static __always_inline int sys_exit(long ret)
 	if (ret <= 0)
 		goto out;
 	n = ret > 0x7fffffff ? 0x7fffffff : ret;
-	if (c->op == HTTP_OP_SENDFILE) {
-		emit(HTTP_OP_SENDFILE, 0, id, c->fd, c->sk, c->start_ns, n, NULL, 0);
+	if (c->op == HTTP_OP_SENDFILE || c->op == OP_SPLICE_IN) {
+		emit(c->op == OP_SPLICE_IN ? HTTP_OP_READ : HTTP_OP_SENDFILE, 0, id, c->fd, c->sk,
+		     c->start_ns, n, NULL, 0);
 		goto out;
 	}
 	if (!(st->flags & FD_HTTP)) {
@@ -352,15 +359,18 @@ static __always_inline int sys_enter_iov(int fd, const void *vec, __u8 op)
 
 	if (vec && bpf_probe_read_user(&iov, sizeof(iov), vec))
 		iov.base = iov.len = 0;
-	return sys_enter(fd, iov.base, iov.len > 0xffffffff ? 0xffffffff : iov.len, op);
+	sys_enter(fd, iov.base, iov.len > 0xffffffff ? 0xffffffff : iov.len, op);
+	return 0;
 }
 
 static __always_inline int sys_enter_msg(int fd, const void *msg, __u8 op)
 {
 	struct user_msghdr m = {};
 
-	if (!msg || bpf_probe_read_user(&m, sizeof(m), msg) || m.msg_iovlen < 1)
-		return sys_enter(fd, 0, 0, op);
+	if (!msg || bpf_probe_read_user(&m, sizeof(m), msg) || m.msg_iovlen < 1) {
+		sys_enter(fd, 0, 0, op);
+		return 0;
+	}
 	return sys_enter_iov(fd, m.msg_iov, op);
 }
 
@@ -369,13 +379,15 @@ static __always_inline int sys_enter_msg(int fd, const void *msg, __u8 op)
 SEC("tracepoint/syscalls/sys_enter_read")
 int http_enter_read(struct trace_event_raw_sys_enter *ctx)
 {
-	return sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_READ);
+	sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_READ);
+	return 0;
 }
 
 SEC("tracepoint/syscalls/sys_enter_write")
 int http_enter_write(struct trace_event_raw_sys_enter *ctx)
 {
-	return sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_WRITE);
+	sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_WRITE);
+	return 0;
 }
 
 /* MSG_PEEK reads bytes that a later call reads again: only that one counts. */
@@ -384,13 +396,15 @@ int http_enter_recvfrom(struct trace_event_raw_sys_enter *ctx)
 {
 	if (ARG(3) & MSG_PEEK)
 		return 0;
-	return sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_READ);
+	sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_READ);
+	return 0;
 }
 
 SEC("tracepoint/syscalls/sys_enter_sendto")
 int http_enter_sendto(struct trace_event_raw_sys_enter *ctx)
 {
-	return sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_WRITE);
+	sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_WRITE);
+	return 0;
 }
 
 SEC("tracepoint/syscalls/sys_enter_readv")
@@ -422,7 +436,17 @@ int http_enter_sendmsg(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_enter_sendfile64")
 int http_enter_sendfile(struct trace_event_raw_sys_enter *ctx)
 {
-	return sys_enter(ARG(0), 0, 0, HTTP_OP_SENDFILE);
+	sys_enter(ARG(0), 0, 0, HTTP_OP_SENDFILE);
+	return 0;
+}
+
+/* splice() into a socket sends body bytes (like sendfile); out of one, receives them. */
+SEC("tracepoint/syscalls/sys_enter_splice")
+int http_enter_splice(struct trace_event_raw_sys_enter *ctx)
+{
+	if (!sys_enter(ARG(2), 0, 0, HTTP_OP_SENDFILE))
+		sys_enter(ARG(0), 0, 0, OP_SPLICE_IN);
+	return 0;
 }
 
 #define EXIT_PROG(name)							\
@@ -441,6 +465,7 @@ EXIT_PROG(writev)
 EXIT_PROG(recvmsg)
 EXIT_PROG(sendmsg)
 EXIT_PROG(sendfile64)
+EXIT_PROG(splice)
 
 SEC("tracepoint/syscalls/sys_enter_close")
 int http_enter_close(struct trace_event_raw_sys_enter *ctx)

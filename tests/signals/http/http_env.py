@@ -102,7 +102,7 @@ class Nginx:
 
 
 PY_SERVER = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class H(BaseHTTPRequestHandler):
@@ -125,6 +125,19 @@ PY_SERVER = textwrap.dedent("""
                     self.wfile.flush()
                 self.wfile.write(b"0\\r\\n\\r\\n")
                 return
+            if self.path == "/spliced":  # the body by splice(), from a pipe
+                body = b"s" * 5000
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                r, w = os.pipe()
+                os.write(w, body)
+                left = len(body)
+                while left:
+                    left -= os.splice(r, self.connection.fileno(), left)
+                os.close(r)
+                os.close(w)
+                return
             body = b"ok\\n"
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
@@ -138,7 +151,8 @@ PY_SERVER = textwrap.dedent("""
 
 
 class PyServer:
-    """Debian python3's http.server: /sleep/<ms>, /chunked, else 200."""
+    """Debian python3's http.server: /sleep/<ms>, /chunked, /spliced (body by splice),
+    else 200."""
 
     def __init__(self, topo, ns: str, ip: str, port: int = PY_PORT):
         self.topo, self.ns, self.ip, self.port = topo, ns, ip, port

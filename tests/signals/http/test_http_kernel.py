@@ -118,8 +118,10 @@ def test_scripted_requests_one_span_per_side(web, scheme: str) -> None:
     port = HTTP_PORT if scheme == "http" else HTTPS_PORT
     base = f"{scheme}://{topo.b_ip4}:{port}"
     # curl: keep-alive over one connection, HEAD, POST, chunked upload, traceparent.
+    # big.bin's body goes by sendfile (plaintext): the request after it on the same
+    # connection is found only if those bytes are counted.
     c1, r1 = curl(topo, topo.a, [f"{base}/ok.txt", f"{base}/missing", f"{base}/error",
-                                 f"{base}/big.bin"])
+                                 f"{base}/big.bin", f"{base}/ok.txt"])
     c2, r2 = curl(topo, topo.a, [f"{base}/ok.txt"], "-I")
     c3, r3 = curl(topo, topo.a, [f"{base}/echo"], "-d", "a=1")
     c4, r4 = curl(topo, topo.a, [f"{base}/echo"], "-H", "Transfer-Encoding: chunked",
@@ -129,7 +131,8 @@ def test_scripted_requests_one_span_per_side(web, scheme: str) -> None:
     p1, rp = run_client(topo, topo.a, PY_CLIENT, topo.b_ip4, str(port), scheme)
     pids = {c1, c2, c3, c4, c5, p1}
     expected = [("GET", "/ok.txt", 200), ("GET", "/missing", 404), ("GET", "/error", 500),
-                ("GET", "/big.bin", 200), ("HEAD", "/ok.txt", 200), ("POST", "/echo", 200),
+                ("GET", "/big.bin", 200), ("GET", "/ok.txt", 200), ("HEAD", "/ok.txt", 200),
+                ("POST", "/echo", 200),
                 ("POST", "/echo", 200), ("GET", "/ok.txt", 200)]
     seen = [r["code"] for r in r1 + r2 + r3 + r4 + r5]
     assert seen == [e[2] for e in expected], f"curl saw {seen}"
@@ -171,7 +174,8 @@ def test_scripted_requests_one_span_per_side(web, scheme: str) -> None:
     for pid, results in ((c1, r1), (c2, r2), (c3, r3), (c4, r4), (c5, r5)):
         for r in results:
             path = "/" + r["url"].split("/", 3)[3]
-            by_pid_path[(pid, path)] = r["time"]
+            key = (pid, path)  # a path asked twice: the longer time bounds both
+            by_pid_path[key] = max(by_pid_path.get(key, 0.0), r["time"])
     for s in client:
         a = s["attributes"]
         dur = (s["end_ns"] - s["start_ns"]) / 1e9
@@ -218,16 +222,16 @@ def test_server_sleep_and_chunked(web) -> None:
     topo, _ngx, py, rx, _agent = web
     base = f"http://{topo.b_ip4}:{PY_PORT}"
     sleep_ms = 400
-    c1, r1 = curl(topo, topo.a, [f"{base}/sleep/{sleep_ms}"] * 3 + [f"{base}/chunked",
-                                                                    f"{base}/after"])
-    assert [r["code"] for r in r1] == [200] * 5, r1
-    rx.wait_for(lambda: len([s for s in ours(rx, {py.pid}, PY_PORT)
-                             if s["kind"] == "SERVER"]) >= 5 and
-                len(ours(rx, {c1}, PY_PORT)) >= 5, what="5 spans per side")
+    # /spliced sends its body with splice(): unless those bytes are counted, the
+    # next response on the connection would be taken for the rest of that body.
+    c1, r1 = curl(topo, topo.a, [f"{base}/sleep/{sleep_ms}"] * 3 + [
+        f"{base}/chunked", f"{base}/spliced", f"{base}/after"])
+    assert [r["code"] for r in r1] == [200] * 6, r1
+    settle(topo, rx, HTTP_PORT)
     server = [s for s in ours(rx, {py.pid}, PY_PORT) if s["kind"] == "SERVER"]
     client = ours(rx, {c1}, PY_PORT)
-    want = sorted([("GET", f"/sleep/{sleep_ms}", 200)] * 3 + [("GET", "/chunked", 200),
-                                                              ("GET", "/after", 200)])
+    want = sorted([("GET", f"/sleep/{sleep_ms}", 200)] * 3 + [
+        ("GET", "/chunked", 200), ("GET", "/spliced", 200), ("GET", "/after", 200)])
     assert triples(server) == want and triples(client) == want
     # The server's own clock says how long each sleep really took (a loaded machine
     # wakes it late); the span covers that sleep and must be within 10 % of it.
