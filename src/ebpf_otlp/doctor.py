@@ -36,7 +36,8 @@ TRACEPOINTS = {
             "tcp/tcp_receive_reset"],
     "drops": ["skb/kfree_skb"],
     "http": [f"syscalls/sys_{e}_{c}" for c in ("read", "write", "readv", "writev", "recvfrom",
-                                                "sendto", "recvmsg", "sendmsg", "sendfile64")
+                                                "sendto", "recvmsg", "sendmsg", "sendfile64",
+                                                "splice")
              for e in ("enter", "exit")] + ["syscalls/sys_enter_close"],
 }
 SIGNAL_NEEDS = {
