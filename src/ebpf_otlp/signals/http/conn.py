@@ -35,7 +35,7 @@ from .parse import (
 IN, OUT = 0, 1
 SERVER, CLIENT = 2, 3
 MAX_PENDING = 64  # requests waiting for responses on one connection (pipelining depth)
-MAX_HEAD = 16384  # bytes of one head gathered across calls
+MAX_HEAD = 8192  # bytes of one head gathered across calls; past it only the first line is kept
 CHUNK_END = b"0\r\n\r\n"
 UNTIL_CLOSE = -2
 CHUNKED = -1

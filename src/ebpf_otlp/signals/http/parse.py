@@ -124,6 +124,7 @@ def _headers(head: Head, data: bytes, capture: frozenset[str]) -> None:
 # changed after parsing, so sharing them is safe.
 _CACHE: dict[tuple[bytes, int, frozenset[str]], Head] = {}
 CACHE_SIZE = 4096
+CACHE_HEAD_MAX = 2048  # larger heads are parsed each time: the cache stays under ~8 MB
 
 
 def parse_head(data: bytes, kind: int, capture: frozenset[str] = frozenset()) -> Head:
@@ -131,7 +132,7 @@ def parse_head(data: bytes, kind: int, capture: frozenset[str] = frozenset()) ->
     or be cut short). Raises :class:`ParseError` when it is not HTTP/1.x or the
     first line is not complete."""
     end = data.find(HEAD_END)
-    if end >= 0:
+    if 0 <= end < CACHE_HEAD_MAX:
         data = data[:end + 4]
         key = (data, kind, capture)
         head = _CACHE.get(key)
@@ -141,6 +142,8 @@ def parse_head(data: bytes, kind: int, capture: frozenset[str] = frozenset()) ->
                 _CACHE.clear()
             _CACHE[key] = head
         return head
+    if end >= 0:
+        data = data[:end + 4]
     return _parse(data, kind, capture, end)
 
 
