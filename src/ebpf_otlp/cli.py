@@ -92,6 +92,8 @@ def main() -> None:
 @click.option("--http-route-pattern", "http_route_patterns", multiple=True, metavar="REGEX",
               help="Path segments matching REGEX become * in routes (repeatable), besides "
                    "numbers, UUIDs and hex ids.")
+@click.option("--http-tls/--no-http-tls", default=None,
+              help="Trace TLS through uprobes on the SSL library [on].")
 @click.option("--tls-lib", "tls_libs", multiple=True, metavar="PATH",
               help="Binary linking OpenSSL statically to trace TLS in (repeatable); "
                    "libssl.so files that processes map are found by themselves.")

@@ -65,6 +65,7 @@ class AgentConfig:
     http_route_patterns: tuple[str, ...] = ()
     http_max_conns: int = 16384
     http_idle_s: float = 300.0
+    http_tls: bool = True  # SSL uprobes (each hit costs tens of us here: bench/http_load.py)
     tls_libs: tuple[str, ...] = ()
     tls_scan_interval_s: float = 2.0
     # drops

@@ -440,3 +440,17 @@ def test_tls_lib_flag_traces_a_statically_linked_binary(static_client) -> None:
                                   if s["attributes"]["url.path"] == "/missing"],
                          what="nginx's span")
     assert triples(server) == [("GET", "/missing", 404)]
+
+
+def test_no_http_tls_leaves_tls_alone(topo) -> None:
+    """--no-http-tls: no SSL uprobes, plaintext still traced."""
+    require(Path("/usr/sbin/nginx").exists(), "nginx not installed (Debian nginx-light)")
+    with Nginx(topo, topo.b, topo.b_ip4) as ngx, ReceiverProc(topo, topo.a) as rx, \
+            AgentProc(topo, topo.a, rx, "--signals", "http", "--no-http-tls"):
+        c1, r1 = curl(topo, topo.a, [f"https://{topo.b_ip4}:{HTTPS_PORT}/ok.txt"])
+        assert [r["code"] for r in r1] == [200]
+        settle(topo, rx, HTTP_PORT)
+        assert not ours(rx, {c1, ngx.pid}, HTTPS_PORT)
+        pts = rx.wait_for(lambda: rx.metrics("ebpf_otlp.http.tls.libraries"),
+                          what="TLS library gauge")
+        assert {p["value"] for p in pts} == {0}

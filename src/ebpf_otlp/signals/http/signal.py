@@ -103,8 +103,11 @@ class HttpSignal(Signal):
                 prog.attach()
         self._ring = RingBuffer(obj.maps["http_events"], event_dtype(cfg.http_head_bytes),
                                 on_batch=self.on_batch, lost_map=obj.maps["http_events_lost"])
-        self.tls = TlsAttacher(obj, cfg.tls_libs, cfg.tls_scan_interval_s)
-        self.tls.start()
+        if cfg.http_tls:
+            self.tls = TlsAttacher(obj, cfg.tls_libs, cfg.tls_scan_interval_s)
+            self.tls.start()
+        elif cfg.tls_libs:
+            raise ConfigError("--tls-lib needs TLS tracing (drop --no-http-tls)")
 
     def rings(self) -> list[RingBuffer]:
         return [self._ring] if self._ring is not None else []
