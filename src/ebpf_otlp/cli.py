@@ -285,7 +285,8 @@ def hubble(server: str | None, file: str | None, tls: bool,
 
 # --- live views -------------------------------------------------------------------------
 _FILTERS = (
-    ("--signal", "signal", "SIGNAL", "Only these signals: tcp, dns, drops, flows."),
+    ("--signal", "signal", "SIGNAL", "Only these signals: tcp, dns, drops, flows, http "
+     "(flows and http only when named)."),
     ("--ip", "ip", "CIDR", "Either end in this network."),
     ("--from-ip", "from_ip", "CIDR", "Source (client) in this network."),
     ("--to-ip", "to_ip", "CIDR", "Destination (server) in this network."),
@@ -396,12 +397,12 @@ def _run_view(fn, *args: object) -> None:  # noqa: ANN001
               help="Stop after this long [until Ctrl-C].")
 def observe(ifaces: tuple[str, ...], interval: float, verbose: int, fmt: str, flows: bool,
             flows_top: int, duration: float | None, **filters: tuple[str, ...]) -> None:
-    """One line per event (TCP, DNS, drops; flows per interval), as it happens."""
-    from .signals import available
-
-    want = ("tcp", "dns", "drops") + (("flows",) if flows or any(
-        "flows" in v for v in filters["signal"]) else ()) + (
-        ("http",) if "http" in available() else ())
+    """One line per event (TCP, DNS, drops; HTTP, and flows per interval, when asked)."""
+    asked = {s.strip() for v in filters["signal"] for s in v.split(",")}
+    # flows and HTTP only when asked for, as for `run` (HTTP traces every
+    # process's socket reads and writes while it runs)
+    want = ("tcp", "dns", "drops") + (("flows",) if flows or "flows" in asked else ()) + (
+        ("http",) if "http" in asked else ())
     # RTT samples feed top's table; observe prints the RTT on each close line
     session = _view_session(ifaces, interval, verbose, filters, want, rtt=False)
     from .views.observe import run_observe
