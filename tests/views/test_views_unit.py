@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from ebpf_otlp.views.events import SIGNALS
 from ebpf_otlp.views.filters import FilterError, parse
 from ebpf_otlp.views.observe import Printer, json_line, line
 from ebpf_otlp.views.tables import TopState, rate
@@ -87,7 +88,7 @@ def test_bad_filters_are_refused_with_the_flag_named(kw, message) -> None:
 def test_filters_imply_the_signals_they_can_match() -> None:
     assert parse(dns_name=["x"]).implied_signals() == {"dns"}
     assert parse(drop_reason=["NO_SOCKET"]).implied_signals() == {"drops"}
-    assert parse(pid=["1"]).implied_signals() == {"tcp"}
+    assert parse(pid=["1"]).implied_signals() == {"tcp", "http"} & set(SIGNALS)
     assert parse(signals=["dns"], pid=["1"]).implied_signals() == set()
 
 
