@@ -20,7 +20,7 @@ struct drop_key {
 	__u32 reason;    /* enum skb_drop_reason value */
 	__u32 ifindex;   /* skb->dev, else skb->skb_iif; 0 unknown */
 	__u64 location;  /* kernel text address of the drop; 0 unless asked for */
-	__u8 saddr[16];  /* IPv4 in the first 4 bytes */
+	__u8 saddr[16];  /* IPv4-mapped for IPv4 (::ffff:a.b.c.d) */
 	__u8 daddr[16];
 	__u16 sport;     /* host order; 0 when not TCP/UDP/SCTP */
 	__u16 dport;

@@ -27,15 +27,14 @@ struct flow_key {
 	__u8 pad[3];
 };
 
-/* Per-CPU slot of one flow. */
+/* One flow's counters (one slot per CPU in the -DFLOWS_PERCPU variant). */
 struct flow_value {
 	__u64 packets;		/* skbs (TC) or frames (XDP) */
 	__u64 bytes;		/* skb->len / frame length, L2 header included */
 	__u64 segments;		/* wire segments: skb gso_segs, at least 1 per packet */
-	__u64 first_ns;		/* CLOCK_MONOTONIC (coarse: tick resolution) of the first packet on this CPU */
+	__u64 first_ns;		/* CLOCK_MONOTONIC (coarse: tick resolution) of the first packet */
 	__u64 last_ns;		/* ... and of the last one */
-	__u16 tcp_flags;	/* OR of the TCP flags byte (FIN 0x01 ... CWR 0x80) */
-	__u8 pad[6];
+	__u64 tcp_flags;	/* OR of the TCP flags byte (FIN 0x01 ... CWR 0x80); 64 bits: atomic OR */
 };
 
 /* Overflow counters, per (ifindex, direction); slot ifindex 0 catches

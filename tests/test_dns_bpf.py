@@ -98,7 +98,7 @@ def prog():
 def addr(a: str) -> bytes:
     if ":" in a:
         return socket.inet_pton(socket.AF_INET6, a)
-    return socket.inet_aton(a) + b"\0" * 12
+    return b"\0" * 10 + b"\xff\xff" + socket.inet_aton(a)  # IPv4-mapped (bpf/pkt.bpf.h)
 
 
 def check(r: np.ndarray, *, src: str, dst: str, sport: int, dport: int, proto: int,

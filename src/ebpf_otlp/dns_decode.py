@@ -301,7 +301,7 @@ class AddressCache:
         s = self._cache.get(raw)
         if s is None:
             if family == 4:
-                s = socket.inet_ntop(socket.AF_INET, raw[:4])
+                s = socket.inet_ntop(socket.AF_INET, raw[12:16])  # IPv4-mapped
             else:
                 s = socket.inet_ntop(socket.AF_INET6, raw)
             if len(self._cache) >= self.size:

@@ -41,7 +41,7 @@ def own_netns() -> int:
 
 def _address(raw: np.ndarray, family: int) -> str:
     if family == 4:
-        return socket.inet_ntop(socket.AF_INET, raw[:4].tobytes())
+        return socket.inet_ntop(socket.AF_INET, raw[12:16].tobytes())  # IPv4-mapped
     return socket.inet_ntop(socket.AF_INET6, raw.tobytes())
 
 
