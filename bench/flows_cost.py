@@ -120,7 +120,7 @@ def synthetic(n: int, seed: int = 1):
     counts = np.stack([rng.integers(1, 1000, n)] * 3, axis=1).astype(np.uint64)
     counts[:, 1] *= 1000
     z = np.zeros(n, np.uint64)
-    return agg.Drained(keys, counts, np.zeros(n, np.uint16), z, z)
+    return agg.Drained(keys, counts, np.zeros(n, np.uint16), z)
 
 
 def export_direct(d, url: str) -> dict[str, float]:

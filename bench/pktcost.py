@@ -134,8 +134,69 @@ def packet_programs(res: Result, quick: bool) -> None:
             res.note("dns: not built yet (src/ebpf_otlp/bpf/dns.bpf.o missing)")
         else:
             dns_programs(res, empty_tc, quick)
+        if not (OBJ_DIR / "packet.bpf.o").exists():
+            res.note("packet: not built yet (src/ebpf_otlp/bpf/packet.bpf.o missing)")
+        else:
+            packet_object(res, empty_tc, quick)
     finally:
         base.close()
+
+
+TARGET_ONE_PARSE_NS = 60.0
+
+
+def build_percpu_packet() -> str:
+    """packet.bpf.c with per-CPU flow tables (-DFLOWS_PERCPU), for comparison."""
+    clang = shutil.which("clang-19") or shutil.which("clang")
+    if not clang:
+        raise RuntimeError("clang not installed")
+    WORK.mkdir(parents=True, exist_ok=True)
+    out = WORK / "packet_percpu.bpf.o"
+    cmd = [clang, "-g", "-O2", "-target", "bpf", "-D__TARGET_ARCH_x86", "-DFLOWS_PERCPU",
+           "-I", str(REPO / "bpf"), "-I", str(REPO / "vmlinux" / "x86"),
+           "-c", str(REPO / "bpf" / "packet.bpf.c"), "-o", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"compiling the per-CPU packet variant failed: {r.stderr}")
+    return str(out)
+
+
+def _packet(flows: bool, dns: bool, path: str | None = None) -> object:
+    from ebpf_otlp.bpfobj import BpfObject
+
+    obj = BpfObject.open_file(path, "packet") if path else BpfObject.open_packaged("packet")
+    obj.only_programs(["packet_tc_ingress", "packet_tc_egress", "packet_xdp_ingress"])
+    obj.rodata["flows_on"] = int(flows)
+    obj.rodata["dns_on"] = int(dns)
+    obj.rodata["ringbuf_wakeup_bytes"] = 64 << 10  # the agent's default policy
+    obj.load()
+    return obj
+
+
+def packet_object(res: Result, empty_tc: object, quick: bool) -> None:
+    """The one-parse program (bpf/packet.bpf.c) per signal combination, and the
+    flow table shared with atomic adds against per-CPU tables."""
+    repeat = 20_000 if quick else 1_000_000
+    trials = 1 if quick else 5
+    frame = FRAMES["ipv4 tcp 100B"]
+    cases = [("flows+dns", True, True, None), ("flows only", True, False, None),
+             ("dns only", False, True, None), ("all off", False, False, None)]
+    try:
+        cases.append(("flows+dns, per-CPU flow tables", True, True, build_percpu_packet()))
+    except RuntimeError as e:
+        res.note(str(e))
+    for label, flows, dns, path in cases:
+        obj = _packet(flows, dns, path)
+        try:
+            for direction in ("ingress", "egress"):
+                ns, b, d = _interleaved(obj.programs[f"packet_tc_{direction}"], empty_tc, frame,
+                                        repeat, trials)
+                target = TARGET_ONE_PARSE_NS if label == "flows+dns" else None
+                _added(res, f"packet TC {direction} ({label}), ipv4 tcp 100B, flow-table hit",
+                       ns, b, d, "empty TC program", target,
+                       note="one parse for both signals (bpf/packet.bpf.c)")
+        finally:
+            obj.close()
 
 
 def dns_programs(res: Result, empty_tc: object, quick: bool) -> None:

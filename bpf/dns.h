@@ -12,6 +12,7 @@
 /* How many ports the programs compare against (rodata `dns_ports`). */
 #define DNS_MAX_PORTS 8
 
+/* Same values as FLOW_DIR_RECEIVE / FLOW_DIR_TRANSMIT (packet.bpf.c). */
 #define DNS_DIR_INGRESS 0
 #define DNS_DIR_EGRESS 1
 

@@ -55,10 +55,18 @@ struct {
 	__type(value, struct flow_ovf_value);
 } flows_overflow SEC(".maps");
 
-static __always_inline void flows_count_overflow(__u32 ifindex, __u8 dir, __u64 bytes,
-						 __u64 segs, bool full)
+/* Per-CPU front slots of both tables (flows.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2 * FLOWS_FRONT_SLOTS);
+	__type(key, __u32);
+	__type(value, struct flow_front);
+} flows_front SEC(".maps");
+
+static __always_inline void flows_count_overflow(const struct flow_key *key,
+						 const struct flow_value *val, bool full)
 {
-	struct flow_ovf_key k = { .ifindex = ifindex, .direction = dir };
+	struct flow_ovf_key k = { .ifindex = key->ifindex, .direction = key->direction };
 	struct flow_ovf_value *o = bpf_map_lookup_elem(&flows_overflow, &k);
 
 	if (!o) {
@@ -67,64 +75,70 @@ static __always_inline void flows_count_overflow(__u32 ifindex, __u8 dir, __u64 
 		if (!o)
 			return;
 	}
-	__sync_fetch_and_add(&o->packets, 1);
-	__sync_fetch_and_add(&o->bytes, bytes);
-	__sync_fetch_and_add(&o->segments, segs);
+	__sync_fetch_and_add(&o->packets, val->packets);
+	__sync_fetch_and_add(&o->bytes, val->bytes);
+	__sync_fetch_and_add(&o->segments, val->segments);
 	if (full)
 		__sync_fetch_and_add(&o->table_full, 1);
 	else
 		__sync_fetch_and_add(&o->errors, 1);
 }
 
-static __always_inline void flows_add(void *table, struct flow_key *key, __u64 bytes,
-				      __u64 segs, __u64 tcp_flags)
+/* Add `val` (one or more packets of one flow) to the shared table. */
+static __always_inline void flows_spill(void *table, const struct flow_key *key,
+					const struct flow_value *val)
 {
 	struct flow_value *v = bpf_map_lookup_elem(table, key);
-	/* The coarse clock (tick resolution, same CLOCK_MONOTONIC base) costs a
-	 * fraction of bpf_ktime_get_ns here (~30 ns less per packet in a VM);
-	 * first/last seen do not need better than a few ms. */
-	__u64 now = bpf_ktime_get_coarse_ns();
 	long err;
 
 	if (!v) {
-		struct flow_value init = {
-			.packets = 1, .bytes = bytes, .segments = segs,
-			.first_ns = now, .last_ns = now, .tcp_flags = tcp_flags,
-		};
+		/* The coarse clock (tick resolution, same CLOCK_MONOTONIC base) costs
+		 * a fraction of bpf_ktime_get_ns here (~30 ns less in a VM); first
+		 * seen does not need better than a few ms. Read on inserts only. */
+		struct flow_value init = *val;
 
+		init.first_ns = bpf_ktime_get_coarse_ns();
 		err = bpf_map_update_elem(table, key, &init, BPF_NOEXIST);
 		if (!err)
 			return;
 		/* EEXIST: another CPU inserted the flow first; add to it. */
 		if (err != -17 || !(v = bpf_map_lookup_elem(table, key))) {
-			flows_count_overflow(key->ifindex, key->direction, bytes, segs,
-					     err == -7 /* E2BIG: table full */);
+			flows_count_overflow(key, val, err == -7 /* E2BIG: table full */);
 			return;
 		}
 		if (!v->first_ns)
-			v->first_ns = now;	/* per-CPU slot of another CPU's flow */
+			v->first_ns = init.first_ns;	/* per-CPU slot of another CPU's flow */
 	}
-	FLOWS_ADD(&v->packets, 1);
-	FLOWS_ADD(&v->bytes, bytes);
-	FLOWS_ADD(&v->segments, segs);
-	/* A plain store: any recent time will do when CPUs race. */
-	if (v->last_ns != now)
-		v->last_ns = now;
+	FLOWS_ADD(&v->packets, val->packets);
+	FLOWS_ADD(&v->bytes, val->bytes);
+	FLOWS_ADD(&v->segments, val->segments);
 	/* Flags change a few times per connection: write only new bits. */
-	if ((v->tcp_flags & tcp_flags) != tcp_flags) {
+	if ((v->tcp_flags & val->tcp_flags) != val->tcp_flags) {
 #ifdef FLOWS_PERCPU
-		v->tcp_flags |= tcp_flags;
+		v->tcp_flags |= val->tcp_flags;
 #else
-		__sync_fetch_and_or(&v->tcp_flags, tcp_flags);
+		__sync_fetch_and_or(&v->tcp_flags, val->tcp_flags);
 #endif
 	}
+}
+
+/* Both keys 8-byte aligned (the program's own on the stack: declared so). */
+static __always_inline bool flows_key_eq(const struct flow_key *a, const struct flow_key *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+
+	return !((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) |
+		 (x[4] ^ y[4]) | (x[5] ^ y[5]));
 }
 
 /* Count one packet already parsed into `p`. */
 static __always_inline void flows_account(const struct pkt *p, __u32 ifindex, __u8 dir,
 					  __u64 bytes, __u64 segs)
 {
-	struct flow_key key;
+	struct flow_key key __attribute__((aligned(8)));
+	struct flow_front *f;
+	__u32 table = flows_active & 1, slot;
+	void *map = table ? (void *)&flows_b : (void *)&flows_a;
 
 	__builtin_memset(&key, 0, sizeof(key));
 	__builtin_memcpy(key.saddr, p->saddr, 16);
@@ -136,10 +150,33 @@ static __always_inline void flows_account(const struct pkt *p, __u32 ifindex, __
 	key.proto = p->proto;
 	key.direction = dir;
 	key.l3 = p->family != 0;
-	if (flows_active)
-		flows_add(&flows_b, &key, bytes, segs, p->tcp_flags);
-	else
-		flows_add(&flows_a, &key, bytes, segs, p->tcp_flags);
+
+	slot = (key.sport ^ key.dport ^ ifindex ^ dir ^ key.saddr[15] ^ key.daddr[15]) &
+	       (FLOWS_FRONT_SLOTS - 1);
+	slot += table * FLOWS_FRONT_SLOTS;
+	f = bpf_map_lookup_elem(&flows_front, &slot);
+	if (!f) {	/* cannot happen (array index in range); count in the table */
+		struct flow_value one = { .packets = 1, .bytes = bytes, .segments = segs,
+					  .tcp_flags = p->tcp_flags };
+
+		flows_spill(map, &key, &one);
+		return;
+	}
+	if (f->value.packets && flows_key_eq(&f->key, &key)) {
+		f->value.packets += 1;
+		f->value.bytes += bytes;
+		f->value.segments += segs;
+		f->value.tcp_flags |= p->tcp_flags;
+		return;
+	}
+	if (f->value.packets)
+		flows_spill(map, &f->key, &f->value);
+	f->key = key;
+	f->value.packets = 1;
+	f->value.bytes = bytes;
+	f->value.segments = segs;
+	f->value.first_ns = 0;
+	f->value.tcp_flags = p->tcp_flags;
 }
 
 /* skb length and wire segments (gso_segs, at least 1) of a TC packet. */

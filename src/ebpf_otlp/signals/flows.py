@@ -164,6 +164,9 @@ class FlowsSignal(Signal):
 
     def _drain(self, m: Map) -> agg.Drained:
         keys, vals = m.drain()
+        if m.ncpus == 1 and "flows_front" in self.obj.maps:
+            fk, fv = agg.drain_front(self.obj.maps["flows_front"], TABLES.index(m.name))
+            keys, vals = np.concatenate([keys, fk]), np.concatenate([vals, fv])
         self.drains += 1
         self.last_entries = len(keys)
         self.flows_drained += len(keys)
