@@ -52,10 +52,12 @@ TIMEOUT = "timeout"
 TRANSPORT = {6: "tcp", 17: "udp"}
 NET_TYPE = {4: "ipv4", 6: "ipv6"}
 EXPIRE_EVERY_NS = 100_000_000  # timeouts are checked at least this often under traffic
-# DNS records are ~330 bytes (default head) and floods come in bursts: 16 MiB
-# hold ~50,000 messages, over a second at 20,000 queries/s, so a consumer that
-# a busy host does not schedule for a while still loses nothing.
-MIN_RING_BYTES = 16 << 20
+# DNS records are ~330 bytes (default head) and floods come in bursts: 8 MiB
+# hold ~25,000 messages, over half a second at 20,000 queries/s, so a consumer
+# that a busy host does not schedule for a while still loses nothing
+# (bench/dns_flood.py). 16 MiB took the default agent past 64 MiB of kernel
+# memory (README "Kernel memory").
+MIN_RING_BYTES = 8 << 20
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 
 
