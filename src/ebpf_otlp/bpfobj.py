@@ -125,6 +125,14 @@ class Program:
         self._obj._tc_filters.append(filt)
         return filt
 
+    def attach_tcx(self, ifindex: int, direction: str) -> object:
+        """Attach through a TCX link (6.6+), after the programs already there."""
+        from .tcx import attach
+
+        link = attach(self.fd, ifindex, direction, self.name)
+        self._obj._links.append(link)
+        return link
+
     def attach_cgroup(self, path: str = "/sys/fs/cgroup/unified") -> Link:
         """Attach (sock_ops, cgroup_skb ...) to the cgroup v2 directory ``path``."""
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
