@@ -8,6 +8,11 @@
  * (before 5.17): user space names it UNKNOWN. */
 #define DROP_REASON_UNKNOWN 0xFFFFFFFF
 
+/* The in-kernel reason filter (rodata `reason_bits`): one bit per enum
+ * skb_drop_reason value, 64 per word; values past the last word never pass
+ * when the filter is on. */
+#define DROP_REASON_WORDS 8
+
 /* Slots of the per-CPU `drop_stats` array. */
 #define DROP_STAT_TABLE_FULL 0     /* drops that found the flow table full */
 #define DROP_STAT_OVERFLOW_LOST 1  /* ... and whose reason the overflow table could not hold */
