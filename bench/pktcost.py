@@ -134,6 +134,7 @@ def packet_programs(res: Result, quick: bool) -> None:
             res.note("dns: not built yet (src/ebpf_otlp/bpf/dns.bpf.o missing)")
         else:
             dns_programs(res, empty_tc, quick)
+        stats_cost(res, empty_tc, quick)
         if not (OBJ_DIR / "packet.bpf.o").exists():
             res.note("packet: not built yet (src/ebpf_otlp/bpf/packet.bpf.o missing)")
         else:
@@ -143,6 +144,32 @@ def packet_programs(res: Result, quick: bool) -> None:
 
 
 TARGET_ONE_PARSE_NS = 60.0
+
+
+def stats_cost(res: Result, empty_tc: object, quick: bool) -> None:
+    """What kernel BPF run-time statistics add to every run of every program on
+    the host: the empty TC program with them on (an enable_stats fd held open)
+    against off. Another process holding them on meanwhile hides the difference."""
+    from ebpf_otlp.libbpf import lib
+
+    repeat = 20_000 if quick else 1_000_000
+    frame = FRAMES["ipv4 tcp 100B"]
+    on, off = [], []
+    for _ in range(1 if quick else 5):
+        off.append(_test_run_ns(empty_tc, frame, repeat))
+        fd = lib.bpf_enable_stats(0)
+        if fd < 0:
+            res.note("BPF run-time statistics unavailable: their cost not measured")
+            return
+        try:
+            on.append(_test_run_ns(empty_tc, frame, repeat))
+        finally:
+            os.close(fd)
+    a, b = median(on), median(off)
+    _added(res, "BPF run-time statistics on (any program, per run)", a, b,
+           median([x - y for x, y in zip(on, off)]), "statistics off",
+           note="host-wide while any process holds them on: the agent enables them only "
+                "with --bpf-stats")
 
 
 def build_percpu_packet() -> str:

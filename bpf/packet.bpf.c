@@ -20,6 +20,9 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 const volatile __u8 flows_on = 1;
 const volatile __u8 dns_on = 1;
 const volatile __u8 hook_count_on = 0;
+/* 0 when XDP does the ingress flow accounting (packet_xdp_ingress) and the TC
+ * ingress program is there for DNS only. */
+const volatile __u8 flows_tc_ingress = 1;
 
 /*
  * Packets seen per hook, keyed HOOK_KEY(ifindex, direction): the proof that
@@ -52,10 +55,10 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, const bool l3
 
 	if (hook_count_on)
 		hook_count(skb->ifindex, dir);
-	if (!flows_on && !dns_on)
+	if (!(flows_on && (dir == FLOW_DIR_TRANSMIT || flows_tc_ingress)) && !dns_on)
 		return TC_ACT_UNSPEC;
 	pkt_parse_skb(skb, l3, &p);
-	if (flows_on)
+	if (flows_on && (dir == FLOW_DIR_TRANSMIT || flows_tc_ingress))
 		flows_account(&p, skb->ifindex, dir, skb->len, flows_skb_segs(skb));
 	if (dns_on)
 		dns_capture(skb, &p, dir);
