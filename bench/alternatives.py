@@ -117,7 +117,7 @@ class Bpftrace:
 
 
 def run(quick: bool = False) -> Result:
-    from ebpf_otlp.libbpf import lib
+    from ebpf_otlp.platform.libbpf import lib
 
     res = Result(NAME, TITLE, command_for(NAME, quick))
     for p in PEERS:

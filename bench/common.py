@@ -120,7 +120,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     try:
-        from ebpf_otlp import libbpf
+        from ebpf_otlp.platform import libbpf
 
         libbpf_version = libbpf.version()
     except Exception as e:  # the description must not fail the run

@@ -161,7 +161,7 @@ def sdk_vs_batch_spans_per_s(n: int = 3000) -> tuple[float, float]:
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
     from opentelemetry.trace import SpanKind
 
-    from ebpf_otlp.dns_spans import SpanEncoder
+    from ebpf_otlp.otlp.spans import SpanEncoder
 
     class Encode(SpanExporter):
         def export(self, spans):

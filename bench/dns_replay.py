@@ -59,7 +59,7 @@ def _produce(qfd: int, afd: int, rate: float, seconds: float, wfd: int) -> None:
     One prepared ``bpf_test_run_opts`` per frame, so a run is one cffi call
     (the producer's own cost must not cap the rate it offers).
     """
-    from ebpf_otlp.libbpf import ffi, lib
+    from ebpf_otlp.platform.libbpf import ffi, lib
 
     keep = []
 
@@ -92,9 +92,9 @@ def _produce(qfd: int, afd: int, rate: float, seconds: float, wfd: int) -> None:
 
 def run(quick: bool) -> Result:
     from ebpf_otlp.config import AgentConfig
-    from ebpf_otlp.ringbuf import RingPoller
+    from ebpf_otlp.otlp import Exporter
+    from ebpf_otlp.platform.ringbuf import RingPoller
     from ebpf_otlp.signals.dns import DnsSignal
-    from ebpf_otlp.telemetry import Telemetry
 
     res = Result(NAME, TITLE, command_for(NAME, quick))
     rates = [10000, 20000] if quick else [10000, 20000, 30000, 40000, 50000, 60000]
@@ -110,7 +110,7 @@ def run(quick: bool) -> Result:
     os.environ["OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE"] = "delta"
     cfg = AgentConfig(ifaces=[], signals=("dns",), endpoint=f"http://127.0.0.1:{port}",
                       interval_s=1.0, dns_timeout_s=1.0)
-    tel = Telemetry(cfg)
+    tel = Exporter(cfg.export_settings(), cfg.interval_s, cfg.cardinality_limit)
     sig = DnsSignal(cfg, tel)
     stop = threading.Event()
     steps, best, totals = [], None, {}
@@ -124,18 +124,20 @@ def run(quick: bool) -> Result:
         def poll_loop():  # what the agent's ring-poller thread does
             while not stop.is_set():
                 poller.poll(cfg.poll_interval_ms)
+                sig.tick()
 
         def export_loop():  # what the agent's export loop does
             while not stop.wait(cfg.interval_s):
                 sig.collect()
-                tel.export_metrics()
+                sig.export()
+                tel.export()
 
         threads = [threading.Thread(target=f, daemon=True) for f in (poll_loop, export_loop)]
         for t in threads:
             t.start()
         for rate in rates:
-            lost0, exp0, drop0 = (sig.rings()[0].lost(), sig.spans.exported,
-                                  sum(sig.spans.dropped.values()))
+            lost0, exp0, drop0 = (sig.rings()[0].lost(), tel.spans.exported,
+                                  sum(tel.spans.dropped.values()))
             r, w = os.pipe()
             cpu0 = time.process_time()
             pid = os.fork()
@@ -150,13 +152,13 @@ def run(quick: bool) -> Result:
             g = json.loads(os.read(r, 4096) or b"{}")
             os.close(r)
             busy = time.process_time() - cpu0
-            wait_until(lambda e=exp0, g=g: sig.spans.exported - e >= g.get("sent", 0), 20, 0.2)
+            wait_until(lambda e=exp0, g=g: tel.spans.exported - e >= g.get("sent", 0), 20, 0.2)
             cpu = time.process_time() - cpu0
             step = {"rate": rate, "sent": g.get("sent", 0),
                     "achieved_rate": round(g.get("sent", 0) / max(g.get("elapsed", 1), 1e-9)),
                     "ring_lost": sig.rings()[0].lost() - lost0,
-                    "spans_exported": sig.spans.exported - exp0,
-                    "spans_dropped": sum(sig.spans.dropped.values()) - drop0,
+                    "spans_exported": tel.spans.exported - exp0,
+                    "spans_dropped": sum(tel.spans.dropped.values()) - drop0,
                     "agent_cpu_pct": round(100 * cpu / g.get("elapsed", seconds), 1),
                     "agent_cpu_pct_during_flood": round(100 * busy / g.get("elapsed", seconds),
                                                         1),

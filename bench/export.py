@@ -3,14 +3,13 @@
 1. Flows, live: the real agent (``--signals flows``) on veth-a while a
    generator in namespace a keeps N distinct UDP flows alive, exporting
    every interval to a null OTLP sink (bench/nullrx.py, which counts the
-   data points it decodes). Direct path (the default) and SDK path
-   (``--flow-export sdk``) side by side: agent CPU per export and
-   peak RSS at 10,000 and 100,000 flows. The offline drain+encode+send time
-   per 100,000 flows is the ``flows_cost`` benchmark's.
+   data points it decodes): agent CPU per export and peak RSS at 10,000 and
+   100,000 flows. The SDK baseline (the same drained flows through SDK
+   counters) is the ``flows_cost`` benchmark's, measured offline.
 2. Spans: the highest rate sustained for a few seconds with nothing dropped
    (every span counted by the sink), for the SDK's BatchSpanProcessor with
    its defaults (the ceiling the issue quotes, ~5,000/s) and for ebpf-otlp's
-   batch span path (``dns_spans.SpanBatchExporter``) with DNS-shaped spans.
+   batch span path (``otlp.spans.SpanBatchExporter``) with DNS-shaped spans.
 """
 
 from __future__ import annotations
@@ -58,7 +57,7 @@ def live_flows(n: int, mode: str, seconds: float, interval: float) -> dict:
         try:
             agent = Agent(topo, topo.a, "--iface", topo.a_if, "--signals", "flows",
                           "--max-flows", str(max(65536, 2 * n)), "--interval", str(interval),
-                          "--flow-export", mode, "--endpoint", sink.endpoint,
+                          "--endpoint", sink.endpoint,
                           log_name=f"agent-flows-{mode}-{n}.log",
                           extra_env={"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE":
                                      "delta"}).__enter__()
@@ -95,7 +94,7 @@ def live_flows(n: int, mode: str, seconds: float, interval: float) -> dict:
 
 def flows_part(res: Result, quick: bool) -> None:
     sizes = [2_000] if quick else [10_000, 100_000]
-    modes = ["direct"] if quick else ["direct", "sdk"]
+    modes = ["direct"]
     interval = 2.0 if quick else 5.0
     seconds = 5.0 if quick else 15.0
     runs = {}
@@ -183,9 +182,12 @@ def sdk_spans(rate: float, seconds: float, endpoint: str) -> dict:
 
 
 def batch_spans(rate: float, seconds: float, endpoint: str) -> dict:
-    from ebpf_otlp.dns_spans import SpanBatchExporter
+    from ebpf_otlp.otlp.sender import OtlpSender
+    from ebpf_otlp.otlp.settings import ExportSettings
+    from ebpf_otlp.otlp.spans import SpanBatchExporter
 
-    ex = SpanBatchExporter({"service.name": "bench"}, endpoint + "/v1/traces", {}, 10.0)
+    sender = OtlpSender("traces", ExportSettings.resolve(endpoint=endpoint).traces)
+    ex = SpanBatchExporter({"service.name": "bench"}, sender.send)
     ex.start()
 
     def emit(k: int) -> None:
@@ -227,14 +229,14 @@ def spans_part(res: Result, quick: bool) -> None:
     sdk_best, sdk_trials = ceiling(sdk_spans, sdk_rates, seconds)
     res.raw["sdk_spans"] = sdk_trials
     try:
-        import ebpf_otlp.dns_spans  # noqa: F401
+        import ebpf_otlp.otlp.spans  # noqa: F401
         have_batch = True
     except ImportError:
         have_batch = False
     if not have_batch:
         res.add(Figure("SDK BatchSpanProcessor: highest sustained rate, nothing dropped",
                        sdk_best, "spans/s", note=f"{seconds:g} s per step"))
-        res.note("ebpf-otlp batch span path not built yet (ebpf_otlp.dns_spans missing)")
+        res.note("ebpf-otlp batch span path not built yet (ebpf_otlp.otlp.spans missing)")
         return
     b_rates = [5000, 10000] if quick else [10000, 25000, 50000, 75000, 100000, 150000,
                                            200000]

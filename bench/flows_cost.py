@@ -41,7 +41,7 @@ def _frames() -> dict[str, bytes]:
 
 
 def per_packet(res: Result, quick: bool) -> None:
-    from ebpf_otlp.bpfobj import BpfObject
+    from ebpf_otlp.platform.bpfobj import BpfObject
 
     repeat, trials = (20_000, 3) if quick else (1_000_000, 7)
     base = BpfObject.open_packaged("selftest")
@@ -102,7 +102,7 @@ class _Sink:
 
 def synthetic(n: int, seed: int = 1):
     """A drained table of n distinct IPv4 TCP/UDP flows between 256 x 256 hosts."""
-    from ebpf_otlp import flows_agg as agg
+    from ebpf_otlp.signals.flows import agg as agg
 
     rng = np.random.default_rng(seed)
     keys = np.zeros(n, agg.KEY_DT)
@@ -124,23 +124,24 @@ def synthetic(n: int, seed: int = 1):
 
 
 def export_direct(d, url: str) -> dict[str, float]:
-    from ebpf_otlp import flows_agg as agg
-    from ebpf_otlp import flows_attrs as fa
-    from ebpf_otlp import otlp_direct as od
     from ebpf_otlp.config import FLOW_ATTRIBUTES
-    from ebpf_otlp.signals.flows import MAX_SERIES_PER_REQUEST, METRICS
+    from ebpf_otlp.otlp import Exporter, ExportSettings
+    from ebpf_otlp.signals.flows import METRICS
+    from ebpf_otlp.signals.flows import agg as agg
+    from ebpf_otlp.signals.flows import attrs as fa
 
     t0 = time.perf_counter()
     series, counts = agg.aggregate(agg.project(d, FLOW_ATTRIBUTES), d.counts)
     t1 = time.perf_counter()
     attrs = fa.encoded(series, FLOW_ATTRIBUTES, {1: "eth0"})
     t2 = time.perf_counter()
-    sender = od.OtlpSender("metrics", url, {}, 30.0)
-    ok = od.send_sums(sender, MAX_SERIES_PER_REQUEST, {"service.name": "bench"}, "ebpf_otlp", "",
-                      METRICS, attrs, counts, np.full(len(series), time.time_ns(), np.uint64),
-                      time.time_ns(), od.TEMPORALITY_DELTA).all()
+    ex = Exporter(ExportSettings.resolve(endpoint=url.rsplit("/v1/", 1)[0], timeout_s=30.0,
+                                         resource={"service.name": "bench"}), 30.0, 1 << 20)
+    sender = ex.senders["metrics"]
+    ok = ex.send_sums(METRICS, attrs, counts, np.full(len(series), time.time_ns(), np.uint64),
+                      time.time_ns()).all()
     t3 = time.perf_counter()
-    sender.close()
+    ex.shutdown(1)
     if not ok:
         raise RuntimeError("direct export to the sink failed")
     return {"aggregate": t1 - t0, "attributes": t2 - t1, "encode_send": t3 - t2,
@@ -153,10 +154,11 @@ def export_sdk(d, url: str) -> dict[str, float]:
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
     from opentelemetry.sdk.metrics.view import View
 
-    from ebpf_otlp import flows_agg as agg
-    from ebpf_otlp import flows_attrs as fa
     from ebpf_otlp.config import FLOW_ATTRIBUTES
-    from ebpf_otlp.signals.flows import MAX_SERIES_PER_REQUEST, METRICS
+    from ebpf_otlp.otlp.exporter import MAX_SERIES_PER_REQUEST
+    from ebpf_otlp.signals.flows import METRICS
+    from ebpf_otlp.signals.flows import agg as agg
+    from ebpf_otlp.signals.flows import attrs as fa
 
     # split like the direct path (the SDK drops requests over 64 MiB)
     exporter = OTLPMetricExporter(endpoint=url, timeout=60,

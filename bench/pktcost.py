@@ -97,7 +97,7 @@ def _added(res: Result, label: str, ns: float, base_ns: float, added: float, bas
 
 
 def packet_programs(res: Result, quick: bool) -> None:
-    from ebpf_otlp.bpfobj import BpfObject
+    from ebpf_otlp.platform.bpfobj import BpfObject
 
     repeat = 20_000 if quick else 1_000_000
     trials = 1 if quick else 5
@@ -150,7 +150,7 @@ def stats_cost(res: Result, empty_tc: object, quick: bool) -> None:
     """What kernel BPF run-time statistics add to every run of every program on
     the host: the empty TC program with them on (an enable_stats fd held open)
     against off. Another process holding them on meanwhile hides the difference."""
-    from ebpf_otlp.libbpf import lib
+    from ebpf_otlp.platform.libbpf import lib
 
     repeat = 20_000 if quick else 1_000_000
     frame = FRAMES["ipv4 tcp 100B"]
@@ -189,7 +189,7 @@ def build_percpu_packet() -> str:
 
 
 def _packet(flows: bool, dns: bool, path: str | None = None) -> object:
-    from ebpf_otlp.bpfobj import BpfObject
+    from ebpf_otlp.platform.bpfobj import BpfObject
 
     obj = BpfObject.open_file(path, "packet") if path else BpfObject.open_packaged("packet")
     obj.only_programs(["packet_tc_ingress", "packet_tc_egress", "packet_xdp_ingress"])
@@ -227,8 +227,8 @@ def packet_object(res: Result, empty_tc: object, quick: bool) -> None:
 
 
 def dns_programs(res: Result, empty_tc: object, quick: bool) -> None:
-    from ebpf_otlp.bpfobj import BpfObject
-    from ebpf_otlp.ringbuf import RingBuffer
+    from ebpf_otlp.platform.bpfobj import BpfObject
+    from ebpf_otlp.platform.ringbuf import RingBuffer
 
     obj = BpfObject.open_packaged("dns")
     obj.only_programs(["dns_ingress", "dns_egress"])
@@ -323,9 +323,9 @@ def _stats_delta(progs: list, action: Callable[[], None]) -> list[tuple[float, i
 
 
 def tracepoint_programs(res: Result, quick: bool) -> None:
-    from ebpf_otlp.bpfobj import BpfObject
-    from ebpf_otlp.btf import kernel_enum
-    from ebpf_otlp.libbpf import lib
+    from ebpf_otlp.platform.bpfobj import BpfObject
+    from ebpf_otlp.platform.btf import kernel_enum
+    from ebpf_otlp.platform.libbpf import lib
 
     stats_fd = lib.bpf_enable_stats(0)  # BPF_STATS_RUN_TIME while the fd is open
     if stats_fd < 0:
@@ -358,7 +358,7 @@ def tracepoint_programs(res: Result, quick: bool) -> None:
         else:
             res.note("drops: not built yet")
         if (OBJ_DIR / "tcp.bpf.o").exists():
-            from ebpf_otlp.ringbuf import RingBuffer
+            from ebpf_otlp.platform.ringbuf import RingBuffer
 
             tcp = BpfObject.open_packaged("tcp")
             tcp.only_programs(["tcp_state"])

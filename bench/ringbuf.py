@@ -91,9 +91,9 @@ def run_python(binary: str, records: int, wakeup_bytes: int, ring_bytes: int, ra
     ``timer_drain``: drain with ``RingBuffer.drain`` every ``poll_ms`` without
     epoll (the no-wakeup policy); otherwise ``RingPoller.poll`` as the agent does.
     """
-    from ebpf_otlp.bpfobj import BpfObject
-    from ebpf_otlp.layout import record_dtype
-    from ebpf_otlp.ringbuf import RingBuffer, RingPoller
+    from ebpf_otlp.platform.bpfobj import BpfObject
+    from ebpf_otlp.platform.layout import record_dtype
+    from ebpf_otlp.platform.ringbuf import RingBuffer, RingPoller
 
     obj = BpfObject.open_packaged("selftest")
     try:

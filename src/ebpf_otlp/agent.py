@@ -12,20 +12,16 @@ import threading
 import time
 
 from . import signals as _signals
-from . import tc
-from .config import AgentConfig
-from .libbpf import BpfError, lib
-from .ringbuf import RingPoller
+from .config import AgentConfig, ConfigError
+from .otlp import Exporter
+from .platform import tc
+from .platform.libbpf import BpfError, enable_run_time_stats
+from .platform.ringbuf import RingPoller
 from .signals.base import Signal
-from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-BPF_STATS_RUN_TIME = 0
-
-
-class ConfigError(ValueError):
-    """A bad flag or a missing interface: reported in one line, exit status 2."""
+__all__ = ["Agent", "ConfigError"]
 
 
 def resolve_ifaces(names: list[str]) -> dict[str, int]:
@@ -44,7 +40,8 @@ class Agent:
         self.config = config
         self.strict = strict
         self.ifindex = resolve_ifaces(config.ifaces)
-        self.telemetry: Telemetry | None = None
+        self.settings = config.export_settings()  # a bad OTEL_* value fails here, exit 2
+        self.exporter: Exporter | None = None
         self.signals: list[Signal] = []
         self.poller: RingPoller | None = None
         self.stop_event = threading.Event()
@@ -64,13 +61,14 @@ class Agent:
             if n:
                 log.warning("removed %d tc filters an earlier ebpf-otlp run left on %s", n, name)
         if cfg.bpf_stats:  # refused on old kernels: run time then reads as 0
-            self._stats_fd = lib.bpf_enable_stats(BPF_STATS_RUN_TIME)
-        self.telemetry = Telemetry(cfg)
+            self._stats_fd = enable_run_time_stats()
+        self.exporter = Exporter(self.settings, cfg.interval_s, cfg.cardinality_limit,
+                                 span_queue=max(65536, cfg.dns_max_pending))
         self.poller = RingPoller()
         for name in cfg.signals:
             sig = None
             try:
-                sig = _signals.load(name)(cfg, self.telemetry)
+                sig = _signals.load(name)(cfg, self.exporter)
                 sig.start()
             except (BpfError, OSError, RuntimeError) as e:
                 if sig is not None:
@@ -88,10 +86,10 @@ class Agent:
         self._poll_thread.start()
         log.warning("ebpf-otlp running: signals=%s ifaces=%s endpoint=%s interval=%ss",
                     ",".join(s.name for s in self.signals), ",".join(cfg.ifaces) or "-",
-                    cfg.endpoint, cfg.interval_s)
+                    self.settings.metrics.url, cfg.interval_s)
 
     def _register_health(self) -> None:
-        t = self.telemetry
+        t = self.exporter
 
         def rings():
             for s in self.signals:
@@ -124,19 +122,22 @@ class Agent:
         while not self.stop_event.is_set():
             try:
                 self.poller.poll(self.config.poll_interval_ms)
+                for s in self.signals:
+                    s.tick()
             except Exception:
                 self.poll_errors += 1
                 log.exception("ring buffer poll failed")
                 time.sleep(0.1)
 
     def collect_and_export(self) -> None:
-        for s in self.signals:
-            try:
-                s.collect()
-            except Exception:
-                self.collect_errors += 1
-                log.exception("collect of %s failed", s.name)
-        self.telemetry.export_metrics()
+        for step in ("collect", "export"):
+            for s in self.signals:
+                try:
+                    getattr(s, step)()
+                except Exception:
+                    self.collect_errors += 1
+                    log.exception("%s of %s failed", step, s.name)
+        self.exporter.export()
 
     def run(self) -> None:
         """Export every interval until :attr:`stop_event` is set."""
@@ -150,27 +151,28 @@ class Agent:
 
     # --- stop ------------------------------------------------------------------
     def close(self, flush_timeout_s: float = 5.0) -> None:
-        """Final drain and flush, then detach everything. Idempotent."""
+        """Final drain of every signal, one last export, then the exporter stops
+        (within about ``flush_timeout_s``). Idempotent; hooks are gone whatever fails."""
         if self._closed:
             return
         self._closed = True
         self.stop_event.set()
         if self._poll_thread is not None:
             self._poll_thread.join(timeout=2)
-        if self.poller is not None:
-            try:
-                self.poller.drain()
-            except Exception:
-                log.exception("final ring drain failed")
         try:
-            if self.telemetry is not None:
-                for s in self.signals:
-                    try:
-                        s.collect()
-                    except Exception:
-                        log.exception("final collect of %s failed", s.name)
-                self.telemetry.shutdown(flush_timeout_s)
+            if self.poller is not None:
+                try:
+                    self.poller.drain()
+                except Exception:
+                    log.exception("final ring drain failed")
+            for s in self.signals:
+                try:
+                    s.collect()
+                except Exception:
+                    log.exception("final collect of %s failed", s.name)
         finally:
+            # Signals detach and drain what arrived since (losses counted at shutdown
+            # included) before the last export, so nothing is left unsent.
             for s in self.signals:
                 try:
                     s.close()
@@ -181,6 +183,13 @@ class Agent:
             if self._stats_fd >= 0:
                 os.close(self._stats_fd)
                 self._stats_fd = -1
+        if self.exporter is not None:
+            for s in self.signals:
+                try:
+                    s.export()
+                except Exception:
+                    log.exception("final export of %s failed", s.name)
+            self.exporter.shutdown(flush_timeout_s)
 
     def run_until_signalled(self) -> None:
         def handler(signum: int, _frame: object) -> None:

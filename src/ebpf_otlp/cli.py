@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .config import ALL_SIGNALS, FLOW_ATTRIBUTES, AgentConfig, parse_headers
+from .config import ALL_SIGNALS, FLOW_ATTRIBUTES, AgentConfig, ConfigError, parse_headers
 
 log = logging.getLogger("ebpf_otlp")
 
@@ -57,8 +57,6 @@ def main() -> None:
 @click.option("--max-flows", type=click.IntRange(min=1, max=1 << 24),
               help="Flow table size [65536].")
 @click.option("--flow-hook", type=click.Choice(["tc", "xdp"]), help="Ingress hook for flows [tc].")
-@click.option("--flow-export", type=click.Choice(["direct", "sdk"]),
-              help="How flow metrics are encoded [direct; env EBPF_OTLP_FLOWS_EXPORT].")
 @click.option("--flow-attributes", callback=_csv, metavar="LIST",
               help="Flow attributes to keep [all of the flow key].")
 @click.option("--tcp-spans/--no-tcp-spans", default=None, help="One span per TCP connection.")
@@ -82,7 +80,7 @@ def main() -> None:
 @click.option("--bpf-stats/--no-bpf-stats", default=None,
               help="Kernel run-time statistics of our programs; host-wide while on [on].")
 @click.option("--cgroup", "cgroup_path", metavar="PATH",
-              help="cgroup v2 directory for sock_ops [/sys/fs/cgroup/unified].")
+              help="cgroup v2 directory for sock_ops [where cgroup2 is mounted].")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def run(ifaces: tuple[str, ...], signals: tuple[str, ...] | None, headers: tuple[str, ...],
         verbose: int, **opts: object) -> None:
@@ -90,7 +88,11 @@ def run(ifaces: tuple[str, ...], signals: tuple[str, ...] | None, headers: tuple
     _setup_logging(verbose)
     from . import signals as known
 
-    cfg = AgentConfig(ifaces=list(ifaces))
+    try:
+        cfg = AgentConfig(ifaces=list(ifaces))
+    except ConfigError as e:
+        click.echo(f"ebpf-otlp: {e}", err=True)
+        sys.exit(2)
     strict = signals is not None
     if signals is not None:
         for s in signals:
@@ -123,9 +125,9 @@ def run(ifaces: tuple[str, ...], signals: tuple[str, ...] | None, headers: tuple
             setattr(cfg, renames.get(key, key), value)
 
     try:
-        from .agent import Agent, ConfigError
-        from .libbpf import BpfError
-        from .mounts import MountError
+        from .agent import Agent
+        from .platform.libbpf import BpfError
+        from .platform.mounts import MountError
     except ImportError as e:  # libbpf.so.1 missing or too old: say what to install
         click.echo(f"ebpf-otlp: {e}", err=True)
         sys.exit(1)

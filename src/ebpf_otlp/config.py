@@ -1,10 +1,14 @@
-"""The agent's configuration: CLI flags over ``OTEL_*`` variables over defaults."""
+"""The agent's configuration: CLI flags over ``OTEL_*`` variables over defaults,
+and every check of a value, so a bad one is one line and exit status 2."""
 
 from __future__ import annotations
 
 import os
 import socket
 from dataclasses import dataclass, field
+
+from .otlp.settings import ExportSettings, SettingsError, env_seconds, parse_headers
+from .platform.host import cgroup2_mount
 
 ALL_SIGNALS = ("flows", "tcp", "dns", "drops")
 
@@ -13,52 +17,40 @@ FLOW_ATTRIBUTES = (
     "network.transport", "network.type", "network.interface.name", "network.io.direction",
 )
 
+__all__ = ["ALL_SIGNALS", "FLOW_ATTRIBUTES", "AgentConfig", "ConfigError", "parse_headers"]
 
-def _env_float(name: str, default: float) -> float:
+
+class ConfigError(ValueError):
+    """A bad flag, variable or a missing interface: reported in one line, exit status 2."""
+
+
+def _interval_from_env() -> float:
     try:
-        return float(os.environ[name])
-    except (KeyError, ValueError):
-        return default
-
-
-def parse_headers(text: str) -> dict[str, str]:
-    """``k1=v1,k2=v2`` as in ``OTEL_EXPORTER_OTLP_HEADERS``."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        if "=" not in part:
-            raise ValueError(f"bad header {part!r}: expected key=value")
-        k, v = part.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
+        return env_seconds("OTEL_METRIC_EXPORT_INTERVAL", 10.0)
+    except SettingsError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass
 class AgentConfig:
     ifaces: list[str] = field(default_factory=list)
     signals: tuple[str, ...] = ALL_SIGNALS
-    # OTLP
-    endpoint: str = field(default_factory=lambda: os.environ.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318"))
-    headers: dict[str, str] = field(default_factory=lambda: parse_headers(
-        os.environ.get("OTEL_EXPORTER_OTLP_HEADERS", "")))
+    # OTLP: None = not given explicitly, so the OTEL_* variables decide (see otlp.settings)
+    endpoint: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
     service_name: str = field(default_factory=lambda: os.environ.get(
-        "OTEL_SERVICE_NAME", "ebpf-otlp"))
-    interval_s: float = field(default_factory=lambda: _env_float(
-        "OTEL_METRIC_EXPORT_INTERVAL", 10000.0) / 1000.0)
-    export_timeout_s: float = 10.0
+        "OTEL_SERVICE_NAME", "").strip() or "ebpf-otlp")
+    interval_s: float = field(default_factory=_interval_from_env)
+    export_timeout_s: float | None = None
     host_name: str = field(default_factory=socket.gethostname)
     # flows
     max_flows: int = 65536
     flow_hook: str = "tc"  # or "xdp" (ingress; egress stays on TC)
     flow_attributes: tuple[str, ...] = FLOW_ATTRIBUTES
-    # "direct": OTLP built from the drained arrays; "sdk": SDK counters (slow
-    # above a few thousand series, kept for comparison)
-    flow_export: str = field(default_factory=lambda: os.environ.get(
-        "EBPF_OTLP_FLOWS_EXPORT", "direct").strip().lower())
     # tcp
     tcp_spans: bool = False
     tcp_attributes: tuple[str, ...] = ("server.address", "server.port")
-    cgroup_path: str = "/sys/fs/cgroup/unified"
+    cgroup_path: str | None = None  # None: the cgroup2 mount found in /proc/self/mountinfo
     # dns
     dns_ports: tuple[int, ...] = (53,)
     dns_names: bool = False
@@ -77,3 +69,22 @@ class AgentConfig:
     ringbuf_bytes: int = 4 << 20
     ringbuf_wakeup_bytes: int = 64 << 10
     poll_interval_ms: int = 50
+
+    @property
+    def cardinality_limit(self) -> int:
+        """Series per instrument before the SDK folds into an overflow series."""
+        return max(2000, 2 * self.max_flows + 1000)
+
+    def cgroup(self) -> str:
+        """The cgroup v2 directory sock_ops attaches to ("" when none is mounted here:
+        the TCP signal then mounts one privately for the attach)."""
+        return self.cgroup_path or cgroup2_mount() or ""
+
+    def export_settings(self) -> ExportSettings:
+        """Where OTLP goes; a bad ``OTEL_*`` value raises :class:`ConfigError`."""
+        try:
+            return ExportSettings.resolve(
+                endpoint=self.endpoint, headers=self.headers, timeout_s=self.export_timeout_s,
+                resource={"service.name": self.service_name, "host.name": self.host_name})
+        except SettingsError as e:
+            raise ConfigError(str(e)) from None

@@ -15,6 +15,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from .platform.host import cgroup2_mount
+
 CLONE_NEWNET = 0x40000000
 
 # hook -> (program in selftest.bpf.o, how to attach it)
@@ -43,7 +45,7 @@ SIGNAL_NEEDS = {
 
 
 def _try_hook(hook: str, prog_name: str) -> str:
-    from .bpfobj import BpfObject
+    from .platform.bpfobj import BpfObject
 
     with BpfObject.open_packaged("selftest") as obj:
         obj.only_programs([prog_name])
@@ -67,11 +69,10 @@ def _try_hook(hook: str, prog_name: str) -> str:
 
 
 def _cgroup2_path() -> str:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        parts = line.split()
-        if parts[2] == "cgroup2":
-            return parts[1]
-    raise OSError(2, "no cgroup v2 mount")
+    path = cgroup2_mount()
+    if path is None:
+        raise OSError(2, "no cgroup v2 mount")
+    return path
 
 
 def _probe_child(wfd: int) -> None:
@@ -114,7 +115,7 @@ def facts() -> dict:
     out: dict = {"kernel": platform.release(), "machine": platform.machine()}
     out["btf"] = Path("/sys/kernel/btf/vmlinux").exists()
     try:
-        from . import libbpf
+        from .platform import libbpf
 
         out["libbpf"] = libbpf.version()
         out["capabilities"] = sorted(libbpf.effective_caps())
@@ -122,7 +123,7 @@ def facts() -> dict:
         out["libbpf"] = None
         out["libbpf_error"] = str(e)
         return out
-    from .mounts import MountError, ensure_tracefs
+    from .platform.mounts import MountError, ensure_tracefs
 
     try:
         out["tracefs"] = ensure_tracefs()

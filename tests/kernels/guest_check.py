@@ -133,7 +133,7 @@ def attach_generic(prog: object, ifindex: int) -> str:
 
 
 def check_objects(objdir: Path, ifindex: int) -> None:
-    from ebpf_otlp.bpfobj import BpfObject
+    from ebpf_otlp.platform.bpfobj import BpfObject
 
     for path in sorted(objdir.glob("*.bpf.o")):
         name = path.name.split(".")[0]
@@ -236,7 +236,7 @@ def scenario_dns() -> dict:
         while not stop.is_set():
             try:
                 data, peer = srv.recvfrom(2048)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             q = dns.message.from_wire(data)
             r = dns.message.make_response(q)
@@ -402,8 +402,8 @@ def check_signal(name: str) -> None:
 def check_reason_object(path: Path) -> None:
     """``nonportable.bpf.o``: two kfree_skb programs that record the drop reason,
     one through CO-RE, one at the offset the build host's tracepoint has."""
-    from ebpf_otlp.bpfobj import BpfObject
-    from ebpf_otlp.btf import kernel_enum
+    from ebpf_otlp.platform.bpfobj import BpfObject
+    from ebpf_otlp.platform.btf import kernel_enum
 
     no_socket = next(v for v, n in kernel_enum("skb_drop_reason").items()
                      if n.endswith("NO_SOCKET"))
@@ -433,7 +433,7 @@ def main(argv: list[str]) -> int:
     emit("start", python=sys.version.split()[0])
     bring_up_lo()
     import ebpf_otlp
-    from ebpf_otlp.mounts import ensure_tracefs
+    from ebpf_otlp.platform.mounts import ensure_tracefs
 
     ensure_tracefs()
     objdir = Path(args.objects) if args.objects else Path(ebpf_otlp.__file__).parent / "bpf"

@@ -503,7 +503,7 @@ def boot(check_args: list[str], *, extra_objects: dict[str, bytes] | None = None
 
 def tracepoint_field_offset(category: str, name: str, field_name: str) -> int:
     """Offset of ``field_name`` in this host's tracepoint record (tracefs format)."""
-    from ebpf_otlp.mounts import ensure_tracefs
+    from ebpf_otlp.platform.mounts import ensure_tracefs
 
     fmt = Path(ensure_tracefs(), "events", category, name, "format").read_text()
     m = re.search(rf"field:[^;]*\b{field_name};\s*offset:(\d+);", fmt)

@@ -5,32 +5,37 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
-from ..bpfobj import BpfObject, Program
-from ..ringbuf import RingBuffer
+from ..platform.bpfobj import BpfObject, Program
+from ..platform.ringbuf import RingBuffer
 
 if TYPE_CHECKING:
     from ..config import AgentConfig
-    from ..telemetry import Telemetry
+    from ..otlp import Exporter
 
 
 class Signal(ABC):
     """A signal owns its BPF object(s), its decoders and its instruments.
 
+    It is given the configuration and the :class:`~ebpf_otlp.otlp.Exporter`
+    (the only way out: instruments, bulk histograms, spans, sums, logs).
+
     Lifecycle, driven by the agent: ``__init__`` (create instruments, no
     kernel work) -> ``start()`` (open, configure, load, attach) -> the poller
-    thread drains ``rings()`` continuously -> the export thread calls
-    ``collect()`` once per interval, just before metrics are exported ->
-    ``close()`` (detach everything; idempotent).
+    thread drains ``rings()`` continuously and calls ``tick()`` after each
+    poll -> once per interval, on the export thread, ``collect()`` (drain
+    maps, expire state) then ``export()`` (hand batches to the exporter) ->
+    ``close()`` (final drain, detach everything; idempotent), after which the
+    agent exports once more.
 
-    Ring callbacks run on the poller thread and ``collect`` on the export
-    thread: guard shared state.
+    Ring callbacks and ``tick`` run on the poller thread, ``collect`` and
+    ``export`` on the export thread: guard shared state.
     """
 
     name: str = ""
 
-    def __init__(self, config: AgentConfig, telemetry: Telemetry):
+    def __init__(self, config: AgentConfig, exporter: Exporter):
         self.config = config
-        self.telemetry = telemetry
+        self.exporter = exporter
         self.objects: list[BpfObject] = []
 
     @abstractmethod
@@ -40,14 +45,21 @@ class Signal(ABC):
     def rings(self) -> list[RingBuffer]:
         return []
 
+    def tick(self) -> None:  # noqa: B027 (optional hook)
+        """Timers (e.g. DNS timeouts); called on the poller thread after each poll."""
+
     def collect(self) -> None:  # noqa: B027 (optional hook)
         """Drain maps and expire state; called once per export interval."""
+
+    def export(self) -> None:  # noqa: B027 (optional hook)
+        """Hand what ``collect`` gathered to the exporter's batch paths."""
 
     def programs(self) -> list[Program]:
         return [p for o in self.objects if o.loaded for p in o.programs.values()
                 if p.autoload]
 
     def close(self) -> None:
+        """Detach and free; a final drain belongs in the subclass, before this."""
         for obj in self.objects:
             obj.close()
         self.objects.clear()

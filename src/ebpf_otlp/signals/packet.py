@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import tcx
-from ..bpfobj import BpfObject
-from ..layout import constant, record_dtype
-from ..libbpf import BpfError
+from ..platform import tcx
+from ..platform.bpfobj import BpfObject
+from ..platform.layout import constant, record_dtype
+from ..platform.libbpf import BpfError
 
 if TYPE_CHECKING:
     from ..config import AgentConfig

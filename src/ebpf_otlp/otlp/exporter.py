@@ -1,0 +1,206 @@
+"""The export seam: everything a signal hands over for OTLP goes through one
+:class:`Exporter`, which owns the resource, one sender per OTLP signal, the
+SDK instruments, the bulk histograms, the span path and the log batch.
+
+Signals never build senders or requests themselves; the agent calls
+:meth:`Exporter.export` once per interval after every signal collected.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric, ResourceMetrics, ScopeMetrics
+from opentelemetry.sdk.resources import Resource
+
+from . import sums as _sums
+from .histogram import BatchHistogram
+from .logs import LogBatch
+from .sdk import SdkMetrics
+from .semconv import DURATION_BUCKETS, SCOPE
+from .sender import OtlpSender
+from .settings import ExportSettings
+from .spans import SpanBatchExporter, SpanRecord
+from .wire import TEMPORALITY_CUMULATIVE, TEMPORALITY_DELTA, resource_message
+
+log = logging.getLogger(__name__)
+
+# Series per OTLP request on the sums path: 8192 series x 3 metrics is ~7 MB
+# with every flow attribute kept, under common collector body limits.
+MAX_SERIES_PER_REQUEST = 8192
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("ebpf-otlp")
+    except Exception:
+        return ""
+
+
+class Exporter:
+    """One agent run's OTLP output.
+
+    ``interval_s`` caps each request's time budget so that a collector that
+    is down or hangs delays one interval at most and is counted.
+    """
+
+    def __init__(self, settings: ExportSettings, interval_s: float, cardinality_limit: int,
+                 span_queue: int = 65536):
+        self.settings = settings
+        self.resource = Resource.create(settings.resource)
+        self.resource_attributes = dict(self.resource.attributes)
+        self.scope_version = _version()
+        self.timeout_s = min(settings.metrics.timeout_s, max(interval_s, 1.0))
+        self.senders = {k: OtlpSender(k, settings.target(k)) for k in ("metrics", "traces",
+                                                                        "logs")}
+        self.temporality = settings.temporality
+        self.cardinality_limit = cardinality_limit
+        self.sdk = SdkMetrics(self.resource, self.senders["metrics"], self.temporality,
+                              cardinality_limit, self.timeout_s)
+        self.meter = self.sdk.meter
+        self.spans = SpanBatchExporter(self.resource_attributes, self._send_traces,
+                                       scope=SCOPE, max_queue=span_queue)
+        self.logs = LogBatch(self.resource_attributes, SCOPE, self._send_logs)
+        self._histograms: list[BatchHistogram] = []
+        self._pb_resource = resource_message(self.resource_attributes)
+        self.histogram_failures = 0
+        self._closed = False
+        self._register_health()
+
+    # --- what signals use ------------------------------------------------------
+    @property
+    def delta(self) -> bool:
+        """Whether counters and histograms are exported as deltas."""
+        return self.temporality in ("delta", "lowmemory")
+
+    @property
+    def sum_temporality(self) -> int:
+        return TEMPORALITY_DELTA if self.delta else TEMPORALITY_CUMULATIVE
+
+    def observe(self, name: str, unit: str, description: str,
+                fn: Callable[[], Iterable[tuple[float, dict]]], kind: str = "counter") -> None:
+        self.sdk.observe(name, unit, description, fn, kind)
+
+    def histogram(self, name: str, unit: str, description: str,
+                  bounds: Sequence[float] = DURATION_BUCKETS) -> BatchHistogram:
+        """A bulk histogram exported with every interval."""
+        h = BatchHistogram(name, unit, description, bounds, delta=self.delta,
+                           cardinality_limit=self.cardinality_limit)
+        self._histograms.append(h)
+        return h
+
+    def submit_spans(self, spans: Iterable[SpanRecord | tuple]) -> int:
+        """Queue finished spans; returns how many were dropped (counted)."""
+        self.spans.start()
+        return self.spans.submit(spans)
+
+    def send_sums(self, metrics: Sequence[_sums.SumMetric], attrs: Sequence[bytes],
+                  values: np.ndarray, start_ns: np.ndarray, time_ns: int,
+                  chunk: int = MAX_SERIES_PER_REQUEST) -> np.ndarray:
+        """Monotonic sums from arrays (see :func:`sums.encode_sums`), in requests of at
+        most ``chunk`` series; stops at the first failure. Returns which series were
+        delivered."""
+        n = len(attrs)
+        delivered = np.zeros(n, bool)
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            body = _sums.encode_sums(self.resource_attributes, SCOPE, self.scope_version,
+                                     metrics, attrs[lo:hi], values[lo:hi], start_ns[lo:hi],
+                                     time_ns, self.sum_temporality)
+            if not self.senders["metrics"].send(body, self.timeout_s):
+                break
+            delivered[lo:hi] = True
+        return delivered
+
+    # --- once per interval (export thread) ---------------------------------------
+    def export(self) -> bool:
+        """SDK instruments, bulk histograms and queued logs; spans go on their own thread."""
+        ok = self._export_histograms()
+        ok = self.sdk.export() and ok
+        return self.logs.flush() and ok
+
+    def _export_histograms(self) -> bool:
+        parts = [(h, m) for h in self._histograms if (m := h.metric()) is not None]
+        if not parts:
+            return True
+        req = ExportMetricsServiceRequest(resource_metrics=[ResourceMetrics(
+            resource=self._pb_resource, scope_metrics=[ScopeMetrics(
+                scope=InstrumentationScope(name=SCOPE, version=self.scope_version),
+                metrics=[m for _, (m, _) in parts])])])
+        ok = self.senders["metrics"].send(req.SerializeToString(), self.timeout_s)
+        for h, (_, count) in parts:
+            h.exports += 1
+            if not ok:
+                h.failures += 1
+                if h.delta:
+                    h.points_lost += count
+        if not ok:
+            self.histogram_failures += 1
+        return ok
+
+    def metric_request(self, metrics: list[Metric]) -> bytes:
+        """An ``ExportMetricsServiceRequest`` of ``metrics`` under this resource (tests, bench)."""
+        return ExportMetricsServiceRequest(resource_metrics=[ResourceMetrics(
+            resource=self._pb_resource, scope_metrics=[ScopeMetrics(
+                scope=InstrumentationScope(name=SCOPE), metrics=metrics)])]).SerializeToString()
+
+    def _send_traces(self, body: bytes) -> bool:
+        return self.senders["traces"].send(body)
+
+    def _send_logs(self, body: bytes) -> bool:
+        return self.senders["logs"].send(body, self.timeout_s)
+
+    # --- health ------------------------------------------------------------------------
+    def _register_health(self) -> None:
+        self.observe("ebpf_otlp.export.failures", "{export}",
+                     "OTLP export requests that failed after retries (collector down, "
+                     "rejected, timeout)",
+                     lambda: [(s.failures, {"signal": k}) for k, s in self.senders.items()])
+        self.observe("ebpf_otlp.export.requests", "{request}", "OTLP export requests made",
+                     lambda: [(s.requests, {"signal": k}) for k, s in self.senders.items()])
+        self.observe("ebpf_otlp.spans.dropped", "{span}",
+                     "spans not exported, by reason (queue full, export failed, shutdown)",
+                     lambda: [(n, {"reason": r}) for r, n in dict(self.spans.dropped).items()])
+        self.observe("ebpf_otlp.spans.exported", "{span}", "spans exported",
+                     lambda: [(self.spans.exported, {})])
+        self.observe("ebpf_otlp.logs.dropped", "{record}",
+                     "log records not exported, by reason",
+                     lambda: [(n, {"reason": r}) for r, n in dict(self.logs.dropped).items()])
+        self.observe("ebpf_otlp.histogram.values.unexported", "{value}",
+                     "values missing from bulk histograms: failed delta export, or folded "
+                     "into the overflow series",
+                     lambda: [(v, {"metric": h.name, "reason": r}) for h in self._histograms
+                              for r, v in (("export_failed", h.points_lost),
+                                           ("overflow", h.overflowed)) if v])
+
+    # --- shutdown ------------------------------------------------------------------------
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Send what waits within about ``timeout_s`` in all, then stop; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + timeout_s
+        for s in self.senders.values():
+            s.deadline = deadline  # no request outlives the shutdown budget
+
+        def left() -> float:
+            return max(0.1, deadline - time.monotonic())
+
+        try:
+            self.spans.shutdown(left())
+            self.export()
+            self.sdk.shutdown(left())
+        finally:
+            self.logs.close()
+            for s in self.senders.values():
+                s.close()
+

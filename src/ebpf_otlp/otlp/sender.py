@@ -1,0 +1,125 @@
+"""The one HTTP path of each OTLP signal: POST a serialised request, retry
+under a deadline, count the outcome.
+
+Retries follow the OTLP/HTTP specification: 429, 502, 503, 504 and
+connection errors are retried with exponential back-off and jitter (a
+``Retry-After`` header is honoured), everything else is final. No attempt
+outlives the target's timeout, so a collector that hangs delays one export
+by at most that much.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import random
+import threading
+import time
+from collections import Counter
+
+import requests
+
+from .settings import SignalTarget
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = frozenset((429, 502, 503, 504))
+CONTENT_TYPE = "application/x-protobuf"
+
+
+class OtlpSender:
+    """POSTs serialised OTLP requests of one kind to one target; thread-safe."""
+
+    def __init__(self, kind: str, target: SignalTarget, user_agent: str = "ebpf-otlp"):
+        self.kind = kind
+        self.target = target
+        self._session = requests.Session()
+        self._session.headers.update({"Content-Type": CONTENT_TYPE, "User-Agent": user_agent,
+                                      **target.headers})
+        if target.compression == "gzip":
+            self._session.headers["Content-Encoding"] = "gzip"
+        if target.certificate:
+            self._session.verify = target.certificate
+        if target.client_cert:
+            self._session.cert = ((target.client_cert, target.client_key) if target.client_key
+                                  else target.client_cert)
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.failures = 0
+        self.retries = 0
+        self.bytes_sent = 0
+        self.errors: Counter[str] = Counter()  # final failures by cause
+        self._closed = False
+        self.deadline: float | None = None  # monotonic; set at shutdown to bound every send
+
+    def send(self, body: bytes, deadline_s: float | None = None) -> bool:
+        """True when the collector accepted ``body``. Never raises."""
+        if self._closed:
+            self._count(False, "shutdown")
+            return False
+        data = gzip.compress(body, 6) if self.target.compression == "gzip" else body
+        budget = self.target.timeout_s if deadline_s is None else min(deadline_s,
+                                                                      self.target.timeout_s)
+        deadline = time.monotonic() + budget
+        if self.deadline is not None:
+            deadline = min(deadline, self.deadline)
+        delay = 0.1
+        cause = "timeout"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0.01:
+                break
+            try:
+                r = self._session.post(self.target.url, data=data, timeout=left)
+            except requests.Timeout:
+                cause = "timeout"
+                break  # the whole budget is spent
+            except requests.RequestException as e:
+                cause = "unreachable"
+                log.debug("%s export to %s: %s", self.kind, self.target.url, e)
+            else:
+                if 200 <= r.status_code < 300:
+                    self._count(True, "", len(body))
+                    return True
+                cause = f"http_{r.status_code}"
+                if r.status_code not in RETRYABLE:
+                    log.warning("%s export to %s rejected: HTTP %d %s", self.kind,
+                                self.target.url, r.status_code, r.text[:200])
+                    break
+                after = _retry_after(r.headers.get("Retry-After"))
+                if after is not None:
+                    delay = after
+            wait = min(delay * (0.5 + random.random()), deadline - time.monotonic())
+            if wait <= 0:
+                break
+            with self._lock:
+                self.retries += 1
+            time.sleep(wait)
+            delay = min(delay * 2, 5.0)
+        log.warning("%s export to %s failed (%s)", self.kind, self.target.url, cause)
+        self._count(False, cause)
+        return False
+
+    __call__ = send
+
+    def _count(self, ok: bool, cause: str, nbytes: int = 0) -> None:
+        with self._lock:
+            self.requests += 1
+            if ok:
+                self.bytes_sent += nbytes
+            else:
+                self.failures += 1
+                self.errors[cause] += 1
+
+    def close(self) -> None:
+        self._closed = True
+        self._session.close()
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: fall back to our own back-off

@@ -1,0 +1,111 @@
+"""TC clsact filters. Unlike links, they outlive the process, so every filter
+of ours carries a reserved handle and a priority in a reserved range: close
+removes them, and start-up removes those a crashed run left behind."""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from .libbpf import BpfError, capture_log, ffi, lib
+
+log = logging.getLogger(__name__)
+
+HANDLE = 0xEB0F
+PRIO_BASE = 0xEB00
+PRIO_SLOTS = 32
+_POINTS = {"ingress": 1, "egress": 2}  # enum bpf_tc_attach_point
+
+
+def _hook(ifindex: int, direction: str) -> object:
+    if direction not in _POINTS:
+        raise ValueError(f"TC direction must be ingress or egress, not {direction!r}")
+    hook = ffi.new("struct bpf_tc_hook *")
+    hook.sz = ffi.sizeof("struct bpf_tc_hook")
+    hook.ifindex = ifindex
+    hook.attach_point = _POINTS[direction]
+    return hook
+
+
+def _opts(prio: int, prog_fd: int = 0, flags: int = 0) -> object:
+    opts = ffi.new("struct bpf_tc_opts *")
+    opts.sz = ffi.sizeof("struct bpf_tc_opts")
+    opts.handle = HANDLE
+    opts.priority = prio
+    opts.prog_fd = prog_fd
+    opts.flags = flags
+    return opts
+
+
+def _ensure_clsact(hook: object, ifindex: int) -> None:
+    with capture_log() as lines:
+        ret = lib.bpf_tc_hook_create(hook)
+    if ret < 0 and ret != -errno.EEXIST:
+        raise BpfError(-ret, f"create clsact qdisc on ifindex {ifindex} (tc)", lines)
+
+
+def _occupied(hook: object, prio: int) -> bool:
+    with capture_log():  # "no such filter" is the common answer, not a warning
+        ret = lib.bpf_tc_query(hook, _opts(prio))
+    return ret == 0
+
+
+class TcFilter:
+    def __init__(self, ifindex: int, direction: str, prio: int, name: str):
+        self.ifindex = ifindex
+        self.direction = direction
+        self.prio = prio
+        self.name = name
+        self.attached = True
+
+    def detach(self) -> None:
+        if not self.attached:
+            return
+        self.attached = False
+        hook = _hook(self.ifindex, self.direction)
+        with capture_log() as lines:
+            ret = lib.bpf_tc_detach(hook, _opts(self.prio))
+        # ENOENT/ENODEV: the interface or its qdisc is already gone with its netns.
+        if ret < 0 and -ret not in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+            raise BpfError(-ret, f"detach tc filter {self}", lines)
+
+    def __repr__(self) -> str:
+        return f"<TcFilter {self.name} ifindex={self.ifindex} {self.direction} prio={self.prio:#x}>"
+
+
+def attach(prog_fd: int, ifindex: int, direction: str, name: str) -> TcFilter:
+    """Attach ``prog_fd`` as a direct-action filter in the first free slot of ours."""
+    hook = _hook(ifindex, direction)
+    _ensure_clsact(hook, ifindex)
+    for slot in range(PRIO_SLOTS):
+        prio = PRIO_BASE + slot
+        if _occupied(hook, prio):
+            continue
+        with capture_log() as lines:
+            ret = lib.bpf_tc_attach(hook, _opts(prio, prog_fd))
+        if ret == -errno.EEXIST:
+            continue
+        if ret < 0:
+            raise BpfError(-ret, f"attach tc {direction} filter {name} on ifindex {ifindex}",
+                           lines)
+        return TcFilter(ifindex, direction, prio, name)
+    raise BpfError(errno.ENOSPC, f"attach tc filter {name}: all {PRIO_SLOTS} slots of "
+                   f"ebpf-otlp are taken on ifindex {ifindex}")
+
+
+def remove_stale(ifindex: int) -> int:
+    """Remove filters of ours left on ``ifindex`` by an earlier run; returns how many."""
+    removed = 0
+    for direction in _POINTS:
+        hook = _hook(ifindex, direction)
+        for slot in range(PRIO_SLOTS):
+            prio = PRIO_BASE + slot
+            if not _occupied(hook, prio):
+                continue
+            with capture_log():
+                ret = lib.bpf_tc_detach(hook, _opts(prio))
+            if ret == 0:
+                removed += 1
+    if removed:
+        log.info("removed %d stale ebpf-otlp tc filters from ifindex %d", removed, ifindex)
+    return removed

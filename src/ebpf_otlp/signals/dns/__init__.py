@@ -1,0 +1,350 @@
+"""DNS: every query and answer on the watched interfaces, as spans and metrics.
+
+Kernel: ``dns.bpf.c`` copies the head of each DNS message into a ring
+buffer (TC ingress and egress on every ``--iface``). Here: batches are
+decoded (``decode``), queries are paired with answers by transaction id and
+5-tuple, each finished lookup becomes one CLIENT span (the exporter's batch
+span path) and one ``dns.lookup.duration`` value (its bulk histogram path).
+Unanswered queries become timeouts after ``--dns-timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import Counter
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from ...config import ConfigError
+from ...otlp.semconv import FAMILIES, AddressCache, transport
+from ...otlp.spans import SpanRecord
+from ...platform.bpfobj import BpfObject
+from ...platform.host import epoch_offset_ns, libc_path
+from ...platform.layout import constant, record_dtype
+from ...platform.libbpf import BpfError
+from ...platform.ringbuf import RingBuffer
+from ..base import Signal
+from .decode import (
+    Decoder,
+    PendingTable,
+    Query,
+    TcpContinuations,
+    event_dtype,
+    new_query,
+    rcode_text,
+)
+from .gai import GaiMetrics
+
+log = logging.getLogger(__name__)
+
+# Answers that are not failures of the lookup: NOERROR, and NXDOMAIN (a
+# definite "no such name"). Every other code is an error with error.type=<code>.
+OK_RCODES = frozenset((0, 3))
+TIMEOUT = "timeout"
+EXPIRE_EVERY_NS = 100_000_000  # timeouts are checked at least this often under traffic
+# DNS records are ~330 bytes (default head) and floods come in bursts: 8 MiB
+# hold ~25,000 messages, over half a second at 20,000 queries/s, so a consumer
+# that a busy host does not schedule for a while still loses nothing
+# (bench/dns_flood.py). 16 MiB took the default agent past 64 MiB of kernel
+# memory (README "Kernel memory").
+MIN_RING_BYTES = 8 << 20
+ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
+
+
+def has_link_header(ifname: str) -> bool:
+    """Whether frames on ``ifname`` start with an Ethernet header (Ethernet,
+    veth, bridges, bonds, loopback) rather than with IP (tun, WireGuard...)."""
+    try:
+        arphrd = int(Path(f"/sys/class/net/{ifname}/type").read_text())
+    except (OSError, ValueError):
+        return True
+    return arphrd in (ARPHRD_ETHER, ARPHRD_LOOPBACK)
+
+
+class DnsSignal(Signal):
+    name = "dns"
+
+    def __init__(self, config, exporter):
+        super().__init__(config, exporter)
+        m = exporter.meter
+        self.duration = exporter.histogram(
+            "dns.lookup.duration", "s",
+            "DNS lookups seen on the wire: query to answer (or timeout)")
+        self.queries = m.create_counter("dns.queries", unit="{query}",
+                                        description="DNS queries seen on the wire")
+        self.responses = m.create_counter("dns.responses", unit="{response}",
+                                          description="DNS responses seen, by response code")
+        self.decoder = Decoder()
+        self.tcp = TcpContinuations()
+        self.table = PendingTable(config.dns_max_pending, int(config.dns_timeout_s * 1e9))
+        self.addrs = AddressCache()
+        self.spans_dropped = 0  # counted by the exporter too; kept for dns.* health
+        self._lock = threading.Lock()
+        self._query_counts: Counter[tuple] = Counter()
+        self._response_counts: Counter[tuple] = Counter()
+        self._ifnames: dict[int, str] = {}
+        self._servers: dict[tuple, tuple[tuple, tuple]] = {}
+        self._last_expire = 0
+        self._ring: RingBuffer | None = None
+        self._gai_ring: RingBuffer | None = None
+        self._gai_untracked = None
+        self.gai = GaiMetrics(exporter.histogram(
+            "dns.getaddrinfo.duration", "s",
+            "getaddrinfo() calls as applications saw them (libc uprobes): caches and "
+            "/etc/hosts included"), config.dns_names)
+        self._register_health()
+
+    # --- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.config
+        max_ports = constant("dns", "DNS_MAX_PORTS")
+        head_max = constant("dns", "DNS_HEAD_MAX")
+        ports = tuple(dict.fromkeys(cfg.dns_ports))  # (order kept, duplicates out)
+        if not ports or len(ports) > max_ports:
+            raise ConfigError(f"--dns-ports takes 1 to {max_ports} ports, got {len(ports)}")
+        if not 12 <= cfg.dns_head_bytes <= head_max:
+            raise ConfigError(f"--dns-head-bytes must be within 12..{head_max}")
+        libc = libc_path()
+        try:
+            obj = self._load(ports, with_gai=libc is not None)
+        except BpfError as e:
+            if libc is None:
+                raise
+            # The uprobes are the optional part: the wire view must not depend on them.
+            log.warning("getaddrinfo uprobes not loaded (%s); DNS on the wire only", e)
+            obj = self._load(ports, with_gai=False)
+        if obj.programs["gai_enter"].autoload:
+            self._attach_gai(obj, libc)  # first: a failure there may detach all links
+        for ifname in cfg.ifaces:
+            idx = socket.if_nametoindex(ifname)
+            suffix = "" if has_link_header(ifname) else "_l3"
+            obj.programs["dns_ingress" + suffix].attach_tc(idx, "ingress")
+            obj.programs["dns_egress" + suffix].attach_tc(idx, "egress")
+        self._ring = RingBuffer(obj.maps["dns_events"], event_dtype(cfg.dns_head_bytes),
+                                on_batch=self.on_batch, lost_map=obj.maps["dns_events_lost"])
+
+    def _load(self, ports: tuple[int, ...], with_gai: bool) -> BpfObject:
+        cfg = self.config
+        max_ports = constant("dns", "DNS_MAX_PORTS")
+        obj = BpfObject.open_packaged("dns")
+        self.objects.append(obj)
+        obj.rodata["dns_ports"] = np.array(list(ports) + [0] * (max_ports - len(ports)),
+                                           dtype="<u2").tobytes()
+        obj.rodata["n_dns_ports"] = len(ports)
+        obj.rodata["head_bytes"] = cfg.dns_head_bytes
+        obj.rodata["ringbuf_wakeup_bytes"] = cfg.ringbuf_wakeup_bytes
+        obj.set_max_entries("dns_events", max(cfg.ringbuf_bytes, MIN_RING_BYTES))
+        if not with_gai:
+            obj.only_programs([p for p in obj.programs if p.startswith("dns_")])
+        try:
+            obj.load()
+        except BpfError:
+            self.objects.remove(obj)
+            obj.close()
+            raise
+        return obj
+
+    def _attach_gai(self, obj: BpfObject, libc: str) -> None:
+        try:
+            obj.programs["gai_enter"].attach_uprobe(libc, "getaddrinfo")
+            obj.programs["gai_exit"].attach_uprobe(libc, "getaddrinfo", retprobe=True)
+        except BpfError as e:
+            log.warning("getaddrinfo uprobes on %s not attached (%s); DNS on the wire only",
+                        libc, e)
+            obj.detach_all()  # only the uprobe links exist yet
+            return
+        self._gai_untracked = obj.maps["gai_untracked"]
+        self._gai_ring = RingBuffer(obj.maps["gai_events"], record_dtype("dns", "gai_event"),
+                                    on_batch=self.gai.on_batch,
+                                    lost_map=obj.maps["gai_events_lost"])
+
+    def rings(self) -> list[RingBuffer]:
+        return [r for r in (self._ring, self._gai_ring) if r is not None]
+
+    def tick(self) -> None:
+        if time.monotonic_ns() - self._last_expire >= EXPIRE_EVERY_NS:
+            self.expire()
+
+    def collect(self) -> None:
+        self.expire()
+        with self._lock:
+            qc, self._query_counts = self._query_counts, Counter()
+            rc, self._response_counts = self._response_counts, Counter()
+        names = self.config.dns_names
+        for (qtype, server, port, proto, _fam, qname), n in qc.items():
+            a = {"dns.question.type": qtype, "server.address": self.addrs.text(server),
+                 "server.port": port, "network.transport": transport(proto)}
+            if names:
+                a["dns.question.name"] = qname
+            self.queries.add(n, a)
+        for (qtype, rcode, server, port, proto, _fam, qname), n in rc.items():
+            a = {"dns.question.type": qtype, "dns.response_code": rcode_text(rcode),
+                 "server.address": self.addrs.text(server), "server.port": port,
+                 "network.transport": transport(proto)}
+            if names:
+                a["dns.question.name"] = qname
+            self.responses.add(n, a)
+
+    def close(self) -> None:
+        """Queries still waiting become timeouts now (the agent exports once more after)."""
+        self._gai_untracked = None  # its map goes with the object; health stops reading it
+        try:
+            self.expire(flush_all=True)
+        except Exception:
+            log.exception("final DNS expiry failed")
+        super().close()
+        for r in self.rings():
+            r.close()
+        self._ring = self._gai_ring = None
+
+    # --- the ring callback (poller thread) ---------------------------------------
+    def on_batch(self, recs: np.ndarray) -> None:
+        skip = self.tcp.mask(recs)
+        if skip is not None and skip.any():
+            recs = recs[~skip]
+        msgs = self.decoder.decode(recs)
+        if not msgs:
+            return
+        offset = epoch_offset_ns()
+        sport, dport = recs["sport"].tolist(), recs["dport"].tolist()
+        proto, family, ifindex = (recs["proto"].tolist(), recs["family"].tolist(),
+                                  recs["ifindex"].tolist())
+        saddr, daddr = recs["saddr"].tobytes(), recs["daddr"].tobytes()
+        names = self.config.dns_names
+        done: list[tuple[Query, int, int, int]] = []
+        # Addresses stay raw bytes here; text only for what is emitted (_emit,
+        # collect), through caches.
+        with self._lock:
+            add, answer = self.table.add, self.table.answer
+            qc, rc = self._query_counts, self._response_counts
+            for key, response, ts, name, qtype, rcode, answers, i in msgs:
+                o = 16 * i
+                if not response:
+                    server = daddr[o:o + 16]
+                    add(key, new_query(ts, name, qtype, (saddr[o:o + 16], sport[i], server,
+                                                         dport[i], proto[i], family[i],
+                                                         ifindex[i])))
+                    qc[(qtype, server, dport[i], proto[i], family[i],
+                        name.lower() if names else None)] += 1
+                else:
+                    rc[(qtype, rcode, saddr[o:o + 16], sport[i], proto[i], family[i],
+                        name.lower() if names else None)] += 1
+                    q = answer(key, ts)
+                    if q is not None:
+                        done.append((q, ts, rcode, answers))
+        self._emit(done, [], offset)
+        now = time.monotonic_ns()
+        if now - self._last_expire >= EXPIRE_EVERY_NS:
+            self.expire()
+
+    def expire(self, flush_all: bool = False) -> None:
+        """Turn queries older than the timeout (all of them at shutdown) into timeouts."""
+        now = time.monotonic_ns()
+        offset = time.time_ns() - now
+        with self._lock:
+            self._last_expire = now
+            expired = self.table.expire(now + (self.table.timeout_ns if flush_all else 0))
+        if expired:
+            self._emit([], expired, offset)
+
+    # --- telemetry -----------------------------------------------------------------
+    def _server(self, raw: bytes, port: int, proto: int, family: int,
+                ifindex: int) -> tuple[tuple, tuple]:
+        """(span attribute pairs, histogram attribute pairs) of one server and path, cached."""
+        key = (raw, port, proto, family, ifindex)
+        v = self._servers.get(key)
+        if v is None:
+            sa = self.addrs.text(raw)
+            tr = transport(proto)
+            v = ((("server.address", sa), ("server.port", port), ("network.transport", tr),
+                  ("network.type", FAMILIES.get(family, "")),
+                  ("network.interface.name", self._ifname(ifindex))),
+                 (("server.address", sa), ("server.port", port), ("network.transport", tr)))
+            if len(self._servers) > 65536:
+                self._servers.clear()
+            self._servers[key] = v
+        return v
+
+    def _emit(self, done: list[tuple[Query, int, int, int]], expired: list[Query],
+              offset: int) -> None:
+        spans: list[SpanRecord] = []
+        durations: list[tuple[tuple, float]] = []
+        names = self.config.dns_names
+        text, server = self.addrs.text, self._server
+        timeout_ns = self.table.timeout_ns
+        for q, rts, rcode, answers in chain(done, ((q, None, None, 0) for q in expired)):
+            ts, name, qtype, (ca, cp, sa, sp, proto, fam, ifx) = q
+            span_part, hist_part = server(sa, sp, proto, fam, ifx)
+            qattrs = (("dns.question.name", name), ("dns.question.type", qtype))
+            client = (("client.address", text(ca, fam)), ("client.port", cp))
+            hist = (("dns.question.type", qtype),) + hist_part
+            if names:
+                # Lower case on metrics: resolvers that randomise case (0x20
+                # encoding) would otherwise multiply the series. Spans keep the wire's.
+                hist += (("dns.question.name", name.lower()),)
+            if rts is None:
+                err, end = TIMEOUT, ts + timeout_ns
+                attrs = qattrs + span_part + client
+                hist += (("error.type", TIMEOUT),)
+            else:
+                rc = rcode_text(rcode)
+                err, end = (None if rcode in OK_RCODES else rc), rts
+                attrs = qattrs + (("dns.response_code", rc), ("dns.answer.count", answers)) \
+                    + span_part + client
+                hist += (("dns.response_code", rc),)
+                if err is not None:
+                    hist += (("error.type", err),)
+            spans.append(SpanRecord(ts + offset, end + offset, "DNS " + qtype, attrs, err))
+            durations.append((hist, (end - ts) / 1e9 if end > ts else 0.0))
+        if spans:
+            self.spans_dropped += self.exporter.submit_spans(spans)
+            self.duration.record_batch(durations)
+
+    def _ifname(self, ifindex: int) -> str:
+        n = self._ifnames.get(ifindex)
+        if n is None:
+            try:
+                n = socket.if_indextoname(ifindex)
+            except OSError:
+                n = str(ifindex)
+            self._ifnames[ifindex] = n
+        return n
+
+    def _register_health(self) -> None:
+        t = self.exporter
+        t.observe("ebpf_otlp.dns.malformed", "{message}",
+                  "DNS messages skipped: too short, truncated, invalid, no question",
+                  lambda: [(n, {"reason": r})
+                           for r, n in dict(self.decoder.malformed).items()])
+        t.observe("ebpf_otlp.dns.getaddrinfo.untracked", "{call}",
+                  "getaddrinfo() calls not measured: the in-flight table was full",
+                  lambda: [(self._gai_untracked.sum_u64(0), {})]
+                  if self._gai_untracked is not None else [])
+        t.observe("ebpf_otlp.dns.tcp.continuations", "{segment}",
+                  "TCP segments continuing a multi-segment DNS message (skipped, not parsed)",
+                  lambda: [(self.tcp.skipped, {})])
+        t.observe("ebpf_otlp.dns.unmatched", "{response}",
+                  "DNS responses with no query waiting for them",
+                  lambda: [(self.table.unmatched, {})])
+        t.observe("ebpf_otlp.dns.duplicates", "{message}",
+                  "copies of a query already waiting, or of an answer already paired",
+                  lambda: [(self.table.duplicates, {})])
+        t.observe("ebpf_otlp.dns.pending.evicted", "{query}",
+                  "queries pushed out of the full pending table (no span)",
+                  lambda: [(self.table.evicted, {})])
+        t.observe("ebpf_otlp.dns.pending", "{query}", "queries waiting for an answer",
+                  lambda: [(len(self.table), {})], kind="gauge")
+        t.observe("ebpf_otlp.dns.spans.dropped", "{span}",
+                  "DNS spans refused by the full span queue (export failures count under "
+                  "ebpf_otlp.spans.dropped)",
+                  lambda: [(self.spans_dropped, {"reason": "queue_full"})])
+        t.observe("ebpf_otlp.dns.lookups.unexported", "{lookup}",
+                  "lookups missing from dns.lookup.duration: failed delta export, or "
+                  "folded into the overflow series",
+                  lambda: [(self.duration.points_lost, {"reason": "export_failed"}),
+                           (self.duration.overflowed, {"reason": "overflow"})])

@@ -1,0 +1,85 @@
+"""The agent as a user runs it: start, health metrics, collector outages,
+stale filters of a crashed run, clean exit on SIGTERM and SIGINT."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from otlp import AgentProc, ReceiverProc, metric_total
+
+pytestmark = pytest.mark.kernel
+
+PLANT_FILTER = textwrap.dedent("""
+    import socket
+    from ebpf_otlp.platform import tc
+    from ebpf_otlp.platform.bpfobj import BpfObject
+    obj = BpfObject.open_packaged("selftest")
+    obj.only_programs(["probe_tc"])
+    obj.load()
+    # attached behind the object's back and never detached: a crashed run
+    tc.attach(obj.programs["probe_tc"].fd, socket.if_nametoindex("veth-a"), "ingress", "x")
+""")
+
+
+def _our_progs() -> int:
+    out = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
+    return out.count("on_kfree_skb")
+
+
+def test_health_metrics_and_clean_sigterm(topo) -> None:
+    before = _our_progs()
+    with ReceiverProc(topo, topo.a) as rx:
+        agent = AgentProc(topo, topo.a, rx, "--signals", "drops")
+        with agent:
+            assert _our_progs() == before + 1
+            # UDP to a closed port in b: drops to count, and runs of our program
+            topo.run(topo.a, sys.executable, "-c",
+                     "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
+                     f"[s.sendto(b'x', ('{topo.b_ip4}', 9)) for _ in range(50)]")
+            rx.wait_for(lambda: metric_total(rx.metrics("ebpf_otlp.program.runs")) > 0,
+                        what="program run counts")
+            rx.wait_for(lambda: rx.metrics("ebpf_otlp.export.failures"), what="failure counter")
+            assert agent.stop() == 0
+        log = agent.log()
+        assert log.count("ebpf-otlp running") == 1
+        assert "Traceback" not in log
+        runtime = rx.metrics("ebpf_otlp.program.run_time", program="on_kfree_skb")
+        assert runtime and max(p["value"] for p in runtime) > 0
+        resource = rx.records()[0]["resource"]
+        assert resource["service.name"] == "ebpf-otlp" and resource["host.name"]
+    assert _our_progs() == before, "programs still loaded after SIGTERM"
+
+
+def test_sigint_also_exits_zero(topo) -> None:
+    with ReceiverProc(topo, topo.a) as rx, AgentProc(topo, topo.a, rx, "--signals", "drops") as a:
+        assert a.stop(signal.SIGINT) == 0
+
+
+def test_collector_down_is_counted_and_agent_keeps_running(topo) -> None:
+    rx = ReceiverProc(topo, topo.a, port=4319)
+    agent = AgentProc(topo, topo.a, rx, "--signals", "drops", interval=0.5)
+    with agent:
+        time.sleep(3)  # several failed exports: nobody listens yet
+        assert agent.proc.poll() is None
+        with rx:
+            pts = rx.wait_for(lambda: [p for p in rx.metrics("ebpf_otlp.export.failures",
+                                                              signal="metrics")
+                                       if p["value"] > 0], what="counted export failures")
+            assert pts
+            assert agent.stop() == 0
+
+
+def test_stale_filters_of_a_crashed_run_are_removed_at_start(topo) -> None:
+    topo.run(topo.a, sys.executable, "-c", PLANT_FILTER)
+    shown = topo.run(topo.a, "tc", "filter", "show", "dev", "veth-a", "ingress").stdout
+    assert "handle 0xeb0f" in shown
+    with ReceiverProc(topo, topo.a) as rx:
+        with AgentProc(topo, topo.a, rx, "--iface", "veth-a", "--signals", "drops") as agent:
+            shown = topo.run(topo.a, "tc", "filter", "show", "dev", "veth-a", "ingress").stdout
+            assert "probe_tc" not in shown
+        assert "removed 1 tc filters an earlier ebpf-otlp run left on veth-a" in agent.log()
