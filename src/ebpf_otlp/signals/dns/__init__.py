@@ -281,7 +281,7 @@ class DnsSignal(Signal):
             ts, name, qtype, (ca, cp, sa, sp, proto, fam, ifx) = q
             span_part, hist_part = server(sa, sp, proto, fam, ifx)
             qattrs = (("dns.question.name", name), ("dns.question.type", qtype))
-            client = (("client.address", text(ca, fam)), ("client.port", cp))
+            client = (("client.address", text(ca)), ("client.port", cp))
             hist = (("dns.question.type", qtype),) + hist_part
             if names:
                 # Lower case on metrics: resolvers that randomise case (0x20
