@@ -99,46 +99,18 @@ def _added(res: Result, label: str, ns: float, base_ns: float, added: float, bas
 def packet_programs(res: Result, quick: bool) -> None:
     from ebpf_otlp.platform.bpfobj import BpfObject
 
-    repeat = 20_000 if quick else 1_000_000
-    trials = 1 if quick else 5
     base = BpfObject.open_packaged("selftest")
-    base.only_programs(["probe_xdp", "probe_tc"])
+    base.only_programs(["probe_tc"])
     base.load()
     try:
-        empty_tc, empty_xdp = base.programs["probe_tc"], base.programs["probe_xdp"]
-        if not (OBJ_DIR / "flows.bpf.o").exists():
-            res.note("flows: not built yet (src/ebpf_otlp/bpf/flows.bpf.o missing)")
-        elif (REPO / "bench" / "flows_cost.py").exists():
-            res.note("flows programs: measured by the flows_cost benchmark (more frames)")
-        else:
-            obj = BpfObject.open_packaged("flows")
-            obj.only_programs(["flows_tc_ingress", "flows_tc_egress", "flows_xdp_ingress"])
-            obj.load()
-            try:
-                for frame in ("ipv4 tcp 100B", "ipv6 tcp 100B"):
-                    ns, b, d = _interleaved(obj.programs["flows_tc_ingress"], empty_tc,
-                                            FRAMES[frame], repeat, trials)
-                    _added(res, f"flows TC ingress, {frame}, flow-table hit", ns, b, d,
-                           "empty TC program", TARGET_HIT_NS)
-                ns, b, d = _interleaved(obj.programs["flows_tc_egress"], empty_tc,
-                                        FRAMES["ipv4 tcp 100B"], repeat, trials)
-                _added(res, "flows TC egress, ipv4 tcp 100B, flow-table hit", ns, b, d,
-                       "empty TC program", TARGET_HIT_NS)
-                ns, b, d = _interleaved(obj.programs["flows_xdp_ingress"], empty_xdp,
-                                        FRAMES["ipv4 tcp 100B"], repeat, trials)
-                _added(res, "flows XDP ingress, ipv4 tcp 100B, flow-table hit", ns, b, d,
-                       "empty XDP program", TARGET_HIT_NS)
-            finally:
-                obj.close()
-        if not (OBJ_DIR / "dns.bpf.o").exists():
-            res.note("dns: not built yet (src/ebpf_otlp/bpf/dns.bpf.o missing)")
-        else:
-            dns_programs(res, empty_tc, quick)
-        stats_cost(res, empty_tc, quick)
+        empty_tc = base.programs["probe_tc"]
         if not (OBJ_DIR / "packet.bpf.o").exists():
             res.note("packet: not built yet (src/ebpf_otlp/bpf/packet.bpf.o missing)")
-        else:
-            packet_object(res, empty_tc, quick)
+            return
+        res.note("flows alone on more frames and XDP: the flows_cost benchmark")
+        dns_programs(res, empty_tc, quick)
+        stats_cost(res, empty_tc, quick)
+        packet_object(res, empty_tc, quick)
     finally:
         base.close()
 
@@ -152,6 +124,15 @@ def stats_cost(res: Result, empty_tc: object, quick: bool) -> None:
     against off. Another process holding them on meanwhile hides the difference."""
     from ebpf_otlp.platform.libbpf import lib
 
+    try:
+        held = open("/proc/sys/kernel/bpf_stats_enabled").read().strip() != "0"
+    except OSError:
+        held = False
+    if held:
+        res.note("BPF run-time statistics were already on (another process holds them): "
+                 "their cost is not measurable in this run, and every packet program "
+                 "figure here includes it")
+        return
     repeat = 20_000 if quick else 1_000_000
     frame = FRAMES["ipv4 tcp 100B"]
     on, off = [], []
@@ -222,32 +203,54 @@ def packet_object(res: Result, empty_tc: object, quick: bool) -> None:
                 _added(res, f"packet TC {direction} ({label}), ipv4 tcp 100B, flow-table hit",
                        ns, b, d, "empty TC program", target,
                        note="one parse for both signals (bpf/packet.bpf.c)")
+            if label == "flows+dns":
+                ns, b = _front_misses(obj.programs["packet_tc_ingress"], empty_tc, quick)
+                _added(res, "packet TC ingress (flows+dns), every packet a new flow in its "
+                       "front slot", ns, b, ns - b, "empty TC program",
+                       note="two flows sharing one per-CPU front slot, alternating: each "
+                            "packet spills the other into the shared table (lookup + atomic "
+                            "adds); single runs, medians")
         finally:
             obj.close()
+
+
+def _front_misses(prog: object, base: object, quick: bool) -> tuple[float, float]:
+    """Median ns per run when consecutive packets alternate between two flows
+    that share a front slot (source ports 8 apart, bpf/flows.bpf.h)."""
+    frames = [_eth(0x0800, _ip4(6, _tcp(40000 + 8 * i, 443, bytes(100)))) for i in range(2)]
+    xs, bs = [], []
+    for i in range(2_000 if quick else 40_000):
+        f = frames[i & 1]
+        xs.append(prog.test_run(f).duration_ns)
+        bs.append(base.test_run(f).duration_ns)
+    return median(xs), median(bs)
 
 
 def dns_programs(res: Result, empty_tc: object, quick: bool) -> None:
     from ebpf_otlp.platform.bpfobj import BpfObject
     from ebpf_otlp.platform.ringbuf import RingBuffer
 
-    obj = BpfObject.open_packaged("dns")
-    obj.only_programs(["dns_ingress", "dns_egress"])
+    obj = BpfObject.open_packaged("packet")  # DNS only: flows off is dead code
+    obj.only_programs(["packet_tc_ingress", "packet_tc_egress"])
+    obj.rodata["flows_on"] = 0
     obj.rodata["ringbuf_wakeup_bytes"] = 64 << 10  # the agent's default policy
     obj.set_max_entries("dns_events", 16 << 20)
     obj.load()
     try:
-        prog = obj.programs["dns_egress"]
+        prog = obj.programs["packet_tc_egress"]
         trials = 1 if quick else 5
         ns, b, d = _interleaved(prog, empty_tc, FRAMES["ipv4 tcp 100B"],
                                 20_000 if quick else 1_000_000, trials)
-        _added(res, "dns TC egress, non-DNS packet (ipv4 tcp 443)", ns, b, d, "empty TC program")
+        _added(res, "DNS capture alone, TC egress, non-DNS packet (ipv4 tcp 443)", ns, b, d,
+               "empty TC program")
         # DNS messages go to the ring: keep it drained so we time submits, not a full ring.
         rb = RingBuffer(obj.maps["dns_events"], on_record=lambda _r: None,
                         lost_map=obj.maps.get("dns_events_lost"))
         ns, b, d = _interleaved(prog, empty_tc, FRAMES["ipv4 udp dns query"],
                                 2_000 if quick else 20_000, trials * 2, between=rb.drain)
         lost = rb.lost()
-        _added(res, "dns TC egress, DNS query (head copied to the ring buffer)", ns, b, d,
+        _added(res, "DNS capture alone, TC egress, DNS query (head copied to the ring buffer)",
+               ns, b, d,
                "empty TC program", note=f"ring drained between runs, {lost} lost")
         rb.close()
     finally:

@@ -1,46 +1,11 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-3-Clause
-/* DNS: TC ingress and egress programs that capture DNS messages (dns.bpf.h)
- * and getaddrinfo() uprobes. The packet programs never change a packet's
- * fate: they always return TC_ACT_UNSPEC, so the next filter (flows, or
- * anyone else's) still runs. */
-#include "dns.bpf.h"
+/* DNS: getaddrinfo() latency from libc uprobes. The DNS messages on the wire
+ * are captured by the packet object (packet.bpf.c, dns.bpf.h), whose one
+ * program per hook also does the flow accounting. */
+#include "common.bpf.h"
+#include "dns.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
-
-static __always_inline int handle(struct __sk_buff *skb, __u8 direction, const bool l3)
-{
-	struct pkt p;
-
-	pkt_parse_skb(skb, l3, &p);
-	dns_capture(skb, &p, direction);
-	return TC_ACT_UNSPEC;
-}
-
-SEC("tc")
-int dns_ingress(struct __sk_buff *skb)
-{
-	return handle(skb, DNS_DIR_INGRESS, false);
-}
-
-SEC("tc")
-int dns_egress(struct __sk_buff *skb)
-{
-	return handle(skb, DNS_DIR_EGRESS, false);
-}
-
-/* The same for devices without a link-layer header; user space picks the
- * pair by the device's type (/sys/class/net/<if>/type). */
-SEC("tc")
-int dns_ingress_l3(struct __sk_buff *skb)
-{
-	return handle(skb, DNS_DIR_INGRESS, true);
-}
-
-SEC("tc")
-int dns_egress_l3(struct __sk_buff *skb)
-{
-	return handle(skb, DNS_DIR_EGRESS, true);
-}
 
 /* --- getaddrinfo() latency (uprobes on libc) ------------------------------ */
 

@@ -1,7 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 OR BSD-3-Clause */
 /*
- * DNS capture, shared by the DNS object (dns.bpf.c) and the packet object
- * (packet.bpf.c): copy the head of every DNS message (UDP, or TCP segments
+ * DNS capture of the packet object (packet.bpf.c): copy the head of every DNS message (UDP, or TCP segments
  * starting a message) on the configured ports into a ring buffer, from a
  * packet already parsed by pkt.bpf.h. Pairing queries with answers and
  * parsing names is user space's job; here we only find the payload and copy

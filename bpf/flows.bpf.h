@@ -1,7 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 OR BSD-3-Clause */
 /*
- * Flow accounting, shared by the flows object (flows.bpf.c) and the
- * one-program-per-hook packet object (packet.bpf.c).
+ * Flow accounting of the one-program-per-hook packet object (packet.bpf.c).
  *
  * One hash table shared by all CPUs with atomic adds, not a per-CPU hash:
  * kernel memory does not multiply by the number of possible CPUs (README

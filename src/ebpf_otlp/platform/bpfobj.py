@@ -318,6 +318,16 @@ class BpfObject:
                 log.warning("detaching %s: %s", filt, e)
         self._tc_filters.clear()
 
+    def detach(self, attachment: object) -> None:
+        """Detach one link, TCX link or TC filter of this object (gone interfaces
+        included: their filters went with them)."""
+        if attachment in self._links:
+            self._links.remove(attachment)
+            attachment.destroy()
+        elif attachment in self._tc_filters:
+            self._tc_filters.remove(attachment)
+            attachment.detach()
+
     def close(self) -> None:
         if self._ptr is None:
             return

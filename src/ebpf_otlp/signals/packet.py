@@ -22,6 +22,7 @@ import errno
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DIRECTIONS = ("ingress", "egress")  # index = FLOW_DIR_RECEIVE / FLOW_DIR_TRANSMIT
+_DIR_TEXT = {"ingress": "receive", "egress": "transmit"}
 # DNS records are ~330 bytes (default head) and floods come in bursts: 8 MiB
 # hold ~25,000 messages, over half a second at 20,000 queries/s, so a consumer
 # that a busy host does not schedule for a while still loses nothing
@@ -113,25 +115,67 @@ class PacketDatapath:
         self.hooks: dict[str, Hook] = {}
         self.ifnames: dict[int, str] = {}    # every ifindex ever attached -> name
         self.reattached = 0
+        self.silent: dict[tuple[str, str], bool] = {}
         self._lock = threading.Lock()
         self._keys_used: set[int] = set()
+        self._first_user = ""
+        self._health_registered = False
+        self._last_tick = 0.0
 
     # --- lifecycle ------------------------------------------------------------------
-    def acquire(self, user: str) -> PacketDatapath:
+    def acquire(self, user: str, exporter: object = None) -> PacketDatapath:
         with self._lock:
             if self.obj is None:
                 self._start()
+                self._first_user = user
             self.users.add(user)
+        if exporter is not None and not self._health_registered:
+            self._health_registered = True
+            self._register_health(exporter)
         return self
+
+    def programs(self, user: str) -> list:
+        """The loaded programs, listed for one user only (health counts them once)."""
+        if self.obj is None or user != self._first_user:
+            return []
+        return [p for p in self.obj.programs.values() if p.autoload]
+
+    def detach_hooks(self) -> None:
+        """Detach from every interface (the counters then hold still for a last drain)."""
+        with self._lock:
+            if self.obj is None:
+                return
+            for h in self.hooks.values():
+                self._detach(h)
+            self.hooks.clear()
+
+    def interval_tick(self, interval_s: float) -> None:
+        """Once per interval whichever signal calls first: re-attach, check liveness."""
+        now = time.monotonic()
+        if now - self._last_tick < interval_s / 2:
+            return
+        self._last_tick = now
+        self.refresh()
+        self.check_alive()
+
+    def _register_health(self, exporter) -> None:
+        exporter.observe("ebpf_otlp.hook.silent", "1",
+                         "1 while the interface moves packets our hook does not see",
+                         lambda: [(int(v), {"network.interface.name": n,
+                                            "network.io.direction": _DIR_TEXT[d]})
+                                  for (n, d), v in list(self.silent.items())], kind="gauge")
+        exporter.observe("ebpf_otlp.hook.reattached", "{event}",
+                         "re-attachments to interfaces that were deleted and came back",
+                         lambda: [(self.reattached, {})])
 
     def release(self, user: str) -> None:
         with self._lock:
             self.users.discard(user)
             if self.users or self.obj is None:
                 return
-            obj, self.obj = self.obj, None
             for h in self.hooks.values():
                 self._detach(h)
+            obj, self.obj = self.obj, None
             obj.close()
         with self._shared_lock:
             if self._shared.get(id(self.config)) is self:
@@ -238,14 +282,10 @@ class PacketDatapath:
     def _detach(self, h: Hook) -> None:
         for a in h.attachments:
             try:
-                a.destroy() if hasattr(a, "destroy") else a.detach()
+                self.obj.detach(a)
             except BpfError as e:
                 if e.errno not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
                     log.warning("detaching %s: %s", a, e)
-            for lst in (self.obj._links if self.obj else [], self.obj._tc_filters
-                        if self.obj else []):
-                if a in lst:
-                    lst.remove(a)
         h.attachments.clear()
         h.ifindex = 0
 
@@ -315,4 +355,5 @@ class PacketDatapath:
                         log.info("%s %s: our hook sees packets again", h.name, d)
                     h.silent[d] = silent
                     out[(h.name, d)] = silent
+            self.silent.update(out)
         return out

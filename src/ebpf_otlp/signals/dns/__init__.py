@@ -16,7 +16,6 @@ import threading
 import time
 from collections import Counter
 from itertools import chain
-from pathlib import Path
 
 import numpy as np
 
@@ -29,6 +28,7 @@ from ...platform.layout import constant, record_dtype
 from ...platform.libbpf import BpfError
 from ...platform.ringbuf import RingBuffer
 from ..base import Signal
+from ..packet import PacketDatapath
 from .decode import (
     Decoder,
     PendingTable,
@@ -47,23 +47,6 @@ log = logging.getLogger(__name__)
 OK_RCODES = frozenset((0, 3))
 TIMEOUT = "timeout"
 EXPIRE_EVERY_NS = 100_000_000  # timeouts are checked at least this often under traffic
-# DNS records are ~330 bytes (default head) and floods come in bursts: 8 MiB
-# hold ~25,000 messages, over half a second at 20,000 queries/s, so a consumer
-# that a busy host does not schedule for a while still loses nothing
-# (bench/dns_flood.py). 16 MiB took the default agent past 64 MiB of kernel
-# memory (README "Kernel memory").
-MIN_RING_BYTES = 8 << 20
-ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
-
-
-def has_link_header(ifname: str) -> bool:
-    """Whether frames on ``ifname`` start with an Ethernet header (Ethernet,
-    veth, bridges, bonds, loopback) rather than with IP (tun, WireGuard...)."""
-    try:
-        arphrd = int(Path(f"/sys/class/net/{ifname}/type").read_text())
-    except (OSError, ValueError):
-        return True
-    return arphrd in (ARPHRD_ETHER, ARPHRD_LOOPBACK)
 
 
 class DnsSignal(Signal):
@@ -91,6 +74,7 @@ class DnsSignal(Signal):
         self._servers: dict[tuple, tuple[tuple, tuple]] = {}
         self._last_expire = 0
         self._ring: RingBuffer | None = None
+        self.dp: PacketDatapath | None = None
         self._gai_ring: RingBuffer | None = None
         self._gai_untracked = None
         self.gai = GaiMetrics(exporter.histogram(
@@ -109,38 +93,28 @@ class DnsSignal(Signal):
             raise ConfigError(f"--dns-ports takes 1 to {max_ports} ports, got {len(ports)}")
         if not 12 <= cfg.dns_head_bytes <= head_max:
             raise ConfigError(f"--dns-head-bytes must be within 12..{head_max}")
+        # The wire view: the packet object (bpf/packet.bpf.c) shared with flows, one
+        # program per hook and direction parsing each packet once for both.
+        self.dp = PacketDatapath.for_config(cfg).acquire(self.name, self.exporter)
+        self._ring = RingBuffer(self.dp.obj.maps["dns_events"], event_dtype(cfg.dns_head_bytes),
+                                on_batch=self.on_batch,
+                                lost_map=self.dp.obj.maps["dns_events_lost"])
         libc = libc_path()
+        if libc is None:
+            log.warning("no libc found for getaddrinfo uprobes; DNS on the wire only")
+            return
         try:
-            obj = self._load(ports, with_gai=libc is not None)
+            obj = self._load_gai()
         except BpfError as e:
-            if libc is None:
-                raise
             # The uprobes are the optional part: the wire view must not depend on them.
             log.warning("getaddrinfo uprobes not loaded (%s); DNS on the wire only", e)
-            obj = self._load(ports, with_gai=False)
-        if obj.programs["gai_enter"].autoload:
-            self._attach_gai(obj, libc)  # first: a failure there may detach all links
-        for ifname in cfg.ifaces:
-            idx = socket.if_nametoindex(ifname)
-            suffix = "" if has_link_header(ifname) else "_l3"
-            obj.programs["dns_ingress" + suffix].attach_tc(idx, "ingress")
-            obj.programs["dns_egress" + suffix].attach_tc(idx, "egress")
-        self._ring = RingBuffer(obj.maps["dns_events"], event_dtype(cfg.dns_head_bytes),
-                                on_batch=self.on_batch, lost_map=obj.maps["dns_events_lost"])
+            return
+        self._attach_gai(obj, libc)
 
-    def _load(self, ports: tuple[int, ...], with_gai: bool) -> BpfObject:
-        cfg = self.config
-        max_ports = constant("dns", "DNS_MAX_PORTS")
+    def _load_gai(self) -> BpfObject:
         obj = BpfObject.open_packaged("dns")
         self.objects.append(obj)
-        obj.rodata["dns_ports"] = np.array(list(ports) + [0] * (max_ports - len(ports)),
-                                           dtype="<u2").tobytes()
-        obj.rodata["n_dns_ports"] = len(ports)
-        obj.rodata["head_bytes"] = cfg.dns_head_bytes
-        obj.rodata["ringbuf_wakeup_bytes"] = cfg.ringbuf_wakeup_bytes
-        obj.set_max_entries("dns_events", max(cfg.ringbuf_bytes, MIN_RING_BYTES))
-        if not with_gai:
-            obj.only_programs([p for p in obj.programs if p.startswith("dns_")])
+        obj.rodata["ringbuf_wakeup_bytes"] = self.config.ringbuf_wakeup_bytes
         try:
             obj.load()
         except BpfError:
@@ -170,7 +144,13 @@ class DnsSignal(Signal):
         if time.monotonic_ns() - self._last_expire >= EXPIRE_EVERY_NS:
             self.expire()
 
+    def programs(self) -> list:
+        own = super().programs()
+        return own + (self.dp.programs(self.name) if self.dp is not None else [])
+
     def collect(self) -> None:
+        if self.dp is not None:
+            self.dp.interval_tick(self.config.interval_s)
         self.expire()
         with self._lock:
             qc, self._query_counts = self._query_counts, Counter()
@@ -193,6 +173,8 @@ class DnsSignal(Signal):
     def close(self) -> None:
         """Queries still waiting become timeouts now (the agent exports once more after)."""
         self._gai_untracked = None  # its map goes with the object; health stops reading it
+        if self.dp is not None:
+            self.dp.detach_hooks()
         try:
             self.expire(flush_all=True)
         except Exception:
@@ -201,6 +183,9 @@ class DnsSignal(Signal):
         for r in self.rings():
             r.close()
         self._ring = self._gai_ring = None
+        if self.dp is not None:
+            self.dp.release(self.name)
+            self.dp = None
 
     # --- the ring callback (poller thread) ---------------------------------------
     def on_batch(self, recs: np.ndarray) -> None:
