@@ -47,7 +47,8 @@ def our_counts(obj: BpfObject, ifindex: int) -> dict[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iface", required=True)
-    ap.add_argument("--ours", choices=("tcx", "tc"), required=True)
+    ap.add_argument("--ours", choices=("tcx", "tc", "none"), required=True)
+    ap.add_argument("--other-verdict", type=int, default=-1)
     ap.add_argument("--other", choices=("tcx", "tc", "none"), default="none")
     ap.add_argument("--other-first", action="store_true")
     ap.add_argument("--other-obj")
@@ -69,9 +70,12 @@ def main() -> None:
         other = BpfObject.open_file(a.other_obj, "other_tc")
         other.rodata["shot_port"] = a.shot
         other.rodata["pass_port"] = a.pass_port
+        other.rodata["other_verdict"] = a.other_verdict
         other.load()
 
     def attach_ours() -> None:
+        if a.ours == "none":  # only the other program (ours is the agent's)
+            return
         if a.ours == "tcx":
             prog.attach_tcx(idx, "ingress")
         else:
@@ -79,7 +83,7 @@ def main() -> None:
 
     def attach_other() -> None:
         if a.other == "tcx":
-            other.programs["other_tc"].attach_tcx(idx, "ingress")
+            other.programs["other_tc"].attach_tcx(idx, "ingress", first=a.other_first)
         else:  # clsact: priority 1 runs before ours (0xeb00...), 0xf000 after
             attach_other_clsact(other.programs["other_tc"].fd, idx,
                                 1 if a.other_first else 0xF000)

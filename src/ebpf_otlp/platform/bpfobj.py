@@ -124,11 +124,12 @@ class Program:
         self._obj._tc_filters.append(filt)
         return filt
 
-    def attach_tcx(self, ifindex: int, direction: str) -> object:
-        """Attach through a TCX link (6.6+), after the programs already there."""
+    def attach_tcx(self, ifindex: int, direction: str, first: bool = False) -> object:
+        """Attach through a TCX link (6.6+), after the programs already there
+        (before them with ``first``)."""
         from .tcx import attach
 
-        link = attach(self.fd, ifindex, direction, self.name)
+        link = attach(self.fd, ifindex, direction, self.name, first)
         self._obj._links.append(link)
         return link
 

@@ -15,6 +15,7 @@ import os
 from .libbpf import BpfError, capture_log, ffi, lib
 
 MODES = ("auto", "tcx", "tc")
+BPF_F_BEFORE = 1 << 3  # with no relative program: first on the hook
 _TYPES = {"ingress": "BPF_TCX_INGRESS", "egress": "BPF_TCX_EGRESS"}
 
 
@@ -69,10 +70,17 @@ class TcxLink:
         return f"<TcxLink {self.description}>"
 
 
-def attach(prog_fd: int, ifindex: int, direction: str, name: str) -> TcxLink:
-    """Append ``prog_fd`` to the TCX ``direction`` hook of ``ifindex``."""
+def attach(prog_fd: int, ifindex: int, direction: str, name: str,
+           first: bool = False) -> TcxLink:
+    """Append ``prog_fd`` to the TCX ``direction`` hook of ``ifindex`` (or put it
+    before every other program with ``first``; ebpf-otlp itself never does)."""
+    opts = ffi.NULL
+    if first:
+        opts = ffi.new("struct bpf_link_create_opts *")
+        opts.sz = ffi.sizeof("struct bpf_link_create_opts")
+        opts.flags = BPF_F_BEFORE
     with capture_log() as lines:
-        fd = lib.bpf_link_create(prog_fd, ifindex, attach_type(direction), ffi.NULL)
+        fd = lib.bpf_link_create(prog_fd, ifindex, attach_type(direction), opts)
     if fd < 0:
         raise BpfError(-fd, f"attach tcx {direction} {name} on ifindex {ifindex}", lines)
     return TcxLink(fd, ifindex, direction, name)
