@@ -22,6 +22,7 @@ import socket
 import struct
 import subprocess
 import time
+from pathlib import Path
 from typing import Callable
 
 from .common import OBJ_DIR, REPO, WORK, Figure, Result, command_for, median
@@ -125,7 +126,7 @@ def stats_cost(res: Result, empty_tc: object, quick: bool) -> None:
     from ebpf_otlp.platform.libbpf import lib
 
     try:
-        held = open("/proc/sys/kernel/bpf_stats_enabled").read().strip() != "0"
+        held = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip() != "0"
     except OSError:
         held = False
     if held:
