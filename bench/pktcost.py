@@ -340,24 +340,33 @@ def tracepoint_programs(res: Result, quick: bool) -> None:
         empty.load()
         n = 2_000 if quick else 50_000
         if (OBJ_DIR / "drops.bpf.o").exists():
-            drops = BpfObject.open_packaged("drops")
             names = {v: k for k, v in kernel_enum("skb_drop_reason").items()}
-            drops.rodata["reason_consumed"] = names.get("SKB_CONSUMED", 0xFFFFFFFE)
-            drops.rodata["reason_not_specified"] = names.get("SKB_DROP_REASON_NOT_SPECIFIED",
-                                                             0xFFFFFFFE)
-            drops.load()
-            try:
-                drops.programs["on_kfree_skb"].attach_tracepoint("skb", "kfree_skb")
-                empty.programs["empty_kfree_skb"].attach_tracepoint("skb", "kfree_skb")
-                (ns, cnt), (bns, _) = _stats_delta(
-                    [drops.programs["on_kfree_skb"], empty.programs["empty_kfree_skb"]],
-                    lambda: _udp_to_closed_port(n))
-                _added(res, "drops on skb:kfree_skb, per freed skb (UDP to a closed port)",
-                       ns, bns, ns - bns, "empty program on the same tracepoint",
-                       note=f"{cnt} runs from BPF stats; the tracepoint also fires for "
-                            "consumed skbs, which the program leaves early")
-            finally:
-                drops.close()
+            for label, filtered in (("", False), (", reason filtered out (--drop-reasons)",
+                                                  True)):
+                drops = BpfObject.open_packaged("drops")
+                drops.rodata["reason_consumed"] = names.get("SKB_CONSUMED", 0xFFFFFFFE)
+                drops.rodata["reason_not_specified"] = names.get(
+                    "SKB_DROP_REASON_NOT_SPECIFIED", 0xFFFFFFFE)
+                if filtered:  # only NETFILTER_DROP wanted: NO_SOCKET leaves at once
+                    drops.rodata["reason_filter"] = 1
+                    v = names.get("SKB_DROP_REASON_NETFILTER_DROP", 0)
+                    bits = bytearray(8 * 8)
+                    bits[v >> 3] |= 1 << (v & 7)
+                    drops.rodata["reason_bits"] = bytes(bits)
+                drops.load()
+                try:
+                    drops.programs["on_kfree_skb"].attach_tracepoint("skb", "kfree_skb")
+                    if not filtered:
+                        empty.programs["empty_kfree_skb"].attach_tracepoint("skb", "kfree_skb")
+                    (ns, cnt), (bns, _) = _stats_delta(
+                        [drops.programs["on_kfree_skb"], empty.programs["empty_kfree_skb"]],
+                        lambda: _udp_to_closed_port(n))
+                    _added(res, "drops on skb:kfree_skb, per freed skb (UDP to a closed port)"
+                           + label, ns, bns, ns - bns, "empty program on the same tracepoint",
+                           note=f"{cnt} runs from BPF stats; the tracepoint also fires for "
+                                "consumed skbs, which the program leaves early")
+                finally:
+                    drops.close()
         else:
             res.note("drops: not built yet")
         if (OBJ_DIR / "tcp.bpf.o").exists():
