@@ -11,6 +11,7 @@ senders and softirqs, see the pktcost benchmark for that).
 
 from __future__ import annotations
 
+import os
 import time
 
 from .common import Figure, Result, command_for, median
@@ -38,8 +39,12 @@ def run(quick: bool = False) -> Result:
     # No BPF run-time statistics here: they add ~85 ns to every program run on
     # the host (pktcost) and the agent enables them only with --bpf-stats. The
     # kernel cost per packet of each program is the pktcost benchmark's.
+    load0 = os.getloadavg()[0]
     _rounds(res, runs, rounds, seconds)
     _figures(res, runs, seconds)
+    res.note(f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on "
+             f"{os.cpu_count()} CPUs shared with other sessions: per-round ratios spread with "
+             "it")
     rss = [r["agent_rss_mb"] for r in runs if r["agent"]]
     if rss:
         res.add(Figure("agent RSS after the runs", max(rss), "MB"))
