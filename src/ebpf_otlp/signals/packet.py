@@ -121,6 +121,7 @@ class PacketDatapath:
         self._first_user = ""
         self._health_registered = False
         self._last_tick = 0.0
+        self._auto = False
 
     # --- lifecycle ------------------------------------------------------------------
     def acquire(self, user: str, exporter: object = None) -> PacketDatapath:
@@ -188,19 +189,22 @@ class PacketDatapath:
                 socket.if_nametoindex(name)
             except OSError:
                 raise OSError(f"no such interface: {name}") from None
-        self.mode = tcx.resolve(getattr(cfg, "tc_mode", "auto"))
+        self._auto = cfg.tc_mode == "auto"
+        self.mode = tcx.resolve(cfg.tc_mode)
         obj = BpfObject.open_packaged("packet")
         try:
             self._configure(obj)
             obj.load()
+            self.obj = obj
+            self._init_tables()
+            for name in cfg.ifaces:
+                h = self.hooks[name] = Hook(name)
+                self._attach(h)
         except BaseException:
-            obj.close()
+            self.obj = None
+            self.hooks.clear()
+            obj.close()  # detaches whatever was attached
             raise
-        self.obj = obj
-        self._init_tables()
-        for name in cfg.ifaces:
-            h = self.hooks[name] = Hook(name)
-            self._attach(h)
         log.info("packet hooks: %s on %s", self.mode.upper(), ", ".join(cfg.ifaces))
 
     def _configure(self, obj: BpfObject) -> None:
@@ -270,10 +274,19 @@ class PacketDatapath:
             p = progs[prog]
             if prog == "packet_xdp_ingress":
                 h.attachments.append(p.attach_xdp(idx))
-            elif self.mode == "tcx":
-                h.attachments.append(p.attach_tcx(idx, direction))
-            else:
-                h.attachments.append(p.attach_tc(idx, direction))
+                continue
+            if self.mode == "tcx":
+                try:
+                    h.attachments.append(p.attach_tcx(idx, direction))
+                    continue
+                except BpfError as e:
+                    if not (self._auto and not h.attachments and not self.ifnames):
+                        raise
+                    # the kernel names TCX but refuses it here (a sandbox, a
+                    # missing config): auto falls back to clsact filters
+                    log.warning("TCX attach refused (%s); using clsact filters", e)
+                    self.mode = "tc"
+            h.attachments.append(p.attach_tc(idx, direction))
         h.ifindex = idx
         h.last.clear()
         self.ifnames[idx] = h.name
