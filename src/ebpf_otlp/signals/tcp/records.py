@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -163,22 +163,3 @@ class AttributeMapper:
             attrs["process.pid"] = int(rec["pid"])
             attrs["process.executable.name"] = comm(rec["comm"].tobytes())
         return attrs
-
-
-def counter_deltas(keys: np.ndarray, values: Sequence[int], last: dict[bytes, int]
-                   ) -> list[tuple[bytes, int]]:
-    """Deltas of cumulative kernel counters since the previous drain.
-
-    ``last`` is updated in place. A value below the last one means the key
-    was evicted and re-created: the whole value is new.
-    """
-    out = []
-    for k, v in zip(keys, values):
-        kb = k.tobytes()
-        v = int(v)
-        prev = last.get(kb, 0)
-        d = v - prev if v >= prev else v
-        last[kb] = v
-        if d:
-            out.append((kb, d))
-    return out
