@@ -159,6 +159,7 @@ def test_records_map_to_instruments_and_spans() -> None:
                                 (2, 8080, counters.CNT_OPENED, 1),
                                 (1, 8080, counters.CNT_ACTIVE, 0),
                                 (2, 8080, counters.CNT_ACTIVE, 1)]))
+    sig.export()  # byte and failure totals wait for the interval's export
     pts = tel.points()
 
     def by_role(name: str, field: str = "value") -> dict:
