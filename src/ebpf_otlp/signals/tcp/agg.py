@@ -10,10 +10,10 @@ them to the SDK: one ``add`` per series per interval, whatever the rate.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import numpy as np
 
+from ..batch import split  # noqa: F401 (re-exported for the signal)
 from .records import F_RST_RX
 
 # error.type of failed handshakes, by code (see records.failure_cause)
@@ -28,21 +28,6 @@ def failure_causes(err: np.ndarray, flags: np.ndarray) -> np.ndarray:
     out[err == _ETIMEDOUT] = 1
     out[((flags & F_RST_RX) != 0) | (err == _ECONNREFUSED)] = 0
     return out
-
-
-def split(inv: np.ndarray, values: np.ndarray, ngroups: int,
-          mask: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """(group, its values) for every group with at least one value (one sort)."""
-    if mask is not None:
-        inv, values = inv[mask], values[mask]
-    if not len(inv):
-        return
-    order = np.argsort(inv, kind="stable")
-    counts = np.bincount(inv, minlength=ngroups)
-    ends = np.cumsum(counts)
-    sorted_vals = values[order]
-    for g in np.flatnonzero(counts).tolist():
-        yield g, sorted_vals[ends[g] - counts[g]:ends[g]]
 
 
 class Sums:
