@@ -29,7 +29,7 @@ from ...platform.layout import constant, record_dtype
 from ...platform.libbpf import BpfError
 from ...platform.ringbuf import RingBuffer
 from ..base import Signal
-from ..batch import split
+from ..batch import group, split
 from . import lookups
 from .decode import (
     Decoder,
@@ -380,14 +380,23 @@ class DnsSignal(Signal):
                 hit = cache[ck] = self._span_group(questions[q], sa, sp, proto, fam, ifx, rcode)
             groups.append(hit[0])
             hist_keys.append(hit[1])
+        # Spans also share the client's address and the answer count (few distinct
+        # values): only the client port is left per span.
         text = self.addrs.text
-        distinct, client_of = lookups.clients(lk)
-        clients = [text(raw, fam) for raw, fam in distinct]
-        answers = [None if t else a for t, a in zip(timeout.tolist(), lk.answers.tolist())]
-        columns = [("client.address", [clients[k] for k in client_of.tolist()]),
-                   ("client.port", lk.c_port.tolist()), ("dns.answer.count", answers)]
+        first, sub, _ = group(inv.astype("<i8"), lk.c_addr, lk.family.astype("u1"),
+                              lk.answers.astype("<i8"))
+        raw = np.ascontiguousarray(lk.c_addr[first]).tobytes()
+        span_groups = []
+        for k, (g, fam, ans) in enumerate(zip(inv[first].tolist(), lk.family[first].tolist(),
+                                              lk.answers[first].tolist())):
+            base = groups[g]
+            extra = (("client.address", text(raw[16 * k:16 * k + 16], fam)),)
+            if base.error != TIMEOUT:
+                extra += (("dns.answer.count", ans),)
+            span_groups.append(base._replace(attributes=tuple(base.attributes) + extra))
         self.spans_dropped += self.exporter.submit_span_groups(
-            lk.q_ts + offset, end + offset, inv, groups, columns)
+            lk.q_ts + offset, end + offset, sub, span_groups,
+            [("client.port", lk.c_port.tolist())])
         # span groups that share a histogram series (names off: all but the question)
         series: dict[tuple, int] = {}
         to_series = np.array([series.setdefault(h, len(series)) for h in hist_keys], np.int64)

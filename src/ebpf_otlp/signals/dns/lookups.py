@@ -107,11 +107,3 @@ def span_groups(lk: Lookups) -> tuple[list[tuple], np.ndarray]:
             enumerate(zip(*(c[first].tolist() for c in (
                 lk.question, lk.s_port, lk.proto, lk.family, lk.ifindex, lk.rcode))))]
     return rows, inv
-
-
-def clients(lk: Lookups) -> tuple[list[tuple[bytes, int]], np.ndarray]:
-    """Distinct (client address bytes, family), and the one of each lookup."""
-    first, inv, _ = group(lk.c_addr, lk.family.astype("u1"))
-    raw = np.ascontiguousarray(lk.c_addr[first]).tobytes()
-    return ([(raw[16 * k:16 * k + 16], f) for k, f in enumerate(lk.family[first].tolist())],
-            inv)
