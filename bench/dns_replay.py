@@ -31,12 +31,13 @@ import time
 from pathlib import Path
 
 from .common import PY, Figure, Result, command_for, env, wait_until
-from .dns_flood import RECEIVER, TARGET
+from .dns_flood import RECEIVER
 
 NAME = "dns_replay"
 TITLE = "DNS agent capacity, frames replayed through the TC programs (queries/s)"
 PAIRS = 4096  # distinct (txid, client port) exchanges, cycled
 TARGET_US = 8.0  # agent CPU per query (issue #19)
+TARGET = 100_000  # queries/s replayed with every query reported (issue #19)
 
 
 def _frames() -> list[tuple[bytes, bytes]]:
@@ -180,15 +181,19 @@ def run(quick: bool) -> Result:
                                                         1),
                     "us_per_query": round(1e6 * cpu / max(g.get("sent", 1), 1), 1),
                     "loadavg": os.getloadavg()[0]}
+            # Complete: every query replayed was reported. The rate judged is the one
+            # the producer achieved (on a loaded machine it falls short of the ask).
             step["complete"] = (step["ring_lost"] == 0 and step["spans_dropped"] == 0
-                                and step["spans_exported"] == step["sent"]
-                                and step["achieved_rate"] >= 0.95 * rate)
+                                and step["spans_exported"] == step["sent"])
             steps.append(step)
             print(f"  {rate:>6}/s: {json.dumps(step)}", flush=True)
-            if step["complete"]:
+            if step["complete"] and (best is None
+                                     or step["achieved_rate"] > best["achieved_rate"]):
                 best = step
-            elif step["ring_lost"] or step["spans_dropped"] or \
-                    step["achieved_rate"] < 0.95 * rate:
+            if not step["complete"]:
+                break
+            short = [x for x in steps if x["achieved_rate"] < 0.95 * x["rate"]]
+            if len(short) >= 2:  # the producer is saturated: higher asks change nothing
                 break
         if steps:
             profile["want"] = True
@@ -230,21 +235,23 @@ def run(quick: bool) -> Result:
     total_sent = sum(s["sent"] for s in steps)
     res.note(f"receiver: {totals.get('spans')} spans for {total_sent} queries replayed; "
              f"histogram count {totals.get('dns.lookup.duration')}")
-    if steps:
-        us = min(s["us_per_query"] for s in steps)
-        res.add(Figure.compare("agent CPU per query", us, "us", TARGET_US, "target",
-                               target=1.0, higher_is_better=False,
-                               note="lowest of the steps (all agent threads; per step in "
-                                    "raw.steps)"))
     if best is None:
         res.status = "partial"
         res.note("no rate passed (see raw.steps)")
         return res
-    res.add(Figure.compare("highest replayed rate with every query reported", best["rate"],
-                           "queries/s", TARGET, "target", target=1.0,
-                           note="2 messages per query; no ring loss, one span each"))
-    res.add(Figure("agent CPU at that rate", best["agent_cpu_pct"], "% of one core",
-                   note=f"{best['us_per_query']} us of agent CPU per query"))
-    if steps[-1] is not best:
+    res.add(Figure.compare("agent CPU per query", best["us_per_query"], "us", TARGET_US,
+                           "target", target=1.0, higher_is_better=False,
+                           note="at the rate below (all agent threads; every step in "
+                                "raw.steps)"))
+    res.add(Figure.compare("highest replayed rate with every query reported",
+                           best["achieved_rate"], "queries/s", TARGET, "target", target=1.0,
+                           note=f"asked {best['rate']}/s; 2 messages per query; no ring loss, "
+                                "one span each"))
+    res.add(Figure("agent CPU at that rate", best["agent_cpu_pct"], "% of one core"))
+    res.add(Figure("agent CPU at 100,000 queries/s (extrapolated)",
+                   best["us_per_query"] * 10, "% of one core",
+                   note="per-query cost x 100,000/s, when the producer cannot reach that rate "
+                        "on this machine"))
+    if not steps[-1]["complete"]:
         res.note(f"first failing step: {json.dumps(steps[-1])}")
     return res
