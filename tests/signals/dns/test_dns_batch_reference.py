@@ -76,7 +76,8 @@ class _Exporter:
         return out
 
 
-def traffic(rng: np.random.Generator, n: int, t0: int) -> tuple[list[np.ndarray], list[dict]]:
+def traffic(rng: np.random.Generator, n: int, t0: int, ids: int = 1 << 16
+            ) -> tuple[list[np.ndarray], list[dict]]:
     """Records in wire order and, per record, what it is (the reference's input)."""
     names = [f"{'Host' if i % 3 else 'host'}{i % 7}.Example.Test" for i in range(20)]
     out, meta = [], []
@@ -104,7 +105,8 @@ def traffic(rng: np.random.Generator, n: int, t0: int) -> tuple[list[np.ndarray]
         server = SERVERS[int(rng.integers(0, len(SERVERS)))]
         name = names[int(rng.integers(0, len(names)))]
         qtype = str(rng.choice(["A", "AAAA", "TXT"]))
-        qid, cport = int(rng.integers(0, 1 << 16)), int(rng.integers(30000, 30100))
+        qid = int(rng.integers(0, ids))
+        cport = int(rng.integers(30000, 30100 if ids > 16 else 30002))
         q = query(name, qtype, qid=qid)
         m = {"response": False, "ts": ts, "name": name, "qtype": qtype, "server": server,
              "client": CLIENTS[server], "cport": cport, "qid": qid}
@@ -179,10 +181,11 @@ def reference(meta: list[dict], names: bool) -> dict:
     return {"spans": spans, "hist": hist, "dns.queries": queries, "dns.responses": responses}
 
 
-@pytest.mark.parametrize("names", [False, True])
-def test_batched_dns_equals_per_message_reference(names: bool) -> None:
-    rng = np.random.default_rng(11 + names)
-    recs, meta = traffic(rng, 3000, time.monotonic_ns())
+@pytest.mark.parametrize(("names", "ids"), [(False, 1 << 16), (True, 1 << 16), (False, 4)])
+def test_batched_dns_equals_per_message_reference(names: bool, ids: int) -> None:
+    """``ids=4``: few ids and ports, so exchanges reuse their key within a batch."""
+    rng = np.random.default_rng(11 + names + ids)
+    recs, meta = traffic(rng, 3000, time.monotonic_ns(), ids)
     allr = batch(*recs)
     tel = _Exporter()
     sig = DnsSignal(AgentConfig(dns_names=names, dns_timeout_s=TIMEOUT_S), tel)

@@ -342,31 +342,37 @@ class PendingTable:
 
     def fast_pairs(self, keys: np.ndarray, response: np.ndarray, ts_ns: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Exchanges complete inside one batch, found with numpy: keys seen
-        exactly twice, query first, answer second, with no query of theirs
-        already waiting. They leave the table as if added and answered (the
-        answer is remembered for duplicates). Returns (query positions,
-        answer positions, positions left for :meth:`add`/:meth:`answer`, in
-        order); the result is what adding and answering one by one gives.
+        """Exchanges complete inside one batch, found with numpy: keys whose
+        messages alternate query, answer, query, answer... (a key comes back
+        when a client reuses its port and id), ending with an answer, with no
+        query of theirs already waiting. Each query pairs with the answer
+        after it, as adding and answering one by one would; answers are
+        remembered for duplicates. Returns (query positions, answer
+        positions, positions left for :meth:`add`/:meth:`answer`, in order).
         """
         n = len(keys)
         uniq, inv, cnt = np.unique(keys, return_inverse=True, return_counts=True)
         inv = inv.reshape(-1)
-        order = np.argsort(inv, kind="stable")
-        starts = np.cumsum(cnt) - cnt
-        two = np.flatnonzero(cnt == 2)
-        qi, ai = order[starts[two]], order[starts[two] + 1]
-        ok = ~response[qi] & response[ai]
-        two, qi, ai = two[ok], qi[ok], ai[ok]
+        order = np.argsort(inv, kind="stable")  # each key's messages, in ring order
+        g = inv[order]
+        offset = np.arange(n) - (np.cumsum(cnt) - cnt)[g]
+        wrong = np.bincount(g, weights=(response[order] != (offset % 2 == 1)),
+                            minlength=len(uniq))
+        good = (wrong == 0) & (cnt % 2 == 0)
         pending = self.pending
-        kb = uniq[two].tolist()
-        if pending and len(two):
-            free = np.fromiter((k not in pending for k in kb), bool, len(kb))
-            two, qi, ai = two[free], qi[free], ai[free]
-            kb = [k for k, f in zip(kb, free.tolist()) if f]
-        if len(kb):
+        if pending:
+            cand = np.flatnonzero(good)
+            good[cand] = np.fromiter((k not in pending for k in uniq[cand].tolist()), bool,
+                                     len(cand))
+        sel = good[g]
+        qi = order[sel & (offset % 2 == 0)]
+        ai = order[sel & (offset % 2 == 1)]
+        if len(ai):
+            # in ring order, as one by one (the window may drop keys re-added later in
+            # the same batch: a copy of such an answer then counts as unmatched)
+            ai_sorted = np.sort(ai)
             answered = self._answered
-            answered.update(zip(kb, ts_ns[ai].tolist()))
+            answered.update(zip(keys[ai_sorted].tolist(), ts_ns[ai_sorted].tolist()))
             for _ in range(len(answered) - self._recent):
                 answered.popitem(last=False)
         rest = np.ones(n, bool)

@@ -228,9 +228,9 @@ class TcpSignal(Signal):
         for direction, field in (("transmit", "bytes_tx"), ("receive", "bytes_rx")):
             totals = np.bincount(inv, weights=recs[field].astype(np.float64), minlength=ng)
             self._byte_sums.add([(direction, k) for k in keys],
-                           [self._with(a, "network.io.direction", direction, k)
-                            for a, k in zip(groups, keys)],
-                           [int(t) for t in totals.tolist()])
+                                [self._with(a, "network.io.direction", direction, k)
+                                 for a, k in zip(groups, keys)],
+                                [int(t) for t in totals.tolist()])
         start = np.where(recs["start_ns"] != 0, recs["start_ns"], recs["est_ns"]).astype(np.int64)
         end = recs["ts_ns"].astype(np.int64)
         self._histogram(self.duration, (end - start) / 1e9, inv, groups,
@@ -240,9 +240,8 @@ class TcpSignal(Signal):
         causes = agg.failure_causes(recs["cause"], recs["flags"])
         inv, groups, extras, keys = self.mapper.groups(recs, process=True, extra=causes)
         counts = np.bincount(inv, minlength=len(groups)).tolist()
-        self._fail_sums.add(keys,
-                       [self._with(a, "error.type", agg.CAUSES[c], k)
-                        for a, c, k in zip(groups, extras, keys)], counts)
+        self._fail_sums.add(keys, [self._with(a, "error.type", agg.CAUSES[c], k)
+                                   for a, c, k in zip(groups, extras, keys)], counts)
 
     def _with(self, attrs: dict, key: str, value: str, row: bytes) -> dict:
         """``attrs`` plus one attribute, cached per group (bounded)."""
