@@ -207,6 +207,7 @@ def run(quick: bool) -> Result:
                     os._exit(1)
             os.close(w)
             os.waitpid(pid, 0)
+            res.raw["profiled_step"] = json.loads(os.read(r, 4096) or b"{}")
             os.close(r)
             time.sleep(2 * cfg.poll_interval_ms / 1000)
             profile["want"] = False
@@ -232,8 +233,9 @@ def run(quick: bool) -> Result:
         rx.send_signal(signal.SIGTERM)
         rx.wait(5)
         res.raw["steps"] = steps
-    total_sent = sum(s["sent"] for s in steps)
-    res.note(f"receiver: {totals.get('spans')} spans for {total_sent} queries replayed; "
+    total_sent = sum(s["sent"] for s in steps) + res.raw.get("profiled_step", {}).get("sent", 0)
+    res.note(f"receiver: {totals.get('spans')} spans for {total_sent} queries replayed "
+             "(the profiled step included); "
              f"histogram count {totals.get('dns.lookup.duration')}")
     if best is None:
         res.status = "partial"
