@@ -58,6 +58,17 @@ class AgentConfig:
     dns_timeout_s: float = 5.0
     dns_head_bytes: int = 256
     dns_max_pending: int = 65536
+    # http
+    http_head_bytes: int = 256
+    http_capture_query: bool = False
+    http_capture_headers: tuple[str, ...] = ()
+    http_attributes: tuple[str, ...] = ("server.address", "server.port")
+    http_route_patterns: tuple[str, ...] = ()
+    http_max_conns: int = 16384
+    http_idle_s: float = 300.0
+    http_tls: bool = True  # SSL uprobes (each hit costs tens of us here: bench/http_load.py)
+    tls_libs: tuple[str, ...] = ()
+    tls_scan_interval_s: float = 2.0
     # drops
     drop_location: bool = False
     drop_exclude_not_specified: bool = False
