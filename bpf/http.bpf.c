@@ -213,9 +213,13 @@ static __always_inline void fill_addrs(struct http_event *e, __u64 skp)
 	e->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
 	e->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	if (family == AF_INET) {
+		/* IPv4-mapped, as in every record header (bpf/pkt.bpf.h); the
+		 * caller zeroed the fixed part, so bytes 0..9 are already 0. */
 		e->family = 4;
-		bpf_core_read(e->laddr, 4, &sk->__sk_common.skc_rcv_saddr);
-		bpf_core_read(e->raddr, 4, &sk->__sk_common.skc_daddr);
+		e->laddr[10] = e->laddr[11] = 0xff;
+		e->raddr[10] = e->raddr[11] = 0xff;
+		bpf_core_read(e->laddr + 12, 4, &sk->__sk_common.skc_rcv_saddr);
+		bpf_core_read(e->raddr + 12, 4, &sk->__sk_common.skc_daddr);
 	} else {
 		e->family = 6;
 		bpf_core_read(e->laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);

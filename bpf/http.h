@@ -26,7 +26,7 @@ struct http_event {
 	__u32 tid;
 	__s32 fd;
 	__u32 len;		/* bytes the call moved */
-	__u8 laddr[16];		/* local address; IPv4 uses the first 4 bytes */
+	__u8 laddr[16];		/* local address; IPv4-mapped for IPv4 (::ffff:a.b.c.d) */
 	__u8 raddr[16];		/* remote address */
 	__u16 lport;		/* host byte order */
 	__u16 rport;

@@ -129,6 +129,11 @@ class Agent:
                   lambda: [(ns / 1e9, a) for ns, _, a in run_times()])
         t.observe("ebpf_otlp.program.runs", "{run}", "runs of our programs",
                   lambda: [(cnt, a) for _, cnt, a in run_times()])
+        t.observe("ebpf_otlp.program.misses", "{run}",
+                  "runs of our programs the kernel skipped because another BPF program was "
+                  "running on that CPU (their events are lost)",
+                  lambda: [(p.recursion_misses(), {"signal": s.name, "program": p.name})
+                           for s in self.signals for p in s.programs()])
         t.observe("ebpf_otlp.agent.errors", "{error}", "errors caught in the agent's loops",
                   lambda: [(self.poll_errors, {"loop": "poll"}),
                            (self.collect_errors, {"loop": "collect"})])

@@ -46,10 +46,13 @@ class AgentConfig:
     # flows
     max_flows: int = 65536
     flow_hook: str = "tc"  # or "xdp" (ingress; egress stays on TC)
+    # how TC programs attach: "tcx" links (6.6+), "tc" clsact filters, or "auto"
+    tc_mode: str = "auto"
     flow_attributes: tuple[str, ...] = FLOW_ATTRIBUTES
     # tcp
     tcp_spans: bool = False
     tcp_attributes: tuple[str, ...] = ("server.address", "server.port")
+    tcp_max_sockets: int = 65536  # connections tracked at once (kernel socket table)
     cgroup_path: str | None = None  # None: the cgroup2 mount found in /proc/self/mountinfo
     # dns
     dns_ports: tuple[int, ...] = (53,)
@@ -73,9 +76,12 @@ class AgentConfig:
     drop_exclude_not_specified: bool = False
     drop_logs: bool = False
     max_drops: int = 16384
+    # only these drop reasons (names without SKB_DROP_REASON_), filtered in the kernel
+    drop_reasons: tuple[str, ...] = ()
     # kernel BPF run-time statistics (ebpf_otlp.program.run_time); host-wide
-    # while on, costing every BPF program on the host two clock reads per run
-    bpf_stats: bool = True
+    # while on, costing every BPF program run on the host ~85 ns here
+    # (bench/pktcost.py): off unless asked for
+    bpf_stats: bool = False
     # ring buffers
     ringbuf_bytes: int = 4 << 20
     ringbuf_wakeup_bytes: int = 64 << 10

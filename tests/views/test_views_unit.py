@@ -169,27 +169,54 @@ def test_line_and_json_output() -> None:
     assert [r["network.flow.bytes"] for r in rows] == [3_000_000]
 
 
-def test_http_spans_reach_the_view_through_its_exporter() -> None:
-    """The HTTP signal (another issue) hands spans to the exporter: the view's
-    exporter turns those, and only those, into HTTP events."""
+def test_spans_reach_the_view_through_its_exporter() -> None:
+    """DNS (columns) and HTTP (records) hand their spans to the exporter: the view's
+    exporter turns them into events, nothing is sent."""
+    import numpy as np
+
     from ebpf_otlp.config import AgentConfig
     from ebpf_otlp.otlp import SPAN_KIND_SERVER, SpanRecord
-    from ebpf_otlp.views.events import EventMaker
-    from ebpf_otlp.views.session import LocalExporter
+    from ebpf_otlp.otlp.spans import SpanGroup
+    from ebpf_otlp.views.session import LocalExporter, Session
 
     got = []
-    exp = LocalExporter(AgentConfig(), on_http=got.extend)
+    exp = LocalExporter(AgentConfig(), on_spans=got.extend)
     http = SpanRecord(T, T + 2_000_000, "GET /items/{id}",
                       (("http.request.method", "GET"), ("url.path", "/items/7"),
                        ("http.response.status_code", 200), ("server.port", 8080),
                        ("process.pid", 7)), None, SPAN_KIND_SERVER)
-    dns = SpanRecord(T, T + 1, "DNS A", (("dns.question.name", "x"),))
-    assert exp.submit_spans([dns, http]) == 0
-    assert got == [http]
-    (ev,) = EventMaker().events("http", got)
-    assert ev["signal"] == "http" and ev["http.side"] == "server"
-    assert ev["http.server.request.duration"] == 0.002 and ev["url.path"] == "/items/7"
-    assert "GET  /items/7  200  2.00ms  pid 7" in line(ev, colour=False)
-    assert parse(port=["8080"])(ev) and not parse(port=["80"])(ev)
-    TopState().add(ev)  # no HTTP table yet: ignored, not an error
+    assert exp.submit_spans([http]) == 0
+    groups = [SpanGroup("DNS A", (("dns.question.name", "a.test"), ("dns.question.type", "A"),
+                                  ("dns.response_code", "NOERROR"))),
+              SpanGroup("DNS A", (("dns.question.name", "b.test"), ("dns.question.type", "A")),
+                        "timeout")]
+    starts = np.array([T, T + 10, T + 20], np.uint64)
+    assert exp.submit_span_groups(starts, starts + 1000, np.array([0, 1, 0]), groups,
+                                  [("client.port", [1, 2, 3])]) == 0
+    assert got[0] == http and len(got) == 4
+    assert got[2] == SpanRecord(T + 10, T + 1010, "DNS A",
+                                groups[1].attributes + (("client.port", 2),), "timeout")
+    assert exp.senders["traces"].requests == 0  # nothing went anywhere
     exp.shutdown()
+
+    class NoAgent:
+        signals: list = []
+
+        def __init__(self, *a, **kw) -> None:
+            self.exporter = kw["exporter"]
+
+    s = Session(NoAgent, AgentConfig())
+    s.agent.exporter.submit_spans([http])
+    s.agent.exporter.submit_span_groups(starts, starts + 1000, np.array([0, 1, 0]), groups,
+                                        [("client.port", [1, 2, 3])])
+    evs = s.pending()
+    assert [(e["signal"], e["event"]) for e in evs] == [("http", "request")] + [
+        ("dns", "lookup")] * 3
+    http_ev, timeout_ev = evs[0], evs[2]
+    assert http_ev["http.side"] == "server" and http_ev["url.path"] == "/items/7"
+    assert http_ev["http.server.request.duration"] == 0.002
+    assert "GET  /items/7  200  2.00ms  pid 7" in line(http_ev, colour=False)
+    assert parse(port=["8080"])(http_ev) and not parse(port=["80"])(http_ev)
+    assert timeout_ev["error.type"] == "timeout" and timeout_ev["client.port"] == 2
+    assert timeout_ev["dns.lookup.duration"] == 1e-6
+    TopState().add(http_ev)  # no HTTP table yet: ignored, not an error

@@ -7,13 +7,13 @@ The rows come from the signals' own decoders through ``Signal.tap``:
 | signal | rows | events |
 | --- | --- | --- |
 | tcp | ring records (``tcp_event``) | ``open``, ``close``, ``fail``; ``rtt`` (for ``top``) |
-| dns | one ``SpanRecord`` per finished lookup | ``lookup`` (answered or timed out) |
+| dns | its spans, as handed to the exporter | ``lookup`` (answered or timed out) |
 | drops | ``DropRow`` per (reason, flow) and interval | ``drop`` with ``network.packet.drops`` |
 | flows | one ``Drained`` table per interval | ``flow`` per flow and direction |
 | http | its spans, as handed to the exporter | ``request`` (server or client side) |
 
-HTTP needs no tap: its spans carry every attribute, and the view's exporter
-receives them (:class:`~.session.LocalExporter`).
+DNS and HTTP need no tap: their spans carry every attribute, and the view's
+exporter receives them (:class:`~.session.LocalExporter`).
 """
 
 from __future__ import annotations

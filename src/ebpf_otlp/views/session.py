@@ -20,6 +20,7 @@ import numpy as np
 
 from ..config import AgentConfig
 from ..otlp import Exporter, ExportSettings, SpanRecord
+from ..otlp.spans import SpanGroup
 from ..otlp.sums import SumMetric
 from .events import Event, EventMaker
 
@@ -35,20 +36,34 @@ class LocalExporter(Exporter):
     encoded or sent (the views read the decoded rows through the taps)."""
 
     def __init__(self, config: AgentConfig,
-                 on_http: Callable[[list[SpanRecord]], None] | None = None):
-        self.on_http = on_http
+                 on_spans: Callable[[list[SpanRecord]], None] | None = None):
+        self.on_spans = on_spans
         settings = ExportSettings.resolve(endpoint="http://127.0.0.1:9", headers={},
                                           timeout_s=1.0, resource={"service.name": "view"},
                                           env={})
         super().__init__(settings, config.interval_s, config.cardinality_limit, span_queue=1)
 
     def submit_spans(self, spans: Iterable[SpanRecord | tuple]) -> int:
-        """HTTP spans become the view's HTTP events (every attribute is on them)."""
-        if self.on_http is not None:
-            http = [s for s in spans if isinstance(s, SpanRecord)
-                    and any(k == "http.request.method" for k, _ in s.attributes)]
-            if http:
-                self.on_http(http)
+        """Spans (HTTP, ...) go to the view, which makes events of them."""
+        if self.on_spans is not None:
+            recs = [s if isinstance(s, SpanRecord) else SpanRecord(*s) for s in spans]
+            if recs:
+                self.on_spans(recs)
+        return 0
+
+    def submit_span_groups(self, start_ns: np.ndarray, end_ns: np.ndarray, group: np.ndarray,
+                           groups: Sequence[SpanGroup],
+                           columns: Sequence[tuple[str, Sequence[object]]] = ()) -> int:
+        """Spans given as columns (DNS) become records for the view: one per span."""
+        if self.on_spans is None or not len(start_ns):
+            return 0
+        cols = [(k, list(v)) for k, v in columns]
+        out = []
+        for i, (s, e, g) in enumerate(zip(start_ns.tolist(), end_ns.tolist(), group.tolist())):
+            sg = groups[g]
+            attrs = tuple(sg.attributes) + tuple((k, v[i]) for k, v in cols)
+            out.append(SpanRecord(s, e, sg.name, attrs, sg.error, sg.kind))
+        self.on_spans(out)
         return 0
 
     def send_sums(self, metrics: Sequence[SumMetric], attrs: Sequence[bytes],
@@ -94,7 +109,7 @@ class Session:
         self.stop = threading.Event()
         self.intervals = 0
         self.last_collect = time.monotonic()
-        exporter = LocalExporter(config, on_http=lambda spans: self._on_rows("http", spans))
+        exporter = LocalExporter(config, on_spans=self._on_spans)
         self.agent = make_agent(config, strict=True, exporter=exporter, tap=self._on_rows)
 
     def _on_rows(self, what: str, rows: object) -> None:
@@ -106,6 +121,21 @@ class Session:
             except queue.Full:
                 with self._dropped_lock:
                     self.dropped += 1
+
+    def _on_spans(self, spans: list[SpanRecord]) -> None:
+        """DNS lookups and HTTP requests arrive as the spans their signal exports
+        (they carry every attribute); others (TCP spans, off here) are not shown."""
+        dns, http = [], []
+        for s in spans:
+            keys = {k for k, _ in s.attributes}
+            if "dns.question.name" in keys:
+                dns.append(s)
+            elif "http.request.method" in keys:
+                http.append(s)
+        if dns:
+            self._on_rows("dns", dns)
+        if http:
+            self._on_rows("http", http)
 
     @property
     def signals(self) -> list[str]:

@@ -182,11 +182,11 @@ class HttpSignal(Signal):
         f = fam[i]
         if f == 0:
             return (0, "", 0, "", 0, name)
-        return (f, self._addr(laddr[16 * i:16 * i + 16], f), lport[i],
-                self._addr(raddr[16 * i:16 * i + 16], f), rport[i], name)
+        return (f, self._addr(laddr[16 * i:16 * i + 16]), lport[i],
+                self._addr(raddr[16 * i:16 * i + 16]), rport[i], name)
 
-    def _addr(self, raw: bytes, family: int) -> str:
-        return self.addrs.text(raw, family)  # IPv4-mapped peers read as IPv4
+    def _addr(self, raw: bytes) -> str:
+        return self.addrs.text(raw)  # IPv4 records are IPv4-mapped (bpf/http.h)
 
     # --- telemetry -----------------------------------------------------------------
     def _conn_attrs(self, c: Conn) -> tuple:
