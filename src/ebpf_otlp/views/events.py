@@ -18,6 +18,9 @@ exporter receives them (:class:`~.session.LocalExporter`).
 
 from __future__ import annotations
 
+import time
+from dataclasses import fields
+
 import numpy as np
 
 from .. import signals as _signals
@@ -129,15 +132,13 @@ class EventMaker:
         if not n:
             return []
         order = np.argsort(d.counts[:, 1], kind="stable")[::-1][:self.flows_top]
-        sub = agg.Drained(d.keys[order], d.counts[order], d.tcp_flags[order],
-                          d.first_ns[order], d.last_ns[order])
+        sub = agg.Drained(**{f.name: getattr(d, f.name)[order] for f in fields(d)})
         attrs = fattrs.dicts(agg.project(sub, FLOW_ATTRIBUTES), FLOW_ATTRIBUTES, {})
-        offset = epoch_offset_ns()
+        now = time.time_ns()  # the end of the interval these counts cover
         interval = self.interval_s or 1.0
         out = []
-        for a, (packets, nbytes, segs), last in zip(attrs, sub.counts.tolist(),
-                                                     sub.last_ns.tolist()):
-            ev: Event = {"time": int(last) + offset, "signal": "flows", "event": "flow"}
+        for a, (packets, nbytes, segs) in zip(attrs, sub.counts.tolist()):
+            ev: Event = {"time": now, "signal": "flows", "event": "flow"}
             ev.update(a)
             ev["network.flow.bytes"] = int(nbytes)
             ev["network.flow.packets"] = int(packets)
