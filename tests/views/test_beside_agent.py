@@ -54,15 +54,14 @@ def test_observe_beside_the_agent_both_counts_exact(topo) -> None:
         assert sink.stdout.readline().strip() == "ready"
         with ReceiverProc(t, t.a) as rx, AgentProc(t, t.a, rx, "--iface", "veth-a",
                                                    "--signals", "flows,tcp") as agent:
-            agent_tc = ours_filters(t).count("0xeb0f")
-            assert agent_tc == 2
+            # (TCX links or clsact filters, as the kernel allows: the counts below show
+            # that each keeps its own, whichever start order; tests/platform covers the
+            # clsact start-up cleanup sparing a live process's filters)
             before = loaded_programs()
             obs = ObserveProc(t, t.a, "--iface", "veth-a", "--signal", "tcp,flows", "--flows",
                               "--flows-top", "1000", "--port", f"{udp},{tcp}").start()
             try:
                 obs.wait_ready()
-                # observe started after the agent: its start-up cleanup spared the agent's
-                assert ours_filters(t).count("0xeb0f") == 4
                 held = held_programs(obs.proc.pid)
                 t.run(t.a, PY, "-c", SEND, t.b_ip4, str(udp), str(sport), str(n1))
                 t.run(t.a, PY, "-c", CONNECT, t.b_ip4, str(tcp), str(k))
@@ -82,8 +81,7 @@ def test_observe_beside_the_agent_both_counts_exact(topo) -> None:
             finally:
                 obs.close()
             assert not (loaded_programs() - before) & held, "observe's programs still loaded"
-            # The agent's two filters are still there, and it goes on counting.
-            assert ours_filters(t).count("0xeb0f") == agent_tc
+            # The agent goes on counting after observe has gone.
             t.run(t.a, PY, "-c", SEND, t.b_ip4, str(udp), str(sport), str(n2))
             attrs = {"destination.port": udp, "source.port": sport,
                      "network.io.direction": "transmit"}
