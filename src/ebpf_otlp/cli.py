@@ -151,7 +151,12 @@ def run(ifaces: tuple[str, ...], signals: tuple[str, ...] | None, headers: tuple
 @click.option("--listen", default="127.0.0.1:4318", show_default=True, metavar="HOST:PORT")
 @click.option("--output", type=click.Path(dir_okay=False, writable=True),
               help="Write JSON lines here instead of printing readable lines.")
-def receive(listen: str, output: str | None) -> None:
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=32 << 20,
+              show_default=True, help="Largest request body accepted (413 beyond).")
+@click.option("--max-decoded-bytes", type=click.IntRange(min=1), default=64 << 20,
+              show_default=True, help="Largest body after gzip/deflate decoding (413 beyond).")
+def receive(listen: str, output: str | None, max_body_bytes: int,
+            max_decoded_bytes: int) -> None:
     """A small OTLP/HTTP receiver that prints what arrives."""
     from .receiver import Receiver, json_sink, text_sink
 
@@ -163,7 +168,8 @@ def receive(listen: str, output: str | None) -> None:
     out = open(output, "a") if output else sys.stdout  # noqa: SIM115 (lives as long as the server)
     sink = json_sink(out) if output else text_sink(out)
     try:
-        rx = Receiver(host.strip("[]") or "127.0.0.1", port_n, sink=sink)
+        rx = Receiver(host.strip("[]") or "127.0.0.1", port_n, sink=sink,
+                      max_body_bytes=max_body_bytes, max_decoded_bytes=max_decoded_bytes)
     except OSError as e:
         click.echo(f"ebpf-otlp receive: cannot listen on {listen}: {e.strerror}", err=True)
         sys.exit(2)
