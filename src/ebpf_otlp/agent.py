@@ -11,17 +11,32 @@ import socket
 import threading
 import time
 
+from . import capabilities
 from . import signals as _signals
 from .config import AgentConfig, ConfigError
 from .otlp import Exporter
 from .platform import tc
-from .platform.libbpf import BpfError, enable_run_time_stats
+from .platform.libbpf import enable_run_time_stats
 from .platform.ringbuf import RingPoller
 from .signals.base import Signal
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Agent", "ConfigError"]
+__all__ = ["Agent", "ConfigError", "NothingToRun"]
+
+
+class NothingToRun(RuntimeError):
+    """No requested signal could start: exit status 1 (never a process exporting nothing)."""
+
+
+def _fix_hint(e: BaseException) -> str:
+    """What would make a signal start, as far as its error tells."""
+    hint = getattr(e, "hint", "")
+    if hint:
+        return hint
+    if isinstance(e, PermissionError):
+        return "run as root or grant the capabilities `ebpf-otlp doctor` lists"
+    return "`ebpf-otlp doctor` shows what this kernel supports"
 
 
 def resolve_ifaces(names: list[str]) -> dict[str, int]:
@@ -49,6 +64,7 @@ class Agent:
         self._stats_fd = -1
         self.poll_errors = 0
         self.collect_errors = 0
+        self.switched_off: dict[str, str] = {}  # signal -> why it did not start
         self._closed = False
 
     # --- start ---------------------------------------------------------------
@@ -56,12 +72,18 @@ class Agent:
         cfg = self.config
         if any(s in cfg.signals for s in ("flows", "dns")) and not cfg.ifaces:
             raise ConfigError("flows and dns need at least one --iface")
+        capabilities.check(cfg)  # one message naming every missing capability
         for name, idx in self.ifindex.items():
             n = tc.remove_stale(idx)
             if n:
                 log.warning("removed %d tc filters an earlier ebpf-otlp run left on %s", n, name)
-        if cfg.bpf_stats:  # refused on old kernels: run time then reads as 0
+        if cfg.bpf_stats:
             self._stats_fd = enable_run_time_stats()
+            if self._stats_fd < 0:  # never export run times that silently read 0
+                log.warning("BPF run-time statistics off: the kernel refused them (they need "
+                            "CAP_SYS_ADMIN%s); ebpf_otlp.program.run_time is not exported "
+                            "(--no-bpf-stats silences this)",
+                            "" if capabilities.stats_allowed() else ", which is missing")
         self.exporter = Exporter(self.settings, cfg.interval_s, cfg.cardinality_limit,
                                  span_queue=max(65536, cfg.dns_max_pending))
         self.poller = RingPoller()
@@ -70,16 +92,25 @@ class Agent:
             try:
                 sig = _signals.load(name)(cfg, self.exporter)
                 sig.start()
-            except (BpfError, OSError, RuntimeError) as e:
+            except Exception as e:
                 if sig is not None:
-                    sig.close()
+                    try:
+                        sig.close()
+                    except Exception:
+                        log.exception("closing %s after its failed start failed", name)
                 if self.strict:
                     raise
-                log.error("signal %s not started: %s", name, e)
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                self.switched_off[name] = first
+                log.error("signal %s switched off: %s; to fix: %s (--strict makes this fatal)",
+                          name, first, _fix_hint(e))
                 continue
             self.signals.append(sig)
             for ring in sig.rings():
                 self.poller.add(ring)
+        if not self.signals:
+            raise NothingToRun("no signal could start: " + "; ".join(
+                f"{k}: {v}" for k, v in self.switched_off.items()))
         self._register_health()
         self._poll_thread = threading.Thread(target=self._poll_loop, name="ring-poller",
                                              daemon=True)
@@ -109,10 +140,11 @@ class Agent:
                     ns, cnt = p.run_stats()
                     yield ns, cnt, {"signal": s.name, "program": p.name}
 
-        t.observe("ebpf_otlp.program.run_time", "s", "time the kernel spent in our programs",
-                  lambda: [(ns / 1e9, a) for ns, _, a in run_times()])
-        t.observe("ebpf_otlp.program.runs", "{run}", "runs of our programs",
-                  lambda: [(cnt, a) for _, cnt, a in run_times()])
+        if self._stats_fd >= 0:
+            t.observe("ebpf_otlp.program.run_time", "s", "time the kernel spent in our "
+                      "programs", lambda: [(ns / 1e9, a) for ns, _, a in run_times()])
+            t.observe("ebpf_otlp.program.runs", "{run}", "runs of our programs",
+                      lambda: [(cnt, a) for _, cnt, a in run_times()])
         t.observe("ebpf_otlp.agent.errors", "{error}", "errors caught in the agent's loops",
                   lambda: [(self.poll_errors, {"loop": "poll"}),
                            (self.collect_errors, {"loop": "collect"})])

@@ -126,7 +126,8 @@ def run(ctx: click.Context, verbose: int, **params: object) -> None:
         sys.exit(2)
 
     try:
-        from .agent import Agent
+        from .agent import Agent, NothingToRun
+        from .capabilities import MissingCapabilities
         from .platform.libbpf import BpfError
         from .platform.mounts import MountError
     except ImportError as e:  # libbpf.so.1 missing or too old: say what to install
@@ -143,7 +144,7 @@ def run(ctx: click.Context, verbose: int, **params: object) -> None:
     except ConfigError as e:
         click.echo(f"ebpf-otlp: {e}", err=True)
         sys.exit(2)
-    except (BpfError, MountError, FileNotFoundError) as e:
+    except (BpfError, MountError, FileNotFoundError, MissingCapabilities, NothingToRun) as e:
         click.echo(f"ebpf-otlp: {e}", err=True)
         sys.exit(1)
 
