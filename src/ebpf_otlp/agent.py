@@ -10,10 +10,12 @@ import signal
 import socket
 import threading
 import time
+from typing import Callable
 
 from . import capabilities
 from . import signals as _signals
 from .config import AgentConfig, ConfigError
+from .health import HealthServer
 from .otlp import Exporter
 from .platform import tc
 from .platform.libbpf import enable_run_time_stats
@@ -37,6 +39,22 @@ def _fix_hint(e: BaseException) -> str:
     if isinstance(e, PermissionError):
         return "run as root or grant the capabilities `ebpf-otlp doctor` lists"
     return "`ebpf-otlp doctor` shows what this kernel supports"
+
+
+FLUSH_TIMEOUT_S = 5.0  # the stated bound of the flush after SIGTERM (README)
+
+
+class _SecondSignal(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _exit_for_supervisor(why: str) -> None:
+    log.critical("watchdog: %s; exiting with status 70 so the supervisor restarts the agent "
+                 "(the next start removes hooks left behind)", why)
+    logging.shutdown()
+    os._exit(70)
 
 
 def resolve_ifaces(names: list[str]) -> dict[str, int]:
@@ -66,6 +84,17 @@ class Agent:
         self.collect_errors = 0
         self.switched_off: dict[str, str] = {}  # signal -> why it did not start
         self._closed = False
+        # watchdog and health
+        self.started_at = time.time()
+        self.poll_beat = time.monotonic()  # the poller's last pass
+        self.export_started: float | None = None  # monotonic, while an export runs
+        self.last_export: dict[str, object] = {}  # finished_at, ok, duration_s
+        self.restarts: dict[str, int] = {"ring-poller": 0}
+        self.stuck_after_s = max(30.0, 3 * config.interval_s)
+        self.on_fatal: Callable[[str], None] = _exit_for_supervisor
+        self.health: HealthServer | None = None
+        self._watchdog: threading.Thread | None = None
+        self._signals_seen = 0
 
     # --- start ---------------------------------------------------------------
     def start(self) -> None:
@@ -112,9 +141,15 @@ class Agent:
             raise NothingToRun("no signal could start: " + "; ".join(
                 f"{k}: {v}" for k, v in self.switched_off.items()))
         self._register_health()
-        self._poll_thread = threading.Thread(target=self._poll_loop, name="ring-poller",
-                                             daemon=True)
-        self._poll_thread.start()
+        self._start_poller()
+        self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+        self._watchdog.start()
+        if cfg.health_listen:
+            try:
+                self.health = HealthServer(cfg.health_listen, self.alive, self.ready,
+                                           self.status).start()
+            except OSError as e:
+                raise ConfigError(f"--health-listen {cfg.health_listen}: {e.strerror}") from None
         log.warning("ebpf-otlp running: signals=%s ifaces=%s endpoint=%s interval=%ss",
                     ",".join(s.name for s in self.signals), ",".join(cfg.ifaces) or "-",
                     self.settings.metrics.url, cfg.interval_s)
@@ -148,10 +183,20 @@ class Agent:
         t.observe("ebpf_otlp.agent.errors", "{error}", "errors caught in the agent's loops",
                   lambda: [(self.poll_errors, {"loop": "poll"}),
                            (self.collect_errors, {"loop": "collect"})])
+        t.observe("ebpf_otlp.agent.restarts", "{restart}",
+                  "agent threads the watchdog found stopped and restarted",
+                  lambda: [(n, {"thread": k}) for k, n in self.restarts.items()])
 
     # --- loops -----------------------------------------------------------------
+    def _start_poller(self) -> None:
+        self._poll_thread = threading.Thread(target=self._poll_loop, name="ring-poller",
+                                             daemon=True)
+        self.poll_beat = time.monotonic()
+        self._poll_thread.start()
+
     def _poll_loop(self) -> None:
         while not self.stop_event.is_set():
+            self.poll_beat = time.monotonic()
             try:
                 self.poller.poll(self.config.poll_interval_ms)
                 for s in self.signals:
@@ -162,14 +207,97 @@ class Agent:
                 time.sleep(0.1)
 
     def collect_and_export(self) -> None:
-        for step in ("collect", "export"):
-            for s in self.signals:
-                try:
-                    getattr(s, step)()
-                except Exception:
-                    self.collect_errors += 1
-                    log.exception("%s of %s failed", step, s.name)
-        self.exporter.export()
+        t0 = time.monotonic()
+        self.export_started = t0
+        errors = self.collect_errors
+        failures = sum(x.failures for x in self.exporter.senders.values())
+        ok = False
+        try:
+            for step in ("collect", "export"):
+                for s in self.signals:
+                    try:
+                        getattr(s, step)()
+                    except Exception:
+                        self.collect_errors += 1
+                        log.exception("%s of %s failed", step, s.name)
+            ok = self.exporter.export()
+            ok = ok and failures == sum(x.failures for x in self.exporter.senders.values())
+        finally:
+            self.export_started = None
+            self.last_export = {"finished_at": time.time(), "ok": ok,
+                                "errors": self.collect_errors - errors,
+                                "duration_s": round(time.monotonic() - t0, 3)}
+
+    # --- watchdog ------------------------------------------------------------------
+    def _watch(self, period_s: float = 1.0) -> None:
+        """Restart a ring poller that died; a thread stuck past :attr:`stuck_after_s`
+        (or an export past its bound) ends the process non-zero for the supervisor."""
+        while not self.stop_event.wait(period_s):
+            try:
+                self.check_threads()
+            except Exception:
+                log.exception("watchdog check failed")
+
+    def check_threads(self) -> None:
+        if self.stop_event.is_set():
+            return
+        now = time.monotonic()
+        t = self._poll_thread
+        if t is not None and not t.is_alive():
+            self.restarts["ring-poller"] += 1
+            log.error("watchdog: the ring-buffer poller stopped; restarting it (%d restarts)",
+                      self.restarts["ring-poller"])
+            self._start_poller()
+        elif now - self.poll_beat > self.stuck_after_s:
+            self.on_fatal(f"the ring-buffer poller is stuck ({now - self.poll_beat:.0f} s "
+                          "without a pass)")
+        bound = self.stuck_after_s + self.exporter.timeout_s * 4
+        started = self.export_started
+        if started is not None and now - started > bound:
+            self.on_fatal(f"an export has run {now - started:.0f} s (bound {bound:.0f} s)")
+
+    # --- health ----------------------------------------------------------------------
+    def alive(self) -> tuple[bool, str]:
+        now = time.monotonic()
+        if self._poll_thread is None or not self._poll_thread.is_alive():
+            return False, "ring-buffer poller not running"
+        if now - self.poll_beat > self.stuck_after_s:
+            return False, "ring-buffer poller stuck"
+        started = self.export_started
+        if started is not None and now - started > self.stuck_after_s:
+            return False, "export stuck"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        ok, why = self.alive()
+        if not ok:
+            return ok, why
+        if self.switched_off:
+            return False, "signals off: " + ", ".join(sorted(self.switched_off))
+        if not self.last_export:
+            return False, "no export attempt finished yet"
+        return True, "ok"
+
+    def status(self) -> dict[str, object]:
+        sigs: dict[str, object] = {}
+        for s in list(self.signals):
+            sigs[s.name] = {"state": "running",
+                            "hooks": [h for o in list(s.objects) for h in o.hooks()]}
+        for name, why in self.switched_off.items():
+            sigs[name] = {"state": "off", "reason": why}
+        senders = {k: {"url": x.target.url, "requests": x.requests, "failures": x.failures,
+                       "retries": x.retries, "bytes_sent": x.bytes_sent,
+                       "errors": dict(x.errors)}
+                   for k, x in (self.exporter.senders.items() if self.exporter else [])}
+        alive, why = self.alive()
+        return {"alive": alive, "why": why, "ready": self.ready()[0],
+                "stopping": self.stop_event.is_set(), "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started_at, 1),
+                "interval_s": self.config.interval_s, "signals": sigs,
+                "last_export": self.last_export, "export": senders,
+                "counters": {"poll_errors": self.poll_errors,
+                             "collect_errors": self.collect_errors,
+                             "restarts": dict(self.restarts)}}
 
     def run(self) -> None:
         """Export every interval until :attr:`stop_event` is set."""
@@ -189,6 +317,10 @@ class Agent:
             return
         self._closed = True
         self.stop_event.set()
+        deadline = time.monotonic() + flush_timeout_s
+        if self.exporter is not None:
+            for x in self.exporter.senders.values():
+                x.deadline = deadline  # the final exports share the flush budget
         if self._poll_thread is not None:
             self._poll_thread.join(timeout=2)
         try:
@@ -221,18 +353,54 @@ class Agent:
                     s.export()
                 except Exception:
                     log.exception("final export of %s failed", s.name)
-            self.exporter.shutdown(flush_timeout_s)
+            self.exporter.shutdown(max(0.1, deadline - time.monotonic()))
 
-    def run_until_signalled(self) -> None:
+    def abort(self) -> None:
+        """Detach every hook now, without the final drain or flush."""
+        self._closed = True
+        self.stop_event.set()
+        for s in self.signals:
+            try:
+                s.close()
+            except Exception:
+                log.exception("closing %s failed", s.name)
+        if self.exporter is not None:
+            for x in self.exporter.senders.values():
+                x.deadline = time.monotonic()  # any request still running ends now
+
+    def run_until_signalled(self, flush_timeout_s: float = FLUSH_TIMEOUT_S) -> int:
+        """Run until SIGINT/SIGTERM, then flush within ``flush_timeout_s`` and detach.
+
+        A second SIGINT or SIGTERM during the flush detaches at once and skips
+        what was left to send. Returns the exit status (0, or 130 after a second
+        signal)."""
+
         def handler(signum: int, _frame: object) -> None:
-            log.warning("signal %d: flushing and detaching", signum)
-            self.stop_event.set()
+            self._signals_seen += 1
+            if self._signals_seen == 1:
+                log.warning("signal %d: flushing (at most %.0f s) and detaching; send it "
+                            "again to detach at once", signum, flush_timeout_s)
+                self.stop_event.set()
+                if self.exporter is not None:  # no retry starts past the flush budget
+                    for x in self.exporter.senders.values():
+                        x.deadline = time.monotonic() + flush_timeout_s
+                return
+            raise _SecondSignal(signum)
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self.start()
-            self.run()
+            try:
+                self.start()
+                self.run()
+            finally:
+                self.close(flush_timeout_s)
+        except _SecondSignal as e:
+            log.warning("signal %d again: detaching now, unsent telemetry dropped", e.signum)
+            self.abort()
+            return 130
         finally:
-            self.close()
+            if self.health is not None:
+                self.health.stop()
             for s, h in old.items():
                 signal.signal(s, h)
+        return 0

@@ -140,13 +140,14 @@ def run(ctx: click.Context, verbose: int, **params: object) -> None:
         click.echo(f"ebpf-otlp: {e}", err=True)
         sys.exit(2)
     try:
-        agent.run_until_signalled()
+        status = agent.run_until_signalled()
     except ConfigError as e:
         click.echo(f"ebpf-otlp: {e}", err=True)
         sys.exit(2)
     except (BpfError, MountError, FileNotFoundError, MissingCapabilities, NothingToRun) as e:
         click.echo(f"ebpf-otlp: {e}", err=True)
         sys.exit(1)
+    sys.exit(status)
 
 
 @main.group()
