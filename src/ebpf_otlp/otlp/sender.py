@@ -65,6 +65,7 @@ class OtlpSender:
             deadline = min(deadline, self.deadline)
         delay = 0.1
         cause = "timeout"
+        after: float | None = None
         while True:
             left = deadline - time.monotonic()
             if left <= 0.01:
@@ -87,9 +88,11 @@ class OtlpSender:
                                 self.target.url, r.status_code, r.text[:200])
                     break
                 after = _retry_after(r.headers.get("Retry-After"))
-                if after is not None:
-                    delay = after
-            wait = min(delay * (0.5 + random.random()), deadline - time.monotonic())
+            # the collector's Retry-After is a minimum: jitter only adds to it
+            wait = (after * (1 + 0.2 * random.random()) if after is not None
+                    else delay * (0.5 + random.random()))
+            after = None
+            wait = min(wait, deadline - time.monotonic())
             if wait <= 0:
                 break
             with self._lock:
