@@ -44,12 +44,6 @@ def _fix_hint(e: BaseException) -> str:
 FLUSH_TIMEOUT_S = 5.0  # the stated bound of the flush after SIGTERM (README)
 
 
-class _SecondSignal(BaseException):
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
 def _exit_for_supervisor(why: str) -> None:
     log.critical("watchdog: %s; exiting with status 70 so the supervisor restarts the agent "
                  "(the next start removes hooks left behind)", why)
@@ -115,6 +109,8 @@ class Agent:
                             "" if capabilities.stats_allowed() else ", which is missing")
         self.exporter = Exporter(self.settings, cfg.interval_s, cfg.cardinality_limit,
                                  span_queue=max(65536, cfg.dns_max_pending))
+        for x in self.exporter.senders.values():
+            x.max_queue_bytes = cfg.export_queue_bytes
         self.poller = RingPoller()
         for name in cfg.signals:
             sig = None
@@ -189,6 +185,16 @@ class Agent:
         t.observe("ebpf_otlp.agent.errors", "{error}", "errors caught in the agent's loops",
                   lambda: [(self.poll_errors, {"loop": "poll"}),
                            (self.collect_errors, {"loop": "collect"})])
+        t.observe("ebpf_otlp.export.dropped", "{request}",
+                  "OTLP requests given up after being queued for retry: queue_full (the "
+                  "byte bound evicted the oldest), rejected (the collector called it bad), "
+                  "shutdown (still queued at exit)",
+                  lambda: [(n, {"signal": k, "reason": r}) for k, x in t.senders.items()
+                           for r, n in dict(x.dropped).items()])
+        t.observe("ebpf_otlp.export.queue.size", "By",
+                  "bytes of undelivered OTLP requests waiting for the collector",
+                  lambda: [(x.queued_bytes, {"signal": k}) for k, x in t.senders.items()],
+                  kind="gauge")
         t.observe("ebpf_otlp.agent.restarts", "{restart}",
                   "agent threads the watchdog found stopped and restarted",
                   lambda: [(n, {"thread": k}) for k, n in self.restarts.items()])
@@ -293,7 +299,8 @@ class Agent:
             sigs[name] = {"state": "off", "reason": why}
         senders = {k: {"url": x.target.url, "requests": x.requests, "failures": x.failures,
                        "retries": x.retries, "bytes_sent": x.bytes_sent,
-                       "errors": dict(x.errors)}
+                       "errors": dict(x.errors), "queued_bytes": x.queued_bytes,
+                       "dropped": dict(x.dropped)}
                    for k, x in (self.exporter.senders.items() if self.exporter else [])}
         alive, why = self.alive()
         return {"alive": alive, "why": why, "ready": self.ready()[0],
@@ -361,52 +368,75 @@ class Agent:
                     log.exception("final export of %s failed", s.name)
             self.exporter.shutdown(max(0.1, deadline - time.monotonic()))
 
-    def abort(self) -> None:
-        """Detach every hook now, without the final drain or flush."""
-        self._closed = True
-        self.stop_event.set()
-        for s in self.signals:
-            try:
-                s.close()
-            except Exception:
-                log.exception("closing %s failed", s.name)
-        if self.exporter is not None:
-            for x in self.exporter.senders.values():
-                x.deadline = time.monotonic()  # any request still running ends now
+    def detach_now(self) -> int:
+        """Remove the hooks that outlive the process (TC filters) at once, from any
+        thread, without draining or flushing; returns how many. Links (tracepoints,
+        XDP, sock_ops, uprobes) go with the process."""
+        n = 0
+        for s in list(self.signals):
+            for obj in list(s.objects):
+                for f in obj.tc_filters():
+                    try:
+                        f.detach()
+                        n += 1
+                    except Exception as e:
+                        log.error("detaching %s: %s", f, e)
+        return n
+
+    def _on_signal(self, signum: int, flush_timeout_s: float) -> None:
+        self._signals_seen += 1
+        if self._signals_seen == 1:
+            log.warning("signal %d: flushing (at most %.0f s) and detaching; send it "
+                        "again to detach at once", signum, flush_timeout_s)
+            if self.exporter is not None:  # no retry starts past the flush budget
+                for x in self.exporter.senders.values():
+                    x.deadline = time.monotonic() + flush_timeout_s
+            self.stop_event.set()
+            return
+        n = self.detach_now()
+        log.warning("signal %d again: %d TC filters detached, exiting now; unsent "
+                    "telemetry dropped", signum, n)
+        logging.shutdown()
+        os._exit(130)
 
     def run_until_signalled(self, flush_timeout_s: float = FLUSH_TIMEOUT_S) -> int:
         """Run until SIGINT/SIGTERM, then flush within ``flush_timeout_s`` and detach.
 
-        A second SIGINT or SIGTERM during the flush detaches at once and skips
-        what was left to send. Returns the exit status (0, or 130 after a second
-        signal)."""
+        Signals are acted on by a thread of their own (the C-level handler writes
+        them to a wakeup pipe), so a second SIGINT or SIGTERM acts at once whatever
+        the main thread is blocked in: it removes the hooks and ends the process
+        with status 130, dropping what was left to send. Returns the exit status (0)."""
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(rfd, True)
+        old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+        old = {s: signal.signal(s, lambda *_: None) for s in sigs}
 
-        def handler(signum: int, _frame: object) -> None:
-            self._signals_seen += 1
-            if self._signals_seen == 1:
-                log.warning("signal %d: flushing (at most %.0f s) and detaching; send it "
-                            "again to detach at once", signum, flush_timeout_s)
-                self.stop_event.set()
-                if self.exporter is not None:  # no retry starts past the flush budget
-                    for x in self.exporter.senders.values():
-                        x.deadline = time.monotonic() + flush_timeout_s
-                return
-            raise _SecondSignal(signum)
+        def take_signals() -> None:
+            while True:
+                try:
+                    data = os.read(rfd, 64)
+                except OSError:
+                    return
+                if not data:
+                    return
+                for signum in data:
+                    if signum in sigs:
+                        self._on_signal(signum, flush_timeout_s)
 
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        threading.Thread(target=take_signals, name="signals", daemon=True).start()
         try:
             try:
                 self.start()
                 self.run()
             finally:
                 self.close(flush_timeout_s)
-        except _SecondSignal as e:
-            log.warning("signal %d again: detaching now, unsent telemetry dropped", e.signum)
-            self.abort()
-            return 130
         finally:
             if self.health is not None:
                 self.health.stop()
             for s, h in old.items():
                 signal.signal(s, h)
+            signal.set_wakeup_fd(old_wakeup)
+            os.close(wfd)
+            os.close(rfd)
         return 0

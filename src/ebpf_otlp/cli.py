@@ -102,6 +102,9 @@ def run_options(f: Callable) -> Callable:
         click.option("--strict/--no-strict", default=None,
                      help="A signal that cannot load or attach stops the agent [off: it is "
                      "switched off with one log line]."),
+        click.option("--export-queue-bytes", type=click.IntRange(min=0), metavar="BYTES",
+                     help="Undelivered OTLP requests kept per signal for retry; beyond, "
+                     "the oldest are dropped and counted [16777216]."),
         click.option("--health-listen", metavar="HOST:PORT", callback=_hostport,
                      help="Serve /healthz, /readyz and /status here [off]."),
     ]

@@ -72,6 +72,7 @@ class AgentConfig:
     # operability
     config_file: str | None = None  # --config: re-read on SIGHUP
     health_listen: str | None = None  # HOST:PORT of /healthz, /readyz, /status
+    export_queue_bytes: int = 16 << 20  # undelivered requests kept per OTLP signal
 
     @property
     def cardinality_limit(self) -> int:

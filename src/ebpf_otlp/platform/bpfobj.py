@@ -302,6 +302,10 @@ class BpfObject:
         """What this object has attached now (links and TC filters), readable."""
         return [link.description for link in self._links] + [repr(f) for f in self._tc_filters]
 
+    def tc_filters(self) -> list[_tc.TcFilter]:
+        """The TC filters attached now (they outlive the process, unlike links)."""
+        return list(self._tc_filters)
+
     # --- teardown ---------------------------------------------------------
     def detach_all(self) -> None:
         for link in reversed(self._links):
