@@ -294,7 +294,9 @@ class Agent:
         sigs: dict[str, object] = {}
         for s in list(self.signals):
             sigs[s.name] = {"state": "running",
-                            "hooks": [h for o in list(s.objects) for h in o.hooks()]}
+                            "hooks": [h for o in list(s.objects) for h in o.hooks()],
+                            "rings": {r.name: {"received": r.received, "lost": r.lost()}
+                                      for r in s.rings()}}
         for name, why in self.switched_off.items():
             sigs[name] = {"state": "off", "reason": why}
         senders = {k: {"url": x.target.url, "requests": x.requests, "failures": x.failures,
@@ -308,6 +310,8 @@ class Agent:
                 "uptime_s": round(time.time() - self.started_at, 1),
                 "interval_s": self.config.interval_s, "signals": sigs,
                 "last_export": self.last_export, "export": senders,
+                "dropped": {"spans": dict(self.exporter.spans.dropped) if self.exporter else {},
+                            "logs": dict(self.exporter.logs.dropped) if self.exporter else {}},
                 "counters": {"poll_errors": self.poll_errors,
                              "collect_errors": self.collect_errors,
                              "restarts": dict(self.restarts)}}
