@@ -98,6 +98,16 @@ def load(path: str | Path, command: click.Command, ctx: click.Context) -> dict[s
     return out
 
 
+# Environment variables the agent reads (the OpenTelemetry SDK reads
+# OTEL_RESOURCE_ATTRIBUTES); the deployment files may set only these.
+_OTLP_VARS = ("ENDPOINT", "HEADERS", "TIMEOUT", "COMPRESSION", "CERTIFICATE",
+              "CLIENT_CERTIFICATE", "CLIENT_KEY")
+ENV_VARS = frozenset(
+    ["OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_METRIC_EXPORT_INTERVAL",
+     "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE"]
+    + [f"OTEL_EXPORTER_OTLP_{v}" for v in _OTLP_VARS]
+    + [f"OTEL_EXPORTER_OTLP_{k}_{v}" for k in ("METRICS", "TRACES", "LOGS") for v in _OTLP_VARS])
+
 # run's parameter name -> AgentConfig attribute, where they differ
 _ATTR = {"ifaces": "ifaces", "headers": "headers", "interval": "interval_s",
          "dns_timeout": "dns_timeout_s"}
