@@ -89,6 +89,10 @@ class Agent:
         self.health: HealthServer | None = None
         self._watchdog: threading.Thread | None = None
         self._signals_seen = 0
+        self._pausing = False
+        self.reload_requested = threading.Event()
+        self.reload_config: Callable[[], AgentConfig] | None = None  # SIGHUP re-reads this
+        self.reloads = 0
 
     # --- start ---------------------------------------------------------------
     def start(self) -> None:
@@ -113,26 +117,7 @@ class Agent:
             x.max_queue_bytes = cfg.export_queue_bytes
         self.poller = RingPoller()
         for name in cfg.signals:
-            sig = None
-            try:
-                sig = _signals.load(name)(cfg, self.exporter)
-                sig.start()
-            except Exception as e:
-                if sig is not None:
-                    try:
-                        sig.close()
-                    except Exception:
-                        log.exception("closing %s after its failed start failed", name)
-                if self.strict:
-                    raise
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                self.switched_off[name] = first
-                log.error("signal %s switched off: %s; to fix: %s (--strict makes this fatal)",
-                          name, first, _fix_hint(e))
-                continue
-            self.signals.append(sig)
-            for ring in sig.rings():
-                self.poller.add(ring)
+            self.start_signal(name, cfg)
         if not self.signals:
             raise NothingToRun("no signal could start: " + "; ".join(
                 f"{k}: {v}" for k, v in self.switched_off.items()))
@@ -149,6 +134,55 @@ class Agent:
         log.warning("ebpf-otlp running: signals=%s ifaces=%s endpoint=%s interval=%ss",
                     ",".join(s.name for s in self.signals), ",".join(cfg.ifaces) or "-",
                     self.settings.metrics.url, cfg.interval_s)
+
+    def start_signal(self, name: str, cfg: AgentConfig) -> Signal | None:
+        """Start one signal and poll its rings; on failure switch it off with one
+        line (or raise, with ``strict``)."""
+        sig = None
+        try:
+            sig = _signals.load(name)(cfg, self.exporter)
+            sig.start()
+        except Exception as e:
+            if sig is not None:
+                try:
+                    sig.close()
+                except Exception:
+                    log.exception("closing %s after its failed start failed", name)
+            if self.strict:
+                raise
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            self.switched_off[name] = first
+            log.error("signal %s switched off: %s; to fix: %s (--strict makes this fatal)",
+                      name, first, _fix_hint(e))
+            return None
+        self.switched_off.pop(name, None)
+        self.signals.append(sig)
+        for ring in sig.rings():
+            self.poller.add(ring)
+        return sig
+
+    def stop_signal(self, sig: Signal) -> None:
+        """Final drain and collect, detach, export what it holds, stop polling its rings."""
+        rings = sig.rings()
+        for ring in rings:
+            self.poller.remove(ring)
+
+        def drain() -> None:
+            for ring in rings:
+                ring.drain()
+
+        for step in (drain, sig.collect, sig.close, drain, sig.export):
+            try:
+                step()
+            except Exception:
+                self.collect_errors += 1
+                log.exception("stopping %s: %s failed", sig.name, step.__name__)
+        for ring in rings:
+            try:
+                ring.close()
+            except Exception:
+                log.exception("closing a ring of %s failed", sig.name)
+        self.signals = [s for s in self.signals if s is not sig]
 
     def _register_health(self) -> None:
         t = self.exporter
@@ -207,7 +241,7 @@ class Agent:
         self._poll_thread.start()
 
     def _poll_loop(self) -> None:
-        while not self.stop_event.is_set():
+        while not self.stop_event.is_set() and not self._pausing:
             self.poll_beat = time.monotonic()
             try:
                 self.poller.poll(self.config.poll_interval_ms)
@@ -251,7 +285,7 @@ class Agent:
                 log.exception("watchdog check failed")
 
     def check_threads(self) -> None:
-        if self.stop_event.is_set():
+        if self.stop_event.is_set() or self._pausing:
             return
         now = time.monotonic()
         t = self._poll_thread
@@ -312,19 +346,63 @@ class Agent:
                 "last_export": self.last_export, "export": senders,
                 "dropped": {"spans": dict(self.exporter.spans.dropped) if self.exporter else {},
                             "logs": dict(self.exporter.logs.dropped) if self.exporter else {}},
+                "reloads": self.reloads,
                 "counters": {"poll_errors": self.poll_errors,
                              "collect_errors": self.collect_errors,
                              "restarts": dict(self.restarts)}}
 
     def run(self) -> None:
-        """Export every interval until :attr:`stop_event` is set."""
-        interval = self.config.interval_s
-        next_at = time.monotonic() + interval
-        while not self.stop_event.wait(max(0.0, next_at - time.monotonic())):
+        """Export every interval until :attr:`stop_event` is set; reload on request."""
+        next_at = time.monotonic() + self.config.interval_s
+        while not self.stop_event.wait(max(0.0, min(0.2, next_at - time.monotonic()))):
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
+                next_at = min(next_at, time.monotonic() + self.config.interval_s)
+            if time.monotonic() < next_at:
+                continue
             self.collect_and_export()
+            interval = self.config.interval_s
             next_at += interval
             if next_at < time.monotonic():  # an export overran: skip, don't burst
                 next_at = time.monotonic() + interval
+
+    def reload(self) -> None:
+        """Re-read the configuration (SIGHUP) and apply it; a bad one changes nothing."""
+        from .reload import apply
+
+        if self.reload_config is None:
+            log.warning("SIGHUP: no --config file to reload")
+            return
+        try:
+            new = self.reload_config()
+        except ConfigError as e:
+            log.error("SIGHUP: configuration not reloaded: %s", e)
+            return
+        self._pause_poller()
+        try:
+            done = apply(self, new)
+        except ConfigError as e:
+            log.error("SIGHUP: configuration not reloaded: %s", e)
+            return
+        except Exception:
+            self.collect_errors += 1
+            log.exception("SIGHUP: reload failed part way")
+            return
+        finally:
+            self._start_poller()
+        self.reloads += 1
+        log.warning("SIGHUP: configuration reloaded: %s",
+                    ", ".join(f"{k} {v}" for k, v in done.items()))
+
+    def _pause_poller(self) -> None:
+        """Stop the poller thread (rings are about to change); :meth:`_start_poller`
+        starts it again."""
+        self._pausing = True
+        t = self._poll_thread
+        if t is not None:
+            t.join(timeout=10)
+        self._pausing = False
 
     # --- stop ------------------------------------------------------------------
     def close(self, flush_timeout_s: float = 5.0) -> None:
@@ -388,6 +466,10 @@ class Agent:
         return n
 
     def _on_signal(self, signum: int, flush_timeout_s: float) -> None:
+        if signum == signal.SIGHUP:
+            log.warning("SIGHUP: reloading the configuration")
+            self.reload_requested.set()
+            return
         self._signals_seen += 1
         if self._signals_seen == 1:
             log.warning("signal %d: flushing (at most %.0f s) and detaching; send it "
@@ -410,7 +492,7 @@ class Agent:
         them to a wakeup pipe), so a second SIGINT or SIGTERM acts at once whatever
         the main thread is blocked in: it removes the hooks and ends the process
         with status 130, dropping what was left to send. Returns the exit status (0)."""
-        sigs = (signal.SIGINT, signal.SIGTERM)
+        sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         os.set_blocking(rfd, True)
         old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)

@@ -142,6 +142,8 @@ def run(ctx: click.Context, verbose: int, **params: object) -> None:
     except ConfigError as e:
         click.echo(f"ebpf-otlp: {e}", err=True)
         sys.exit(2)
+    if cfg.config_file:
+        agent.reload_config = lambda: resolve(ctx, params)[0]
     try:
         status = agent.run_until_signalled()
     except ConfigError as e:

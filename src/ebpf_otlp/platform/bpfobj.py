@@ -304,7 +304,7 @@ class BpfObject:
 
     def tc_filters(self) -> list[_tc.TcFilter]:
         """The TC filters attached now (they outlive the process, unlike links)."""
-        return list(self._tc_filters)
+        return [f for f in self._tc_filters if f.attached]
 
     # --- teardown ---------------------------------------------------------
     def detach_all(self) -> None:

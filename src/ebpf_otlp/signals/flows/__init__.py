@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TABLES = ("flows_a", "flows_b")
+MAX_IFACES = 64  # interfaces one agent's flows signal can watch (SIGHUP may add some)
 METRICS = (
     SumMetric("network.flow.bytes", "By", "bytes of the flow's frames as the hook saw "
               "them, L2 header included", 1),
@@ -75,7 +76,8 @@ class FlowsSignal(Signal):
         self.objects.append(obj)
         self.tables = AlternatingTables(obj, "flows_active", TABLES)
         self.tables.set_max_entries(cfg.max_flows)
-        obj.set_max_entries("flows_overflow", 2 * len(self.ifnames) + 2)
+        # room for interfaces added on SIGHUP (see reconfigure); entries are tiny
+        obj.set_max_entries("flows_overflow", 2 * max(len(self.ifnames), MAX_IFACES) + 2)
         progs = ["flows_tc_egress",
                  "flows_xdp_ingress" if cfg.flow_hook == "xdp" else "flows_tc_ingress"]
         obj.only_programs(progs)
@@ -89,10 +91,35 @@ class FlowsSignal(Signal):
             obj.programs["flows_tc_egress"].attach_tc(idx, "egress")
         self._interval_start_ns = time.time_ns()
 
-    def _init_overflow(self) -> None:
+    def reconfigure(self, config: AgentConfig, changed: set[str]) -> bool:
+        """A changed interface list (TC hook): attach to the new interfaces, detach
+        from the removed ones, keep everything else (tables, counts, hooks)."""
+        if changed != {"ifaces"} or config.flow_hook != "tc" or self.obj is None:
+            return False
+        try:
+            want = {socket.if_nametoindex(n): n for n in config.ifaces}
+        except OSError:
+            return False
+        with self._lock:
+            attached = {f.ifindex for f in self.obj.tc_filters()}
+            if len(set(self.ifnames) | set(want)) > MAX_IFACES:
+                return False
+            added = [i for i in want if i not in attached]
+            self.ifnames.update(want)  # removed ones keep their names for pending series
+            self._init_overflow(added)
+            for idx in added:
+                self.obj.programs["flows_tc_ingress"].attach_tc(idx, "ingress")
+                self.obj.programs["flows_tc_egress"].attach_tc(idx, "egress")
+            for f in self.obj.tc_filters():
+                if f.ifindex not in want:
+                    f.detach()
+            self.config = config
+        return True
+
+    def _init_overflow(self, only: list[int] | None = None) -> None:
         m = self.obj.maps["flows_overflow"]
         zero = bytes(m.value_stride)
-        for idx in [0, *self.ifnames]:
+        for idx in ([0, *self.ifnames] if only is None else only):
             for d in (0, 1):
                 k = np.zeros(1, agg.OVF_KEY_DT)
                 k["ifindex"], k["direction"] = idx, d
