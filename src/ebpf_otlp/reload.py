@@ -14,14 +14,26 @@ A bad file is refused as a whole: the running configuration stays.
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import fields
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from . import capabilities
 from .config import AgentConfig, ConfigError
+from .signals.base import Signal
 
-if TYPE_CHECKING:
-    from .agent import Agent
+
+class Agent(Protocol):
+    """What :func:`apply` needs of the agent (only cli imports agent)."""
+
+    config: AgentConfig
+    ifindex: dict[str, int]
+    signals: list[Signal]
+    switched_off: dict[str, str]
+
+    def start_signal(self, name: str, cfg: AgentConfig) -> Signal | None: ...
+
+    def stop_signal(self, sig: Signal) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +59,15 @@ def apply(agent: Agent, new: AgentConfig) -> dict[str, str]:
 
     Raises :class:`ConfigError` (nothing changed) when ``new`` cannot run here.
     """
-    from .agent import resolve_ifaces
-
     old = agent.config
     if any(s in new.signals for s in ("flows", "dns")) and not new.ifaces:
         raise ConfigError("flows and dns need at least one iface")
-    ifindex = resolve_ifaces(new.ifaces)
+    ifindex = {}
+    for name in new.ifaces:
+        try:
+            ifindex[name] = socket.if_nametoindex(name)
+        except OSError:
+            raise ConfigError(f"no such interface: {name}") from None
     try:
         capabilities.check(new)
     except capabilities.MissingCapabilities as e:
