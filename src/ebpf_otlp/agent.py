@@ -266,7 +266,11 @@ class Agent:
                     except Exception:
                         self.collect_errors += 1
                         log.exception("%s of %s failed", step, s.name)
-            ok = self.exporter.export()
+            try:
+                ok = self.exporter.export()
+            except Exception:  # the SDK raises when a callback overruns: next interval
+                self.collect_errors += 1
+                log.exception("export failed")
             ok = ok and failures == sum(x.failures for x in self.exporter.senders.values())
         finally:
             self.export_started = None

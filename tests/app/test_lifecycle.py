@@ -131,3 +131,28 @@ def test_watchdog_restarts_a_dead_poller_and_exits_on_a_stuck_export() -> None:
             agent.health.stop()
     restarts = [r for r in rx.records if r.get("name") == "ebpf_otlp.agent.restarts"]
     assert restarts and max(r["value"] for r in restarts) == 1
+
+
+def test_an_export_that_raises_is_counted_and_the_loop_goes_on() -> None:
+    """The SDK raises from force_flush when a callback overruns its time; that
+    must cost one interval, not the export loop."""
+    with Receiver(port=0) as rx:
+        agent = _agent(rx, ("drops",))
+        try:
+            agent.start()
+            real = agent.exporter.export
+
+            def raises() -> bool:
+                raise Exception("MeterProvider.force_flush failed")
+
+            agent.exporter.export = raises
+            errors = agent.collect_errors
+            agent.collect_and_export()
+            assert agent.collect_errors == errors + 1
+            assert agent.last_export["ok"] is False
+            agent.exporter.export = real
+            agent.collect_and_export()
+            assert agent.last_export["ok"] is True
+        finally:
+            agent.close(2)
+            agent.health.stop()
