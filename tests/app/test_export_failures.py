@@ -169,7 +169,8 @@ def test_collector_down_30s_then_up(topo) -> None:
     recovery, and the delta flows of the outage delivered in full afterwards."""
     n, port = 500, 40102
     rx = ReceiverProc(topo, topo.a)
-    agent = AgentProc(topo, topo.a, rx, "--iface", topo.a_if, "--signals", "flows,drops",
+    # flows only: host-wide signals (drops, tcp) would measure other processes' traffic
+    agent = AgentProc(topo, topo.a, rx, "--iface", topo.a_if, "--signals", "flows",
                       interval=1.0)
 
     def rss_kb() -> int:
