@@ -1,5 +1,5 @@
 """The sender's retry queue over real HTTP: undelivered bodies kept within a
-byte bound and sent oldest first once the collector answers, evictions and
+byte bound and sent oldest first after the next delivered one, evictions and
 rejected bodies counted; a 429's Retry-After honoured as a minimum."""
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def test_queue_keeps_undelivered_bodies_within_its_bound_and_sends_them_in_order
     try:
         assert s.send(b"new", retain=True)
         got = [b for _, _, b in c.bodies]
-        assert got == bodies[2:] + [b"new"], [g[:1] for g in got]
+        assert got == [b"new"] + bodies[2:], [g[:1] for g in got]  # fresh data first
         assert s.queued_bytes == 0
     finally:
         c.close()

@@ -64,7 +64,7 @@ class OtlpSender:
 
         ``retain``: a body that could not be delivered (collector down, slow,
         throttling) waits in a queue bounded by :attr:`max_queue_bytes` and goes
-        out, oldest first, before the next body; for data that is not sent again
+        out, oldest first, after the next body that is delivered; for data that is not sent again
         otherwise (delta points). What the bound evicts, what the collector
         rejects as bad and what is left at shutdown is counted in :attr:`dropped`.
         """
@@ -79,31 +79,31 @@ class OtlpSender:
         deadline = time.monotonic() + budget
         if self.deadline is not None:
             deadline = min(deadline, self.deadline)
-        while True:  # the backlog first, oldest first
+        ok, cause = self._post(data, len(body), deadline)
+        if not ok:
+            if retain:
+                if cause.startswith("http_4") and cause != "http_429":
+                    self._drop("rejected")  # the collector says this body is bad: never again
+                else:
+                    self._enqueue(data, len(body))
+            return False
+        # The collector answers again: what waits goes out, oldest first, in what is
+        # left of this budget (fresh data first, so a backlog never starves it).
+        while time.monotonic() < deadline - 0.01:
             with self._lock:
                 if not self._queue:
                     break
                 old, old_n = self._queue[0]
-            ok, cause = self._post(old, old_n, deadline)
-            if not ok and not cause.startswith("http_4") or cause == "http_429":
-                # still failing: the new body joins the backlog without an attempt
-                self._count(False, cause)
-                if retain:
-                    self._enqueue(data, len(body))
-                return False
+            sent, cause = self._post(old, old_n, deadline)
+            if not sent and (not cause.startswith("http_4") or cause == "http_429"):
+                break  # failing again: keep it for the next send
             with self._lock:
                 if self._queue and self._queue[0][0] is old:
                     self._queue.popleft()
                     self.queued_bytes -= len(old)
-            if not ok:
+            if not sent:
                 self._drop("rejected")
-        ok, cause = self._post(data, len(body), deadline)
-        if not ok and retain:
-            if cause.startswith("http_4") and cause != "http_429":
-                self._drop("rejected")  # the collector says this body is bad: never again
-            else:
-                self._enqueue(data, len(body))
-        return ok
+        return True
 
     def _enqueue(self, data: bytes, nbytes: int) -> None:
         with self._lock:
