@@ -164,14 +164,17 @@ def test_second_sigint_detaches_at_once(topo) -> None:
             assert "flows_tc" not in shown, shown
 
 
-def test_collector_down_30s_then_up(topo) -> None:
+@pytest.mark.parametrize("temporality", ["delta", "cumulative"])
+def test_collector_down_30s_then_up(topo, temporality: str) -> None:
     """Down for 30 s: no crash, RSS bounded, failures counted and exported after
-    recovery, and the delta flows of the outage delivered in full afterwards."""
+    recovery, and the flows of the outage delivered in full afterwards: delta
+    points merged into the next delivered interval, cumulative totals that
+    carry on across the outage."""
     n, port = 500, 40102
     rx = ReceiverProc(topo, topo.a)
     # flows only: host-wide signals (drops, tcp) would measure other processes' traffic
     agent = AgentProc(topo, topo.a, rx, "--iface", topo.a_if, "--signals", "flows",
-                      interval=1.0)
+                      interval=1.0, temporality=temporality)
 
     def rss_kb() -> int:
         for line in Path(f"/proc/{agent.proc.pid}/status").read_text().splitlines():
