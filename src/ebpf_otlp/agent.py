@@ -235,6 +235,7 @@ class Agent:
 
     # --- loops -----------------------------------------------------------------
     def _start_poller(self) -> None:
+        self._pausing = False
         self._poll_thread = threading.Thread(target=self._poll_loop, name="ring-poller",
                                              daemon=True)
         self.poll_beat = time.monotonic()
@@ -402,11 +403,10 @@ class Agent:
     def _pause_poller(self) -> None:
         """Stop the poller thread (rings are about to change); :meth:`_start_poller`
         starts it again."""
-        self._pausing = True
+        self._pausing = True  # until _start_poller: the watchdog leaves it alone
         t = self._poll_thread
         if t is not None:
             t.join(timeout=10)
-        self._pausing = False
 
     # --- stop ------------------------------------------------------------------
     def close(self, flush_timeout_s: float = 5.0) -> None:
