@@ -123,6 +123,10 @@ def run(quick: bool = False) -> Result:
                  + (" --quick" if quick else ""))
     res.raw["rates"] = RATES
     res.raw["seconds"] = seconds
+    res.note("traffic: " + ", ".join(f"{k}={v}" for k, v in RATES.items())
+             + f"; {seconds:.0f} s, export interval {interval:g} s, delta temporality")
+    res.note("tcp and drops see every namespace of the host (tracepoints are global): on a "
+             "shared machine their CPU, memory and losses include other processes' traffic")
     with Topology() as t:
         dnsmasq = t.popen(t.b, "/usr/sbin/dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts",
                           "--port", "53", f"--listen-address={t.b_ip4}", "--bind-interfaces",
