@@ -216,6 +216,11 @@ class Agent:
                       "programs", lambda: [(ns / 1e9, a) for ns, _, a in run_times()])
             t.observe("ebpf_otlp.program.runs", "{run}", "runs of our programs",
                       lambda: [(cnt, a) for _, cnt, a in run_times()])
+        t.observe("ebpf_otlp.program.misses", "{run}",
+                  "runs of our programs the kernel skipped because another BPF program was "
+                  "running on that CPU (their events are lost)",
+                  lambda: [(p.recursion_misses(), {"signal": s.name, "program": p.name})
+                           for s in self.signals for p in s.programs()])
         t.observe("ebpf_otlp.agent.errors", "{error}", "errors caught in the agent's loops",
                   lambda: [(self.poll_errors, {"loop": "poll"}),
                            (self.collect_errors, {"loop": "collect"})])
@@ -333,7 +338,7 @@ class Agent:
         sigs: dict[str, object] = {}
         for s in list(self.signals):
             sigs[s.name] = {"state": "running",
-                            "hooks": [h for o in list(s.objects) for h in o.hooks()],
+                            "hooks": [h for o in s.bpf_objects() for h in o.hooks()],
                             "rings": {r.name: {"received": r.received, "lost": r.lost()}
                                       for r in s.rings()}}
         for name, why in self.switched_off.items():
@@ -460,7 +465,7 @@ class Agent:
         XDP, sock_ops, uprobes) go with the process."""
         n = 0
         for s in list(self.signals):
-            for obj in list(s.objects):
+            for obj in s.bpf_objects():
                 for f in obj.tc_filters():
                     try:
                         f.detach()

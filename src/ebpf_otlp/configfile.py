@@ -170,6 +170,9 @@ def resolve(ctx: click.Context, params: dict[str, Any],
                               "network.tcp.flags")
         cfg.flow_attributes = tuple(fa)
     strict = bool(params.pop("strict"))
+    for p in ctx.command.params:  # a repeatable flag not given: the default, not ()
+        if getattr(p, "multiple", False) and p.name in params and not params[p.name]:
+            params[p.name] = None
     for key, value in params.items():
         if value is not None:
             setattr(cfg, _ATTR.get(key, key), value)

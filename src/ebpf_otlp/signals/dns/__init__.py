@@ -16,20 +16,21 @@ import socket
 import threading
 import time
 from collections import Counter
-from itertools import chain
-from pathlib import Path
 
 import numpy as np
 
 from ...config import ConfigError
 from ...otlp.semconv import FAMILIES, AddressCache, transport
-from ...otlp.spans import SpanRecord
+from ...otlp.spans import SpanGroup
 from ...platform.bpfobj import BpfObject
 from ...platform.host import epoch_offset_ns, in_initial_pid_namespace, libc_path
 from ...platform.layout import constant, record_dtype
 from ...platform.libbpf import BpfError
 from ...platform.ringbuf import RingBuffer
 from ..base import Signal
+from ..batch import group, split
+from ..packet import PacketDatapath
+from . import lookups
 from .decode import (
     Decoder,
     PendingTable,
@@ -37,6 +38,7 @@ from .decode import (
     TcpContinuations,
     event_dtype,
     new_query,
+    pair_key_array,
     rcode_text,
 )
 from .gai import GaiMetrics
@@ -50,21 +52,11 @@ TIMEOUT = "timeout"
 GAI_TABLE_FULL = constant("dns", "DNS_GAI_TABLE_FULL")
 GAI_NO_START = constant("dns", "DNS_GAI_NO_START")
 EXPIRE_EVERY_NS = 100_000_000  # timeouts are checked at least this often under traffic
-# DNS records are ~330 bytes (default head) and floods come in bursts: 16 MiB
-# hold ~50,000 messages, over a second at 20,000 queries/s, so a consumer that
-# a busy host does not schedule for a while still loses nothing.
-MIN_RING_BYTES = 16 << 20
-ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
-
-
-def has_link_header(ifname: str) -> bool:
-    """Whether frames on ``ifname`` start with an Ethernet header (Ethernet,
-    veth, bridges, bonds, loopback) rather than with IP (tun, WireGuard...)."""
-    try:
-        arphrd = int(Path(f"/sys/class/net/{ifname}/type").read_text())
-    except (OSError, ValueError):
-        return True
-    return arphrd in (ARPHRD_ETHER, ARPHRD_LOOPBACK)
+# Ring batches are processed together once this many records wait, or the oldest
+# waited this long: ~2 x cheaper per query than a 50 ms poll's worth at 10,000
+# queries/s (bench/dns_replay.py).
+BATCH_RECORDS = 4096
+BATCH_WAIT_NS = 200_000_000
 
 
 class DnsSignal(Signal):
@@ -90,8 +82,15 @@ class DnsSignal(Signal):
         self._response_counts: Counter[tuple] = Counter()
         self._ifnames: dict[int, str] = {}
         self._servers: dict[tuple, tuple[tuple, tuple]] = {}
+        self._span_groups: dict[tuple, tuple[SpanGroup, tuple]] = {}
+        self._buf: list[np.ndarray] = []  # ring batches waiting for process()
+        self._buffered = 0
+        self._buf_since = 0
+        self._buf_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._last_expire = 0
         self._ring: RingBuffer | None = None
+        self.dp: PacketDatapath | None = None
         self._gai_ring: RingBuffer | None = None
         self._gai_untracked = None
         self._gai_calls = None
@@ -114,38 +113,28 @@ class DnsSignal(Signal):
             raise ConfigError(f"--dns-ports takes 1 to {max_ports} ports, got {len(ports)}")
         if not 12 <= cfg.dns_head_bytes <= head_max:
             raise ConfigError(f"--dns-head-bytes must be within 12..{head_max}")
+        # The wire view: the packet object (bpf/packet.bpf.c) shared with flows, one
+        # program per hook and direction parsing each packet once for both.
+        self.dp = PacketDatapath.for_config(cfg).acquire(self.name, self.exporter)
+        self._ring = RingBuffer(self.dp.obj.maps["dns_events"], event_dtype(cfg.dns_head_bytes),
+                                on_batch=self.on_batch,
+                                lost_map=self.dp.obj.maps["dns_events_lost"])
         libc = libc_path()
+        if libc is None:
+            log.warning("no libc found for getaddrinfo uprobes; DNS on the wire only")
+            return
         try:
-            obj = self._load(ports, with_gai=libc is not None)
+            obj = self._load_gai()
         except BpfError as e:
-            if libc is None:
-                raise
             # The uprobes are the optional part: the wire view must not depend on them.
             log.warning("getaddrinfo uprobes not loaded (%s); DNS on the wire only", e)
-            obj = self._load(ports, with_gai=False)
-        if obj.programs["gai_enter"].autoload:
-            self._attach_gai(obj, libc)  # first: a failure there may detach all links
-        for ifname in cfg.ifaces:
-            idx = socket.if_nametoindex(ifname)
-            suffix = "" if has_link_header(ifname) else "_l3"
-            obj.programs["dns_ingress" + suffix].attach_tc(idx, "ingress")
-            obj.programs["dns_egress" + suffix].attach_tc(idx, "egress")
-        self._ring = RingBuffer(obj.maps["dns_events"], event_dtype(cfg.dns_head_bytes),
-                                on_batch=self.on_batch, lost_map=obj.maps["dns_events_lost"])
+            return
+        self._attach_gai(obj, libc)
 
-    def _load(self, ports: tuple[int, ...], with_gai: bool) -> BpfObject:
-        cfg = self.config
-        max_ports = constant("dns", "DNS_MAX_PORTS")
+    def _load_gai(self) -> BpfObject:
         obj = BpfObject.open_packaged("dns")
         self.objects.append(obj)
-        obj.rodata["dns_ports"] = np.array(list(ports) + [0] * (max_ports - len(ports)),
-                                           dtype="<u2").tobytes()
-        obj.rodata["n_dns_ports"] = len(ports)
-        obj.rodata["head_bytes"] = cfg.dns_head_bytes
-        obj.rodata["ringbuf_wakeup_bytes"] = cfg.ringbuf_wakeup_bytes
-        obj.set_max_entries("dns_events", max(cfg.ringbuf_bytes, MIN_RING_BYTES))
-        if not with_gai:
-            obj.only_programs([p for p in obj.programs if p.startswith("dns_")])
+        obj.rodata["ringbuf_wakeup_bytes"] = self.config.ringbuf_wakeup_bytes
         try:
             obj.load()
         except BpfError:
@@ -173,25 +162,35 @@ class DnsSignal(Signal):
         return [r for r in (self._ring, self._gai_ring) if r is not None]
 
     def tick(self) -> None:
-        if time.monotonic_ns() - self._last_expire >= EXPIRE_EVERY_NS:
+        now = time.monotonic_ns()
+        if self._buffered and now - self._buf_since >= BATCH_WAIT_NS:
+            self._flush()
+        if now - self._last_expire >= EXPIRE_EVERY_NS:
             self.expire()
 
+    def programs(self) -> list:
+        own = super().programs()
+        return own + (self.dp.programs(self.name) if self.dp is not None else [])
+
     def collect(self) -> None:
+        if self.dp is not None:
+            self.dp.interval_tick(self.config.interval_s)
+        self._flush()
         self.expire()
         self._sweep_gai()
         with self._lock:
             qc, self._query_counts = self._query_counts, Counter()
             rc, self._response_counts = self._response_counts, Counter()
         names = self.config.dns_names
-        for (qtype, server, port, proto, fam, qname), n in qc.items():
-            a = {"dns.question.type": qtype, "server.address": self.addrs.text(server, fam),
+        for (qtype, server, port, proto, _fam, qname), n in qc.items():
+            a = {"dns.question.type": qtype, "server.address": self.addrs.text(server),
                  "server.port": port, "network.transport": transport(proto)}
             if names:
                 a["dns.question.name"] = qname
             self.queries.add(n, a)
-        for (qtype, rcode, server, port, proto, fam, qname), n in rc.items():
+        for (qtype, rcode, server, port, proto, _fam, qname), n in rc.items():
             a = {"dns.question.type": qtype, "dns.response_code": rcode_text(rcode),
-                 "server.address": self.addrs.text(server, fam), "server.port": port,
+                 "server.address": self.addrs.text(server), "server.port": port,
                  "network.transport": transport(proto)}
             if names:
                 a["dns.question.name"] = qname
@@ -216,11 +215,29 @@ class DnsSignal(Signal):
         return [(full, {"reason": "table_full"}), (no_start, {"reason": "no_start"}),
                 (self.gai_abandoned, {"reason": "abandoned"})]
 
+    def bpf_objects(self) -> list:
+        return [*self.objects, *([self.dp.obj] if self.dp is not None and self.dp.obj else [])]
+
+    def reconfigure(self, config: object, changed: set[str]) -> bool:
+        """SIGHUP with only the interface list changed: the shared packet hooks follow
+        it in place (the unchanged interfaces keep theirs, and the counts)."""
+        if changed != {"ifaces"} or self.dp is None or self.dp.xdp:
+            return False
+        try:
+            self.dp.set_ifaces(list(config.ifaces))
+        except OSError:
+            return False
+        self.config = config
+        return True
+
     def close(self) -> None:
         """Queries still waiting become timeouts now (the agent exports once more after)."""
         self._gai_untracked_points()  # last values, for the final export
         self._gai_untracked = self._gai_calls = None  # their maps go with the object
+        if self.dp is not None:
+            self.dp.detach_hooks()
         try:
+            self._flush()
             self.expire(flush_all=True)
         except Exception:
             log.exception("final DNS expiry failed")
@@ -228,46 +245,107 @@ class DnsSignal(Signal):
         for r in self.rings():
             r.close()
         self._ring = self._gai_ring = None
+        if self.dp is not None:
+            self.dp.release(self.name)
+            self.dp = None
 
     # --- the ring callback (poller thread) ---------------------------------------
     def on_batch(self, recs: np.ndarray) -> None:
+        """Collect ring batches until :data:`BATCH_RECORDS` wait (or, from
+        :meth:`tick`, the oldest waited :data:`BATCH_WAIT_NS`): the numpy work
+        per batch is then shared by thousands of messages, not a poll's worth."""
+        with self._buf_lock:
+            if not self._buffered:
+                self._buf_since = time.monotonic_ns()
+            self._buf.append(recs)
+            self._buffered += len(recs)
+            ready = self._buffered >= BATCH_RECORDS
+        if ready:
+            self._flush()
+
+    def _flush(self) -> None:
+        with self._flush_lock:
+            with self._buf_lock:
+                bufs, self._buf, self._buffered = self._buf, [], 0
+            if not bufs:
+                return
+            recs = bufs[0] if len(bufs) == 1 else np.concatenate(bufs)
+            try:
+                self.process(recs)
+            except Exception:
+                # what the ring counts for a failing consumer (events.lost{callback_failed})
+                if self._ring is not None:
+                    self._ring.dropped["callback_failed"] += len(recs)
+                log.exception("DNS: a batch of %d records failed", len(recs))
+
+    def process(self, recs: np.ndarray) -> None:
+        """Decode, count, pair and emit one batch with numpy: exchanges complete
+        within the batch pair without a Python object each; the rest go
+        through the pending table one by one."""
         skip = self.tcp.mask(recs)
         if skip is not None and skip.any():
             recs = recs[~skip]
-        msgs = self.decoder.decode(recs)
-        if not msgs:
+        d = self.decoder.decode_columns(recs)
+        if not len(d.rows):
             return
         offset = epoch_offset_ns()
-        sport, dport = recs["sport"].tolist(), recs["dport"].tolist()
-        proto, family, ifindex = (recs["proto"].tolist(), recs["family"].tolist(),
-                                  recs["ifindex"].tolist())
-        saddr, daddr = recs["saddr"].tobytes(), recs["daddr"].tobytes()
-        names = self.config.dns_names
-        done: list[tuple[Query, int, int, int]] = []
-        # Addresses stay raw bytes here; text only for what is emitted (_emit,
-        # collect), through caches.
+        sub = recs[d.rows]
+        keys = pair_key_array(sub, d.response)
         with self._lock:
-            add, answer = self.table.add, self.table.answer
-            qc, rc = self._query_counts, self._response_counts
-            for key, response, ts, name, qtype, rcode, answers, i in msgs:
-                o = 16 * i
-                if not response:
-                    server = daddr[o:o + 16]
-                    add(key, new_query(ts, name, qtype, (saddr[o:o + 16], sport[i], server,
-                                                         dport[i], proto[i], family[i],
-                                                         ifindex[i])))
-                    qc[(qtype, server, dport[i], proto[i], family[i],
-                        name.lower() if names else None)] += 1
-                else:
-                    rc[(qtype, rcode, saddr[o:o + 16], sport[i], proto[i], family[i],
-                        name.lower() if names else None)] += 1
-                    q = answer(key, ts)
-                    if q is not None:
-                        done.append((q, ts, rcode, answers))
-        self._emit(done, [], offset)
+            self._count(sub, d)
+            qi, ai, rest = self.table.fast_pairs(keys, d.response, d.ts_ns)
+            done = self._one_by_one(sub, d, keys, rest) if len(rest) else []
+        fast = lookups.from_pairs(sub, d, qi, ai)
+        self._emit(lookups.concat(fast, lookups.from_queries(done, len(d.questions))),
+                   d.questions + [(q.name, q.qtype) for q, *_ in done], offset)
         now = time.monotonic_ns()
         if now - self._last_expire >= EXPIRE_EVERY_NS:
             self.expire()
+
+    def _count(self, sub: np.ndarray, d) -> None:
+        """dns.queries / dns.responses per (type, server, ...), one Counter add per group."""
+        names = self.config.dns_names
+        qs = d.questions
+        for resp, counts in ((False, self._query_counts), (True, self._response_counts)):
+            sel = d.response == resp
+            if not sel.any():
+                continue
+            r = sub[sel]
+            server = r["saddr"] if resp else r["daddr"]
+            port = r["sport"] if resp else r["dport"]
+            rows, n = lookups.group_rows(d.question[sel], server, port, r["proto"],
+                                         r["family"], d.rcode[sel] if resp else None)
+            for (q, addr, p, proto, fam, rc), c in zip(rows, n):
+                name, qtype = qs[q]
+                lname = name.lower() if names else None
+                if resp:
+                    counts[(qtype, rc, addr, p, proto, fam, lname)] += c
+                else:
+                    counts[(qtype, addr, p, proto, fam, lname)] += c
+
+    def _one_by_one(self, sub: np.ndarray, d, keys: np.ndarray, rest: np.ndarray
+                    ) -> list[tuple[Query, int, int, int]]:
+        """Messages that did not pair within the batch, through the pending table."""
+        add, answer = self.table.add, self.table.answer
+        qs = d.questions
+        done = []
+        r = sub[rest]
+        saddr, daddr = r["saddr"].tobytes(), r["daddr"].tobytes()
+        for k, (key, resp, ts, q, rcode, ans, sp, dp, proto, fam, ifx) in enumerate(zip(
+                keys[rest].tolist(), d.response[rest].tolist(), d.ts_ns[rest].tolist(),
+                d.question[rest].tolist(), d.rcode[rest].tolist(), d.answers[rest].tolist(),
+                r["sport"].tolist(), r["dport"].tolist(), r["proto"].tolist(),
+                r["family"].tolist(), r["ifindex"].tolist())):
+            o = 16 * k
+            if not resp:
+                name, qtype = qs[q]
+                add(key, new_query(ts, name, qtype, (saddr[o:o + 16], sp, daddr[o:o + 16], dp,
+                                                     proto, fam, ifx)))
+            else:
+                got = answer(key, ts)
+                if got is not None:
+                    done.append((got, ts, rcode, ans))
+        return done
 
     def expire(self, flush_all: bool = False) -> None:
         """Turn queries older than the timeout (all of them at shutdown) into timeouts."""
@@ -277,7 +355,9 @@ class DnsSignal(Signal):
             self._last_expire = now
             expired = self.table.expire(now + (self.table.timeout_ns if flush_all else 0))
         if expired:
-            self._emit([], expired, offset)
+            done = [(q, None, -1, 0) for q in expired]
+            self._emit(lookups.from_queries(done, 0), [(q.name, q.qtype) for q in expired],
+                       offset)
 
     # --- telemetry -----------------------------------------------------------------
     def _server(self, raw: bytes, port: int, proto: int, family: int,
@@ -286,7 +366,7 @@ class DnsSignal(Signal):
         key = (raw, port, proto, family, ifindex)
         v = self._servers.get(key)
         if v is None:
-            sa = self.addrs.text(raw, family)
+            sa = self.addrs.text(raw)
             tr = transport(proto)
             v = ((("server.address", sa), ("server.port", port), ("network.transport", tr),
                   ("network.type", FAMILIES.get(family, "")),
@@ -297,40 +377,74 @@ class DnsSignal(Signal):
             self._servers[key] = v
         return v
 
-    def _emit(self, done: list[tuple[Query, int, int, int]], expired: list[Query],
-              offset: int) -> None:
-        spans: list[SpanRecord] = []
-        durations: list[tuple[tuple, float]] = []
-        names = self.config.dns_names
-        text, server = self.addrs.text, self._server
-        timeout_ns = self.table.timeout_ns
-        for q, rts, rcode, answers in chain(done, ((q, None, None, 0) for q in expired)):
-            ts, name, qtype, (ca, cp, sa, sp, proto, fam, ifx) = q
-            span_part, hist_part = server(sa, sp, proto, fam, ifx)
-            qattrs = (("dns.question.name", name), ("dns.question.type", qtype))
-            client = (("client.address", text(ca, fam)), ("client.port", cp))
-            hist = (("dns.question.type", qtype),) + hist_part
-            if names:
-                # Lower case on metrics: resolvers that randomise case (0x20
-                # encoding) would otherwise multiply the series. Spans keep the wire's.
-                hist += (("dns.question.name", name.lower()),)
-            if rts is None:
-                err, end = TIMEOUT, ts + timeout_ns
-                attrs = qattrs + span_part + client
-                hist += (("error.type", TIMEOUT),)
-            else:
-                rc = rcode_text(rcode)
-                err, end = (None if rcode in OK_RCODES else rc), rts
-                attrs = qattrs + (("dns.response_code", rc), ("dns.answer.count", answers)) \
-                    + span_part + client
-                hist += (("dns.response_code", rc),)
-                if err is not None:
-                    hist += (("error.type", err),)
-            spans.append(SpanRecord(ts + offset, end + offset, "DNS " + qtype, attrs, err))
-            durations.append((hist, (end - ts) / 1e9 if end > ts else 0.0))
-        if spans:
-            self.spans_dropped += self.exporter.submit_spans(spans)
-            self.duration.record_batch(durations)
+    def _span_group(self, question: tuple[str, str], sa: bytes, sp: int, proto: int, fam: int,
+                    ifx: int, rcode: int) -> tuple[SpanGroup, tuple]:
+        """The span group and the dns.lookup.duration attributes of lookups sharing these."""
+        name, qtype = question
+        span_part, hist_part = self._server(sa, sp, proto, fam, ifx)
+        qattrs = (("dns.question.name", name), ("dns.question.type", qtype))
+        hist = (("dns.question.type", qtype),) + hist_part
+        if self.config.dns_names:
+            # Lower case on metrics: resolvers that randomise case (0x20
+            # encoding) would otherwise multiply the series. Spans keep the wire's.
+            hist += (("dns.question.name", name.lower()),)
+        if rcode < 0:
+            err = TIMEOUT
+            attrs = qattrs + span_part
+            hist += (("error.type", TIMEOUT),)
+        else:
+            rc = rcode_text(rcode)
+            err = None if rcode in OK_RCODES else rc
+            attrs = qattrs + (("dns.response_code", rc),) + span_part
+            hist += (("dns.response_code", rc),)
+            if err is not None:
+                hist += (("error.type", err),)
+        return SpanGroup("DNS " + qtype, attrs, err), hist
+
+    def _emit(self, lk: lookups.Lookups, questions: list[tuple[str, str]], offset: int) -> None:
+        """One span and one dns.lookup.duration value per lookup, from columns:
+        attributes are built once per group of lookups that share them."""
+        m = len(lk.q_ts)
+        if not m:
+            return
+        timeout = lk.rcode < 0
+        end = np.where(timeout, lk.q_ts + self.table.timeout_ns, lk.end_ts)
+        dur = np.where(end > lk.q_ts, (end - lk.q_ts) / 1e9, 0.0)
+        rows, inv = lookups.span_groups(lk)
+        groups, hist_keys = [], []
+        cache = self._span_groups
+        for q, sa, sp, proto, fam, ifx, rcode in rows:
+            ck = (questions[q], sa, sp, proto, fam, ifx, rcode)
+            hit = cache.get(ck)
+            if hit is None:
+                if len(cache) >= 65536:  # bounded: names and servers churn
+                    cache.clear()
+                hit = cache[ck] = self._span_group(questions[q], sa, sp, proto, fam, ifx, rcode)
+            groups.append(hit[0])
+            hist_keys.append(hit[1])
+        # Spans also share the client's address and the answer count (few distinct
+        # values): only the client port is left per span.
+        text = self.addrs.text
+        first, sub, _ = group(inv.astype("<i8"), lk.c_addr, lk.family.astype("u1"),
+                              lk.answers.astype("<i8"))
+        raw = np.ascontiguousarray(lk.c_addr[first]).tobytes()
+        span_groups = []
+        for k, (g, _fam, ans) in enumerate(zip(inv[first].tolist(), lk.family[first].tolist(),
+                                              lk.answers[first].tolist())):
+            base = groups[g]
+            extra = (("client.address", text(raw[16 * k:16 * k + 16])),)
+            if base.error != TIMEOUT:
+                extra += (("dns.answer.count", ans),)
+            span_groups.append(base._replace(attributes=tuple(base.attributes) + extra))
+        self.spans_dropped += self.exporter.submit_span_groups(
+            lk.q_ts + offset, end + offset, sub, span_groups,
+            [("client.port", lk.c_port.tolist())])
+        # span groups that share a histogram series (names off: all but the question)
+        series: dict[tuple, int] = {}
+        to_series = np.array([series.setdefault(h, len(series)) for h in hist_keys], np.int64)
+        keys = list(series)
+        for g, vals in split(to_series[inv], dur, len(keys)):
+            self.duration.record_many(keys[g], vals)
 
     def _ifname(self, ifindex: int) -> str:
         n = self._ifnames.get(ifindex)

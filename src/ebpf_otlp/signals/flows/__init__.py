@@ -2,8 +2,9 @@
 TC (or XDP) programs, drained once per interval and exported as
 ``network.flow.*`` counters.
 
+The programs are the shared packet object's (:mod:`ebpf_otlp.signals.packet`).
 Per interval (``collect``): flip the active table, wait out programs still
-writing the old one, batch-drain it, fold the per-CPU slots, project the keys
+writing the old one, batch-drain it with its per-CPU front slots, project the keys
 onto the kept attributes and sum over the dropped ones (numpy), then export.
 The export builds the OTLP request directly from the arrays (the exporter's
 sums path, :mod:`ebpf_otlp.otlp.sums`).
@@ -12,7 +13,6 @@ sums path, :mod:`ebpf_otlp.otlp.sums`).
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Callable
@@ -25,6 +25,7 @@ from ...platform.bpfobj import BpfObject
 from ...platform.maps import Map
 from ...platform.tables import AlternatingTables
 from ..base import Signal
+from ..packet import PacketDatapath
 from . import agg
 from . import attrs as fattrs
 
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TABLES = ("flows_a", "flows_b")
-MAX_IFACES = 64  # interfaces one agent's flows signal can watch (SIGHUP may add some)
 METRICS = (
     SumMetric("network.flow.bytes", "By", "bytes of the flow's frames as the hook saw "
               "them, L2 header included", 1),
@@ -55,6 +55,7 @@ class FlowsSignal(Signal):
         self.store = agg.SeriesStore(not exporter.delta, cap=max(4 * config.max_flows, 16384))
         self.ifnames: dict[int, str] = {}
         self.obj: BpfObject | None = None
+        self.dp: PacketDatapath | None = None
         self._lock = threading.Lock()
         self._interval_start_ns = time.time_ns()
         self.drains = 0
@@ -65,78 +66,46 @@ class FlowsSignal(Signal):
 
     # --- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
-        cfg = self.config
-        for name in cfg.ifaces:
-            try:
-                self.ifnames[socket.if_nametoindex(name)] = name
-            except OSError:
-                raise OSError(f"flows: no such interface: {name}") from None
-        obj = BpfObject.open_packaged("flows")
-        self.obj = obj
-        self.objects.append(obj)
-        self.tables = AlternatingTables(obj, "flows_active", TABLES)
-        self.tables.set_max_entries(cfg.max_flows)
-        # room for interfaces added on SIGHUP (see reconfigure); entries are tiny
-        obj.set_max_entries("flows_overflow", 2 * max(len(self.ifnames), MAX_IFACES) + 2)
-        progs = ["flows_tc_egress",
-                 "flows_xdp_ingress" if cfg.flow_hook == "xdp" else "flows_tc_ingress"]
-        obj.only_programs(progs)
-        obj.load()
-        self._init_overflow()
-        for idx in self.ifnames:
-            if cfg.flow_hook == "xdp":
-                obj.programs["flows_xdp_ingress"].attach_xdp(idx)
-            else:
-                obj.programs["flows_tc_ingress"].attach_tc(idx, "ingress")
-            obj.programs["flows_tc_egress"].attach_tc(idx, "egress")
+        # The packet object (bpf/packet.bpf.c) is shared with DNS: one program per
+        # hook and direction parses each packet once for both signals.
+        self.dp = PacketDatapath.for_config(self.config).acquire(self.name, self.exporter)
+        self.obj = self.dp.obj
+        self.ifnames = self.dp.ifnames
+        self.tables = AlternatingTables(self.obj, "flows_active", TABLES)
         self._interval_start_ns = time.time_ns()
 
+    def programs(self) -> list:
+        return self.dp.programs(self.name) if self.dp is not None else []
+
+    def bpf_objects(self) -> list:
+        return [*self.objects, *([self.dp.obj] if self.dp is not None and self.dp.obj else [])]
+
     def reconfigure(self, config: AgentConfig, changed: set[str]) -> bool:
-        """A changed interface list (TC hook): attach to the new interfaces, detach
-        from the removed ones, keep everything else (tables, counts, hooks)."""
-        if changed != {"ifaces"} or config.flow_hook != "tc" or self.obj is None:
+        """SIGHUP with only the interface list changed: the shared packet hooks follow
+        it in place (the unchanged interfaces keep theirs, and the counts)."""
+        if changed != {"ifaces"} or self.dp is None or self.dp.xdp:
             return False
         try:
-            want = {socket.if_nametoindex(n): n for n in config.ifaces}
+            self.dp.set_ifaces(list(config.ifaces))
         except OSError:
             return False
-        with self._lock:
-            attached = {f.ifindex for f in self.obj.tc_filters()}
-            if len(set(self.ifnames) | set(want)) > MAX_IFACES:
-                return False
-            added = [i for i in want if i not in attached]
-            self.ifnames.update(want)  # removed ones keep their names for pending series
-            self._init_overflow(added)
-            for idx in added:
-                self.obj.programs["flows_tc_ingress"].attach_tc(idx, "ingress")
-                self.obj.programs["flows_tc_egress"].attach_tc(idx, "egress")
-            for f in self.obj.tc_filters():
-                if f.ifindex not in want:
-                    f.detach()
-            self.config = config
+        self.config = config
         return True
-
-    def _init_overflow(self, only: list[int] | None = None) -> None:
-        m = self.obj.maps["flows_overflow"]
-        zero = bytes(m.value_stride)
-        for idx in ([0, *self.ifnames] if only is None else only):
-            for d in (0, 1):
-                k = np.zeros(1, agg.OVF_KEY_DT)
-                k["ifindex"], k["direction"] = idx, d
-                m.update(k.tobytes(), zero)
 
     def close(self) -> None:
         """Detach, drain both tables (the agent exports once more after), free the maps."""
         with self._lock:
             if self.obj is not None and self.obj.loaded:
                 try:
-                    self.obj.detach_all()
+                    self.dp.detach_hooks()
                     self._ovf_cache = self._read_overflow()
                     for table in self.tables.both():
                         self._ingest(self._drain(table))
                 except Exception:
                     log.exception("final flows drain failed")
             self.obj = None
+            if self.dp is not None:
+                self.dp.release(self.name)
             super().close()
 
     # --- per interval ---------------------------------------------------------------
@@ -145,12 +114,16 @@ class FlowsSignal(Signal):
             if self.obj is None:
                 return
             self._ingest(self._swap_and_drain())
+        self.dp.interval_tick(self.config.interval_s)
 
     def _swap_and_drain(self) -> agg.Drained:
         return self._drain(self.tables.swap())
 
     def _drain(self, m: Map) -> agg.Drained:
         keys, vals = m.drain()
+        # the per-CPU front slots of this table (bpf/flows.h) go with it
+        fk, fv = agg.drain_front(self.obj.maps["flows_front"], TABLES.index(m.name))
+        keys, vals = np.concatenate([keys, fk]), np.concatenate([vals, fv])
         self.drains += 1
         self.last_entries = len(keys)
         self.flows_drained += len(keys)
