@@ -148,7 +148,7 @@ class Agent:
                     sig.close()
                 except Exception:
                     log.exception("closing %s after its failed start failed", name)
-            if self.strict:
+            if self.strict or isinstance(e, ConfigError):  # a bad value: exit 2, not "off"
                 raise
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             self.switched_off[name] = first
