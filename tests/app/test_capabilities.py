@@ -64,6 +64,7 @@ def test_runs_as_non_root_without_sys_admin() -> None:
     log = logdir / "agent.log"
     with Receiver(port=0) as rx, open(log, "w") as logf:
         proc = subprocess.Popen([*cmd, "run", "--signals", "drops", "--interval", "0.5",
+                                 "--bpf-stats",
                                  "--endpoint", f"http://127.0.0.1:{rx.port}"],
                                 stdout=logf, stderr=subprocess.STDOUT)
         try:

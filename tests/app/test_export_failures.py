@@ -147,7 +147,7 @@ def test_hung_collector_collection_goes_on_and_sigterm_is_bounded(topo) -> None:
 def test_second_sigint_detaches_at_once(topo) -> None:
     with ReceiverProc(topo, topo.a) as rx, FlakyCollector(topo, topo.a, rx, "hang:3600") as fc:
         agent = AgentProc(topo, topo.a, fc, "--iface", topo.a_if, "--signals", "flows",
-                          interval=5.0)
+                          "--tc-mode", "tc", interval=5.0)  # filters outlive the process
         with agent:
             rx.wait_for(lambda: fc.answers(), what="an export hanging on the collector")
             agent.proc.send_signal(signal.SIGINT)

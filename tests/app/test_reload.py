@@ -36,7 +36,7 @@ def filters(topo, dev: str) -> list[str]:
 
 def test_sighup_changes_interfaces_and_keeps_unchanged_ones(topo, tmp_path: Path) -> None:
     cfg = tmp_path / "agent.yaml"
-    cfg.write_text(f"iface: [{topo.a_if}]\nsignals: [flows]\n")
+    cfg.write_text(f"iface: [{topo.a_if}]\nsignals: [flows]\ntc-mode: tc\n")
     port = 40301
 
     def send(dst: str, n: int) -> None:
@@ -55,7 +55,7 @@ def test_sighup_changes_interfaces_and_keeps_unchanged_ones(topo, tmp_path: Path
             send(topo.b_ip4, 100)
             rx.wait_for(lambda: metric_total(points(rx, topo.a_if)) >= 100, what="first 100")
 
-            cfg.write_text(f"iface: [{topo.a_if}, lo]\nsignals: [flows]\n")
+            cfg.write_text(f"iface: [{topo.a_if}, lo]\nsignals: [flows]\ntc-mode: tc\n")
             agent.proc.send_signal(signal.SIGHUP)
             rx.wait_for(lambda: "configuration reloaded: flows reconfigured" in agent.log(),
                         what="reload")
@@ -66,7 +66,7 @@ def test_sighup_changes_interfaces_and_keeps_unchanged_ones(topo, tmp_path: Path
             rx.wait_for(lambda: metric_total(points(rx, topo.a_if)) >= 150
                         and metric_total(points(rx, "lo")) >= 70, what="both interfaces")
 
-            cfg.write_text("iface: [lo]\nsignals: [flows]\n")
+            cfg.write_text("iface: [lo]\nsignals: [flows]\ntc-mode: tc\n")
             agent.proc.send_signal(signal.SIGHUP)
             rx.wait_for(lambda: agent.log().count("configuration reloaded") == 2, what="reload")
             assert filters(topo, topo.a_if) == []
@@ -75,7 +75,8 @@ def test_sighup_changes_interfaces_and_keeps_unchanged_ones(topo, tmp_path: Path
             send("127.0.0.1", 30)
             rx.wait_for(lambda: metric_total(points(rx, "lo")) >= 100, what="lo after removal")
 
-            cfg.write_text("iface: [lo]\nmax-flows: 0\n")  # bad: refused, nothing changes
+            # a bad value: refused as a whole, nothing changes
+            cfg.write_text("iface: [lo]\ntc-mode: tc\nmax-flows: 0\n")
             agent.proc.send_signal(signal.SIGHUP)
             rx.wait_for(lambda: "configuration not reloaded" in agent.log(), what="refusal")
             assert "key 'max-flows'" in agent.log()

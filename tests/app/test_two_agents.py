@@ -44,7 +44,8 @@ def send(topo, port: int, n: int) -> None:
 
 def test_two_agents_keep_their_own_filters_and_kill_restart(topo) -> None:
     n = 200
-    args = ("--iface", topo.a_if, "--signals", "flows")
+    # clsact filters: they outlive their process (TCX links do not), so ownership matters
+    args = ("--iface", topo.a_if, "--signals", "flows", "--tc-mode", "tc")
     with ReceiverProc(topo, topo.a) as rx1, ReceiverProc(topo, topo.a, port=4320) as rx2:
         first = AgentProc(topo, topo.a, rx1, *args)
         with first:
