@@ -93,19 +93,39 @@ def attach(prog_fd: int, ifindex: int, direction: str, name: str) -> TcFilter:
                    f"ebpf-otlp are taken on ifindex {ifindex}")
 
 
+def _query_prog_id(hook: object, prio: int) -> int:
+    """The program id of our filter at ``prio``, or 0 when the slot is free."""
+    opts = _opts(prio)
+    with capture_log():
+        ret = lib.bpf_tc_query(hook, opts)
+    return opts.prog_id if ret == 0 else 0
+
+
 def remove_stale(ifindex: int) -> int:
-    """Remove filters of ours left on ``ifindex`` by an earlier run; returns how many."""
-    removed = 0
+    """Remove filters of ours left on ``ifindex`` by an earlier run that is gone;
+    returns how many. A filter whose program a live process still holds (a
+    second agent on the same interface) is left alone: see :mod:`.owners`."""
+    from .owners import prog_holders
+
+    found = []
     for direction in _POINTS:
         hook = _hook(ifindex, direction)
         for slot in range(PRIO_SLOTS):
             prio = PRIO_BASE + slot
-            if not _occupied(hook, prio):
-                continue
-            with capture_log():
-                ret = lib.bpf_tc_detach(hook, _opts(prio))
-            if ret == 0:
-                removed += 1
+            pid = _query_prog_id(hook, prio)
+            if pid:
+                found.append((hook, prio, pid))
+    holders = prog_holders({p for _, _, p in found})
+    removed = 0
+    for hook, prio, prog_id in found:
+        if prog_id in holders:
+            log.info("tc filter prio %#x on ifindex %d belongs to running pid(s) %s: kept",
+                     prio, ifindex, sorted(holders[prog_id]))
+            continue
+        with capture_log():
+            ret = lib.bpf_tc_detach(hook, _opts(prio))
+        if ret == 0:
+            removed += 1
     if removed:
         log.info("removed %d stale ebpf-otlp tc filters from ifindex %d", removed, ifindex)
     return removed

@@ -54,6 +54,15 @@ class Signal(ABC):
     def export(self) -> None:  # noqa: B027 (optional hook)
         """Hand what ``collect`` gathered to the exporter's batch paths."""
 
+    def bpf_objects(self) -> list[BpfObject]:
+        """Every BPF object whose hooks this signal holds (shared ones included)."""
+        return list(self.objects)
+
+    def reconfigure(self, config: AgentConfig, changed: set[str]) -> bool:
+        """Take a reloaded configuration in place (SIGHUP), keeping hooks and counts;
+        ``changed`` names the fields that differ. False: the agent restarts the signal."""
+        return False
+
     def programs(self) -> list[Program]:
         return [p for o in self.objects if o.loaded for p in o.programs.values()
                 if p.autoload]
