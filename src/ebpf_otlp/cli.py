@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Callable
 
 import click
 
-from .config import ALL_SIGNALS, FLOW_ATTRIBUTES, AgentConfig, ConfigError, parse_headers
+from .config import ALL_SIGNALS, AgentConfig, ConfigError, parse_headers
 
 log = logging.getLogger("ebpf_otlp")
 
@@ -28,6 +29,15 @@ def _ports(_ctx: object, param: click.Parameter, value: str | None) -> tuple[int
     if not ports or any(not 0 < p < 65536 for p in ports):
         raise click.BadParameter("ports must be between 1 and 65535")
     return ports
+
+
+def _hostport(_ctx: object, _param: object, value: str | None) -> str | None:
+    if value is None:
+        return None
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise click.BadParameter(f"expected HOST:PORT, not {value!r}")
+    return value
 
 
 def _setup_logging(verbose: int) -> None:
@@ -58,112 +68,104 @@ def main() -> None:
     """eBPF network observability exported as OpenTelemetry (OTLP/HTTP)."""
 
 
+def run_options(f: Callable) -> Callable:
+    """The agent's options, shared by ``run`` and ``config print`` (and, by their
+    long names, the configuration file's keys: see :mod:`.configfile`)."""
+    decorators = [
+        click.option("--iface", "ifaces", multiple=True, metavar="IFACE",
+                     help="Interface to watch (repeatable). Needed by flows and dns."),
+        click.option("--signals", callback=_csv, metavar="LIST",
+                     help=f"Comma-separated signals [default: all of {','.join(ALL_SIGNALS)}]."),
+        _otlp_options,
+        click.option("--max-flows", type=click.IntRange(min=1, max=1 << 24),
+                     help="Flow table size [65536]."),
+        click.option("--flow-hook", type=click.Choice(["tc", "xdp"]),
+                     help="Ingress hook for flows [tc]."),
+        click.option("--tc-mode", type=click.Choice(["auto", "tcx", "tc"]),
+                     help="Attach TC programs as TCX links (6.6+) or clsact filters [auto]."),
+        click.option("--flow-attributes", callback=_csv, metavar="LIST",
+                     help="Flow attributes to keep [all of the flow key]."),
+        click.option("--tcp-spans/--no-tcp-spans", default=None,
+                     help="One span per TCP connection."),
+        click.option("--tcp-attributes", callback=_csv, metavar="LIST",
+                     help="Connection attributes to keep [server.address,server.port]."),
+        click.option("--tcp-max-sockets", type=click.IntRange(min=16, max=1 << 22),
+                     help="Connections the TCP signal tracks at once; more are counted, not "
+                          "tracked [65536]."),
+        click.option("--dns-ports", callback=_ports, metavar="PORTS", help="DNS ports [53]."),
+        click.option("--dns-names/--no-dns-names", default=None,
+                     help="Keep dns.question.name on metrics (cardinality) [off]."),
+        click.option("--dns-timeout", type=click.FloatRange(min=0.01), metavar="SECONDS",
+                     help="Unanswered DNS queries become timeouts after this [5]."),
+        click.option("--dns-head-bytes", type=click.IntRange(min=64, max=512),
+                     help="Bytes of each DNS message copied from the kernel [256]."),
+        click.option("--http-head-bytes", type=click.IntRange(min=16, max=1024),
+                     help="Bytes of each HTTP read/write copied from the kernel [256]."),
+        click.option("--http-capture-query/--no-http-capture-query", default=None,
+                     help="Export url.query (may hold secrets) [off]."),
+        click.option("--http-capture-header", "http_capture_headers", multiple=True, metavar="NAME",
+                     help="Export this request header's value as http.request.header.NAME "
+                          "(repeatable) [none]."),
+        click.option("--http-attributes", callback=_csv, metavar="LIST",
+                     help="Address attributes kept on HTTP duration histograms "
+                          "[server.address,server.port]."),
+        click.option("--http-route-pattern", "http_route_patterns", multiple=True, metavar="REGEX",
+                     help="Path segments matching REGEX become * in routes (repeatable), besides "
+                          "numbers, UUIDs and hex ids."),
+        click.option("--http-tls/--no-http-tls", default=None,
+                     help="Trace TLS through uprobes on the SSL library [on]."),
+        click.option("--tls-lib", "tls_libs", multiple=True, metavar="PATH",
+                     help="Binary linking OpenSSL statically to trace TLS in (repeatable); "
+                          "libssl.so files that processes map are found by themselves."),
+        click.option("--drop-location/--no-drop-location", default=None,
+                     help="Add network.drop.location (kernel function) to drops."),
+        click.option("--drop-exclude-not-specified/--no-drop-exclude-not-specified", default=None,
+                     help="Ignore frees with reason NOT_SPECIFIED."),
+        click.option("--drop-logs/--no-drop-logs", default=None,
+                     help="An OTLP log record for the first drop of each (reason, flow)."),
+        click.option("--max-drops", type=click.IntRange(min=1, max=1 << 22),
+                     help="Distinct (reason, flow) drop entries per interval [16384]."),
+        click.option("--drop-reasons", callback=_csv, metavar="LIST",
+                     help="Count only these drop reasons (e.g. NETFILTER_DROP,NO_SOCKET) [all]."),
+        click.option("--bpf-stats/--no-bpf-stats", default=None,
+                     help="Kernel run-time statistics of our programs; host-wide while on, "
+                          "~85 ns per BPF program run [off]."),
+        click.option("--cgroup", "cgroup_path", metavar="PATH",
+                     help="cgroup v2 directory for sock_ops [where cgroup2 is mounted]."),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="YAML configuration file; keys are these options' long names."),
+        click.option("--strict/--no-strict", default=None,
+                     help="A signal that cannot load or attach stops the agent [off: it is "
+                     "switched off with one log line]."),
+        click.option("--export-queue-bytes", type=click.IntRange(min=0), metavar="BYTES",
+                     help="Undelivered OTLP requests kept per signal for retry; beyond, "
+                     "the oldest are dropped and counted [16777216]."),
+        click.option("--health-listen", metavar="HOST:PORT", callback=_hostport,
+                     help="Serve /healthz, /readyz and /status here [off]."),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
 @main.command()
-@click.option("--iface", "ifaces", multiple=True, metavar="IFACE",
-              help="Interface to watch (repeatable). Needed by flows and dns.")
-@click.option("--signals", callback=_csv, metavar="LIST",
-              help=f"Comma-separated signals [default: all of {','.join(ALL_SIGNALS)}].")
-@_otlp_options
-@click.option("--max-flows", type=click.IntRange(min=1, max=1 << 24),
-              help="Flow table size [65536].")
-@click.option("--flow-hook", type=click.Choice(["tc", "xdp"]), help="Ingress hook for flows [tc].")
-@click.option("--tc-mode", type=click.Choice(["auto", "tcx", "tc"]),
-              help="Attach TC programs as TCX links (6.6+) or clsact filters [auto].")
-@click.option("--flow-attributes", callback=_csv, metavar="LIST",
-              help="Flow attributes to keep [all of the flow key].")
-@click.option("--tcp-spans/--no-tcp-spans", default=None, help="One span per TCP connection.")
-@click.option("--tcp-attributes", callback=_csv, metavar="LIST",
-              help="Connection attributes to keep [server.address,server.port].")
-@click.option("--tcp-max-sockets", type=click.IntRange(min=16, max=1 << 22),
-              help="Connections the TCP signal tracks at once; more are counted, not "
-                   "tracked [65536].")
-@click.option("--dns-ports", callback=_ports, metavar="PORTS", help="DNS ports [53].")
-@click.option("--dns-names/--no-dns-names", default=None,
-              help="Keep dns.question.name on metrics (cardinality) [off].")
-@click.option("--dns-timeout", type=click.FloatRange(min=0.01), metavar="SECONDS",
-              help="Unanswered DNS queries become timeouts after this [5].")
-@click.option("--dns-head-bytes", type=click.IntRange(min=64, max=512),
-              help="Bytes of each DNS message copied from the kernel [256].")
-@click.option("--http-head-bytes", type=click.IntRange(min=16, max=1024),
-              help="Bytes of each HTTP read/write copied from the kernel [256].")
-@click.option("--http-capture-query/--no-http-capture-query", default=None,
-              help="Export url.query (may hold secrets) [off].")
-@click.option("--http-capture-header", "http_capture_headers", multiple=True, metavar="NAME",
-              help="Export this request header's value as http.request.header.NAME "
-                   "(repeatable) [none].")
-@click.option("--http-attributes", callback=_csv, metavar="LIST",
-              help="Address attributes kept on HTTP duration histograms "
-                   "[server.address,server.port].")
-@click.option("--http-route-pattern", "http_route_patterns", multiple=True, metavar="REGEX",
-              help="Path segments matching REGEX become * in routes (repeatable), besides "
-                   "numbers, UUIDs and hex ids.")
-@click.option("--http-tls/--no-http-tls", default=None,
-              help="Trace TLS through uprobes on the SSL library [on].")
-@click.option("--tls-lib", "tls_libs", multiple=True, metavar="PATH",
-              help="Binary linking OpenSSL statically to trace TLS in (repeatable); "
-                   "libssl.so files that processes map are found by themselves.")
-@click.option("--drop-location/--no-drop-location", default=None,
-              help="Add network.drop.location (kernel function) to drops.")
-@click.option("--drop-exclude-not-specified/--no-drop-exclude-not-specified", default=None,
-              help="Ignore frees with reason NOT_SPECIFIED.")
-@click.option("--drop-logs/--no-drop-logs", default=None,
-              help="An OTLP log record for the first drop of each (reason, flow).")
-@click.option("--max-drops", type=click.IntRange(min=1, max=1 << 22),
-              help="Distinct (reason, flow) drop entries per interval [16384].")
-@click.option("--drop-reasons", callback=_csv, metavar="LIST",
-              help="Count only these drop reasons (e.g. NETFILTER_DROP,NO_SOCKET) [all].")
-@click.option("--bpf-stats/--no-bpf-stats", default=None,
-              help="Kernel run-time statistics of our programs; host-wide while on, "
-                   "~85 ns per BPF program run [off].")
-@click.option("--cgroup", "cgroup_path", metavar="PATH",
-              help="cgroup v2 directory for sock_ops [where cgroup2 is mounted].")
+@run_options
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def run(ifaces: tuple[str, ...], signals: tuple[str, ...] | None, headers: tuple[str, ...],
-        verbose: int, **opts: object) -> None:
-    """Run the agent until SIGINT/SIGTERM."""
+@click.pass_context
+def run(ctx: click.Context, verbose: int, **params: object) -> None:
+    """Run the agent until SIGINT/SIGTERM (SIGHUP reloads --config)."""
     _setup_logging(verbose)
-    from . import signals as known
+    from .configfile import resolve
 
     try:
-        cfg = AgentConfig(ifaces=list(ifaces))
+        cfg, strict, _ = resolve(ctx, params)
     except ConfigError as e:
         click.echo(f"ebpf-otlp: {e}", err=True)
         sys.exit(2)
-    strict = signals is not None
-    if signals is not None:
-        for s in signals:
-            if s not in known.available():
-                raise click.BadParameter(f"unknown signal {s!r}; known: "
-                                         f"{', '.join(known.available())}",
-                                         param_hint="--signals")
-        cfg.signals = signals
-    elif not ifaces:
-        cfg.signals = tuple(s for s in ALL_SIGNALS if s not in ("flows", "dns"))
-    if headers:
-        try:
-            cfg.headers.update(parse_headers(",".join(headers), "--header"))
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--header") from None
-    fa = opts.pop("flow_attributes")
-    if fa is not None:
-        bad = set(fa) - set(FLOW_ATTRIBUTES) - {"network.tcp.flags"}
-        if bad:
-            raise click.BadParameter(f"unknown attributes {sorted(bad)}; choose from "
-                                     f"{', '.join(FLOW_ATTRIBUTES)}, network.tcp.flags",
-                                     param_hint="--flow-attributes")
-        cfg.flow_attributes = fa
-    interval = opts.pop("interval")
-    if interval is not None:
-        cfg.interval_s = interval
-    renames = {"dns_timeout": "dns_timeout_s"}
-    for key in ("http_capture_headers", "http_route_patterns", "tls_libs"):
-        opts[key] = tuple(opts[key]) or None
-    for key, value in opts.items():
-        if value is not None:
-            setattr(cfg, renames.get(key, key), value)
 
     try:
-        from .agent import Agent
+        from .agent import Agent, NothingToRun
+        from .capabilities import MissingCapabilities
         from .platform.libbpf import BpfError
         from .platform.mounts import MountError
     except ImportError as e:  # libbpf.so.1 missing or too old: say what to install
@@ -175,21 +177,49 @@ def run(ifaces: tuple[str, ...], signals: tuple[str, ...] | None, headers: tuple
     except ConfigError as e:
         click.echo(f"ebpf-otlp: {e}", err=True)
         sys.exit(2)
+    if cfg.config_file:
+        agent.reload_config = lambda: resolve(ctx, params)[0]
     try:
-        agent.run_until_signalled()
+        status = agent.run_until_signalled()
     except ConfigError as e:
         click.echo(f"ebpf-otlp: {e}", err=True)
         sys.exit(2)
-    except (BpfError, MountError, FileNotFoundError) as e:
+    except (BpfError, MountError, FileNotFoundError, MissingCapabilities, NothingToRun) as e:
         click.echo(f"ebpf-otlp: {e}", err=True)
         sys.exit(1)
+    sys.exit(status)
+
+
+@main.group()
+def config() -> None:
+    """The agent's configuration."""
+
+
+@config.command("print")
+@run_options
+@click.pass_context
+def config_print(ctx: click.Context, **params: object) -> None:
+    """The effective configuration (as a --config file) and each value's source."""
+    from .configfile import effective, resolve
+
+    try:
+        cfg, strict, sources = resolve(ctx, params)
+    except ConfigError as e:
+        click.echo(f"ebpf-otlp: {e}", err=True)
+        sys.exit(2)
+    click.echo(effective(cfg, strict, sources, ctx.command), nl=False)
 
 
 @main.command()
 @click.option("--listen", default="127.0.0.1:4318", show_default=True, metavar="HOST:PORT")
 @click.option("--output", type=click.Path(dir_okay=False, writable=True),
               help="Write JSON lines here instead of printing readable lines.")
-def receive(listen: str, output: str | None) -> None:
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=32 << 20,
+              show_default=True, help="Largest request body accepted (413 beyond).")
+@click.option("--max-decoded-bytes", type=click.IntRange(min=1), default=64 << 20,
+              show_default=True, help="Largest body after gzip/deflate decoding (413 beyond).")
+def receive(listen: str, output: str | None, max_body_bytes: int,
+            max_decoded_bytes: int) -> None:
     """A small OTLP/HTTP receiver that prints what arrives."""
     from .receiver import Receiver, json_sink, text_sink
 
@@ -201,7 +231,8 @@ def receive(listen: str, output: str | None) -> None:
     out = open(output, "a") if output else sys.stdout  # noqa: SIM115 (lives as long as the server)
     sink = json_sink(out) if output else text_sink(out)
     try:
-        rx = Receiver(host.strip("[]") or "127.0.0.1", port_n, sink=sink)
+        rx = Receiver(host.strip("[]") or "127.0.0.1", port_n, sink=sink,
+                      max_body_bytes=max_body_bytes, max_decoded_bytes=max_decoded_bytes)
     except OSError as e:
         click.echo(f"ebpf-otlp receive: cannot listen on {listen}: {e.strerror}", err=True)
         sys.exit(2)

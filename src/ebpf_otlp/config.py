@@ -86,6 +86,10 @@ class AgentConfig:
     ringbuf_bytes: int = 4 << 20
     ringbuf_wakeup_bytes: int = 64 << 10
     poll_interval_ms: int = 50
+    # operability
+    config_file: str | None = None  # --config: re-read on SIGHUP
+    health_listen: str | None = None  # HOST:PORT of /healthz, /readyz, /status
+    export_queue_bytes: int = 16 << 20  # undelivered requests kept per OTLP signal
 
     @property
     def cardinality_limit(self) -> int:

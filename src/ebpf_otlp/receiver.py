@@ -4,7 +4,6 @@ data point, span or log record, or writes them as JSON lines."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import threading
@@ -12,7 +11,6 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator, TextIO
 
-from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
     ExportLogsServiceResponse,
@@ -28,6 +26,35 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 log = logging.getLogger(__name__)
+
+# Limits on one request: the body as sent and after decompression. A
+# collector's default body limit is of this order; a 300 KiB gzip bomb would
+# otherwise inflate to hundreds of MB.
+MAX_BODY_BYTES = 32 << 20
+MAX_DECODED_BYTES = 64 << 20
+
+
+class RequestTooLarge(ValueError):
+    """A body (or its decompressed form) beyond the receiver's limits."""
+
+
+def decompress(body: bytes, encoding: str, limit: int = MAX_DECODED_BYTES) -> bytes:
+    """``body`` decoded per ``Content-Encoding`` (gzip, deflate or none), at most
+    ``limit`` bytes; beyond that :class:`RequestTooLarge`."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ValueError(f"unsupported Content-Encoding {encoding!r}")
+    # gzip: wbits 16+MAX_WBITS; deflate (RFC 9110: zlib format): MAX_WBITS
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    out = d.decompress(body, limit + 1)
+    if len(out) > limit or d.unconsumed_tail:
+        raise RequestTooLarge(f"decompressed body exceeds {limit} bytes")
+    if not d.eof:
+        raise ValueError(f"truncated {encoding} body")
+    return out
+
 
 _TEMPORALITY = {0: "unspecified", 1: "delta", 2: "cumulative"}
 _SPAN_KIND = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER",
@@ -60,6 +87,8 @@ def metric_records(req: ExportMetricsServiceRequest) -> Iterator[dict]:
                 base = {"type": "metric", "name": m.name, "unit": m.unit, "resource": res,
                         "scope": sm.scope.name}
                 kind = m.WhichOneof("data")
+                if kind is None:  # a metric with no data: nothing to record
+                    continue
                 data = getattr(m, kind)
                 for p in data.data_points:
                     r = dict(base, kind=kind, attributes=attrs(p.attributes),
@@ -130,8 +159,12 @@ class Receiver:
     """OTLP/HTTP server; ``sink`` gets every decoded record."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 4318,
-                 sink: Callable[[dict], None] | None = None):
+                 sink: Callable[[dict], None] | None = None,
+                 max_body_bytes: int = MAX_BODY_BYTES,
+                 max_decoded_bytes: int = MAX_DECODED_BYTES):
         self.sink = sink or (lambda r: None)
+        self.max_body_bytes = max_body_bytes
+        self.max_decoded_bytes = max_decoded_bytes
         self.requests = 0
         self.bad_requests = 0
         self.records: list[dict] = []
@@ -152,24 +185,50 @@ class Receiver:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _refuse(self, code: int, why: str) -> None:
+                """Reply and close: the body (if any) was not read."""
+                outer._bad()
+                self.close_connection = True
+                body = why.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                route = _ROUTES.get(self.path.split("?")[0])
-                length = int(self.headers.get("Content-Length") or 0)
+                raw_len = self.headers.get("Content-Length")
+                if raw_len is None:
+                    if self.headers.get("Transfer-Encoding"):
+                        return self._refuse(411, "Content-Length required")
+                    length = 0
+                else:
+                    try:
+                        length = int(raw_len)
+                    except ValueError:
+                        length = -1
+                    if length < 0:
+                        return self._refuse(400, f"bad Content-Length {raw_len!r}")
+                if length > outer.max_body_bytes:
+                    return self._refuse(413, f"body of {length} bytes exceeds "
+                                        f"{outer.max_body_bytes}")
                 body = self.rfile.read(length) if length else b""
+                route = _ROUTES.get(self.path.split("?")[0])
                 if route is None:
                     outer._bad()
                     return self._reply(404, b"unknown path", "text/plain")
                 req_t, resp_t, unpack = route
                 try:
-                    if self.headers.get("Content-Encoding", "").lower() == "gzip":
-                        body = gzip.decompress(body)
-                    elif self.headers.get("Content-Encoding", "").lower() == "deflate":
-                        body = zlib.decompress(body)
+                    body = decompress(body, self.headers.get("Content-Encoding", ""),
+                                      outer.max_decoded_bytes)
                     req = req_t()
                     req.ParseFromString(body)
                     records = list(unpack(req))
-                except (DecodeError, OSError, EOFError, zlib.error, ValueError,
-                        KeyError) as e:
+                except RequestTooLarge as e:
+                    outer._bad()
+                    return self._reply(413, str(e).encode(), "text/plain")
+                except Exception as e:  # hostile input never takes the receiver down
                     outer._bad()
                     return self._reply(400, f"bad request: {e}".encode(), "text/plain")
                 outer._accept(records)

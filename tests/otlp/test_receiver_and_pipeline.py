@@ -7,6 +7,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+import zlib
 
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -101,3 +102,59 @@ def test_temporality_follows_environment(monkeypatch, env: str, expected: str) -
         t.shutdown(5)
         pts = [r for r in rx.records if r.get("name") == "c"]
     assert pts[0]["temporality"] == expected
+
+
+def _raw(port: int, head: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``head`` on a raw connection; the receiver's reply (it must answer in time)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head)
+        return s.recv(4096)
+
+
+def test_receiver_refuses_bad_and_oversized_bodies_without_blocking() -> None:
+    with Receiver(port=0, max_body_bytes=1 << 20) as rx:
+        # Content-Length -1 used to block the handler forever; now 400 at once
+        reply = _raw(rx.port, b"POST /v1/metrics HTTP/1.1\r\nHost: x\r\n"
+                              b"Content-Length: -1\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 400"), reply
+        reply = _raw(rx.port, b"POST /v1/metrics HTTP/1.1\r\nHost: x\r\n"
+                              b"Content-Length: 12x\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 400"), reply
+        # announced body beyond the limit: refused before it is read
+        reply = _raw(rx.port, b"POST /v1/metrics HTTP/1.1\r\nHost: x\r\n"
+                              b"Content-Length: 2000000\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 413"), reply
+        assert rx.bad_requests == 3
+        # and it still serves
+        empty = ExportMetricsServiceRequest().SerializeToString()
+        assert post(rx.port, "/v1/metrics", empty) == 200
+
+
+def test_receiver_caps_decompressed_size() -> None:
+    import resource
+
+    z = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip, built in chunks
+    chunk = bytes(1 << 20)
+    bomb = b"".join(z.compress(chunk) for _ in range(300)) + z.flush()  # inflates to 300 MiB
+    assert len(bomb) < 400 << 10
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    with Receiver(port=0, max_decoded_bytes=8 << 20) as rx:
+        assert post(rx.port, "/v1/metrics", bomb, {"Content-Encoding": "gzip"}) == 413
+        assert post(rx.port, "/v1/metrics", bomb[:1000], {"Content-Encoding": "gzip"}) == 400
+        assert rx.bad_requests == 2 and rx.requests == 0
+    grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grew_mb < 100, f"peak RSS grew {grew_mb:.0f} MB decoding a capped gzip bomb"
+
+
+def test_receiver_accepts_a_metric_without_data() -> None:
+    from opentelemetry.proto.metrics.v1.metrics_pb2 import (
+        Metric,
+        ResourceMetrics,
+        ScopeMetrics,
+    )
+
+    req = ExportMetricsServiceRequest(resource_metrics=[ResourceMetrics(scope_metrics=[
+        ScopeMetrics(metrics=[Metric(name="no.data")])])])
+    with Receiver(port=0) as rx:
+        assert post(rx.port, "/v1/metrics", req.SerializeToString()) == 200
+        assert rx.requests == 1 and rx.bad_requests == 0 and rx.records == []

@@ -58,6 +58,8 @@ class _SenderExporter(MetricExporter):
         super().__init__(preferred_temporality=temporality)
         self.sender = sender
         self.on_data: Callable[[MetricsData], None] | None = None
+        # delta points of a failed request exist nowhere else: keep them for the next try
+        self.retain = any(t == _D for t in temporality.values())
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000,
                **kwargs: object) -> MetricExportResult:
@@ -68,7 +70,7 @@ class _SenderExporter(MetricExporter):
         except Exception:
             log.exception("encoding metrics failed")
             return MetricExportResult.FAILURE
-        ok = self.sender.send(body, timeout_millis / 1000.0)
+        ok = self.sender.send(body, timeout_millis / 1000.0, retain=self.retain)
         return MetricExportResult.SUCCESS if ok else MetricExportResult.FAILURE
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:

@@ -15,7 +15,7 @@ import logging
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 
 import requests
 
@@ -24,6 +24,8 @@ from .settings import SignalTarget
 log = logging.getLogger(__name__)
 
 RETRYABLE = frozenset((429, 502, 503, 504))
+# Undelivered request bodies kept per signal (``retain``), in wire bytes.
+DEFAULT_QUEUE_BYTES = 16 << 20
 CONTENT_TYPE = "application/x-protobuf"
 
 
@@ -51,11 +53,25 @@ class OtlpSender:
         self.errors: Counter[str] = Counter()  # final failures by cause
         self._closed = False
         self.deadline: float | None = None  # monotonic; set at shutdown to bound every send
+        self.max_queue_bytes = DEFAULT_QUEUE_BYTES
+        self._queue: deque[tuple[bytes, int]] = deque()  # (wire bytes, body size)
+        self.queued_bytes = 0
+        self.dropped: Counter[str] = Counter()  # retained bodies given up, by reason
+        self.dropped_bytes = 0
 
-    def send(self, body: bytes, deadline_s: float | None = None) -> bool:
-        """True when the collector accepted ``body``. Never raises."""
+    def send(self, body: bytes, deadline_s: float | None = None, retain: bool = False) -> bool:
+        """True when the collector accepted ``body``. Never raises.
+
+        ``retain``: a body that could not be delivered (collector down, slow,
+        throttling) waits in a queue bounded by :attr:`max_queue_bytes` and goes
+        out, oldest first, after the next body that is delivered; for data that is not sent again
+        otherwise (delta points). What the bound evicts, what the collector
+        rejects as bad and what is left at shutdown is counted in :attr:`dropped`.
+        """
         if self._closed:
             self._count(False, "shutdown")
+            if retain:
+                self._drop("shutdown")
             return False
         data = gzip.compress(body, 6) if self.target.compression == "gzip" else body
         budget = self.target.timeout_s if deadline_s is None else min(deadline_s,
@@ -63,8 +79,51 @@ class OtlpSender:
         deadline = time.monotonic() + budget
         if self.deadline is not None:
             deadline = min(deadline, self.deadline)
+        ok, cause = self._post(data, len(body), deadline)
+        if not ok:
+            if retain:
+                if cause.startswith("http_4") and cause != "http_429":
+                    self._drop("rejected")  # the collector says this body is bad: never again
+                else:
+                    self._enqueue(data, len(body))
+            return False
+        # The collector answers again: what waits goes out, oldest first, in what is
+        # left of this budget (fresh data first, so a backlog never starves it).
+        while time.monotonic() < deadline - 0.01:
+            with self._lock:
+                if not self._queue:
+                    break
+                old, old_n = self._queue[0]
+            sent, cause = self._post(old, old_n, deadline)
+            if not sent and (not cause.startswith("http_4") or cause == "http_429"):
+                break  # failing again: keep it for the next send
+            with self._lock:
+                if self._queue and self._queue[0][0] is old:
+                    self._queue.popleft()
+                    self.queued_bytes -= len(old)
+            if not sent:
+                self._drop("rejected")
+        return True
+
+    def _enqueue(self, data: bytes, nbytes: int) -> None:
+        with self._lock:
+            self._queue.append((data, nbytes))
+            self.queued_bytes += len(data)
+            while self.queued_bytes > self.max_queue_bytes and self._queue:
+                old, _ = self._queue.popleft()
+                self.queued_bytes -= len(old)
+                self.dropped["queue_full"] += 1
+                self.dropped_bytes += len(old)
+
+    def _drop(self, reason: str) -> None:
+        with self._lock:
+            self.dropped[reason] += 1
+
+    def _post(self, data: bytes, nbytes: int, deadline: float) -> tuple[bool, str]:
+        """POST with retries until ``deadline``: (delivered, cause of failure)."""
         delay = 0.1
         cause = "timeout"
+        after: float | None = None
         while True:
             left = deadline - time.monotonic()
             if left <= 0.01:
@@ -79,17 +138,19 @@ class OtlpSender:
                 log.debug("%s export to %s: %s", self.kind, self.target.url, e)
             else:
                 if 200 <= r.status_code < 300:
-                    self._count(True, "", len(body))
-                    return True
+                    self._count(True, "", nbytes)
+                    return True, ""
                 cause = f"http_{r.status_code}"
                 if r.status_code not in RETRYABLE:
                     log.warning("%s export to %s rejected: HTTP %d %s", self.kind,
                                 self.target.url, r.status_code, r.text[:200])
                     break
                 after = _retry_after(r.headers.get("Retry-After"))
-                if after is not None:
-                    delay = after
-            wait = min(delay * (0.5 + random.random()), deadline - time.monotonic())
+            # the collector's Retry-After is a minimum: jitter only adds to it
+            wait = (after * (1 + 0.2 * random.random()) if after is not None
+                    else delay * (0.5 + random.random()))
+            after = None
+            wait = min(wait, deadline - time.monotonic())
             if wait <= 0:
                 break
             with self._lock:
@@ -98,7 +159,7 @@ class OtlpSender:
             delay = min(delay * 2, 5.0)
         log.warning("%s export to %s failed (%s)", self.kind, self.target.url, cause)
         self._count(False, cause)
-        return False
+        return False, cause
 
     __call__ = send
 
@@ -112,6 +173,12 @@ class OtlpSender:
                 self.errors[cause] += 1
 
     def close(self) -> None:
+        with self._lock:
+            if self._queue:
+                self.dropped["shutdown"] += len(self._queue)
+                self.dropped_bytes += self.queued_bytes
+                self._queue.clear()
+                self.queued_bytes = 0
         self._closed = True
         self._session.close()
 

@@ -319,6 +319,14 @@ class BpfObject:
             m.fd = lib.bpf_map__fd(m._ptr)
         return self
 
+    def hooks(self) -> list[str]:
+        """What this object has attached now (links and TC filters), readable."""
+        return [link.description for link in self._links] + [repr(f) for f in self._tc_filters]
+
+    def tc_filters(self) -> list[_tc.TcFilter]:
+        """The TC filters attached now (they outlive the process, unlike links)."""
+        return [f for f in self._tc_filters if f.attached]
+
     # --- teardown ---------------------------------------------------------
     def detach_all(self) -> None:
         for link in reversed(self._links):

@@ -226,6 +226,14 @@ class RingPoller:
         self._epoll.register(ring.map.fd, select.EPOLLIN)
         self.rings.append(ring)
 
+    def remove(self, ring: RingBuffer) -> None:
+        """Stop polling ``ring`` (its owner closes it)."""
+        try:
+            self._epoll.unregister(ring.map.fd)
+        except (OSError, ValueError):
+            pass
+        self.rings = [r for r in self.rings if r is not ring]
+
     def fileno(self) -> int:
         """Readable when a ring signals data; usable from an outer loop."""
         return self._epoll.fileno()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import logging
-from pathlib import Path
 
 from .libbpf import BpfError, capture_log, ffi, lib
 
@@ -94,45 +93,39 @@ def attach(prog_fd: int, ifindex: int, direction: str, name: str) -> TcFilter:
                    f"ebpf-otlp are taken on ifindex {ifindex}")
 
 
-def _held_prog_ids() -> set[int]:
-    """Ids of the BPF programs some live process holds a descriptor of."""
-    held = set()
-    for fdinfo in Path("/proc").glob("[0-9]*/fdinfo/*"):
-        try:
-            text = fdinfo.read_text()
-        except OSError:  # the process or descriptor went away meanwhile
-            continue
-        i = text.find("prog_id:")
-        if i >= 0:
-            held.add(int(text[i + 8:].split(None, 1)[0]))
-    return held
+def _query_prog_id(hook: object, prio: int) -> int:
+    """The program id of our filter at ``prio``, or 0 when the slot is free."""
+    opts = _opts(prio)
+    with capture_log():
+        ret = lib.bpf_tc_query(hook, opts)
+    return opts.prog_id if ret == 0 else 0
 
 
 def remove_stale(ifindex: int) -> int:
-    """Remove filters of ours left on ``ifindex`` by an earlier run; returns how many.
+    """Remove filters of ours left on ``ifindex`` by an earlier run that is gone;
+    returns how many. A filter whose program a live process still holds (a
+    second agent on the same interface) is left alone: see :mod:`.owners`."""
+    from .owners import prog_holders
 
-    A filter whose program a live process still holds belongs to a running
-    ebpf-otlp (an agent, or ``observe``/``top`` beside it) and is left alone."""
-    removed = 0
-    held: set[int] | None = None
+    found = []
     for direction in _POINTS:
         hook = _hook(ifindex, direction)
         for slot in range(PRIO_SLOTS):
             prio = PRIO_BASE + slot
-            opts = _opts(prio)
-            with capture_log():
-                if lib.bpf_tc_query(hook, opts) != 0:
-                    continue
-            if held is None or opts.prog_id not in held:
-                # Scanned after the query: a filter attached meanwhile by a live
-                # process is held by then, so only orphans are removed.
-                held = _held_prog_ids()
-            if opts.prog_id in held:
-                continue
-            with capture_log():
-                ret = lib.bpf_tc_detach(hook, _opts(prio))
-            if ret == 0:
-                removed += 1
+            pid = _query_prog_id(hook, prio)
+            if pid:
+                found.append((hook, prio, pid))
+    holders = prog_holders({p for _, _, p in found})
+    removed = 0
+    for hook, prio, prog_id in found:
+        if prog_id in holders:
+            log.info("tc filter prio %#x on ifindex %d belongs to running pid(s) %s: kept",
+                     prio, ifindex, sorted(holders[prog_id]))
+            continue
+        with capture_log():
+            ret = lib.bpf_tc_detach(hook, _opts(prio))
+        if ret == 0:
+            removed += 1
     if removed:
         log.info("removed %d stale ebpf-otlp tc filters from ifindex %d", removed, ifindex)
     return removed

@@ -62,6 +62,15 @@ class Signal(ABC):
         for fn in self.taps:
             fn(what, rows)
 
+    def bpf_objects(self) -> list[BpfObject]:
+        """Every BPF object whose hooks this signal holds (shared ones included)."""
+        return list(self.objects)
+
+    def reconfigure(self, config: AgentConfig, changed: set[str]) -> bool:
+        """Take a reloaded configuration in place (SIGHUP), keeping hooks and counts;
+        ``changed`` names the fields that differ. False: the agent restarts the signal."""
+        return False
+
     def programs(self) -> list[Program]:
         return [p for o in self.objects if o.loaded for p in o.programs.values()
                 if p.autoload]

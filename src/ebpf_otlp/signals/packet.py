@@ -150,6 +150,21 @@ class PacketDatapath:
                 self._detach(h)
             self.hooks.clear()
 
+    def set_ifaces(self, names: list[str]) -> None:
+        """SIGHUP: attach to the interfaces new in ``names``, detach from those no
+        longer in it; the others keep their hooks (and counts). Idempotent."""
+        with self._lock:
+            if self.obj is None:
+                return
+            for name in names:
+                socket.if_nametoindex(name)  # OSError: no such interface
+            for name in names:
+                if name not in self.hooks:
+                    h = self.hooks[name] = Hook(name)
+                    self._attach(h)
+            for name in [n for n in self.hooks if n not in names]:
+                self._detach(self.hooks.pop(name))
+
     def interval_tick(self, interval_s: float) -> None:
         """Once per interval whichever signal calls first: re-attach, check liveness."""
         now = time.monotonic()

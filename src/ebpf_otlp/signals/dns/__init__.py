@@ -215,6 +215,21 @@ class DnsSignal(Signal):
         return [(full, {"reason": "table_full"}), (no_start, {"reason": "no_start"}),
                 (self.gai_abandoned, {"reason": "abandoned"})]
 
+    def bpf_objects(self) -> list:
+        return [*self.objects, *([self.dp.obj] if self.dp is not None and self.dp.obj else [])]
+
+    def reconfigure(self, config: object, changed: set[str]) -> bool:
+        """SIGHUP with only the interface list changed: the shared packet hooks follow
+        it in place (the unchanged interfaces keep theirs, and the counts)."""
+        if changed != {"ifaces"} or self.dp is None or self.dp.xdp:
+            return False
+        try:
+            self.dp.set_ifaces(list(config.ifaces))
+        except OSError:
+            return False
+        self.config = config
+        return True
+
     def close(self) -> None:
         """Queries still waiting become timeouts now (the agent exports once more after)."""
         self._gai_untracked_points()  # last values, for the final export

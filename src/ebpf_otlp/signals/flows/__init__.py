@@ -77,6 +77,21 @@ class FlowsSignal(Signal):
     def programs(self) -> list:
         return self.dp.programs(self.name) if self.dp is not None else []
 
+    def bpf_objects(self) -> list:
+        return [*self.objects, *([self.dp.obj] if self.dp is not None and self.dp.obj else [])]
+
+    def reconfigure(self, config: AgentConfig, changed: set[str]) -> bool:
+        """SIGHUP with only the interface list changed: the shared packet hooks follow
+        it in place (the unchanged interfaces keep theirs, and the counts)."""
+        if changed != {"ifaces"} or self.dp is None or self.dp.xdp:
+            return False
+        try:
+            self.dp.set_ifaces(list(config.ifaces))
+        except OSError:
+            return False
+        self.config = config
+        return True
+
     def close(self) -> None:
         """Detach, drain both tables (the agent exports once more after), free the maps."""
         with self._lock:

@@ -66,9 +66,11 @@ def _unique_rows(col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # Encoded attribute per (encoder, attribute, raw value), kept across intervals:
 # the same hosts and ports come back every interval. Cleared when it grows
-# past _CACHE_MAX entries, so memory stays bounded.
+# past _CACHE_MAX entries, so memory stays bounded: 131,072 entries (both port
+# spaces) at roughly 100-200 B each; 1 << 20 allowed ~100-200 MB. The cache
+# filling with ephemeral ports was the flows agent's RSS growth in bench/soak.py.
 _CACHE: dict[tuple, object] = {}
-_CACHE_MAX = 1 << 20
+_CACHE_MAX = 1 << 17
 
 
 def _per_column(series: np.ndarray, kept: Iterable[str], ifnames: dict[int, str],
