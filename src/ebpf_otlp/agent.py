@@ -62,10 +62,16 @@ def resolve_ifaces(names: list[str]) -> dict[str, int]:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, strict: bool = True):
-        """``strict``: a signal that fails to start stops the agent (else it is skipped)."""
+    def __init__(self, config: AgentConfig, strict: bool = True,
+                 exporter: Exporter | None = None,
+                 tap: Callable[[str, object], None] | None = None):
+        """``strict``: a signal that fails to start stops the agent (else it is skipped).
+        ``exporter`` replaces the OTLP one and ``tap`` listens to every signal's
+        decoded rows (both for the live views, ``ebpf-otlp observe``/``top``)."""
         self.config = config
         self.strict = strict
+        self._given_exporter = exporter
+        self._tap = tap
         self.ifindex = resolve_ifaces(config.ifaces)
         self.settings = config.export_settings()  # a bad OTEL_* value fails here, exit 2
         self.exporter: Exporter | None = None
@@ -111,8 +117,9 @@ class Agent:
                             "CAP_SYS_ADMIN%s); ebpf_otlp.program.run_time is not exported "
                             "(--no-bpf-stats silences this)",
                             "" if capabilities.stats_allowed() else ", which is missing")
-        self.exporter = Exporter(self.settings, cfg.interval_s, cfg.cardinality_limit,
-                                 span_queue=max(65536, cfg.dns_max_pending))
+        self.exporter = self._given_exporter or Exporter(
+            self.settings, cfg.interval_s, cfg.cardinality_limit,
+            span_queue=max(65536, cfg.dns_max_pending))
         for x in self.exporter.senders.values():
             x.max_queue_bytes = cfg.export_queue_bytes
         self.poller = RingPoller()
@@ -141,6 +148,8 @@ class Agent:
         sig = None
         try:
             sig = _signals.load(name)(cfg, self.exporter)
+            if self._tap is not None:
+                sig.taps.append(self._tap)
             sig.start()
         except Exception as e:
             if sig is not None:

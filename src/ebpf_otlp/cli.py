@@ -1,4 +1,4 @@
-"""Command line: ``ebpf-otlp run | hubble | doctor | receive | demo``."""
+"""Command line: ``ebpf-otlp run | hubble | doctor | receive | demo | observe | top``."""
 
 from __future__ import annotations
 
@@ -320,6 +320,148 @@ def hubble(server: str | None, file: str | None, tls: bool,
     except ConfigError as e:
         click.echo(f"ebpf-otlp: {e}", err=True)
         sys.exit(2)
+
+
+# --- live views -------------------------------------------------------------------------
+_FILTERS = (
+    ("--signal", "signal", "SIGNAL", "Only these signals: tcp, dns, drops, flows, http "
+     "(flows and http only when named)."),
+    ("--ip", "ip", "CIDR", "Either end in this network."),
+    ("--from-ip", "from_ip", "CIDR", "Source (client) in this network."),
+    ("--to-ip", "to_ip", "CIDR", "Destination (server) in this network."),
+    ("--port", "port", "PORT", "Either end's port."),
+    ("--protocol", "protocol", "NAME", "network.transport: tcp, udp, icmp, ..."),
+    ("--drop-reason", "drop_reason", "REASON", "Kernel drop reason, e.g. NO_SOCKET."),
+    ("--dns-name", "dns_name", "GLOB", "DNS question name, e.g. '*.example.com'."),
+    ("--pid", "pid", "PID", "Process id (TCP)."),
+    ("--comm", "comm", "NAME", "Process name (TCP)."),
+)
+
+
+def _view_options(fn):  # noqa: ANN001, ANN202 (a click decorator)
+    for flag, dest, metavar, text in reversed(_FILTERS):
+        fn = click.option(flag, dest, multiple=True, metavar=metavar,
+                          help=text + " Repeatable or comma-separated.")(fn)
+    fn = click.option("--iface", "ifaces", multiple=True, metavar="IFACE",
+                      help="Interface for flows and DNS (repeatable); without one, "
+                      "TCP and drops only.")(fn)
+    fn = click.option("--all-drops", is_flag=True,
+                      help="Also frees the kernel gives no reason for (NOT_SPECIFIED).")(fn)
+    fn = click.option("--interval", type=click.FloatRange(min=0.2), default=1.0,
+                      show_default=True, metavar="SECONDS",
+                      help="How often drops and flows are drained from the kernel.")(fn)
+    return click.option("-v", "--verbose", count=True, help="More logging.")(fn)
+
+
+def _view_session(ifaces: tuple[str, ...], interval: float, verbose: int,
+                  filters: dict[str, tuple[str, ...]], want: tuple[str, ...],
+                  flows_top: int = 5000, rtt: bool = True):
+    filters_all = bool(filters.pop("all_drops")) or any(
+        "NOT_SPECIFIED" in r.upper() for r in filters.get("drop_reason", ()))
+    """A started-up view: filters checked (one line and exit 2 when bad), the
+    signals chosen, the agent built with a local exporter."""
+    logging.basicConfig(level=logging.WARNING - 10 * verbose,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:  # its start-up line names an endpoint a view never uses
+        logging.getLogger("ebpf_otlp.agent").setLevel(logging.ERROR)
+    from .views.filters import FilterError, parse
+
+    known = None
+    if filters.get("drop_reason"):
+        try:
+            from .signals.drops.reasons import DropReasons
+
+            known = DropReasons.from_kernel().names.values() or None
+        except Exception:  # no BTF: names are checked against nothing
+            known = None
+    try:
+        flt = parse(signals=filters.pop("signal"), known_reasons=known, **filters)
+        wanted = flt.implied_signals() & set(want)
+        if flt.signals and not ifaces and flt.signals & {"dns", "flows"}:
+            raise FilterError("dns and flows need --iface")
+        if not ifaces:
+            wanted -= {"dns", "flows"}
+        if not wanted:
+            raise FilterError("these filters leave no signal to watch")
+        cfg = AgentConfig(ifaces=list(ifaces))
+        from .signals import available
+
+        cfg.signals = tuple(s for s in available() if s in wanted)
+        cfg.interval_s = interval
+        cfg.bpf_stats = False
+        cfg.drop_location = True
+        # Frees without a reason (NOT_SPECIFIED) are mostly not drops a person looks for
+        # (segments a TIME_WAIT socket absorbed, multicast nobody joined).
+        cfg.drop_exclude_not_specified = not filters_all
+    except (FilterError, ConfigError) as e:
+        click.echo(f"ebpf-otlp: {e}", err=True)
+        sys.exit(2)
+    try:
+        from .agent import Agent
+        from .views.session import Session
+
+        accept = flt if rtt else (lambda e: e["event"] != "rtt" and flt(e))
+        return Session(Agent, cfg, accept=accept, flows_top=flows_top)
+    except ImportError as e:  # libbpf.so.1 missing or too old: say what to install
+        click.echo(f"ebpf-otlp: {e}", err=True)
+        sys.exit(1)
+    except ConfigError as e:
+        click.echo(f"ebpf-otlp: {e}", err=True)
+        sys.exit(2)
+
+
+def _run_view(fn, *args: object) -> None:  # noqa: ANN001
+    from .platform.libbpf import BpfError
+    from .platform.mounts import MountError
+
+    try:
+        code = fn(*args)
+    except ConfigError as e:
+        click.echo(f"ebpf-otlp: {e}", err=True)
+        sys.exit(2)
+    except (BpfError, MountError, FileNotFoundError) as e:
+        click.echo(f"ebpf-otlp: {e}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+@main.command()
+@_view_options
+@click.option("-o", "--output", "fmt", type=click.Choice(["line", "json"]), default="line",
+              show_default=True, help="Readable lines, or one JSON object per line.")
+@click.option("--flows", "flows", is_flag=True, help="Also print the top flows every interval.")
+@click.option("--flows-top", type=click.IntRange(min=1), default=10, show_default=True,
+              metavar="N", help="How many flows --flows prints per interval.")
+@click.option("--duration", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Stop after this long [until Ctrl-C].")
+def observe(ifaces: tuple[str, ...], interval: float, verbose: int, fmt: str, flows: bool,
+            flows_top: int, duration: float | None, **filters: tuple[str, ...]) -> None:
+    """One line per event (TCP, DNS, drops; HTTP, and flows per interval, when asked)."""
+    asked = {s.strip() for v in filters["signal"] for s in v.split(",")}
+    # flows and HTTP only when asked for, as for `run` (HTTP traces every
+    # process's socket reads and writes while it runs)
+    want = ("tcp", "dns", "drops") + (("flows",) if flows or "flows" in asked else ()) + (
+        ("http",) if "http" in asked else ())
+    # RTT samples feed top's table; observe prints the RTT on each close line
+    session = _view_session(ifaces, interval, verbose, filters, want, rtt=False)
+    from .views.observe import run_observe
+
+    _run_view(run_observe, session, fmt == "json", flows_top, duration)
+
+
+@main.command()
+@_view_options
+@click.option("--rows", type=click.IntRange(min=1), metavar="N",
+              help="Rows per table [what fits; 10 when not a terminal].")
+@click.option("--duration", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Stop after this long [until q or Ctrl-C].")
+def top(ifaces: tuple[str, ...], interval: float, verbose: int, rows: int | None,
+        duration: float | None, **filters: tuple[str, ...]) -> None:
+    """A live full-screen table: flows, TCP peers, DNS names, drops (q quits)."""
+    session = _view_session(ifaces, interval, verbose, filters, ALL_SIGNALS)
+    from .views.top import run_top
+
+    _run_view(run_top, session, rows, duration)
 
 
 if __name__ == "__main__":

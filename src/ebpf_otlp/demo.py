@@ -1,9 +1,10 @@
 """``ebpf-otlp demo``: everything on this machine, nothing outside it.
 
 Two network namespaces joined by a veth pair; in namespace ``a`` the agent
-watches ``veth-a`` and exports to ``ebpf-otlp receive``; servers in ``b``
-(TCP echo, dnsmasq when installed) and clients in ``a`` make traffic; then a
-summary of what the receiver decoded.
+watches ``veth-a`` and exports to ``ebpf-otlp receive``, and ``ebpf-otlp
+observe`` runs beside it; servers in ``b`` (TCP echo, dnsmasq when installed)
+and clients in ``a`` make traffic; then a summary of what the receiver
+decoded, and a few of the lines observe printed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .lab import Topology
+from .views.observe import line
 
 PY = sys.executable
 
@@ -167,6 +169,27 @@ def summarize(records: list[dict]) -> str:
     return "\n".join(out)
 
 
+DEMO_PORTS = "7000,7001,7002,9999,53"
+
+
+def observed(path: Path, per_kind: int = 2) -> list[str]:
+    """A few of observe's events, at most ``per_kind`` of each signal and event."""
+    seen: dict[tuple, int] = defaultdict(int)
+    out = []
+    if not path.exists():
+        return out
+    for text in path.read_text().splitlines():
+        if not text.endswith("}"):
+            continue
+        ev = json.loads(text)
+        ev["time"] = ev.pop("time_unix_nano")
+        kind = (ev["signal"], ev["event"])
+        if seen[kind] < per_kind:
+            seen[kind] += 1
+            out.append(line(ev, colour=False))
+    return out
+
+
 def run_demo(seconds: float = 12.0) -> int:
     if os.geteuid() != 0:
         print("ebpf-otlp demo: run as root (it creates namespaces and loads BPF)",
@@ -174,7 +197,7 @@ def run_demo(seconds: float = 12.0) -> int:
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="ebpf-otlp-demo-"))
     otlp, agent_log = tmp / "otlp.jsonl", tmp / "agent.log"
-    rx = agent = None
+    rx = agent = obs = None
     with Topology() as topo:
         try:
             rx_log = open(tmp / "receiver.log", "w")  # noqa: SIM115
@@ -188,17 +211,30 @@ def run_demo(seconds: float = 12.0) -> int:
                                env=dict(os.environ,
                                         OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE="delta"))
             _wait_for(agent_log, "ebpf-otlp running", agent, 60)
+            obs_out = open(tmp / "observe.jsonl", "w")  # noqa: SIM115
+            obs_err = open(tmp / "observe.log", "w")  # noqa: SIM115
+            obs = topo.popen(topo.a, PY, "-m", "ebpf_otlp", "observe", "--iface", topo.a_if,
+                             "-o", "json", "--port", DEMO_PORTS, stdout=obs_out, stderr=obs_err)
+            _wait_for(tmp / "observe.log", "observing", obs, 60)
             print(f"demo: agent attached to {topo.a_if} in namespace {topo.a}; "
                   f"sending traffic for {seconds:.0f} s", file=sys.stderr)
             _traffic(topo, tmp, seconds)
             time.sleep(2.5)
         finally:
+            if obs is not None and obs.poll() is None:
+                obs.send_signal(signal.SIGINT)
+                obs.wait(20)
             _stop(agent)
             time.sleep(0.5)
             _stop(rx)
     records = [json.loads(line) for line in otlp.read_text().splitlines()
                if line.endswith("}")] if otlp.exists() else []
     print(summarize(records))
+    lines = observed(tmp / "observe.jsonl")
+    print(f"\n`ebpf-otlp observe --iface {Topology.a_if} --port {DEMO_PORTS}` beside the "
+          f"agent (a few of its lines):")
+    print("\n".join("  " + ln for ln in lines) or "  (nothing)")
     print(f"\n{len(records)} data points/spans received; raw OTLP as JSON lines: {otlp}; "
-          f"agent log: {agent_log}")
-    return 0 if records and agent is not None and agent.returncode == 0 else 1
+          f"agent log: {agent_log}; observe's events: {tmp / 'observe.jsonl'}")
+    return 0 if (records and lines and agent is not None and agent.returncode == 0
+                 and obs is not None and obs.returncode == 0) else 1

@@ -347,3 +347,15 @@ def test_stale_tc_filters_of_a_crashed_run_are_removed(veth) -> None:
     assert "probe_tc" in _tc_show(name), "netlink filters outlive their loader"
     assert tc.remove_stale(idx) == 1
     assert "bpf" not in _tc_show(name)
+
+
+def test_stale_cleanup_spares_filters_a_live_process_holds(veth) -> None:
+    """Another ebpf-otlp (an agent, or observe/top beside it) is running: its
+    filters are not stale, whatever its start order."""
+    name, idx = veth
+    with selftest("probe_tc") as obj:
+        tc.attach(obj.programs["probe_tc"].fd, idx, "ingress", "probe_tc")
+        assert tc.remove_stale(idx) == 0  # we still hold the program
+        assert "probe_tc" in _tc_show(name)
+    assert tc.remove_stale(idx) == 1  # its holder is gone: stale
+    assert "bpf" not in _tc_show(name)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..platform.bpfobj import BpfObject, Program
 from ..platform.ringbuf import RingBuffer
@@ -37,6 +37,8 @@ class Signal(ABC):
         self.config = config
         self.exporter = exporter
         self.objects: list[BpfObject] = []
+        # Listeners of decoded rows (the live views); the agent adds none.
+        self.taps: list[Callable[[str, object], None]] = []
 
     @abstractmethod
     def start(self) -> None:
@@ -53,6 +55,12 @@ class Signal(ABC):
 
     def export(self) -> None:  # noqa: B027 (optional hook)
         """Hand what ``collect`` gathered to the exporter's batch paths."""
+
+    def tap(self, what: str, rows: object) -> None:
+        """Hand decoded rows to the listeners (``observe``/``top``), if any: ``what``
+        names the row kind, each signal documents its rows where it calls this."""
+        for fn in self.taps:
+            fn(what, rows)
 
     def bpf_objects(self) -> list[BpfObject]:
         """Every BPF object whose hooks this signal holds (shared ones included)."""

@@ -132,11 +132,16 @@ class DropsSignal(Signal):
             loc = keys.view(key_dtype()).reshape(-1)["location"]
             self.symbols.resolve(set(loc.tolist()))
         offset = epoch_offset_ns()
+        rows = []
         for row in self.decoder.rows(keys, values):
             self.counter.add(row.packets, row.attributes)
             self.drained_packets += row.packets
             if self.first_drops is not None:
                 self.first_drops.offer(row, offset)
+            if self.taps:
+                rows.append(row)
+        if rows:  # the live views: the drained DropRows of one interval
+            self.tap("drops", rows)
         self._export_overflow()
 
     def _export_overflow(self) -> None:

@@ -131,6 +131,8 @@ class FlowsSignal(Signal):
 
     def _ingest(self, d: agg.Drained) -> None:
         now = time.time_ns()
+        if self.taps:  # the live views: one drain, full keys (agg.Drained)
+            self.tap("flows", d)
         series, counts = agg.aggregate(agg.project(d, self.kept), d.counts)
         self.store.merge(series, counts, self._interval_start_ns)
         self._interval_start_ns = now

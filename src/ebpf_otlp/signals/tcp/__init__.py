@@ -208,6 +208,8 @@ class TcpSignal(Signal):
             self._histogram(self.rtt, r["srtt_us"] / 1e6, inv, groups)
         if self.spans and (len(closes_r) or len(fails_r)):
             self._spans(closes_r, fails_r)
+        if self.taps:  # the live views: the batch's records (EVENT dtype)
+            self.tap("tcp", recs)
 
     @staticmethod
     def _histogram(hist, values: np.ndarray, inv: np.ndarray, groups: list[dict],
