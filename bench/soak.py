@@ -191,7 +191,9 @@ def run(quick: bool = False) -> Result:
             for a in agents.values():
                 a.__exit__()
             for sink in sinks:
-                res.raw.setdefault("sinks", []).append(sink.stop())
+                stats = sink.stop()
+                stats.pop("log", None)  # per-request log: too long to keep
+                res.raw.setdefault("sinks", []).append(stats)
             for p in (dnsmasq, tcp_srv):
                 p.kill()
                 p.wait()

@@ -194,8 +194,12 @@ def test_collector_down_30s_then_up(topo, temporality: str) -> None:
             time.sleep(1)
         grew = rss_kb() - rss0
         with rx:
-            rx.wait_for(lambda: flow_packets(rx, port) >= n, timeout=30,
-                        what="the outage's flows delivered")
+            try:
+                rx.wait_for(lambda: flow_packets(rx, port) >= n, timeout=60,
+                            what="the outage's flows delivered")
+            except AssertionError as e:
+                raise AssertionError(f"{e}: {flow_packets(rx, port)} of {n}\n"
+                                     f"{agent.log()[-3000:]}") from None
             rx.wait_for(lambda: metric_total(rx.metrics("ebpf_otlp.export.failures",
                                                         signal="metrics")) >= 20,
                         what="the outage's failed exports counted and exported")
