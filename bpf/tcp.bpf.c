@@ -19,6 +19,7 @@
  */
 #include "common.bpf.h"
 #include "tcp.h"
+#include "workload.bpf.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -59,6 +60,9 @@ struct conn {
 	__u8 flags;
 	__u8 pad[2];
 	char comm[16];
+	__u64 cgroup_id;	/* sock_cgroup_id(), read when the connection opens or closes */
+	__u32 netns;
+	__u32 pad2;
 };
 
 struct {
@@ -216,6 +220,14 @@ static __always_inline void fill_event(struct tcp_event *e, const struct conn *c
 	e->role = c->role;
 	e->flags = c->flags;
 	__builtin_memcpy(e->comm, c->comm, 16);
+	e->cgroup_id = c->cgroup_id;
+	e->netns = c->netns;
+}
+
+static __always_inline void set_workload(struct conn *c, struct sock *sk)
+{
+	c->cgroup_id = sock_cgroup_id(sk);
+	c->netns = sock_netns(sk);
 }
 
 static __always_inline void emit_open(const struct conn *c, struct tcp_sock *tp, __u64 now)
@@ -252,6 +264,8 @@ static __always_inline void on_close(int old, const struct ends *ends, __u64 sk,
 	}
 	/* Addresses as the socket has them now (a client's port is bound late). */
 	set_ends(c, ends);
+	if (!c->cgroup_id)
+		set_workload(c, s);
 	err = BPF_CORE_READ(s, sk_err);
 	if (old == TCP_FIN_WAIT2 && !err && !(c->flags & TCP_F_RST_RX))
 		c->flags |= TCP_F_FIN_RX;	/* FIN in FIN_WAIT2: straight to CLOSE */
@@ -343,6 +357,7 @@ static __always_inline int on_established(struct trace_event_raw_inet_sock_set_s
 	TP_ENDS(&ends, ctx);
 	c->est_ns = now;
 	set_ends(c, &ends);	/* a client's port is bound after SYN_SENT */
+	set_workload(c, (struct sock *)sk);
 	c->acked_base = BPF_CORE_READ(tp, bytes_acked);
 	c->rcvd_base = BPF_CORE_READ(tp, bytes_received);
 	if (!c->start_ns) {

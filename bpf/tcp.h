@@ -57,6 +57,9 @@ struct tcp_event {
 	__u8 oldstate;		/* state before CLOSE */
 	__u8 pad[3];
 	char comm[16];		/* owner's executable name */
+	__u64 cgroup_id;	/* the socket's cgroup v2 id; 0 unknown */
+	__u32 netns;		/* inode of the socket's network namespace; 0 unknown */
+	__u32 pad2;
 };
 
 /* Key of the in-kernel counters; fields the user does not keep are zeroed

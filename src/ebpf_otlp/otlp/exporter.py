@@ -23,6 +23,7 @@ from opentelemetry.sdk.resources import Resource
 from . import sums as _sums
 from .histogram import BatchHistogram
 from .logs import LogBatch
+from .resources import ResourceKey, split_metrics
 from .sdk import SdkMetrics
 from .semconv import DURATION_BUCKETS, SCOPE
 from .sender import OtlpSender
@@ -105,21 +106,68 @@ class Exporter:
 
     def send_sums(self, metrics: Sequence[_sums.SumMetric], attrs: Sequence[bytes],
                   values: np.ndarray, start_ns: np.ndarray, time_ns: int,
-                  chunk: int = MAX_SERIES_PER_REQUEST) -> np.ndarray:
+                  chunk: int = MAX_SERIES_PER_REQUEST,
+                  resources: Sequence[ResourceKey | None] | None = None,
+                  resource_index: np.ndarray | None = None) -> np.ndarray:
         """Monotonic sums from arrays (see :func:`sums.encode_sums`), in requests of at
         most ``chunk`` series; stops at the first failure. Returns which series were
-        delivered."""
+        delivered.
+
+        ``resources[resource_index[i]]`` is the resource key of series i (None: the
+        host resource); without them every series is the host's. One request then
+        holds one ``ResourceMetrics`` per resource among its series.
+        """
         n = len(attrs)
         delivered = np.zeros(n, bool)
-        for lo in range(0, n, chunk):
-            hi = min(n, lo + chunk)
-            body = _sums.encode_sums(self.resource_attributes, SCOPE, self.scope_version,
-                                     metrics, attrs[lo:hi], values[lo:hi], start_ns[lo:hi],
-                                     time_ns, self.sum_temporality)
-            if not self.senders["metrics"].send(body, self.timeout_s):
-                break
-            delivered[lo:hi] = True
+        if resources is None or resource_index is None or len(resources) <= 1:
+            res = None if resources is None or not len(resources) else resources[0]
+            groups = [(res, np.arange(n))]
+        else:
+            order = np.argsort(resource_index, kind="stable")
+            bounds = np.flatnonzero(np.diff(resource_index[order])) + 1
+            groups = [(resources[int(resource_index[g[0]])], g)
+                      for g in np.split(order, bounds) if len(g)]
+        pending: list[tuple[ResourceKey | None, np.ndarray]] = []
+        size = 0
+
+        def encode(r: ResourceKey | None, idx: np.ndarray) -> bytes:
+            if int(idx[-1]) - int(idx[0]) + 1 == len(idx):  # a run: slices, no copies
+                sel: slice | np.ndarray = slice(int(idx[0]), int(idx[-1]) + 1)
+                a = attrs[sel]
+            else:
+                sel = idx
+                a = [attrs[i] for i in idx.tolist()]
+            return _sums.encode_sums(self.resource_for(r), SCOPE, self.scope_version, metrics,
+                                     a, values[sel], start_ns[sel], time_ns,
+                                     self.sum_temporality)
+
+        def flush() -> bool:
+            body = b"".join(encode(r, idx) for r, idx in pending)
+            ok = self.senders["metrics"].send(body, self.timeout_s)
+            if ok:
+                for _, idx in pending:
+                    delivered[idx] = True
+            pending.clear()
+            return ok
+
+        for r, idx in groups:
+            for lo in range(0, len(idx), chunk):
+                part = idx[lo:lo + chunk]
+                if size + len(part) > chunk and pending:
+                    if not flush():
+                        return delivered
+                    size = 0
+                pending.append((r, part))
+                size += len(part)
+        if pending:
+            flush()
         return delivered
+
+    def resource_for(self, key: ResourceKey | None) -> dict:
+        """The attributes of the resource ``key`` names (the host's for None)."""
+        if not key:
+            return self.resource_attributes
+        return {**self.resource_attributes, **dict(key)}
 
     # --- once per interval (export thread) ---------------------------------------
     def export(self) -> bool:
@@ -132,10 +180,10 @@ class Exporter:
         parts = [(h, m) for h in self._histograms if (m := h.metric()) is not None]
         if not parts:
             return True
-        req = ExportMetricsServiceRequest(resource_metrics=[ResourceMetrics(
+        req = split_metrics(ExportMetricsServiceRequest(resource_metrics=[ResourceMetrics(
             resource=self._pb_resource, scope_metrics=[ScopeMetrics(
                 scope=InstrumentationScope(name=SCOPE, version=self.scope_version),
-                metrics=[m for _, (m, _) in parts])])])
+                metrics=[m for _, (m, _) in parts])])]))
         ok = self.senders["metrics"].send(req.SerializeToString(), self.timeout_s)
         for h, (_, count) in parts:
             h.exports += 1
