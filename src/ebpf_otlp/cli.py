@@ -81,6 +81,9 @@ def main() -> None:
               help="Kernel run-time statistics of our programs; host-wide while on [on].")
 @click.option("--cgroup", "cgroup_path", metavar="PATH",
               help="cgroup v2 directory for sock_ops [where cgroup2 is mounted].")
+@click.option("--attribution", type=click.Choice(["none", "namespace", "container", "process"]),
+              help="Pod/container resources: none, namespace (pod), container (pod and "
+              "container), process (also pid on metrics) [container].")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def run(ifaces: tuple[str, ...], signals: tuple[str, ...] | None, headers: tuple[str, ...],
         verbose: int, **opts: object) -> None:

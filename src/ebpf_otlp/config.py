@@ -65,6 +65,10 @@ class AgentConfig:
     # kernel BPF run-time statistics (ebpf_otlp.program.run_time); host-wide
     # while on, costing every BPF program on the host two clock reads per run
     bpf_stats: bool = True
+    # workload attribution (signals/attribution.py): none|namespace|container|process
+    attribution: str = "container"
+    node_name: str = field(default_factory=lambda: os.environ.get("K8S_NODE_NAME", "").strip()
+                           or socket.gethostname())
     # ring buffers
     ringbuf_bytes: int = 4 << 20
     ringbuf_wakeup_bytes: int = 64 << 10

@@ -17,9 +17,11 @@ import ctypes
 import errno
 import os
 import struct
+import tempfile
 import time
 from collections import OrderedDict
 
+from . import mounts
 from .host import cgroup2_mount
 
 FILEID_KERNFS = 0xFE
@@ -66,12 +68,37 @@ def pid_cgroup(pid: int, proc: str = "/proc") -> str | None:
     return None
 
 
+def _open_root(mount: str | None) -> int:
+    """An fd of the cgroup2 root: the visible mount, else (``ip netns exec`` and
+    many containers remount /sys) a private mount detached right after opening,
+    which leaves nothing mounted behind."""
+    path = mount or cgroup2_mount()
+    if path:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return -1
+    tmp = tempfile.mkdtemp(prefix="ebpf-otlp-cg-")
+    try:
+        try:
+            mounts.mount("cgroup2", tmp)
+        except mounts.MountError:
+            return -1
+        try:
+            return os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return -1
+        finally:
+            mounts.unmount(tmp)
+    finally:
+        os.rmdir(tmp)
+
+
 class CgroupPaths:
     """cgroup v2 id -> path relative to the cgroup2 mount ("/kubepods.slice/...")."""
 
     def __init__(self, mount: str | None = None, cap: int = 16384,
                  walk_every_s: float = 1.0, walk_max_dirs: int = 200_000):
-        self.mount = (mount or cgroup2_mount() or "").rstrip("/")
         self.cache = BoundedCache(cap)
         self.lookups = 0
         self.misses = 0
@@ -80,13 +107,15 @@ class CgroupPaths:
         self._walk_every = walk_every_s
         self._walk_max = walk_max_dirs
         self._last_walk = -1e9
-        self._mount_fd = -1
+        self._mount_fd = _open_root(mount)
         self._handles = True
-        if self.mount:
-            try:
-                self._mount_fd = os.open(self.mount, os.O_RDONLY | os.O_DIRECTORY)
-            except OSError:
-                self._mount_fd = -1
+        # Paths are read back through the root's fd, so a private mount that is
+        # already detached from the tree works as well as the host's.
+        self.mount = f"/proc/self/fd/{self._mount_fd}" if self._mount_fd >= 0 else ""
+        self._prefix = ""
+        if self._mount_fd >= 0:
+            link = os.readlink(self.mount)
+            self._prefix = "" if link == "/" else link.rstrip("/")
 
     def close(self) -> None:
         if self._mount_fd >= 0:
@@ -110,10 +139,11 @@ class CgroupPaths:
         return p
 
     def _relative(self, full: str) -> str | None:
-        if full == self.mount:
-            return "/"
-        if full.startswith(self.mount + "/"):
-            return full[len(self.mount):]
+        for base in (self.mount, self._prefix):
+            if full == base:
+                return "/"
+            if full.startswith(base + "/"):
+                return full[len(base):]
         return None
 
     def _by_handle(self, cgid: int) -> str | None:

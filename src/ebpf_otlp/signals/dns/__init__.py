@@ -28,6 +28,7 @@ from ...platform.host import epoch_offset_ns, libc_path
 from ...platform.layout import constant, record_dtype
 from ...platform.libbpf import BpfError
 from ...platform.ringbuf import RingBuffer
+from ..attribution import shared as shared_attribution
 from ..base import Signal
 from .decode import (
     Decoder,
@@ -95,6 +96,9 @@ class DnsSignal(Signal):
             "dns.getaddrinfo.duration", "s",
             "getaddrinfo() calls as applications saw them (libc uprobes): caches and "
             "/etc/hosts included"), config.dns_names)
+        self.attribution = shared_attribution(config, exporter)
+        if self.attribution.enabled:
+            self.gai.resource = self.attribution.socket
         self._register_health()
 
     # --- lifecycle -------------------------------------------------------------
@@ -174,16 +178,17 @@ class DnsSignal(Signal):
             qc, self._query_counts = self._query_counts, Counter()
             rc, self._response_counts = self._response_counts, Counter()
         names = self.config.dns_names
-        for (qtype, server, port, proto, fam, qname), n in qc.items():
+        for (qtype, server, port, proto, fam, qname, ifx), n in qc.items():
             a = {"dns.question.type": qtype, "server.address": self.addrs.text(server, fam),
-                 "server.port": port, "network.transport": transport(proto)}
+                 "server.port": port, "network.transport": transport(proto),
+                 **self._workload(ifx)}
             if names:
                 a["dns.question.name"] = qname
             self.queries.add(n, a)
-        for (qtype, rcode, server, port, proto, fam, qname), n in rc.items():
+        for (qtype, rcode, server, port, proto, fam, qname, ifx), n in rc.items():
             a = {"dns.question.type": qtype, "dns.response_code": rcode_text(rcode),
                  "server.address": self.addrs.text(server, fam), "server.port": port,
-                 "network.transport": transport(proto)}
+                 "network.transport": transport(proto), **self._workload(ifx)}
             if names:
                 a["dns.question.name"] = qname
             self.responses.add(n, a)
@@ -228,10 +233,10 @@ class DnsSignal(Signal):
                                                          dport[i], proto[i], family[i],
                                                          ifindex[i])))
                     qc[(qtype, server, dport[i], proto[i], family[i],
-                        name.lower() if names else None)] += 1
+                        name.lower() if names else None, ifindex[i])] += 1
                 else:
                     rc[(qtype, rcode, saddr[o:o + 16], sport[i], proto[i], family[i],
-                        name.lower() if names else None)] += 1
+                        name.lower() if names else None, ifindex[i])] += 1
                     q = answer(key, ts)
                     if q is not None:
                         done.append((q, ts, rcode, answers))
@@ -268,6 +273,10 @@ class DnsSignal(Signal):
             self._servers[key] = v
         return v
 
+    def _workload(self, ifindex: int) -> dict[str, str]:
+        """Resource attributes of the pod or container behind a watched interface."""
+        return self.attribution.interface(ifindex) if self.attribution.enabled else {}
+
     def _emit(self, done: list[tuple[Query, int, int, int]], expired: list[Query],
               offset: int) -> None:
         spans: list[SpanRecord] = []
@@ -275,12 +284,17 @@ class DnsSignal(Signal):
         names = self.config.dns_names
         text, server = self.addrs.text, self._server
         timeout_ns = self.table.timeout_ns
+        workloads: dict[int, tuple] = {}
         for q, rts, rcode, answers in chain(done, ((q, None, None, 0) for q in expired)):
             ts, name, qtype, (ca, cp, sa, sp, proto, fam, ifx) = q
             span_part, hist_part = server(sa, sp, proto, fam, ifx)
+            wl = workloads.get(ifx)
+            if wl is None:
+                w = self._workload(ifx)
+                wl = workloads[ifx] = (tuple(w.items()), self.attribution.key(w))
             qattrs = (("dns.question.name", name), ("dns.question.type", qtype))
             client = (("client.address", text(ca, fam)), ("client.port", cp))
-            hist = (("dns.question.type", qtype),) + hist_part
+            hist = (("dns.question.type", qtype),) + hist_part + wl[0]
             if names:
                 # Lower case on metrics: resolvers that randomise case (0x20
                 # encoding) would otherwise multiply the series. Spans keep the wire's.
@@ -297,7 +311,8 @@ class DnsSignal(Signal):
                 hist += (("dns.response_code", rc),)
                 if err is not None:
                     hist += (("error.type", err),)
-            spans.append(SpanRecord(ts + offset, end + offset, "DNS " + qtype, attrs, err))
+            spans.append(SpanRecord(ts + offset, end + offset, "DNS " + qtype, attrs, err,
+                                    resource=wl[1]))
             durations.append((hist, (end - ts) / 1e9 if end > ts else 0.0))
         if spans:
             self.spans_dropped += self.exporter.submit_spans(spans)

@@ -21,6 +21,7 @@ from ...platform.host import epoch_offset_ns
 from ...platform.layout import constant
 from ...platform.libbpf import BpfError
 from ...platform.ringbuf import RingBuffer
+from ..attribution import shared as shared_attribution
 from ..base import Signal
 from .kernel import OPTIONAL, VARIANTS, attach_sockops
 from .records import (
@@ -89,6 +90,11 @@ class TcpSignal(Signal):
         self.bytes = m.create_counter("network.tcp.bytes", "By",
                                       "payload bytes of closed connections, per direction")
         self.spans = config.tcp_spans
+        self.attribution = shared_attribution(config, exporter)
+        if self.attribution.enabled:
+            self.mapper.resource = self.attribution.socket
+            if self.attribution.per_process:
+                self.mapper.keep |= {"process.pid", "process.executable.name"}
         self._ring: RingBuffer | None = None
         self._obj: BpfObject | None = None
         self._last: dict[bytes, int] = {}
@@ -260,8 +266,11 @@ class TcpSignal(Signal):
             attrs["network.tcp.handshake.duration"] = (est - int(rec["start_ns"])) / 1e9
         server = attrs["network.tcp.handshake.role"] == "server"
         name = f"tcp {'accept' if server else 'connect'} {attrs['server.port']}"
+        res = (self.attribution.key(self.attribution.socket(int(rec["cgroup_id"]),
+                                                            int(rec["netns"])))
+               if self.attribution.enabled else None)
         return SpanRecord(start_ns, max(end_ns, start_ns), name, tuple(attrs.items()), error,
-                          SPAN_KIND_SERVER if server else SPAN_KIND_CLIENT)
+                          SPAN_KIND_SERVER if server else SPAN_KIND_CLIENT, resource=res)
 
     # --- counters (export thread) ----------------------------------------------------
     def collect(self) -> None:

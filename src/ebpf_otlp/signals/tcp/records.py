@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -75,6 +75,9 @@ class AttributeMapper:
                              f"choose from {', '.join(CONN_ATTRIBUTES)}")
         self.keep = frozenset(keep)
         self._rows: dict[bytes, dict] = {}
+        # (cgroup id, netns inode) -> resource attributes added to every group
+        # (signals/attribution.py); None: no attribution
+        self.resource: Callable[[int, int], dict] | None = None
 
     def base(self, role: int, saddr: bytes, caddr: bytes, sport: int, cport: int
              ) -> tuple[tuple[str, object], ...]:
@@ -107,6 +110,7 @@ class AttributeMapper:
         n = len(recs)
         keep = self.keep
         proc = process and bool(keep & {"process.pid", "process.executable.name"})
+        res = self.resource is not None
         z = np.zeros((n, 16), np.uint8)
 
         def col(name: str, width: int, on: bool) -> np.ndarray:
@@ -122,6 +126,8 @@ class AttributeMapper:
             col("cport", 2, "client.port" in keep),
             col("pid", 4, proc),
             col("comm", 16, proc and "process.executable.name" in keep),
+            col("cgroup_id", 8, res),
+            col("netns", 4, res),
             (extra.astype(np.uint8).reshape(n, 1) if extra is not None else z[:, :1]),
         ], axis=1)
         rows, inverse = np.unique(mat.view(np.dtype((np.void, mat.shape[1]))).ravel(),
@@ -144,6 +150,9 @@ class AttributeMapper:
             a["process.pid"] = pid
         if pid and "process.executable.name" in self.keep:
             a["process.executable.name"] = comm(row[41:57])
+        if self.resource is not None:
+            a.update(self.resource(int.from_bytes(row[57:65], "little"),
+                                   int.from_bytes(row[65:69], "little")))
         if len(self._rows) >= 65536:  # bounded: addresses churn
             self._rows.clear()
         self._rows[row] = a
