@@ -47,6 +47,8 @@ class Pod:
     scheme: str
     cgroup: Path
     procs: list[subprocess.Popen] = field(default_factory=list)
+    netns: int = 0  # the namespace's inode
+
 
     @property
     def pod_uid(self) -> str | None:
@@ -68,6 +70,7 @@ class PodLab:
         self.pods: list[Pod] = []
         self.procs: list[subprocess.Popen] = []
         self._net = 180 + (os.getpid() + int(k)) % 60
+        self.host_cgroup = self.cg_root / "node.slice"  # the node's own processes
 
     def __enter__(self) -> PodLab:
         try:
@@ -82,6 +85,7 @@ class PodLab:
         sh("ip", "-n", self.node, "link", "set", "lo", "up")
         sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=self.node)
         self.cg_root.mkdir()
+        self.host_cgroup.mkdir()
         for i, scheme in enumerate(self.schemes):
             uid = str(uuid.uuid4())
             cid = secrets.token_hex(32)
@@ -89,10 +93,12 @@ class PodLab:
                       f"10.{self._net}.{i}.1", uid, cid, scheme,
                       self.cg_root / cgroup_name(scheme, uid, cid))
             sh("ip", "netns", "add", pod.name)
+            pod.netns = os.stat(f"/run/netns/{pod.name}").st_ino
             sh("ip", "-n", pod.name, "link", "set", "lo", "up")
             self.pods.append(pod)
             self.plug(pod)
             pod.cgroup.mkdir(parents=True)
+            self.run(pod, "sleep", "3600")  # keeps the namespace populated, as a pod's are
 
     def plug(self, pod: Pod) -> None:
         """(Re)create the pod's veth: node end in the node namespace, eth0 in the pod."""
@@ -120,13 +126,14 @@ class PodLab:
         pod.cgroup = self.cg_root / cgroup_name(pod.scheme, pod.uid, pod.cid)
         pod.cgroup.mkdir(parents=True)
         self.plug(pod)
+        self.run(pod, "sleep", "3600")
 
     def run(self, pod: Pod | None, *argv: str, cgroup: Path | None = None,
             **kw) -> subprocess.Popen:
-        """Start ``argv`` in the pod's namespace and cgroup (the node's, and the
-        caller's cgroup, when ``pod`` is None)."""
+        """Start ``argv`` in the pod's namespace and cgroup (the node's namespace and
+        a plain cgroup when ``pod`` is None)."""
         ns = pod.name if pod else self.node
-        cg = cgroup or (pod.cgroup if pod else None)
+        cg = cgroup or (pod.cgroup if pod else self.host_cgroup)
 
         def enter() -> None:  # in the child, before exec: the cgroup first
             if cg is not None:
@@ -142,6 +149,10 @@ class PodLab:
         if p.returncode != 0:
             raise RuntimeError(f"{argv} failed ({p.returncode}): {err.strip()}")
         return out
+
+    def popen(self, ns: str, *argv: str, **kw) -> subprocess.Popen:
+        """Like Topology.popen (receiver and agent helpers): namespace only, our cgroup."""
+        return subprocess.Popen(["ip", "netns", "exec", ns, *argv], **kw)
 
     def move(self, pid: int, cgroup: Path) -> None:
         (cgroup / "cgroup.procs").write_text(str(pid))
