@@ -260,18 +260,22 @@ struct gai_start {
 	__u8 name[DNS_GAI_NAME];
 };
 
-/* Calls in flight, by thread (a thread is in one getaddrinfo at a time). */
+/* Calls in flight, by thread (a thread is in one getaddrinfo at a time). LRU:
+ * a thread that dies inside getaddrinfo never deletes its entry; user space
+ * sweeps such entries once per interval and counts them. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 8192);
 	__type(key, __u64);
 	__type(value, struct gai_start);
 } gai_calls SEC(".maps");
 
-/* Calls not measured because gai_calls was full. */
+/* Calls not measured: [DNS_GAI_TABLE_FULL] the insert failed,
+ * [DNS_GAI_NO_START] a return whose start was not recorded (evicted, or the
+ * call began before the agent). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u64);
 } gai_untracked SEC(".maps");
@@ -290,7 +294,7 @@ int BPF_KPROBE(gai_enter, const char *node)
 	if (node)
 		bpf_probe_read_user_str(s.name, sizeof(s.name), node);
 	if (bpf_map_update_elem(&gai_calls, &id, &s, BPF_ANY))
-		count_one(&gai_untracked);
+		count_one(&gai_untracked); /* slot 0: DNS_GAI_TABLE_FULL */
 	return 0;
 }
 
@@ -301,8 +305,14 @@ int BPF_KRETPROBE(gai_exit, int ret)
 	struct gai_start *s = bpf_map_lookup_elem(&gai_calls, &id);
 	struct gai_event *e;
 
-	if (!s)
+	if (!s) {
+		__u32 slot = DNS_GAI_NO_START;
+		__u64 *n = bpf_map_lookup_elem(&gai_untracked, &slot);
+
+		if (n)
+			*n += 1;
 		return 0;
+	}
 	e = RINGBUF_RESERVE(gai_events, sizeof(*e));
 	if (e) {
 		e->ts_ns = s->ts_ns;

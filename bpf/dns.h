@@ -37,6 +37,9 @@ struct dns_event {
 /* getaddrinfo() calls, from libc uprobes: what applications waited for,
  * including answers from caches and /etc/hosts that never reach the wire. */
 #define DNS_GAI_NAME 64
+/* gai_untracked slots */
+#define DNS_GAI_TABLE_FULL 0
+#define DNS_GAI_NO_START 1
 
 struct gai_event {
 	__u64 ts_ns;		/* call entry, CLOCK_MONOTONIC */

@@ -98,10 +98,16 @@ class Agent:
 
         t.observe("ebpf_otlp.events.received", "{event}", "records read from ring buffers",
                   lambda: [(r.received, {"signal": s.name, "ring": r.name}) for s, r in rings()])
+        def lost():
+            for s, r in rings():
+                yield r.lost(), {"signal": s.name, "ring": r.name, "reason": "ringbuf_full"}
+                for reason, n in dict(r.dropped).items():
+                    yield n, {"signal": s.name, "ring": r.name, "reason": reason}
+
         t.observe("ebpf_otlp.events.lost", "{event}",
-                  "records the kernel could not queue (ring buffer full)",
-                  lambda: [(r.lost(), {"signal": s.name, "ring": r.name,
-                                       "reason": "ringbuf_full"}) for s, r in rings()])
+                  "records lost: the kernel could not queue them (ringbuf_full), their "
+                  "consumer failed (callback_failed), or they had the wrong size (bad_size)",
+                  lambda: list(lost()))
 
         def run_times():
             for s in self.signals:

@@ -108,7 +108,7 @@ def run(ifaces: tuple[str, ...], signals: tuple[str, ...] | None, headers: tuple
         cfg.signals = tuple(s for s in ALL_SIGNALS if s not in ("flows", "dns"))
     if headers:
         try:
-            cfg.headers.update(parse_headers(",".join(headers)))
+            cfg.headers.update(parse_headers(",".join(headers), "--header"))
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--header") from None
     fa = opts.pop("flow_attributes")

@@ -351,10 +351,14 @@ VERDICTS = {"flows": verdict_flows, "tcp": verdict_tcp, "dns": verdict_dns,
 def check_signal(name: str) -> None:
     from ebpf_otlp import signals as sigs
 
+    if name not in sigs.available():
+        emit("signal", signal=name, status="absent", detail="not in the signal registry")
+        return
     try:
         sigs.load(name)
-    except (ImportError, AttributeError) as e:
-        emit("signal", signal=name, status="absent", detail=first_line(e))
+    except Exception as e:  # a registered signal whose module does not import is broken
+        emit("signal", signal=name, status="broken", started=False, records_ok=False,
+             error=f"{type(e).__name__}: {first_line(e)}")
         return
     from ebpf_otlp.agent import Agent
     from ebpf_otlp.config import AgentConfig

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -98,6 +99,40 @@ def test_sock_ops_on_cgroup_v2() -> None:
         assert hits(obj, HIT_SOCKOPS) > 0
 
 
+SOCKOPS_HERE = """
+import socket, sys
+sys.path.insert(0, sys.argv[1])
+from test_platform import HIT_SOCKOPS, hits, selftest
+from ebpf_otlp.platform.host import cgroup2_mount
+path = cgroup2_mount()
+with selftest("probe_sockops") as obj:
+    obj.programs["probe_sockops"].attach_cgroup(path)
+    srv = socket.create_server(("127.0.0.1", 0))
+    c = socket.create_connection(srv.getsockname())
+    s, _ = srv.accept()
+    for x in (c, s, srv):
+        x.close()
+    print(path, hits(obj, HIT_SOCKOPS))
+"""
+
+
+@pytest.mark.parametrize("where", ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"])
+def test_sock_ops_on_either_cgroup_layout(where: str) -> None:
+    """Pure cgroup v2 (Debian 12's default) mounts it at /sys/fs/cgroup, the hybrid
+    layout at /sys/fs/cgroup/unified: made here in a private mount namespace (a tmpfs
+    over /sys/fs/cgroup, then cgroup2 where the layout puts it), so the host's mounts
+    are never touched. The mount is found from the mount table and sock_ops runs."""
+    script = (f"mount -t tmpfs tmpfs /sys/fs/cgroup && mkdir -p {where} && "
+              f"mount -t cgroup2 cgroup2 {where} && exec \"$@\"")
+    res = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
+                          "sh", sys.executable, "-c", SOCKOPS_HERE, str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert res.returncode == 0, res.stderr
+    path, n = res.stdout.split()
+    assert path == where and int(n) > 0
+
+
 def test_map_ops_and_batch_drain_with_fallback() -> None:
     with selftest("probe_tracepoint") as obj:
         m = obj.maps["hits"]
@@ -150,6 +185,28 @@ def test_ring_buffer_batches_in_order_and_counts_losses() -> None:
         assert rb.lost() > 0
         assert n + rb.lost() == 200_000
         poller.close()
+
+
+def test_a_failing_consumer_loses_its_batch_counted_not_the_ring() -> None:
+    with selftest("rb_produce", records_per_run=2, ringbuf_wakeup_bytes=1 << 30) as obj:
+        got: list[np.ndarray] = []
+        calls = [0]
+
+        def consume(recs: np.ndarray) -> None:
+            calls[0] += 1
+            if calls[0] == 1:
+                raise RuntimeError("consumer bug")
+            got.append(recs)
+
+        rb = RingBuffer(obj.maps["test_events"], EVENT, on_batch=consume)
+        obj.programs["rb_produce"].test_run(b"\0" * 60, repeat=50)  # 100 records
+        assert rb.drain() == 100  # no exception escapes; the ring is emptied
+        assert rb.dropped["callback_failed"] == 100  # one batch, all of it
+        obj.programs["rb_produce"].test_run(b"\0" * 60, repeat=10)
+        assert rb.drain() == 20
+        assert np.concatenate(got)["seq"].tolist() == list(range(100, 120))
+        assert rb.received == 120 and obj.bss["seq"] == 120
+        rb.close()
 
 
 def test_ring_buffer_per_record_path() -> None:
@@ -208,17 +265,34 @@ def test_verifier_log_reaches_the_exception() -> None:
     assert "invalid access to packet" in str(e)
 
 
-def test_eperm_names_capabilities_or_kernel() -> None:
-    # fentry is refused with EPERM on kernels without tracing programs.
-    obj = BpfObject.open_packaged("selftest")
-    obj.only_programs(["probe_fentry"])
-    try:
-        obj.load()
-    except BpfError as e:
-        if e.errno == errno.EPERM:
-            assert "capabilities are present" in str(e) or "missing capability" in str(e)
-    finally:
-        obj.close()
+LOAD_XDP = """
+from ebpf_otlp.platform.bpfobj import BpfObject
+from ebpf_otlp.platform.libbpf import BpfError
+obj = BpfObject.open_packaged("selftest")
+obj.only_programs(["probe_xdp"])
+try:
+    obj.load()
+    print("loaded")
+except BpfError as e:
+    print(e.errno, str(e).splitlines()[0])
+"""
+
+
+def test_eperm_names_the_missing_capabilities() -> None:
+    """A load without CAP_BPF/CAP_SYS_ADMIN (dropped from the bounding set, so root
+    has none after exec) fails with EPERM and says which capability is missing."""
+    require(shutil.which("setpriv") is not None, "setpriv (util-linux) is not installed")
+    res = subprocess.run(["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--",
+                          sys.executable, "-c", LOAD_XDP], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    err, _, message = res.stdout.strip().partition(" ")
+    assert int(err) == errno.EPERM, res.stdout
+    assert "missing capability CAP_BPF" in message, message
+    # With every capability (root here), the same load works: the cause was the capability.
+    full = subprocess.run([sys.executable, "-c", LOAD_XDP], capture_output=True, text=True,
+                          timeout=60)
+    assert full.stdout.strip() == "loaded", full.stdout + full.stderr
 
 
 def test_open_bad_bytes_is_a_clear_error() -> None:

@@ -22,6 +22,7 @@ from opentelemetry.sdk.resources import Resource
 
 from . import sums as _sums
 from .histogram import BatchHistogram
+from .instruments import SeriesTracker, TrackedMeter
 from .logs import LogBatch
 from .resources import ResourceKey, split_metrics
 from .sdk import SdkMetrics
@@ -67,7 +68,9 @@ class Exporter:
         self.cardinality_limit = cardinality_limit
         self.sdk = SdkMetrics(self.resource, self.senders["metrics"], self.temporality,
                               cardinality_limit, self.timeout_s)
-        self.meter = self.sdk.meter
+        # Delta counters start empty each interval in the SDK; cumulative ones never do.
+        self.series = SeriesTracker(cardinality_limit, delta_counters=self.delta)
+        self.meter = TrackedMeter(self.sdk.meter, self.series)
         self.spans = SpanBatchExporter(self.resource_attributes, self._send_traces,
                                        scope=SCOPE, max_queue=span_queue)
         self.logs = LogBatch(self.resource_attributes, SCOPE, self._send_logs)
@@ -174,6 +177,7 @@ class Exporter:
         """SDK instruments, bulk histograms and queued logs; spans go on their own thread."""
         ok = self._export_histograms()
         ok = self.sdk.export() and ok
+        self.series.interval_done()
         return self.logs.flush() and ok
 
     def _export_histograms(self) -> bool:
@@ -223,6 +227,12 @@ class Exporter:
         self.observe("ebpf_otlp.logs.dropped", "{record}",
                      "log records not exported, by reason",
                      lambda: [(n, {"reason": r}) for r, n in dict(self.logs.dropped).items()])
+        self.observe("ebpf_otlp.metric.series.overflow", "{series}",
+                     "distinct attribute sets folded into an instrument's "
+                     "otel.metric.overflow series (over the cardinality limit)",
+                     lambda: [(n, {"metric": m}) for m, n in dict(self.series.folded).items()]
+                     + [(h.series_overflowed, {"metric": h.name}) for h in self._histograms
+                        if h.series_overflowed])
         self.observe("ebpf_otlp.histogram.values.unexported", "{value}",
                      "values missing from bulk histograms: failed delta export, or folded "
                      "into the overflow series",

@@ -91,48 +91,51 @@ class ExportSettings:
         """Explicit arguments (``None`` = not given) over the environment."""
         env = os.environ if env is None else env
 
-        def var(kind: str, name: str) -> str | None:
-            v = env.get(f"OTEL_EXPORTER_OTLP_{kind.upper()}_{name}")
-            if v is None or not v.strip():
-                v = env.get(f"OTEL_EXPORTER_OTLP_{name}")
-            return v if v is not None and v.strip() else None
+        def var(kind: str, name: str) -> tuple[str | None, str]:
+            """(value, the variable it came from): per-signal over generic."""
+            for n in (f"OTEL_EXPORTER_OTLP_{kind.upper()}_{name}", f"OTEL_EXPORTER_OTLP_{name}"):
+                v = env.get(n)
+                if v is not None and v.strip():
+                    return v.strip(), n
+            return None, f"OTEL_EXPORTER_OTLP_{name}"
 
         def one(kind: str) -> SignalTarget:
+            specific = f"OTEL_EXPORTER_OTLP_{kind.upper()}_ENDPOINT"
             if endpoint:
-                url = endpoint.rstrip("/") + PATHS[kind]
-            elif env.get(f"OTEL_EXPORTER_OTLP_{kind.upper()}_ENDPOINT", "").strip():
-                url = env[f"OTEL_EXPORTER_OTLP_{kind.upper()}_ENDPOINT"].strip()
+                url, source = endpoint.rstrip("/") + PATHS[kind], "--endpoint"
+            elif env.get(specific, "").strip():
+                url, source = env[specific].strip(), specific
             else:
                 base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or DEFAULT_ENDPOINT
-                url = base.rstrip("/") + PATHS[kind]
+                url, source = base.rstrip("/") + PATHS[kind], "OTEL_EXPORTER_OTLP_ENDPOINT"
             parsed = urllib.parse.urlparse(url)
             if parsed.scheme not in ("http", "https") or not parsed.netloc:
-                raise SettingsError(f"OTLP {kind} endpoint {url!r}: expected http(s)://HOST:PORT")
+                raise SettingsError(f"{source}: OTLP {kind} endpoint {url!r}: expected "
+                                    "http(s)://HOST:PORT")
             h = {}
-            raw = var(kind, "HEADERS")
+            raw, source = var(kind, "HEADERS")
             if raw:
-                h.update(parse_headers(raw, f"OTEL_EXPORTER_OTLP_{kind.upper()}_HEADERS"
-                                       if env.get(f"OTEL_EXPORTER_OTLP_{kind.upper()}_HEADERS")
-                                       else "OTEL_EXPORTER_OTLP_HEADERS"))
+                h.update(parse_headers(raw, source))
             h.update(headers or {})
             if timeout_s is not None:
                 t = timeout_s
             else:
-                raw_t = var(kind, "TIMEOUT")
+                raw_t, source = var(kind, "TIMEOUT")
                 t = 10.0
                 if raw_t:
                     try:
                         t = float(raw_t) / 1000.0
                     except ValueError:
-                        raise SettingsError(f"OTEL_EXPORTER_OTLP_TIMEOUT={raw_t!r}: expected "
-                                            "milliseconds") from None
+                        raise SettingsError(f"{source}={raw_t!r}: expected milliseconds") from None
                 if not math.isfinite(t) or t <= 0:
-                    raise SettingsError(f"OTLP timeout {raw_t!r}: expected a positive number")
-            comp = (var(kind, "COMPRESSION") or "none").strip().lower()
+                    raise SettingsError(f"{source}={raw_t!r}: expected a positive, finite "
+                                        "number of milliseconds")
+            comp, source = var(kind, "COMPRESSION")
+            comp = (comp or "none").lower()
             if comp not in ("gzip", "none"):
-                raise SettingsError(f"OTEL_EXPORTER_OTLP_COMPRESSION={comp!r}: gzip or none")
-            return SignalTarget(url, h, t, comp, var(kind, "CERTIFICATE"),
-                                var(kind, "CLIENT_CERTIFICATE"), var(kind, "CLIENT_KEY"))
+                raise SettingsError(f"{source}={comp!r}: expected gzip or none")
+            return SignalTarget(url, h, t, comp, var(kind, "CERTIFICATE")[0],
+                                var(kind, "CLIENT_CERTIFICATE")[0], var(kind, "CLIENT_KEY")[0])
 
         temp = (env.get("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE") or "cumulative")
         temp = temp.strip().lower()

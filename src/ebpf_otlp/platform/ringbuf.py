@@ -14,6 +14,7 @@ import logging
 import mmap
 import select
 import struct
+from collections import Counter
 from typing import Callable, Iterable
 
 import numpy as np
@@ -69,6 +70,9 @@ class RingBuffer:
         self.lost_map = lost_map
         self.received = 0
         self.batches = 0
+        # Records read but not handed on, by reason (the consumer position has
+        # moved past them, so they are gone): "callback_failed", "bad_size".
+        self.dropped: Counter[str] = Counter()
         self._cons = mmap.mmap(ring.fd, PAGE, mmap.MAP_SHARED,
                                mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._prod = mmap.mmap(ring.fd, PAGE + 2 * self.size, mmap.MAP_SHARED,
@@ -163,6 +167,7 @@ class RingBuffer:
             if self.dtype is not None and self.on_batch is not None:
                 good = [b for b in batch if len(b) == self.dtype.itemsize]
                 if len(good) != len(batch):
+                    self.dropped["bad_size"] += len(batch) - len(good)
                     log.warning("ring %s: %d records of unexpected size skipped", self.name,
                                 len(batch) - len(good))
                 if good:
@@ -170,18 +175,30 @@ class RingBuffer:
             else:
                 self.received += len(batch)
                 self.batches += 1
-                for rec in batch:
-                    self.on_record(rec)
+                self._call(lambda: [self.on_record(rec) for rec in batch], len(batch))
         return n
 
     def _deliver(self, recs: np.ndarray) -> None:
         self.received += len(recs)
         self.batches += 1
         if self.on_batch is not None:
-            self.on_batch(recs)
+            self._call(lambda: self.on_batch(recs), len(recs))
         else:
-            for rec in recs:
-                self.on_record(rec.tobytes())
+            self._call(lambda: [self.on_record(rec.tobytes()) for rec in recs], len(recs))
+
+    def _call(self, fn: Callable[[], object], n: int) -> None:
+        """A consumer that raises loses its batch (the position has moved on):
+        count it, say so, and keep draining."""
+        try:
+            fn()
+        except Exception:
+            first = not self.dropped["callback_failed"]
+            self.dropped["callback_failed"] += n
+            if first:
+                log.exception("ring %s: a batch of %d records failed in its consumer "
+                              "(counted in ebpf_otlp.events.lost)", self.name, n)
+            else:
+                log.debug("ring %s: consumer failed again", self.name, exc_info=True)
 
     def close(self) -> None:
         self._data = self._cons_pos = self._prod_pos = None

@@ -106,14 +106,17 @@ def flow_points(rx: ReceiverProc, **attrs: object) -> list[dict]:
 
 
 def wait_total(rx: ReceiverProc, want: int, timeout: float = 30.0, **attrs: object) -> float:
-    """Wait until the exported total for ``attrs`` reaches ``want``, then let one more
-    interval pass so that an over-count would show too."""
+    """Wait until the exported total for ``attrs`` reaches ``want``, then for one more
+    export of the agent (any metric newer than those seen), so an over-count shows too."""
     try:
         rx.wait_for(lambda: metric_total(flow_points(rx, **attrs)) >= want, timeout,
                     f"{want} drops for {attrs}")
-    except AssertionError:
-        pass  # the assertion below reports the numbers
-    time.sleep(2.5)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; exported so far: "
+                             f"{metric_total(flow_points(rx, **attrs))}") from None
+    seen = max(r["time_ns"] for r in rx.records() if r["type"] == "metric")
+    rx.wait_for(lambda: any(r["type"] == "metric" and r["time_ns"] > seen
+                            for r in rx.records()), timeout, "one more export")
     return metric_total(flow_points(rx, **attrs))
 
 
@@ -314,12 +317,13 @@ def test_full_table_counts_every_drop_in_overflow(topo) -> None:
     assert sent == nft_packets(topo, table) == 12 * per_port
     assert len(keys) <= 4 and len(mine) <= 4
     assert all(n == per_port for n in mine.values())  # a flow in the table is whole
-    # Every drop the program counted is in the table or in the overflow counters.
-    assert events == in_table + sum(overflow.values()) + lost
-    assert table_full == sum(overflow.values()) + lost
-    # Ours that did not fit are in the overflow of their reason.
+    # The truth is nft's count of our packets: those not in the table are in the
+    # overflow of their reason (other hosts' drops may add to it: the tracepoint is
+    # host-wide), and none was lost.
     nf = reasons.value("NETFILTER_DROP")
-    assert overflow.get(nf, 0) >= sent - sum(mine.values())
+    assert overflow.get(nf, 0) >= sent - sum(mine.values()) > 0
+    assert lost == 0 and table_full >= sent - sum(mine.values())
+    assert events >= in_table
 
 
 @pytest.mark.parametrize("rodata", [

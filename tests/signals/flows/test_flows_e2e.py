@@ -97,6 +97,7 @@ def quiet(topo) -> None:
             return
         last = now
         time.sleep(1.0)
+    raise AssertionError(f"veth-a never went idle for 1 s within 15 s: {last}")
 
 
 def assert_nothing_left(topo) -> None:

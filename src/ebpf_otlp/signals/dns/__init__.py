@@ -11,6 +11,7 @@ Unanswered queries become timeouts after ``--dns-timeout``.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -24,7 +25,7 @@ from ...config import ConfigError
 from ...otlp.semconv import FAMILIES, AddressCache, transport
 from ...otlp.spans import SpanRecord
 from ...platform.bpfobj import BpfObject
-from ...platform.host import epoch_offset_ns, libc_path
+from ...platform.host import epoch_offset_ns, in_initial_pid_namespace, libc_path
 from ...platform.layout import constant, record_dtype
 from ...platform.libbpf import BpfError
 from ...platform.ringbuf import RingBuffer
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 # definite "no such name"). Every other code is an error with error.type=<code>.
 OK_RCODES = frozenset((0, 3))
 TIMEOUT = "timeout"
+GAI_TABLE_FULL = constant("dns", "DNS_GAI_TABLE_FULL")
+GAI_NO_START = constant("dns", "DNS_GAI_NO_START")
 EXPIRE_EVERY_NS = 100_000_000  # timeouts are checked at least this often under traffic
 # DNS records are ~330 bytes (default head) and floods come in bursts: 16 MiB
 # hold ~50,000 messages, over a second at 20,000 queries/s, so a consumer that
@@ -92,6 +95,10 @@ class DnsSignal(Signal):
         self._ring: RingBuffer | None = None
         self._gai_ring: RingBuffer | None = None
         self._gai_untracked = None
+        self._gai_calls = None
+        self._gai_seen = (0, 0)
+        self.gai_abandoned = 0
+        self._host_pids = in_initial_pid_namespace()
         self.gai = GaiMetrics(exporter.histogram(
             "dns.getaddrinfo.duration", "s",
             "getaddrinfo() calls as applications saw them (libc uprobes): caches and "
@@ -161,6 +168,7 @@ class DnsSignal(Signal):
             obj.detach_all()  # only the uprobe links exist yet
             return
         self._gai_untracked = obj.maps["gai_untracked"]
+        self._gai_calls = obj.maps["gai_calls"]
         self._gai_ring = RingBuffer(obj.maps["gai_events"], record_dtype("dns", "gai_event"),
                                     on_batch=self.gai.on_batch,
                                     lost_map=obj.maps["gai_events_lost"])
@@ -174,6 +182,7 @@ class DnsSignal(Signal):
 
     def collect(self) -> None:
         self.expire()
+        self._sweep_gai()
         with self._lock:
             qc, self._query_counts = self._query_counts, Counter()
             rc, self._response_counts = self._response_counts, Counter()
@@ -193,9 +202,29 @@ class DnsSignal(Signal):
                 a["dns.question.name"] = qname
             self.responses.add(n, a)
 
+    def _sweep_gai(self) -> None:
+        """Entries of threads that died inside getaddrinfo: never measured; delete and count."""
+        m = self._gai_calls
+        if m is None or not self._host_pids:  # BPF's pids are not ours to look up
+            return
+        for k in list(m.keys()):
+            pid_tgid = int.from_bytes(k, "little")
+            task = f"/proc/{pid_tgid >> 32}/task/{pid_tgid & 0xFFFFFFFF}"
+            if not os.path.exists(task) and m.delete(k):
+                self.gai_abandoned += 1
+
+    def _gai_untracked_points(self) -> list[tuple[int, dict]]:
+        m = self._gai_untracked
+        if m is not None:  # after close the map is gone: keep the last values
+            self._gai_seen = (m.sum_u64(GAI_TABLE_FULL), m.sum_u64(GAI_NO_START))
+        full, no_start = self._gai_seen
+        return [(full, {"reason": "table_full"}), (no_start, {"reason": "no_start"}),
+                (self.gai_abandoned, {"reason": "abandoned"})]
+
     def close(self) -> None:
         """Queries still waiting become timeouts now (the agent exports once more after)."""
-        self._gai_untracked = None  # its map goes with the object; health stops reading it
+        self._gai_untracked_points()  # last values, for the final export
+        self._gai_untracked = self._gai_calls = None  # their maps go with the object
         try:
             self.expire(flush_all=True)
         except Exception:
@@ -335,9 +364,9 @@ class DnsSignal(Signal):
                   lambda: [(n, {"reason": r})
                            for r, n in dict(self.decoder.malformed).items()])
         t.observe("ebpf_otlp.dns.getaddrinfo.untracked", "{call}",
-                  "getaddrinfo() calls not measured: the in-flight table was full",
-                  lambda: [(self._gai_untracked.sum_u64(0), {})]
-                  if self._gai_untracked is not None else [])
+                  "getaddrinfo() calls not measured: the in-flight table was full, a return "
+                  "without its start (evicted, or begun before the agent), or a thread that "
+                  "died inside the call", self._gai_untracked_points)
         t.observe("ebpf_otlp.dns.tcp.continuations", "{segment}",
                   "TCP segments continuing a multi-segment DNS message (skipped, not parsed)",
                   lambda: [(self.tcp.skipped, {})])
