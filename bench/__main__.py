@@ -26,7 +26,7 @@ from .common import REPO, Result, command_for, have_root, machine
 from .report import print_table, write_markdown
 
 # Run order: the cheap, self-contained ones first.
-BENCHMARKS = ["ringbuf", "pktcost", "export", "datapath", "alternatives"]
+BENCHMARKS = ["ringbuf", "pktcost", "export", "datapath", "alternatives", "attribution"]
 HERE = Path(__file__).resolve().parent
 
 

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 
 import pytest
+from collector import matching_rule
 from conftest import require
 from otlp import AgentProc, ReceiverProc
 from pods import PodLab
@@ -236,6 +237,16 @@ def test_every_signal_lands_on_the_right_resource(schemes):
     for r in host_drops:
         check_resource(r, None)
         assert "ebpf_otlp.network.namespace" not in r["attributes"], r
+
+    # --- deploy/otel-collector.yaml: its k8sattributes rules match every pod resource
+    # the agent sent (by container.id where the runtime gave one), and no host resource
+    for r in records:
+        uid, cid = workload(r)
+        rule = matching_rule(r["resource"])
+        if uid is None and cid is None:
+            assert rule is None, r["resource"]
+        else:
+            assert rule == (["container.id"] if cid else ["k8s.pod.uid"]), r["resource"]
 
 
 def test_process_moving_between_cgroups_is_followed():

@@ -76,6 +76,7 @@ class Exporter:
         self.logs = LogBatch(self.resource_attributes, SCOPE, self._send_logs)
         self._histograms: list[BatchHistogram] = []
         self._pb_resource = resource_message(self.resource_attributes)
+        self._resource_cache: dict[ResourceKey | None, bytes] = {}
         self.histogram_failures = 0
         self._closed = False
         self._register_health()
@@ -117,54 +118,48 @@ class Exporter:
         delivered.
 
         ``resources[resource_index[i]]`` is the resource key of series i (None: the
-        host resource); without them every series is the host's. One request then
+        host resource); without them every series is the host's. A request then
         holds one ``ResourceMetrics`` per resource among its series.
         """
         n = len(attrs)
         delivered = np.zeros(n, bool)
         if resources is None or resource_index is None or len(resources) <= 1:
-            res = None if resources is None or not len(resources) else resources[0]
-            groups = [(res, np.arange(n))]
+            order = None
+            res = [self._resource_bytes(resources[0] if resources else None)]
+            rid = np.zeros(n, np.int64)
         else:
             order = np.argsort(resource_index, kind="stable")
-            bounds = np.flatnonzero(np.diff(resource_index[order])) + 1
-            groups = [(resources[int(resource_index[g[0]])], g)
-                      for g in np.split(order, bounds) if len(g)]
-        pending: list[tuple[ResourceKey | None, np.ndarray]] = []
-        size = 0
-
-        def encode(r: ResourceKey | None, idx: np.ndarray) -> bytes:
-            if int(idx[-1]) - int(idx[0]) + 1 == len(idx):  # a run: slices, no copies
-                sel: slice | np.ndarray = slice(int(idx[0]), int(idx[-1]) + 1)
-                a = attrs[sel]
-            else:
-                sel = idx
-                a = [attrs[i] for i in idx.tolist()]
-            return _sums.encode_sums(self.resource_for(r), SCOPE, self.scope_version, metrics,
-                                     a, values[sel], start_ns[sel], time_ns,
-                                     self.sum_temporality)
-
-        def flush() -> bool:
-            body = b"".join(encode(r, idx) for r, idx in pending)
-            ok = self.senders["metrics"].send(body, self.timeout_s)
-            if ok:
-                for _, idx in pending:
-                    delivered[idx] = True
-            pending.clear()
-            return ok
-
-        for r, idx in groups:
-            for lo in range(0, len(idx), chunk):
-                part = idx[lo:lo + chunk]
-                if size + len(part) > chunk and pending:
-                    if not flush():
-                        return delivered
-                    size = 0
-                pending.append((r, part))
-                size += len(part)
-        if pending:
-            flush()
+            attrs = [attrs[i] for i in order.tolist()]
+            values, start_ns = values[order], start_ns[order]
+            rid = np.asarray(resource_index)[order]
+            res = [self._resource_bytes(r) for r in resources]
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            cut = np.flatnonzero(np.diff(rid[lo:hi])) + 1
+            starts = [0, *cut.tolist()]
+            stops = [*cut.tolist(), hi - lo]
+            groups = [(res[int(rid[lo + a])], a, b) for a, b in zip(starts, stops)]
+            body = _sums.encode_sums_grouped(groups, SCOPE, self.scope_version, metrics,
+                                             attrs[lo:hi], values[lo:hi], start_ns[lo:hi],
+                                             time_ns, self.sum_temporality)
+            if not self.senders["metrics"].send(body, self.timeout_s):
+                break
+            delivered[lo:hi] = True
+        if order is not None:
+            out = np.zeros(n, bool)
+            out[order] = delivered
+            return out
         return delivered
+
+    def _resource_bytes(self, key: ResourceKey | None) -> bytes:
+        """The serialised ``Resource`` of ``key`` (cached, bounded)."""
+        b = self._resource_cache.get(key)
+        if b is None:
+            if len(self._resource_cache) >= 4096:
+                self._resource_cache.clear()
+            b = self._resource_cache[key] = resource_message(
+                self.resource_for(key)).SerializeToString()
+        return b
 
     def resource_for(self, key: ResourceKey | None) -> dict:
         """The attributes of the resource ``key`` names (the host's for None)."""
