@@ -16,6 +16,7 @@ from .config import AgentConfig, ConfigError
 from .otlp import Exporter
 from .platform import tc
 from .platform.libbpf import BpfError, enable_run_time_stats
+from .platform.links import InterfaceWatcher, interfaces, is_pattern, match
 from .platform.ringbuf import RingPoller
 from .signals.base import Signal
 
@@ -23,14 +24,21 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Agent", "ConfigError"]
 
+WATCH_EVERY_S = 1.0  # new --iface matches and re-created interfaces are found this fast
+
 
 def resolve_ifaces(names: list[str]) -> dict[str, int]:
+    """Plain names must exist; globs (``veth*``) select what exists now, maybe nothing."""
     out = {}
     for name in names:
+        if is_pattern(name):
+            continue
         try:
             out[name] = socket.if_nametoindex(name)
         except OSError:
             raise ConfigError(f"no such interface: {name}") from None
+    if any(is_pattern(n) for n in names):
+        out.update(match(names, interfaces()))
     return out
 
 
@@ -40,6 +48,13 @@ class Agent:
         self.config = config
         self.strict = strict
         self.ifindex = resolve_ifaces(config.ifaces)
+        # Globs are matched again while running (containers come and go); the
+        # signals start on the interfaces that match now.
+        self.iface_patterns = list(config.ifaces)
+        self.watcher = InterfaceWatcher(self.iface_patterns) if self.iface_patterns else None
+        config.ifaces = list(self.ifindex)
+        self.ifaces_added = 0
+        self.iface_errors = 0
         self.settings = config.export_settings()  # a bad OTEL_* value fails here, exit 2
         self.exporter: Exporter | None = None
         self.signals: list[Signal] = []
@@ -54,7 +69,7 @@ class Agent:
     # --- start ---------------------------------------------------------------
     def start(self) -> None:
         cfg = self.config
-        if any(s in cfg.signals for s in ("flows", "dns")) and not cfg.ifaces:
+        if any(s in cfg.signals for s in ("flows", "dns")) and not self.iface_patterns:
             raise ConfigError("flows and dns need at least one --iface")
         for name, idx in self.ifindex.items():
             n = tc.remove_stale(idx)
@@ -80,6 +95,8 @@ class Agent:
             self.signals.append(sig)
             for ring in sig.rings():
                 self.poller.add(ring)
+        if self.watcher is not None:
+            self.watcher.known = dict(self.ifindex)
         self._register_health()
         self._poll_thread = threading.Thread(target=self._poll_loop, name="ring-poller",
                                              daemon=True)
@@ -119,6 +136,13 @@ class Agent:
                   lambda: [(ns / 1e9, a) for ns, _, a in run_times()])
         t.observe("ebpf_otlp.program.runs", "{run}", "runs of our programs",
                   lambda: [(cnt, a) for _, cnt, a in run_times()])
+        t.observe("ebpf_otlp.interfaces.attached", "{interface}",
+                  "interfaces attached while running: new --iface glob matches and "
+                  "interfaces deleted and created again",
+                  lambda: [(self.ifaces_added, {})])
+        t.observe("ebpf_otlp.interfaces.attach_errors", "{error}",
+                  "interfaces that appeared but a signal could not attach to",
+                  lambda: [(self.iface_errors, {})])
         t.observe("ebpf_otlp.agent.errors", "{error}", "errors caught in the agent's loops",
                   lambda: [(self.poll_errors, {"loop": "poll"}),
                            (self.collect_errors, {"loop": "collect"})])
@@ -145,11 +169,40 @@ class Agent:
                     log.exception("%s of %s failed", step, s.name)
         self.exporter.export()
 
+    def watch_interfaces(self) -> None:
+        """Attach the signals to interfaces that began to match ``--iface`` (a glob) or
+        came back under a watched name with a new index (a container restart)."""
+        if self.watcher is None:
+            return
+        added, gone = self.watcher.poll()
+        for name, idx in gone.items():
+            log.info("interface %s (ifindex %d) is gone", name, idx)
+            self.ifindex.pop(name, None)
+        for name, idx in added.items():
+            log.warning("interface %s (ifindex %d) appeared: attaching", name, idx)
+            self.ifindex[name] = idx
+            self.ifaces_added += 1
+            for s in self.signals:
+                try:
+                    s.add_interface(name, idx)
+                except Exception as e:  # it may be gone again already
+                    self.iface_errors += 1
+                    log.warning("%s: attaching to %s failed: %s", s.name, name, e)
+
     def run(self) -> None:
-        """Export every interval until :attr:`stop_event` is set."""
+        """Export every interval until :attr:`stop_event` is set; look for new
+        interfaces every second in between."""
         interval = self.config.interval_s
         next_at = time.monotonic() + interval
-        while not self.stop_event.wait(max(0.0, next_at - time.monotonic())):
+        while not self.stop_event.wait(max(0.0, min(next_at - time.monotonic(),
+                                                    WATCH_EVERY_S))):
+            try:
+                self.watch_interfaces()
+            except Exception:
+                self.collect_errors += 1
+                log.exception("interface watch failed")
+            if time.monotonic() < next_at:
+                continue
             self.collect_and_export()
             next_at += interval
             if next_at < time.monotonic():  # an export overran: skip, don't burst

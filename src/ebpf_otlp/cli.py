@@ -44,7 +44,8 @@ def main() -> None:
 
 @main.command()
 @click.option("--iface", "ifaces", multiple=True, metavar="IFACE",
-              help="Interface to watch (repeatable). Needed by flows and dns.")
+              help="Interface to watch (repeatable), or a glob ('veth*') matched again "
+              "while running. Needed by flows and dns.")
 @click.option("--signals", callback=_csv, metavar="LIST",
               help=f"Comma-separated signals [default: all of {','.join(ALL_SIGNALS)}].")
 @click.option("--endpoint", help="OTLP/HTTP base URL [env OTEL_EXPORTER_OTLP_ENDPOINT, "

@@ -281,3 +281,52 @@ def test_process_moving_between_cgroups_is_followed():
             assert agent.stop() == 0, agent.log()
         got = totals(clients(), lambda r: r["resource"].get("container.id"))
     assert got == {p1.cid: K, p0.cid: K}, got
+
+
+def test_glob_and_recreated_interface_are_attached_and_attributed():
+    """``--iface 'eo<tag>v*'``: a pod interface created while the agent runs is
+    attached; a pod interface deleted and created again (a container restart with
+    a new container id) is attached again and its flows carry the new id."""
+    with PodLab(["containerd", "crio"]) as lab:
+        p0, p1 = lab.pods
+        lab.unplug(p1)  # appears only once the agent runs
+        ports = iter(range(random.randint(20000, 29000), 40000))
+        with ReceiverProc(lab, lab.node) as rx, \
+                AgentProc(lab, lab.node, rx, "--signals", "flows",
+                          "--iface", f"eo{lab.tag}v*", env={"K8S_NODE_NAME": NODE}) as agent:
+
+            def flows_to(port: int) -> list[dict]:
+                return rx.metrics("network.flow.packets", **{"destination.port": port})
+
+            def send_until_seen(pod, n: int = 5) -> list[dict]:
+                # The interface is attached within a second or so of appearing: send
+                # fresh flows (a new port each round) until one is exported.
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    port = next(ports)
+                    lab.exec(pod, PY, "-c", UDP, pod.gw, str(port), str(n))
+                    try:
+                        rx.wait_for(lambda port=port: sum(map(value, flows_to(port))) >= n,
+                                    3, "flow")
+                        return flows_to(port)
+                    except AssertionError:
+                        continue
+                raise AssertionError(f"no flows of {pod.name} exported:\n{agent.log()}")
+
+            first = send_until_seen(p0)
+            old_cid = p0.cid
+            lab.plug(p1)
+            lab.run(p1, "sleep", "3600")
+            new_pod = send_until_seen(p1)
+            lab.restart(p0)
+            assert p0.cid != old_cid
+            restarted = send_until_seen(p0)
+            assert agent.stop() == 0, agent.log()
+            log = agent.log()
+    for r in first:
+        assert workload(r) == (p0.pod_uid, old_cid), r["resource"]
+    for r in new_pod:
+        check_resource(r, p1)
+    for r in restarted:
+        check_resource(r, p0)  # the new container id
+    assert f"interface {p1.node_if}" in log and "appeared: attaching" in log, log

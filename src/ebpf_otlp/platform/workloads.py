@@ -171,4 +171,10 @@ class WorkloadResolver:
         except OSError:
             self.errors += 1
             return HOST
-        return self.by_netns(ino) if ino else HOST
+        if not ino or ino == self.host_netns:
+            return HOST
+        # A new interface into a known namespace (a pod's container restarted): what
+        # runs there may have changed, so the namespace is looked at afresh.
+        a = self._resolve_netns(ino)
+        self.by_ns.put(ino, (time.monotonic(), a))
+        return a

@@ -93,6 +93,7 @@ class DnsSignal(Signal):
         self._servers: dict[tuple, tuple[tuple, tuple]] = {}
         self._last_expire = 0
         self._ring: RingBuffer | None = None
+        self._obj: BpfObject | None = None
         self._gai_ring: RingBuffer | None = None
         self._gai_untracked = None
         self._gai_calls = None
@@ -129,13 +130,20 @@ class DnsSignal(Signal):
             obj = self._load(ports, with_gai=False)
         if obj.programs["gai_enter"].autoload:
             self._attach_gai(obj, libc)  # first: a failure there may detach all links
+        self._obj = obj
         for ifname in cfg.ifaces:
-            idx = socket.if_nametoindex(ifname)
-            suffix = "" if has_link_header(ifname) else "_l3"
-            obj.programs["dns_ingress" + suffix].attach_tc(idx, "ingress")
-            obj.programs["dns_egress" + suffix].attach_tc(idx, "egress")
+            self.add_interface(ifname, socket.if_nametoindex(ifname))
         self._ring = RingBuffer(obj.maps["dns_events"], event_dtype(cfg.dns_head_bytes),
                                 on_batch=self.on_batch, lost_map=obj.maps["dns_events_lost"])
+
+    def add_interface(self, name: str, ifindex: int) -> None:
+        """TC capture on one more interface (at start, and as agent.watch_interfaces finds them)."""
+        obj = self._obj
+        if obj is None or not obj.loaded:
+            return
+        suffix = "" if has_link_header(name) else "_l3"
+        obj.programs["dns_ingress" + suffix].attach_tc(ifindex, "ingress")
+        obj.programs["dns_egress" + suffix].attach_tc(ifindex, "egress")
 
     def _load(self, ports: tuple[int, ...], with_gai: bool) -> BpfObject:
         cfg = self.config

@@ -91,6 +91,19 @@ class FlowsSignal(Signal):
             obj.programs["flows_tc_egress"].attach_tc(idx, "egress")
         self._interval_start_ns = time.time_ns()
 
+    def add_interface(self, name: str, ifindex: int) -> None:
+        """Attach to an interface that appeared while running (agent.watch_interfaces)."""
+        with self._lock:
+            if self.obj is None or not self.obj.loaded:
+                return
+            progs = self.obj.programs
+            if self.config.flow_hook == "xdp":
+                progs["flows_xdp_ingress"].attach_xdp(ifindex)
+            else:
+                progs["flows_tc_ingress"].attach_tc(ifindex, "ingress")
+            progs["flows_tc_egress"].attach_tc(ifindex, "egress")
+            self.ifnames[ifindex] = name  # its overflow, if any, counts under slot 0
+
     def _init_overflow(self) -> None:
         m = self.obj.maps["flows_overflow"]
         zero = bytes(m.value_stride)
