@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SOCKET_TTL_S = 5.0  # a namespace's address may change; cgroup ids never do
 _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
@@ -51,6 +53,7 @@ class Attributor:
         self.resolver = resolver if resolver is not None or level == "none" else \
             WorkloadResolver()
         self._lock = threading.Lock()
+        self._sockets: dict[tuple[int, int], tuple[float, dict[str, str]]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -70,6 +73,18 @@ class Attributor:
         namespace the pod's address (and the pod, where the cgroup names none)."""
         if self.resolver is None:
             return {}
+        key = (cgroup_id, netns)
+        now = time.monotonic()
+        hit = self._sockets.get(key)
+        if hit is not None and now - hit[0] < SOCKET_TTL_S:
+            return hit[1]
+        out = self._socket(cgroup_id, netns)
+        if len(self._sockets) >= self.resolver.by_path.cap:
+            self._sockets.clear()  # bounded; entries are cheap to recompute
+        self._sockets[key] = (now, out)
+        return out
+
+    def _socket(self, cgroup_id: int, netns: int) -> dict[str, str]:
         with self._lock:
             ns = self.resolver.by_netns(netns) if netns else HOST
             if self.level == "namespace":
