@@ -92,3 +92,18 @@ def test_spans_group_by_resource() -> None:
            for s in spans}
     assert res == {"host": {}, "a": POD_A, "a2": POD_A, "b": POD_B}
     assert all(s["resource"]["service.name"] for s in spans)
+
+
+def test_log_records_group_by_resource() -> None:
+    with Receiver(port=0) as rx:
+        t = exporter(rx.port)
+        for i, extra in enumerate(({}, POD_A, POD_B, POD_A)):
+            t.logs.emit(timestamp=i + 1, body=f"r{i}", attributes={"i": i, **extra})
+        t.export()
+        t.shutdown(5)
+        logs = [r for r in rx.records if r["type"] == "log"]
+    got = {r["attributes"]["i"]: {k: v for k, v in r["resource"].items()
+                                  if k in POD_A or k in POD_B} for r in logs}
+    assert got == {0: {}, 1: POD_A, 2: POD_B, 3: POD_A}
+    assert all(set(r["attributes"]) == {"i"} for r in logs)
+    assert all(r["resource"]["host.name"] == "node-1" for r in logs)

@@ -8,6 +8,7 @@ the idle table in one batch and adds each row to ``network.packet.drops``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -122,6 +123,7 @@ class DropsSignal(Signal):
                 # Not the host's namespace: name it, and its pod/container as resource.
                 attrs = {**attrs, NETNS_ATTRIBUTE: row.netns,
                          **self.attribution.netns(row.netns)}
+                row = dataclasses.replace(row, attributes=attrs)
             self.counter.add(row.packets, attrs)
             self.drained_packets += row.packets
             if self.first_drops is not None:
