@@ -7,11 +7,11 @@ arrays. The record layouts come from ``bpf/tcp.h``.
 from __future__ import annotations
 
 import functools
-import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from ...otlp.semconv import address_text, address_type
 from ...platform.layout import constant, record_dtype
 
 EVENT = record_dtype("tcp", "tcp_event")
@@ -37,15 +37,11 @@ CONN_ATTRIBUTES = ("server.address", "server.port", "client.address", "client.po
                    "process.pid", "process.executable.name")
 
 _ERRNO_CAUSE = {111: "refused", 110: "timeout", 104: "reset"}  # ECONNREFUSED, ETIMEDOUT, ECONNRESET
-_V4_PREFIX = b"\0" * 10 + b"\xff\xff"
-
-
 @functools.lru_cache(maxsize=65536)
 def address(raw: bytes) -> tuple[str, str]:
-    """(text, network.type) of a 16-byte address; v4-mapped prints as IPv4."""
-    if raw[:12] == _V4_PREFIX:
-        return str(ipaddress.IPv4Address(raw[12:])), "ipv4"
-    return str(ipaddress.IPv6Address(raw)), "ipv6"
+    """(text, network.type) of a 16-byte address; v4-mapped prints as IPv4 (cached:
+    the same peers repeat)."""
+    return address_text(raw), address_type(raw)
 
 
 def failure_cause(err: int, flags: int) -> str:
