@@ -3,6 +3,7 @@ reads it: which resources its pod_association rules would match."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import yaml
@@ -10,8 +11,13 @@ import yaml
 CONFIG = Path(__file__).parent.parent / "deploy" / "otel-collector.yaml"
 
 
+@functools.lru_cache(maxsize=1)
+def _parsed() -> str:
+    return CONFIG.read_text()
+
+
 def load() -> dict:
-    return yaml.safe_load(CONFIG.read_text())
+    return yaml.safe_load(_parsed())
 
 
 def associations(cfg: dict | None = None) -> list[list[str]]:
@@ -30,7 +36,12 @@ def associations(cfg: dict | None = None) -> list[list[str]]:
 
 def matching_rule(resource: dict, cfg: dict | None = None) -> list[str] | None:
     """The first rule the processor would associate ``resource`` by (None: no enrichment)."""
-    for names in associations(cfg):
+    for names in (associations(cfg) if cfg is not None else _rules()):
         if all(resource.get(n) not in (None, "") for n in names):
-            return names
+            return list(names)
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def _rules() -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(r) for r in associations())
