@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SOCKET_TTL_S = 5.0  # a namespace's address may change; cgroup ids never do
+SOCKET_CACHE = 16384  # (cgroup, netns) pairs remembered
 _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
@@ -79,7 +80,7 @@ class Attributor:
         if hit is not None and now - hit[0] < SOCKET_TTL_S:
             return hit[1]
         out = self._socket(cgroup_id, netns)
-        if len(self._sockets) >= self.resolver.by_path.cap:
+        if len(self._sockets) >= SOCKET_CACHE:
             self._sockets.clear()  # bounded; entries are cheap to recompute
         self._sockets[key] = (now, out)
         return out
