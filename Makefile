@@ -13,6 +13,9 @@ BPF_OBJS := $(patsubst bpf/%.bpf.c,$(OUT)/%.bpf.o,$(BPF_SRCS))
 BPF_HDRS := $(wildcard bpf/*.h)
 # Record headers (not *.bpf.h) are package data too: Python reads its layouts from them.
 REC_HDRS := $(patsubst bpf/%.h,$(OUT)/%.h,$(filter-out %.bpf.h,$(BPF_HDRS)))
+# Hubble bridge: Python stubs generated from Cilium's .proto files (proto/cilium/README.md).
+HUBBLE_PROTOS := $(wildcard proto/cilium/*/*.proto)
+HUBBLE_STUBS := src/ebpf_otlp/signals/hubble/_proto
 BPF_CFLAGS := -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
 	-Wno-unused-function -I bpf -I vmlinux/$(ARCH)
 
@@ -24,7 +27,12 @@ endif
 
 all: build
 
-build: $(BPF_OBJS) $(REC_HDRS)
+build: $(BPF_OBJS) $(REC_HDRS) $(HUBBLE_STUBS)/observer/observer_pb2_grpc.py
+
+$(HUBBLE_STUBS)/observer/observer_pb2_grpc.py: $(HUBBLE_PROTOS) scripts/gen_hubble_proto.py
+	@echo "  PROTO $(HUBBLE_STUBS)"
+	$(Q)$(PYTHON) scripts/gen_hubble_proto.py $(HUBBLE_STUBS)
+	$(Q)touch $@
 
 $(OUT)/%.h: bpf/%.h
 	@mkdir -p $(OUT)
@@ -63,4 +71,4 @@ lint:
 	$(PYTHON) -m ruff check src tests bench
 
 clean:
-	rm -rf $(OUT)/*.bpf.o dist build *.egg-info src/*.egg-info
+	rm -rf $(OUT)/*.bpf.o $(HUBBLE_STUBS) dist build *.egg-info src/*.egg-info

@@ -35,7 +35,7 @@ def _modules() -> dict[str, str]:
     mods = {name: f"bench.{name}" for name in BENCHMARKS}
     for path in sorted(HERE.glob("*.py")):
         stem = path.stem
-        if stem.split("_")[0] in ("flows", "tcp", "dns", "drops") and stem not in mods:
+        if stem.split("_")[0] in ("flows", "tcp", "dns", "drops", "hubble") and stem not in mods:
             try:
                 mod = importlib.import_module(f"bench.{stem}")
             except Exception:  # a helper's file mid-edit must not stop the others

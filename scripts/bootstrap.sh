@@ -20,7 +20,7 @@ PKGS="python3 python3-venv python3-dev libbpf1 libbpf-dev make clang-19 llvm-19 
 if [ "$what" = test ] || [ "$what" = bench ]; then
     PKGS="$PKGS bpftool nftables iperf3 dnsutils dnsmasq-base iputils-ping ethtool bpftrace
           tcpdump libelf-dev zlib1g-dev qemu-system-x86 busybox-static e2fsprogs util-linux
-          cpio xz-utils zstd kmod"
+          cpio xz-utils zstd kmod openssl"
 fi
 if [ "$what" = demo ]; then
     PKGS="$PKGS dnsmasq-base dnsutils iputils-ping"
@@ -35,8 +35,9 @@ if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-make build
+# Install first: the build generates the Hubble stubs with grpcio-tools (a test extra).
 .venv/bin/python -m pip install -q -e '.[test]'
+make build
 
 case "$what" in
     demo) exec .venv/bin/ebpf-otlp demo ;;

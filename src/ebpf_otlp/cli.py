@@ -1,4 +1,4 @@
-"""Command line: ``ebpf-otlp run | doctor | receive | demo``."""
+"""Command line: ``ebpf-otlp run | hubble | doctor | receive | demo``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,22 @@ def _setup_logging(verbose: int) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _otlp_options(fn):
+    """Where and how often OTLP goes: the same flags for ``run`` and ``hubble``."""
+    for opt in reversed((
+        click.option("--endpoint", help="OTLP/HTTP base URL [env OTEL_EXPORTER_OTLP_ENDPOINT, "
+                     "default http://localhost:4318]."),
+        click.option("--header", "headers", multiple=True, metavar="K=V",
+                     help="Extra OTLP header (repeatable) [env OTEL_EXPORTER_OTLP_HEADERS]."),
+        click.option("--service-name",
+                     help="service.name [env OTEL_SERVICE_NAME, default ebpf-otlp]."),
+        click.option("--interval", type=click.FloatRange(min=0.1), metavar="SECONDS",
+                     help="Export interval [env OTEL_METRIC_EXPORT_INTERVAL (ms), default 10 s]."),
+    )):
+        fn = opt(fn)
+    return fn
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ebpf-otlp")
 def main() -> None:
@@ -48,13 +64,7 @@ def main() -> None:
               "while running. Needed by flows and dns.")
 @click.option("--signals", callback=_csv, metavar="LIST",
               help=f"Comma-separated signals [default: all of {','.join(ALL_SIGNALS)}].")
-@click.option("--endpoint", help="OTLP/HTTP base URL [env OTEL_EXPORTER_OTLP_ENDPOINT, "
-              "default http://localhost:4318].")
-@click.option("--header", "headers", multiple=True, metavar="K=V",
-              help="Extra OTLP header (repeatable) [env OTEL_EXPORTER_OTLP_HEADERS].")
-@click.option("--service-name", help="service.name [env OTEL_SERVICE_NAME, default ebpf-otlp].")
-@click.option("--interval", type=click.FloatRange(min=0.1), metavar="SECONDS",
-              help="Export interval [env OTEL_METRIC_EXPORT_INTERVAL (ms), default 10 s].")
+@_otlp_options
 @click.option("--max-flows", type=click.IntRange(min=1, max=1 << 24),
               help="Flow table size [65536].")
 @click.option("--flow-hook", type=click.Choice(["tc", "xdp"]), help="Ingress hook for flows [tc].")
@@ -199,6 +209,62 @@ def demo(seconds: float) -> None:
     from .demo import run_demo
 
     sys.exit(run_demo(seconds))
+
+
+@main.command()
+@click.option("--server", metavar="ADDR",
+              help="Hubble Relay or a node's Hubble server: host:port, tls://host:port or "
+              "unix:///path.")
+@click.option("--file", "file", metavar="PATH", help="Follow a Hubble export file (JSON lines).")
+@click.option("--tls", is_flag=True, default=False, help="Use TLS to reach the server.")
+@click.option("--tls-ca-cert-files", callback=_csv, metavar="FILES",
+              help="CA certificates (comma-separated) [system roots].")
+@click.option("--tls-client-cert-file", metavar="FILE", help="Client certificate (mTLS).")
+@click.option("--tls-client-key-file", metavar="FILE", help="Client key (mTLS).")
+@click.option("--tls-server-name", metavar="NAME", help="Name the server's certificate carries.")
+@click.option("--hubble-client", type=click.Choice(["h2", "grpcio"]), default="h2",
+              show_default=True, help="gRPC client for --server (README: Hubble bridge).")
+@_otlp_options
+@click.option("--max-series", type=click.IntRange(min=1, max=1 << 22), default=65536,
+              show_default=True, help="Series per metric before the overflow series.")
+@click.option("--max-pending", type=click.IntRange(min=1, max=1 << 22), default=65536,
+              show_default=True, help="L7 requests waiting for their response.")
+@click.option("--l7-timeout", type=click.FloatRange(min=0.01), default=30.0, metavar="SECONDS",
+              show_default=True, help="Unanswered L7 requests become timeouts after this.")
+@click.option("--dns-names/--no-dns-names", default=False,
+              help="Keep dns.question.name on dns.lookup.duration (cardinality) [off].")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def hubble(server: str | None, file: str | None, tls: bool,
+           tls_ca_cert_files: tuple[str, ...] | None, tls_client_cert_file: str | None,
+           tls_client_key_file: str | None, tls_server_name: str | None, hubble_client: str,
+           endpoint: str | None, headers: tuple[str, ...], service_name: str | None,
+           interval: float | None, max_series: int, max_pending: int, l7_timeout: float,
+           dns_names: bool, verbose: int) -> None:
+    """Bridge Cilium's Hubble (--server ADDR or --file PATH) into OTLP until SIGINT/SIGTERM."""
+    _setup_logging(verbose)
+    from .signals import hubble as hb
+
+    try:
+        cfg = AgentConfig(ifaces=[])
+        if endpoint:
+            cfg.endpoint = endpoint
+        if service_name:
+            cfg.service_name = service_name
+        if interval is not None:
+            cfg.interval_s = interval
+        if headers:
+            try:
+                cfg.headers.update(parse_headers(",".join(headers)))
+            except ValueError as e:
+                raise ConfigError(f"--header: {e}") from None
+        hb.run(hb.HubbleOptions(
+            server=server, file=file, tls=tls, tls_ca_cert_files=tls_ca_cert_files or (),
+            tls_client_cert_file=tls_client_cert_file, tls_client_key_file=tls_client_key_file,
+            tls_server_name=tls_server_name, client=hubble_client, max_series=max_series,
+            max_pending=max_pending, l7_timeout_s=l7_timeout, dns_names=dns_names), cfg)
+    except ConfigError as e:
+        click.echo(f"ebpf-otlp: {e}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
