@@ -184,6 +184,11 @@ static __always_inline void count_sock(__u64 sk, __u8 kind, __u64 n, const struc
 
 	if (sk)
 		c = bpf_map_lookup_elem(&socks, &sk);
+	if (sk) {
+		/* Whose connection: attributed to its pod/container in user space. */
+		k.cgroup_id = sock_cgroup_id((struct sock *)sk);
+		k.netns = sock_netns((struct sock *)sk);
+	}
 	if (c) {
 		c->flags |= flag;
 		__builtin_memcpy(k.saddr, c->saddr, 16);

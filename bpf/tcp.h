@@ -72,6 +72,8 @@ struct tcp_ckey {
 	__u8 kind;		/* TCP_CNT_* */
 	__u8 role;
 	__u8 pad[2];
+	__u32 netns;		/* the socket's network namespace; 0 without a socket */
+	__u64 cgroup_id;	/* the socket's cgroup v2 id; 0 without a socket */
 };
 
 #endif

@@ -62,6 +62,14 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for _ in range(int(sys.argv[3])):
     s.sendto(b"d" * 100, (sys.argv[1], int(sys.argv[2])))
 """
+REFUSED = """
+import socket, sys
+for _ in range(int(sys.argv[3])):
+    try:
+        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    except ConnectionRefusedError:
+        pass
+"""
 GAI = "import socket\nfor _ in range(5):\n    try: socket.getaddrinfo('localhost', 80)\n" \
       "    except OSError: pass\n"
 POD_KEYS = ("k8s.pod.uid", "container.id", "container.runtime.name", "k8s.pod.ip",
@@ -136,9 +144,9 @@ def test_every_signal_lands_on_the_right_resource(schemes):
     require(shutil.which("dig") is not None, "dig not installed (Debian dnsutils)")
     require(os.path.exists("/usr/sbin/dnsmasq"), "dnsmasq not installed (Debian dnsmasq-base)")
     require(shutil.which("nft") is not None, "nft not installed (Debian nftables)")
-    K, M, N = 6, 4, 7  # pod1 -> pod0 connections, node -> pod0 connections, datagrams
-    tcp_port, drop_port, host_drop_port = (random.randint(20000, 29999) + i * 10000
-                                           for i in range(3))
+    K, M, N, R = 6, 4, 7, 3  # pod1 -> pod0, node -> pod0 connections, datagrams, refused
+    tcp_port, drop_port, host_drop_port, closed_port = (random.randint(10000, 19999) + i * 10000
+                                                        for i in range(4))
     with PodLab(schemes) as lab:
         p0, p1 = lab.pods
         lab.exec(p0, "nft", "add", "table", "inet", "eo15")
@@ -155,6 +163,7 @@ def test_every_signal_lands_on_the_right_resource(schemes):
             start_server(lab, p0, tcp_port)
             lab.exec(p1, PY, "-c", CLIENT, p0.ip, str(tcp_port), str(K))
             lab.exec(None, PY, "-c", CLIENT, p0.ip, str(tcp_port), str(M))
+            lab.exec(p1, PY, "-c", REFUSED, p0.ip, str(closed_port), str(R))
             lab.exec(p1, PY, "-c", UDP, p0.ip, str(drop_port), str(N))
             lab.exec(None, PY, "-c", UDP, "127.0.0.1", str(host_drop_port), str(N))
             for _ in range(3):
@@ -168,6 +177,9 @@ def test_every_signal_lands_on_the_right_resource(schemes):
 
             rx.wait_for(lambda: sum(map(value, opened())) >= 2 * (K + M), 30,
                         "every connection opened, both ends")
+            rx.wait_for(lambda: sum(map(value, rx.metrics(
+                "network.tcp.resets", **{"server.port": closed_port}))) >= R, 30,
+                "the refused client's received resets")
             rx.wait_for(lambda: len(rx.spans(**{"dns.question.name": "h.test"})) >= 6, 30,
                         "DNS spans (query on the pod's interface and on lo)")
             rx.wait_for(lambda: sum(map(value, rx.metrics(
@@ -200,6 +212,19 @@ def test_every_signal_lands_on_the_right_resource(schemes):
                    for s in tspans) == by_role
     for s in tspans:
         assert s["attributes"]["process.pid"] > 0, s  # spans keep the process
+
+    # resets received by pod 1's refused client: its socket's resource (kernel counters)
+    resets = [r for r in records if r["type"] == "metric" and r["name"] == "network.tcp.resets"
+              and r["attributes"].get("server.port") == closed_port
+              and r["attributes"]["network.io.direction"] == "receive"]
+    assert totals(resets, workload) == {expect(p1): R}, resets
+    for r in resets:
+        check_resource(r, p1)
+    failed = [r for r in records if r["type"] == "metric"
+              and r["name"] == "network.tcp.connections.failed"
+              and r["attributes"].get("server.port") == closed_port]
+    assert totals(failed, lambda r: (r["attributes"]["error.type"], workload(r))) == {
+        ("refused", expect(p1)): R}
 
     # --- flows: by the interface's peer namespace; lo is the node's
     flows = [r for r in records if r["type"] == "metric" and r["name"] == "network.flow.packets"]

@@ -288,6 +288,8 @@ class TcpSignal(Signal):
             attrs = dict(self.mapper.base(int(k["role"]), k["saddr"].tobytes(),
                                           k["caddr"].tobytes(), int(k["sport"]),
                                           int(k["cport"])))
+            if self.mapper.resource is not None:
+                attrs.update(self.mapper.resource(int(k["cgroup_id"]), int(k["netns"])))
             kind = int(k["kind"])
             if kind == CNT_RETRANS:
                 self.retransmits.add(delta, attrs)
