@@ -26,7 +26,7 @@ from .common import REPO, Result, command_for, have_root, machine
 from .report import print_table, write_markdown
 
 # Run order: the cheap, self-contained ones first.
-BENCHMARKS = ["ringbuf", "pktcost", "export", "datapath", "alternatives", "attribution"]
+BENCHMARKS = ["ringbuf", "pktcost", "kmem", "export", "datapath", "alternatives", "attribution"]
 HERE = Path(__file__).resolve().parent
 
 
@@ -35,7 +35,8 @@ def _modules() -> dict[str, str]:
     mods = {name: f"bench.{name}" for name in BENCHMARKS}
     for path in sorted(HERE.glob("*.py")):
         stem = path.stem
-        if stem.split("_")[0] in ("flows", "tcp", "dns", "drops", "hubble") and stem not in mods:
+        signal = stem.split("_")[0]
+        if signal in ("flows", "tcp", "dns", "drops", "hubble", "http") and stem not in mods:
             try:
                 mod = importlib.import_module(f"bench.{stem}")
             except Exception:  # a helper's file mid-edit must not stop the others

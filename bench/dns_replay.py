@@ -118,8 +118,8 @@ def run(quick: bool) -> Result:
         assert "receiving" in rx.stdout.readline()
         sig.start()
         poller = RingPoller(sig.rings())
-        obj = sig.objects[0]
-        qfd, afd = obj.programs["dns_egress"].fd, obj.programs["dns_ingress"].fd
+        obj = sig.dp.obj  # the packet object, shared with flows (here DNS only)
+        qfd, afd = obj.programs["packet_tc_egress"].fd, obj.programs["packet_tc_ingress"].fd
 
         def poll_loop():  # what the agent's ring-poller thread does
             while not stop.is_set():

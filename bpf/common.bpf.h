@@ -13,6 +13,16 @@
 #ifndef TC_ACT_OK
 #define TC_ACT_OK 0
 #endif
+/*
+ * Packet programs return TC_ACT_UNSPEC, not TC_ACT_OK: in direct-action mode
+ * (and in TCX) TC_ACT_OK ends classification on this hook, so the programs
+ * after ours (Cilium's, a user's shaper) would never run. UNSPEC means "no
+ * opinion": the next program runs, and with none left the packet simply
+ * continues.
+ */
+#ifndef TC_ACT_UNSPEC
+#define TC_ACT_UNSPEC (-1)
+#endif
 #ifndef ETH_P_IP
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD

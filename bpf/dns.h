@@ -12,6 +12,7 @@
 /* How many ports the programs compare against (rodata `dns_ports`). */
 #define DNS_MAX_PORTS 8
 
+/* Same values as FLOW_DIR_RECEIVE / FLOW_DIR_TRANSMIT (packet.bpf.c). */
 #define DNS_DIR_INGRESS 0
 #define DNS_DIR_EGRESS 1
 
@@ -19,7 +20,7 @@
  * starts with the 2-byte length prefix, which is not part of head[]). */
 struct dns_event {
 	__u64 ts_ns;		/* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
-	__u8 saddr[16];		/* IPv4 uses the first 4 bytes, the rest is 0 */
+	__u8 saddr[16];		/* IPv4-mapped for IPv4 (::ffff:a.b.c.d) */
 	__u8 daddr[16];
 	__u32 ifindex;
 	__u16 sport;		/* host byte order */

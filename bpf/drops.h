@@ -8,6 +8,11 @@
  * (before 5.17): user space names it UNKNOWN. */
 #define DROP_REASON_UNKNOWN 0xFFFFFFFF
 
+/* The in-kernel reason filter (rodata `reason_bits`): one bit per enum
+ * skb_drop_reason value, 64 per word; values past the last word never pass
+ * when the filter is on. */
+#define DROP_REASON_WORDS 8
+
 /* Slots of the per-CPU `drop_stats` array. */
 #define DROP_STAT_TABLE_FULL 0     /* drops that found the flow table full */
 #define DROP_STAT_OVERFLOW_LOST 1  /* ... and whose reason the overflow table could not hold */
@@ -20,7 +25,7 @@ struct drop_key {
 	__u32 reason;    /* enum skb_drop_reason value */
 	__u32 ifindex;   /* skb->dev, else skb->skb_iif; 0 unknown */
 	__u64 location;  /* kernel text address of the drop; 0 unless asked for */
-	__u8 saddr[16];  /* IPv4 in the first 4 bytes */
+	__u8 saddr[16];  /* IPv4-mapped for IPv4 (::ffff:a.b.c.d) */
 	__u8 daddr[16];
 	__u16 sport;     /* host order; 0 when not TCP/UDP/SCTP */
 	__u16 dport;

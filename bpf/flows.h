@@ -27,15 +27,31 @@ struct flow_key {
 	__u8 pad[3];
 };
 
-/* Per-CPU slot of one flow. */
+/* One flow's counters (one slot per CPU in the -DFLOWS_PERCPU variant). */
 struct flow_value {
 	__u64 packets;		/* skbs (TC) or frames (XDP) */
 	__u64 bytes;		/* skb->len / frame length, L2 header included */
 	__u64 segments;		/* wire segments: skb gso_segs, at least 1 per packet */
-	__u64 first_ns;		/* CLOCK_MONOTONIC (coarse: tick resolution) of the first packet on this CPU */
-	__u64 last_ns;		/* ... and of the last one */
-	__u16 tcp_flags;	/* OR of the TCP flags byte (FIN 0x01 ... CWR 0x80) */
-	__u8 pad[6];
+	__u64 first_ns;		/* CLOCK_MONOTONIC (coarse: tick resolution) of the packet that
+				 * inserted the flow. No last-seen time: reading the clock on
+				 * every packet cost ~20 ns of ~90 (bench/pktcost.py), and the
+				 * table drained per interval says the flow was seen in it. */
+	__u64 tcp_flags;	/* OR of the TCP flags byte (FIN 0x01 ... CWR 0x80); 64 bits: atomic OR */
+};
+
+/*
+ * Per-CPU front of the shared table: FLOWS_FRONT_SLOTS recent flows per CPU
+ * and per table (slot = a cheap hash of the key). Consecutive packets of a
+ * flow add to its front slot with plain adds, no hash lookup and no atomics;
+ * a flow that takes the slot spills the previous one into the shared table.
+ * User space drains a table's front slots with the table (flows_agg).
+ * The array holds 2 * FLOWS_FRONT_SLOTS entries: table 0's slots first.
+ */
+#define FLOWS_FRONT_SLOTS 8
+
+struct flow_front {
+	struct flow_key key;
+	struct flow_value value;	/* value.packets == 0: the slot is empty */
 };
 
 /* Overflow counters, per (ifindex, direction); slot ifindex 0 catches
@@ -50,7 +66,7 @@ struct flow_ovf_value {
 	__u64 packets;		/* packets of flows that found no room */
 	__u64 bytes;
 	__u64 segments;
-	__u64 table_full;	/* inserts refused because the table was full */
+	__u64 table_full;	/* inserts (of one or more packets) refused: table full */
 	__u64 errors;		/* inserts refused for another reason (ENOMEM ...) */
 };
 

@@ -18,6 +18,7 @@
  *    changes run in softirq context) to the accepting process.
  */
 #include "common.bpf.h"
+#include "compat.bpf.h"
 #include "tcp.h"
 #include "workload.bpf.h"
 
@@ -460,21 +461,8 @@ int tcp_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
 	return 0;
 }
 
-/*
- * Kernels before 6.10 (tcp_send_reset) and 6.13 (tcp_retransmit_skb, which
- * gained `err`) share one record layout for both tracepoints. The ___old
- * flavour matches the kernel's trace_event_raw_tcp_event_sk_skb by CO-RE;
- * user space loads whichever variant the running kernel's BTF has.
- */
-struct trace_event_raw_tcp_event_sk_skb___old {
-	const void *skbaddr;
-	const void *skaddr;
-	__u16 sport;
-	__u16 dport;
-	__u8 saddr_v6[16];
-	__u8 daddr_v6[16];
-} __attribute__((preserve_access_index));
-
+/* Kernels before 6.10 / 6.13: struct trace_event_raw_tcp_event_sk_skb___old
+ * (compat.bpf.h). */
 SEC("tracepoint/tcp/tcp_retransmit_skb")
 int tcp_retransmit_old(struct trace_event_raw_tcp_event_sk_skb___old *ctx)
 {

@@ -20,7 +20,7 @@ PKGS="python3 python3-venv python3-dev libbpf1 libbpf-dev make clang-19 llvm-19 
 if [ "$what" = test ] || [ "$what" = bench ]; then
     PKGS="$PKGS bpftool nftables iperf3 dnsutils dnsmasq-base iputils-ping ethtool bpftrace
           tcpdump libelf-dev zlib1g-dev qemu-system-x86 busybox-static e2fsprogs util-linux
-          cpio xz-utils zstd kmod openssl"
+          cpio xz-utils zstd kmod openssl nginx-light curl wrk libssl-dev"
 fi
 if [ "$what" = demo ]; then
     PKGS="$PKGS dnsmasq-base dnsutils iputils-ping"

@@ -68,6 +68,8 @@ def main() -> None:
 @click.option("--max-flows", type=click.IntRange(min=1, max=1 << 24),
               help="Flow table size [65536].")
 @click.option("--flow-hook", type=click.Choice(["tc", "xdp"]), help="Ingress hook for flows [tc].")
+@click.option("--tc-mode", type=click.Choice(["auto", "tcx", "tc"]),
+              help="Attach TC programs as TCX links (6.6+) or clsact filters [auto].")
 @click.option("--flow-attributes", callback=_csv, metavar="LIST",
               help="Flow attributes to keep [all of the flow key].")
 @click.option("--tcp-spans/--no-tcp-spans", default=None, help="One span per TCP connection.")
@@ -80,6 +82,24 @@ def main() -> None:
               help="Unanswered DNS queries become timeouts after this [5].")
 @click.option("--dns-head-bytes", type=click.IntRange(min=64, max=512),
               help="Bytes of each DNS message copied from the kernel [256].")
+@click.option("--http-head-bytes", type=click.IntRange(min=16, max=1024),
+              help="Bytes of each HTTP read/write copied from the kernel [256].")
+@click.option("--http-capture-query/--no-http-capture-query", default=None,
+              help="Export url.query (may hold secrets) [off].")
+@click.option("--http-capture-header", "http_capture_headers", multiple=True, metavar="NAME",
+              help="Export this request header's value as http.request.header.NAME "
+                   "(repeatable) [none].")
+@click.option("--http-attributes", callback=_csv, metavar="LIST",
+              help="Address attributes kept on HTTP duration histograms "
+                   "[server.address,server.port].")
+@click.option("--http-route-pattern", "http_route_patterns", multiple=True, metavar="REGEX",
+              help="Path segments matching REGEX become * in routes (repeatable), besides "
+                   "numbers, UUIDs and hex ids.")
+@click.option("--http-tls/--no-http-tls", default=None,
+              help="Trace TLS through uprobes on the SSL library [on].")
+@click.option("--tls-lib", "tls_libs", multiple=True, metavar="PATH",
+              help="Binary linking OpenSSL statically to trace TLS in (repeatable); "
+                   "libssl.so files that processes map are found by themselves.")
 @click.option("--drop-location/--no-drop-location", default=None,
               help="Add network.drop.location (kernel function) to drops.")
 @click.option("--drop-exclude-not-specified/--no-drop-exclude-not-specified", default=None,
@@ -88,8 +108,11 @@ def main() -> None:
               help="An OTLP log record for the first drop of each (reason, flow).")
 @click.option("--max-drops", type=click.IntRange(min=1, max=1 << 22),
               help="Distinct (reason, flow) drop entries per interval [16384].")
+@click.option("--drop-reasons", callback=_csv, metavar="LIST",
+              help="Count only these drop reasons (e.g. NETFILTER_DROP,NO_SOCKET) [all].")
 @click.option("--bpf-stats/--no-bpf-stats", default=None,
-              help="Kernel run-time statistics of our programs; host-wide while on [on].")
+              help="Kernel run-time statistics of our programs; host-wide while on, "
+                   "~85 ns per BPF program run [off].")
 @click.option("--cgroup", "cgroup_path", metavar="PATH",
               help="cgroup v2 directory for sock_ops [where cgroup2 is mounted].")
 @click.option("--attribution", type=click.Choice(["none", "namespace", "container", "process"]),
@@ -134,6 +157,8 @@ def run(ifaces: tuple[str, ...], signals: tuple[str, ...] | None, headers: tuple
     if interval is not None:
         cfg.interval_s = interval
     renames = {"dns_timeout": "dns_timeout_s"}
+    for key in ("http_capture_headers", "http_route_patterns", "tls_libs"):
+        opts[key] = tuple(opts[key]) or None
     for key, value in opts.items():
         if value is not None:
             setattr(cfg, renames.get(key, key), value)

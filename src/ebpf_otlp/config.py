@@ -46,6 +46,8 @@ class AgentConfig:
     # flows
     max_flows: int = 65536
     flow_hook: str = "tc"  # or "xdp" (ingress; egress stays on TC)
+    # how TC programs attach: "tcx" links (6.6+), "tc" clsact filters, or "auto"
+    tc_mode: str = "auto"
     flow_attributes: tuple[str, ...] = FLOW_ATTRIBUTES
     # tcp
     tcp_spans: bool = False
@@ -57,14 +59,28 @@ class AgentConfig:
     dns_timeout_s: float = 5.0
     dns_head_bytes: int = 256
     dns_max_pending: int = 65536
+    # http
+    http_head_bytes: int = 256
+    http_capture_query: bool = False
+    http_capture_headers: tuple[str, ...] = ()
+    http_attributes: tuple[str, ...] = ("server.address", "server.port")
+    http_route_patterns: tuple[str, ...] = ()
+    http_max_conns: int = 16384
+    http_idle_s: float = 300.0
+    http_tls: bool = True  # SSL uprobes (each hit costs tens of us here: bench/http_load.py)
+    tls_libs: tuple[str, ...] = ()
+    tls_scan_interval_s: float = 2.0
     # drops
     drop_location: bool = False
     drop_exclude_not_specified: bool = False
     drop_logs: bool = False
     max_drops: int = 16384
+    # only these drop reasons (names without SKB_DROP_REASON_), filtered in the kernel
+    drop_reasons: tuple[str, ...] = ()
     # kernel BPF run-time statistics (ebpf_otlp.program.run_time); host-wide
-    # while on, costing every BPF program on the host two clock reads per run
-    bpf_stats: bool = True
+    # while on, costing every BPF program run on the host ~85 ns here
+    # (bench/pktcost.py): off unless asked for
+    bpf_stats: bool = False
     # workload attribution (signals/attribution.py): none|namespace|container|process
     attribution: str = "container"
     node_name: str = field(default_factory=lambda: os.environ.get("K8S_NODE_NAME", "").strip()

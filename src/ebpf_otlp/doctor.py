@@ -28,6 +28,7 @@ HOOKS = {
     "uprobe": "probe_uprobe",
     "xdp": "probe_xdp",
     "tc": "probe_tc",
+    "tcx": "probe_tc",
     "sock_ops": "probe_sockops",
     "ringbuf": "rb_produce",
 }
@@ -35,12 +36,17 @@ TRACEPOINTS = {
     "tcp": ["sock/inet_sock_set_state", "tcp/tcp_retransmit_skb", "tcp/tcp_send_reset",
             "tcp/tcp_receive_reset"],
     "drops": ["skb/kfree_skb"],
+    "http": [f"syscalls/sys_{e}_{c}" for c in ("read", "write", "readv", "writev", "recvfrom",
+                                                "sendto", "recvmsg", "sendmsg", "sendfile64",
+                                                "splice")
+             for e in ("enter", "exit")] + ["syscalls/sys_enter_close"],
 }
 SIGNAL_NEEDS = {
     "flows": [("tc", "xdp")],
     "tcp": [("tracepoint",)],
     "dns": [("tc",), ("ringbuf",)],
     "drops": [("tracepoint",)],
+    "http": [("tracepoint",), ("ringbuf",)],  # uprobes (TLS) are optional
 }
 
 
@@ -57,6 +63,8 @@ def _try_hook(hook: str, prog_name: str) -> str:
             prog.attach_xdp(1)  # loopback of the private namespace
         elif hook == "tc":
             prog.attach_tc(1, "ingress")
+        elif hook == "tcx":
+            prog.attach_tcx(1, "ingress")
         elif hook == "sock_ops":
             prog.attach_cgroup(_cgroup2_path())
         elif hook == "ringbuf":
@@ -153,11 +161,18 @@ def assess(f: dict, hooks: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def tc_mode(hooks: dict[str, str]) -> str:
+    """What ``--tc-mode auto`` attaches with here: TCX links where they work."""
+    if hooks.get("tcx") == "ok":
+        return "tcx"
+    return "tc" if hooks.get("tc") == "ok" else "none"
+
+
 def run_doctor(as_json: bool = False) -> int:
     f = facts()
     hooks = probe_hooks() if f.get("libbpf") and os.geteuid() == 0 else {}
     signals = assess(f, hooks)
-    report = {"host": f, "hooks": hooks, "signals": signals}
+    report = {"host": f, "hooks": hooks, "signals": signals, "tc_mode": tc_mode(hooks)}
     fatal = (not f.get("libbpf") or not f.get("btf") or os.geteuid() != 0
              or not any(v.startswith("yes") for v in signals.values()))
     if as_json:
@@ -180,6 +195,12 @@ def run_doctor(as_json: bool = False) -> int:
                 print(f"hook        {hook:28s} {'yes' if status == 'ok' else 'no: ' + status}")
         for sig, status in signals.items():
             print(f"signal      {sig:28s} {status}")
+        if hooks:
+            mode = report["tc_mode"]
+            why = {"tcx": "TCX links (go away with the process)",
+                   "tc": "clsact filters (no TCX here; removed at exit and at the next start)",
+                   "none": "neither TCX nor clsact works"}[mode]
+            print(f"tc mode     auto -> {mode}: {why}")
     return 1 if fatal else 0
 
 

@@ -86,6 +86,7 @@ def span_records(req: ExportTraceServiceRequest) -> Iterator[dict]:
             for s in ss.spans:
                 yield {"type": "span", "name": s.name, "kind": _SPAN_KIND[s.kind],
                        "trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
+                       "parent_span_id": s.parent_span_id.hex(),
                        "start_ns": s.start_time_unix_nano, "end_ns": s.end_time_unix_nano,
                        "attributes": attrs(s.attributes), "status": _STATUS[s.status.code],
                        "status_message": s.status.message, "resource": res,

@@ -4,6 +4,7 @@ stale filters of a crashed run, clean exit on SIGTERM and SIGINT."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -51,11 +52,12 @@ def _prog_ids() -> dict[int, str]:
 
 def test_health_metrics_and_clean_sigterm(topo) -> None:
     with ReceiverProc(topo, topo.a) as rx:
-        agent = AgentProc(topo, topo.a, rx, "--signals", "drops")
+        agent = AgentProc(topo, topo.a, rx, "--signals", "drops", "--bpf-stats")
         with agent:
             loaded = _prog_ids()
             ours = {i for i in _held_prog_ids(agent.proc.pid) if i in loaded}
             assert [loaded[i] for i in ours] == ["on_kfree_skb"], ours
+            assert _stats_fds(agent.proc.pid) == 1, "--bpf-stats holds statistics on"
             # UDP to a closed port in b: drops to count, and runs of our program
             topo.run(topo.a, sys.executable, "-c",
                      "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
@@ -72,6 +74,24 @@ def test_health_metrics_and_clean_sigterm(topo) -> None:
         resource = rx.records()[0]["resource"]
         assert resource["service.name"] == "ebpf-otlp" and resource["host.name"]
     assert not ours & set(_prog_ids()), "the agent's program is still loaded after SIGTERM"
+
+
+def _stats_fds(pid: int) -> int:
+    """File descriptors of ``pid`` that hold kernel BPF run-time statistics on."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:bpf-stats"
+        except OSError:
+            pass
+    return n
+
+
+def test_bpf_stats_off_unless_asked(topo) -> None:
+    """They cost every BPF program run on the host (bench/pktcost.py)."""
+    with ReceiverProc(topo, topo.a) as rx, AgentProc(topo, topo.a, rx, "--signals", "drops") as a:
+        assert _stats_fds(a.proc.pid) == 0
+        assert a.stop() == 0
 
 
 def test_sigint_also_exits_zero(topo) -> None:

@@ -19,6 +19,9 @@ CASES = [
     (["run", "--iface", "lo", "--header", "novalue"], "bad header 'novalue'"),
     (["run", "--interval", "-1"], "-1"),
     (["run", "--signals", "flows"], "flows and dns need at least one --iface"),
+    (["run", "--iface", "lo", "--tc-mode", "clsact"], "'clsact' is not one of"),
+    (["run", "--signals", "drops", "--drop-reasons", "NO_SUCH_REASON", "--endpoint",
+      "http://127.0.0.1:9"], "this kernel has no drop reason 'NO_SUCH_REASON'"),
     (["receive", "--listen", "127.0.0.1:notaport"], "expected HOST:PORT"),
     (["frobnicate"], "No such command"),
 ]

@@ -219,3 +219,15 @@ def test_nonportable_object_fails_on_guest(host_run: results.KernelRun,
     fixed_guest = guest_run.extra("reason_fixed")
     assert fixed_guest and not fixed_guest.get("records_ok"), (
         f"the hard-coded offset read the right reason on 6.1 too: {fixed_guest}")
+
+
+def test_tc_mode_is_tcx_on_the_host_and_clsact_on_6_1(host_run: results.KernelRun,
+                                                      guest_run: results.KernelRun) -> None:
+    """``doctor``'s TCX probe: TCX links attach on this machine's kernel (6.6+)
+    and not on 6.1, where ``--tc-mode auto`` falls back to clsact filters (the
+    guest's flows and DNS checks above ran that way)."""
+    for run in (host_run, guest_run):
+        _finished(run)
+    assert host_run.doctor_hooks().get("tcx") == "ok"
+    guest = guest_run.doctor_hooks()
+    assert guest.get("tc") == "ok" and guest.get("tcx") not in (None, "ok"), guest

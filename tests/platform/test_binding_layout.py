@@ -15,7 +15,7 @@ from ebpf_otlp.platform.libbpf import ffi
 
 STRUCTS = ["bpf_object_open_opts", "bpf_uprobe_opts", "bpf_map_batch_opts",
            "bpf_test_run_opts", "bpf_tc_hook", "bpf_tc_opts", "btf_type", "btf_var_secinfo",
-           "btf_enum"]
+           "btf_enum", "bpf_link_create_opts"]
 
 
 def _declared() -> dict[str, tuple[int, dict[str, int]]]:
@@ -62,9 +62,22 @@ def test_declared_structs_match_installed_headers() -> None:
             assert truth[name][1][f] == off, f"offsetof(struct {name}, {f})"
 
 
+@pytest.mark.kernel
+def test_tcx_attach_types_are_the_kernels() -> None:
+    """libbpf 1.1's headers have no TCX attach types; ours are the running kernel's
+    (its BTF), or the kernel has none (then --tc-mode auto picks tc)."""
+    from ebpf_otlp.platform.btf import kernel_enum
+    from ebpf_otlp.platform.libbpf import lib
+
+    kernel = {name: value for value, name in kernel_enum("bpf_attach_type").items()}
+    require("BPF_TCX_INGRESS" in kernel, "kernel without TCX (before 6.6)")
+    assert kernel["BPF_TCX_INGRESS"] == lib.BPF_TCX_INGRESS
+    assert kernel["BPF_TCX_EGRESS"] == lib.BPF_TCX_EGRESS
+
+
 @pytest.mark.parametrize("name", ["bpf_tc_hook", "bpf_tc_opts", "bpf_test_run_opts",
                                   "bpf_map_batch_opts", "bpf_uprobe_opts",
-                                  "bpf_object_open_opts"])
+                                  "bpf_object_open_opts", "bpf_link_create_opts"])
 def test_opts_structs_start_with_sz(name: str) -> None:
     fields = ffi.typeof(f"struct {name}").fields
     assert fields[0][0] == "sz" and fields[0][1].offset == 0

@@ -39,11 +39,9 @@ def network_type(ethertype: int) -> str:
     return f"0x{ethertype:04x}"
 
 
-def address_text(raw: bytes, family: int | None = None) -> str:
-    """A 16-byte record address as text: ``10.0.0.1`` (IPv4-mapped, or the first
-    four bytes when ``family`` says IPv4) or ``fd00::1``."""
-    if family in (4, socket.AF_INET):
-        return socket.inet_ntop(socket.AF_INET, raw[:4])
+def address_text(raw: bytes) -> str:
+    """A 16-byte record address as text: ``10.0.0.1`` (IPv4-mapped, the one
+    convention of every record header, bpf/pkt.bpf.h) or ``fd00::1``."""
     if raw[:12] == _V4_PREFIX:
         return socket.inet_ntop(socket.AF_INET, raw[12:16])
     return socket.inet_ntop(socket.AF_INET6, raw)
@@ -59,14 +57,14 @@ class AddressCache:
 
     def __init__(self, size: int = 65536):
         self.size = size
-        self._cache: dict[tuple[bytes, int | None], str] = {}
+        self._cache: dict[bytes, str] = {}
         self.evictions = 0
 
-    def text(self, raw: bytes, family: int | None = None) -> str:
-        key = (raw, family)
+    def text(self, raw: bytes) -> str:
+        key = raw
         s = self._cache.get(key)
         if s is None:
-            s = address_text(raw, family)
+            s = address_text(raw)
             if len(self._cache) >= self.size:
                 self.evictions += len(self._cache)
                 self._cache.clear()

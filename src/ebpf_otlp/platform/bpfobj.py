@@ -124,6 +124,15 @@ class Program:
         self._obj._tc_filters.append(filt)
         return filt
 
+    def attach_tcx(self, ifindex: int, direction: str, first: bool = False) -> object:
+        """Attach through a TCX link (6.6+), after the programs already there
+        (before them with ``first``)."""
+        from .tcx import attach
+
+        link = attach(self.fd, ifindex, direction, self.name, first)
+        self._obj._links.append(link)
+        return link
+
     def attach_cgroup(self, path: str) -> Link:
         """Attach (sock_ops, cgroup_skb ...) to the cgroup v2 directory ``path``."""
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -309,6 +318,16 @@ class BpfObject:
             except BpfError as e:
                 log.warning("detaching %s: %s", filt, e)
         self._tc_filters.clear()
+
+    def detach(self, attachment: object) -> None:
+        """Detach one link, TCX link or TC filter of this object (gone interfaces
+        included: their filters went with them)."""
+        if attachment in self._links:
+            self._links.remove(attachment)
+            attachment.destroy()
+        elif attachment in self._tc_filters:
+            self._tc_filters.remove(attachment)
+            attachment.detach()
 
     def close(self) -> None:
         if self._ptr is None:

@@ -150,6 +150,30 @@ int bpf_tc_query(const struct bpf_tc_hook *hook, struct bpf_tc_opts *opts);
 
 int bpf_enable_stats(int type);
 
+/* bpf_link_create() as libbpf 1.1 has it. TCX (Linux 6.6) attach types are
+ * not in its headers: enum bpf_attach_type holds only what we pass, with
+ * the kernel's values (tests/test_binding_layout.py checks them against the
+ * running kernel's BTF). The TCX-specific options (relative_fd,
+ * expected_revision) are not in 1.1's opts either: we pass no opts, which
+ * appends our program after those already on the hook. */
+enum bpf_attach_type {
+	BPF_TCX_INGRESS = 46,
+	BPF_TCX_EGRESS = 47,
+};
+struct bpf_link_create_opts {
+	size_t sz;
+	__u32 flags;
+	void *iter_info;
+	__u32 iter_info_len;
+	__u32 target_btf_id;
+	__u64 _unused_union[4];	/* perf_event, kprobe_multi, tracing */
+};
+int bpf_link_create(int prog_fd, int target_fd, enum bpf_attach_type attach_type,
+		    const struct bpf_link_create_opts *opts);
+/* For TCX, target_fd is the ifindex: the programs on that hook, in run order. */
+int bpf_prog_query(int target_fd, enum bpf_attach_type type, __u32 query_flags,
+		   __u32 *attach_flags, __u32 *prog_ids, __u32 *prog_cnt);
+
 /* BTF: global variables' offsets in .rodata/.bss, enums of the running kernel. */
 struct btf;
 struct btf_type {

@@ -16,6 +16,7 @@ _MODULES = {
     "tcp": ("tcp", "TcpSignal"),
     "dns": ("dns", "DnsSignal"),
     "drops": ("drops", "DropsSignal"),
+    "http": ("http", "HttpSignal"),
 }
 
 

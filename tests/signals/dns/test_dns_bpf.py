@@ -60,9 +60,20 @@ def frame4(l4: bytes, proto: int = 17, **kw) -> bytes:
 QUERY = dns.message.make_query("svc.example.test", "AAAA").to_wire()
 
 
+# The packet object (bpf/packet.bpf.c, flows on too) holds the DNS capture: one
+# parse per packet for flows and DNS. The tests name programs by role.
+OBJECTS = ("packet",)
+PACKET_NAMES = {"dns_egress": "packet_tc_egress", "dns_ingress": "packet_tc_ingress"}
+
+
 class Loaded:
-    def __init__(self, head_bytes: int = 256, ports: tuple[int, ...] = (53, 5353)):
-        self.obj = BpfObject.open_packaged("dns")
+    def __init__(self, head_bytes: int = 256, ports: tuple[int, ...] = (53, 5353),
+                 name: str = "packet"):
+        self.obj = BpfObject.open_packaged(name)
+        self.names = PACKET_NAMES if name == "packet" else {}
+        if name == "packet":
+            for t in ("flows_a", "flows_b"):
+                self.obj.set_max_entries(t, 1024)
         nmax = constant("dns", "DNS_MAX_PORTS")
         self.obj.rodata["dns_ports"] = np.array(list(ports) + [0] * (nmax - len(ports)),
                                                 dtype="<u2").tobytes()
@@ -77,7 +88,7 @@ class Loaded:
 
     def run(self, frame: bytes, prog: str = "dns_egress") -> np.ndarray:
         """Run once; returns the records the run produced."""
-        res = self.obj.programs[prog].test_run(frame)
+        res = self.obj.programs[self.names.get(prog, prog)].test_run(frame)
         assert res.retval == TC_ACT_UNSPEC
         self.got.clear()
         self.ring.drain()
@@ -88,9 +99,9 @@ class Loaded:
         self.obj.close()
 
 
-@pytest.fixture(scope="module")
-def prog():
-    p = Loaded()
+@pytest.fixture(scope="module", params=OBJECTS)
+def prog(request):
+    p = Loaded(name=request.param)
     yield p
     p.close()
 
@@ -98,7 +109,7 @@ def prog():
 def addr(a: str) -> bytes:
     if ":" in a:
         return socket.inet_pton(socket.AF_INET6, a)
-    return socket.inet_aton(a) + b"\0" * 12
+    return b"\0" * 10 + b"\xff\xff" + socket.inet_aton(a)  # IPv4-mapped (bpf/pkt.bpf.h)
 
 
 def check(r: np.ndarray, *, src: str, dst: str, sport: int, dport: int, proto: int,
@@ -180,9 +191,10 @@ def test_fragments(prog):
     assert len(prog.run(later)) == 0
 
 
-def test_head_is_bounded_by_head_bytes():
+@pytest.mark.parametrize("name", OBJECTS)
+def test_head_is_bounded_by_head_bytes(name: str):
     big = QUERY + b"\xab" * 700
-    p = Loaded(head_bytes=100)
+    p = Loaded(head_bytes=100, name=name)
     try:
         r = p.run(eth(0x86DD, ipv6(17, udp(40000, 53, big))))
         check(r, src=C6, dst=S6, sport=40000, dport=53, proto=17, direction=1, msg=big[:100],
@@ -191,7 +203,7 @@ def test_head_is_bounded_by_head_bytes():
         assert p.ring.received == 1  # (so the drain saw exactly that size)
     finally:
         p.close()
-    p = Loaded(head_bytes=constant("dns", "DNS_HEAD_MAX"))
+    p = Loaded(head_bytes=constant("dns", "DNS_HEAD_MAX"), name=name)
     try:
         r = p.run(eth(0x86DD, ipv6(17, udp(40000, 53, big))))
         assert r[0]["head_len"] == 512 and bytes(r[0]["head"]) == big[:512]

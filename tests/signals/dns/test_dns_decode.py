@@ -43,8 +43,11 @@ def rec(msg: bytes, *, ts: int = 1_000, src: str = CLIENT, dst: str = SERVER, sp
     fam = 6 if ":" in src else 4
     af = socket.AF_INET6 if fam == 6 else socket.AF_INET
     r["ts_ns"] = ts
-    r["saddr"][0, :16 if fam == 6 else 4] = np.frombuffer(socket.inet_pton(af, src), np.uint8)
-    r["daddr"][0, :16 if fam == 6 else 4] = np.frombuffer(socket.inet_pton(af, dst), np.uint8)
+    for field, a in (("saddr", src), ("daddr", dst)):
+        raw = socket.inet_pton(af, a)
+        if fam == 4:
+            raw = b"\0" * 10 + b"\xff\xff" + raw  # IPv4-mapped (bpf/pkt.bpf.h)
+        r[field][0] = np.frombuffer(raw, np.uint8)
     r["sport"], r["dport"], r["proto"], r["family"], r["ifindex"] = sport, dport, proto, fam, 1
     n = min(len(msg), head_bytes)
     r["msg_len"] = len(msg) if msg_len is None else msg_len

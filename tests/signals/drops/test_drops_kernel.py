@@ -346,3 +346,26 @@ def test_frees_that_are_not_drops_are_filtered_in_the_kernel(topo, rodata) -> No
     assert nft_packets(topo, "eofilter") == sent == 40
     filtered = rodata.get("exclude_not_specified", 1) == 1
     assert got == ({} if filtered else {port: sent})
+
+
+@pytest.mark.parametrize("wanted", ["NETFILTER_DROP", "NO_SOCKET"])
+def test_reason_filter_in_the_kernel(topo, wanted: str) -> None:
+    """With the reason filter on, only the wanted reason is counted: nft drops
+    on one port (NETFILTER_DROP), datagrams to a closed port (NO_SOCKET)."""
+    import numpy as np
+
+    nft_port, closed_port, sport = free_ports(3)
+    nft_drop_udp(topo, "eoreason", nft_port)
+    reasons = DropReasons.from_kernel()
+    bits = np.zeros(constant("drops", "DROP_REASON_WORDS"), "<u8")
+    v = reasons.value(wanted)
+    bits[v >> 6] |= np.uint64(1 << (v & 63))
+    obj, _ = drops_object(4096, reason_filter=1, reason_bits=bits.tobytes())
+    with obj:
+        sent_nft = send_udp(topo, "4", topo.b_ip4, nft_port, sport, 30)
+        sent_closed = send_udp(topo, "4", topo.b_ip4, closed_port, sport, 20)
+        obj.detach_all()
+        got = my_rows(obj, "drops_0", {nft_port, closed_port})
+    assert nft_packets(topo, "eoreason") == sent_nft == 30
+    want = {nft_port: sent_nft} if wanted == "NETFILTER_DROP" else {closed_port: sent_closed}
+    assert got == want

@@ -51,8 +51,10 @@ def key(**fields) -> np.ndarray:
 
 
 def ip_bytes(text: str) -> np.ndarray:
-    fam = socket.AF_INET6 if ":" in text else socket.AF_INET
-    return np.frombuffer(socket.inet_pton(fam, text).ljust(16, b"\0"), np.uint8)
+    if ":" in text:
+        return np.frombuffer(socket.inet_pton(socket.AF_INET6, text), np.uint8)
+    mapped = b"\0" * 10 + b"\xff\xff" + socket.inet_pton(socket.AF_INET, text)  # bpf/pkt.bpf.h
+    return np.frombuffer(mapped, np.uint8)
 
 
 def drained(*keys: np.ndarray, packets: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,6 @@ import threading
 import time
 from collections import Counter
 from itertools import chain
-from pathlib import Path
 
 import numpy as np
 
@@ -31,6 +30,7 @@ from ...platform.libbpf import BpfError
 from ...platform.ringbuf import RingBuffer
 from ..attribution import shared as shared_attribution
 from ..base import Signal
+from ..packet import PacketDatapath
 from .decode import (
     Decoder,
     PendingTable,
@@ -51,21 +51,6 @@ TIMEOUT = "timeout"
 GAI_TABLE_FULL = constant("dns", "DNS_GAI_TABLE_FULL")
 GAI_NO_START = constant("dns", "DNS_GAI_NO_START")
 EXPIRE_EVERY_NS = 100_000_000  # timeouts are checked at least this often under traffic
-# DNS records are ~330 bytes (default head) and floods come in bursts: 16 MiB
-# hold ~50,000 messages, over a second at 20,000 queries/s, so a consumer that
-# a busy host does not schedule for a while still loses nothing.
-MIN_RING_BYTES = 16 << 20
-ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
-
-
-def has_link_header(ifname: str) -> bool:
-    """Whether frames on ``ifname`` start with an Ethernet header (Ethernet,
-    veth, bridges, bonds, loopback) rather than with IP (tun, WireGuard...)."""
-    try:
-        arphrd = int(Path(f"/sys/class/net/{ifname}/type").read_text())
-    except (OSError, ValueError):
-        return True
-    return arphrd in (ARPHRD_ETHER, ARPHRD_LOOPBACK)
 
 
 class DnsSignal(Signal):
@@ -93,7 +78,7 @@ class DnsSignal(Signal):
         self._servers: dict[tuple, tuple[tuple, tuple]] = {}
         self._last_expire = 0
         self._ring: RingBuffer | None = None
-        self._obj: BpfObject | None = None
+        self.dp: PacketDatapath | None = None
         self._gai_ring: RingBuffer | None = None
         self._gai_untracked = None
         self._gai_calls = None
@@ -119,45 +104,33 @@ class DnsSignal(Signal):
             raise ConfigError(f"--dns-ports takes 1 to {max_ports} ports, got {len(ports)}")
         if not 12 <= cfg.dns_head_bytes <= head_max:
             raise ConfigError(f"--dns-head-bytes must be within 12..{head_max}")
+        # The wire view: the packet object (bpf/packet.bpf.c) shared with flows, one
+        # program per hook and direction parsing each packet once for both.
+        self.dp = PacketDatapath.for_config(cfg).acquire(self.name, self.exporter)
+        self._ring = RingBuffer(self.dp.obj.maps["dns_events"], event_dtype(cfg.dns_head_bytes),
+                                on_batch=self.on_batch,
+                                lost_map=self.dp.obj.maps["dns_events_lost"])
         libc = libc_path()
+        if libc is None:
+            log.warning("no libc found for getaddrinfo uprobes; DNS on the wire only")
+            return
         try:
-            obj = self._load(ports, with_gai=libc is not None)
+            obj = self._load_gai()
         except BpfError as e:
-            if libc is None:
-                raise
             # The uprobes are the optional part: the wire view must not depend on them.
             log.warning("getaddrinfo uprobes not loaded (%s); DNS on the wire only", e)
-            obj = self._load(ports, with_gai=False)
-        if obj.programs["gai_enter"].autoload:
-            self._attach_gai(obj, libc)  # first: a failure there may detach all links
-        self._obj = obj
-        for ifname in cfg.ifaces:
-            self.add_interface(ifname, socket.if_nametoindex(ifname))
-        self._ring = RingBuffer(obj.maps["dns_events"], event_dtype(cfg.dns_head_bytes),
-                                on_batch=self.on_batch, lost_map=obj.maps["dns_events_lost"])
+            return
+        self._attach_gai(obj, libc)
 
     def add_interface(self, name: str, ifindex: int) -> None:
-        """TC capture on one more interface (at start, and as agent.watch_interfaces finds them)."""
-        obj = self._obj
-        if obj is None or not obj.loaded:
-            return
-        suffix = "" if has_link_header(name) else "_l3"
-        obj.programs["dns_ingress" + suffix].attach_tc(ifindex, "ingress")
-        obj.programs["dns_egress" + suffix].attach_tc(ifindex, "egress")
+        """Capture on an interface that appeared while running (agent.watch_interfaces)."""
+        if self.dp is not None:
+            self.dp.add_interface(name, ifindex)
 
-    def _load(self, ports: tuple[int, ...], with_gai: bool) -> BpfObject:
-        cfg = self.config
-        max_ports = constant("dns", "DNS_MAX_PORTS")
+    def _load_gai(self) -> BpfObject:
         obj = BpfObject.open_packaged("dns")
         self.objects.append(obj)
-        obj.rodata["dns_ports"] = np.array(list(ports) + [0] * (max_ports - len(ports)),
-                                           dtype="<u2").tobytes()
-        obj.rodata["n_dns_ports"] = len(ports)
-        obj.rodata["head_bytes"] = cfg.dns_head_bytes
-        obj.rodata["ringbuf_wakeup_bytes"] = cfg.ringbuf_wakeup_bytes
-        obj.set_max_entries("dns_events", max(cfg.ringbuf_bytes, MIN_RING_BYTES))
-        if not with_gai:
-            obj.only_programs([p for p in obj.programs if p.startswith("dns_")])
+        obj.rodata["ringbuf_wakeup_bytes"] = self.config.ringbuf_wakeup_bytes
         try:
             obj.load()
         except BpfError:
@@ -188,23 +161,29 @@ class DnsSignal(Signal):
         if time.monotonic_ns() - self._last_expire >= EXPIRE_EVERY_NS:
             self.expire()
 
+    def programs(self) -> list:
+        own = super().programs()
+        return own + (self.dp.programs(self.name) if self.dp is not None else [])
+
     def collect(self) -> None:
+        if self.dp is not None:
+            self.dp.interval_tick(self.config.interval_s)
         self.expire()
         self._sweep_gai()
         with self._lock:
             qc, self._query_counts = self._query_counts, Counter()
             rc, self._response_counts = self._response_counts, Counter()
         names = self.config.dns_names
-        for (qtype, server, port, proto, fam, qname, ifx), n in qc.items():
-            a = {"dns.question.type": qtype, "server.address": self.addrs.text(server, fam),
+        for (qtype, server, port, proto, _fam, qname, ifx), n in qc.items():
+            a = {"dns.question.type": qtype, "server.address": self.addrs.text(server),
                  "server.port": port, "network.transport": transport(proto),
                  **self._workload(ifx)}
             if names:
                 a["dns.question.name"] = qname
             self.queries.add(n, a)
-        for (qtype, rcode, server, port, proto, fam, qname, ifx), n in rc.items():
+        for (qtype, rcode, server, port, proto, _fam, qname, ifx), n in rc.items():
             a = {"dns.question.type": qtype, "dns.response_code": rcode_text(rcode),
-                 "server.address": self.addrs.text(server, fam), "server.port": port,
+                 "server.address": self.addrs.text(server), "server.port": port,
                  "network.transport": transport(proto), **self._workload(ifx)}
             if names:
                 a["dns.question.name"] = qname
@@ -233,6 +212,8 @@ class DnsSignal(Signal):
         """Queries still waiting become timeouts now (the agent exports once more after)."""
         self._gai_untracked_points()  # last values, for the final export
         self._gai_untracked = self._gai_calls = None  # their maps go with the object
+        if self.dp is not None:
+            self.dp.detach_hooks()
         try:
             self.expire(flush_all=True)
         except Exception:
@@ -241,6 +222,9 @@ class DnsSignal(Signal):
         for r in self.rings():
             r.close()
         self._ring = self._gai_ring = None
+        if self.dp is not None:
+            self.dp.release(self.name)
+            self.dp = None
 
     # --- the ring callback (poller thread) ---------------------------------------
     def on_batch(self, recs: np.ndarray) -> None:
@@ -299,7 +283,7 @@ class DnsSignal(Signal):
         key = (raw, port, proto, family, ifindex)
         v = self._servers.get(key)
         if v is None:
-            sa = self.addrs.text(raw, family)
+            sa = self.addrs.text(raw)
             tr = transport(proto)
             v = ((("server.address", sa), ("server.port", port), ("network.transport", tr),
                   ("network.type", FAMILIES.get(family, "")),
@@ -330,7 +314,7 @@ class DnsSignal(Signal):
                 w = self._workload(ifx)
                 wl = workloads[ifx] = (tuple(w.items()), self.attribution.key(w))
             qattrs = (("dns.question.name", name), ("dns.question.type", qtype))
-            client = (("client.address", text(ca, fam)), ("client.port", cp))
+            client = (("client.address", text(ca)), ("client.port", cp))
             hist = (("dns.question.type", qtype),) + hist_part + wl[0]
             if names:
                 # Lower case on metrics: resolvers that randomise case (0x20

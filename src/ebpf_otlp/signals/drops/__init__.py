@@ -12,6 +12,9 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from ...config import ConfigError
 from ...platform.bpfobj import BpfObject
 from ...platform.host import epoch_offset_ns
 from ...platform.kallsyms import KernelSymbols
@@ -80,6 +83,22 @@ class DropsSignal(Signal):
                           self._log_points)
 
     # --- lifecycle -------------------------------------------------------------
+    def _reason_bits(self, wanted: tuple[str, ...]) -> bytes:
+        """The kernel-side filter (bpf/drops.h): one bit per wanted reason value."""
+        words = constant("drops", "DROP_REASON_WORDS")
+        bits = np.zeros(words, "<u8")
+        for name in wanted:
+            short = name.upper().removeprefix("SKB_DROP_REASON_")
+            v = self.reasons.value(short)
+            if v is None:
+                raise ConfigError(f"--drop-reasons: this kernel has no drop reason {name!r} "
+                                  f"(known: {', '.join(sorted(self.reasons.names.values()))})")
+            if v >= 64 * words:
+                raise ConfigError(f"--drop-reasons: reason {short} ({v}) is beyond the "
+                                  f"{64 * words} the filter holds")
+            bits[v >> 6] |= np.uint64(1 << (v & 63))
+        return bits.tobytes()
+
     def start(self) -> None:
         cfg = self.config
         self.reasons = DropReasons.from_kernel()
@@ -92,6 +111,9 @@ class DropsSignal(Signal):
         obj.rodata["reason_not_specified"] = self.reasons.not_specified
         obj.rodata["exclude_not_specified"] = int(cfg.drop_exclude_not_specified)
         obj.rodata["keep_location"] = int(cfg.drop_location)
+        if cfg.drop_reasons:
+            obj.rodata["reason_filter"] = 1
+            obj.rodata["reason_bits"] = self._reason_bits(cfg.drop_reasons)
         self.tables = AlternatingTables(obj, "active", TABLES)
         self.tables.set_max_entries(cfg.max_drops)
         obj.load()

@@ -99,8 +99,8 @@ class DropDecoder:
                 flow: dict[str, str | int] = {
                     "network.type": f"ipv{family}",
                     "network.transport": transport(proto),
-                    "source.address": address_text(rec["saddr"].tobytes(), family),
-                    "destination.address": address_text(rec["daddr"].tobytes(), family),
+                    "source.address": address_text(rec["saddr"].tobytes()),
+                    "destination.address": address_text(rec["daddr"].tobytes()),
                 }
                 if proto in PORT_PROTOS:
                     flow["source.port"] = int(rec["sport"])

@@ -2,8 +2,9 @@
 TC (or XDP) programs, drained once per interval and exported as
 ``network.flow.*`` counters.
 
+The programs are the shared packet object's (:mod:`ebpf_otlp.signals.packet`).
 Per interval (``collect``): flip the active table, wait out programs still
-writing the old one, batch-drain it, fold the per-CPU slots, project the keys
+writing the old one, batch-drain it with its per-CPU front slots, project the keys
 onto the kept attributes and sum over the dropped ones (numpy), then export.
 The export builds the OTLP request directly from the arrays (the exporter's
 sums path, :mod:`ebpf_otlp.otlp.sums`).
@@ -12,7 +13,6 @@ sums path, :mod:`ebpf_otlp.otlp.sums`).
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Callable
@@ -26,6 +26,7 @@ from ...platform.maps import Map
 from ...platform.tables import AlternatingTables
 from ..attribution import shared as shared_attribution
 from ..base import Signal
+from ..packet import PacketDatapath
 from . import agg
 from . import attrs as fattrs
 
@@ -55,6 +56,7 @@ class FlowsSignal(Signal):
         self.store = agg.SeriesStore(not exporter.delta, cap=max(4 * config.max_flows, 16384))
         self.ifnames: dict[int, str] = {}
         self.obj: BpfObject | None = None
+        self.dp: PacketDatapath | None = None
         self._lock = threading.Lock()
         self._interval_start_ns = time.time_ns()
         self.drains = 0
@@ -66,65 +68,36 @@ class FlowsSignal(Signal):
 
     # --- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
-        cfg = self.config
-        for name in cfg.ifaces:
-            try:
-                self.ifnames[socket.if_nametoindex(name)] = name
-            except OSError:
-                raise OSError(f"flows: no such interface: {name}") from None
-        obj = BpfObject.open_packaged("flows")
-        self.obj = obj
-        self.objects.append(obj)
-        self.tables = AlternatingTables(obj, "flows_active", TABLES)
-        self.tables.set_max_entries(cfg.max_flows)
-        obj.set_max_entries("flows_overflow", 2 * len(self.ifnames) + 2)
-        progs = ["flows_tc_egress",
-                 "flows_xdp_ingress" if cfg.flow_hook == "xdp" else "flows_tc_ingress"]
-        obj.only_programs(progs)
-        obj.load()
-        self._init_overflow()
-        for idx in self.ifnames:
-            if cfg.flow_hook == "xdp":
-                obj.programs["flows_xdp_ingress"].attach_xdp(idx)
-            else:
-                obj.programs["flows_tc_ingress"].attach_tc(idx, "ingress")
-            obj.programs["flows_tc_egress"].attach_tc(idx, "egress")
+        # The packet object (bpf/packet.bpf.c) is shared with DNS: one program per
+        # hook and direction parses each packet once for both signals.
+        self.dp = PacketDatapath.for_config(self.config).acquire(self.name, self.exporter)
+        self.obj = self.dp.obj
+        self.ifnames = self.dp.ifnames
+        self.tables = AlternatingTables(self.obj, "flows_active", TABLES)
         self._interval_start_ns = time.time_ns()
+
+    def programs(self) -> list:
+        return self.dp.programs(self.name) if self.dp is not None else []
 
     def add_interface(self, name: str, ifindex: int) -> None:
         """Attach to an interface that appeared while running (agent.watch_interfaces)."""
-        with self._lock:
-            if self.obj is None or not self.obj.loaded:
-                return
-            progs = self.obj.programs
-            if self.config.flow_hook == "xdp":
-                progs["flows_xdp_ingress"].attach_xdp(ifindex)
-            else:
-                progs["flows_tc_ingress"].attach_tc(ifindex, "ingress")
-            progs["flows_tc_egress"].attach_tc(ifindex, "egress")
-            self.ifnames[ifindex] = name  # its overflow, if any, counts under slot 0
-
-    def _init_overflow(self) -> None:
-        m = self.obj.maps["flows_overflow"]
-        zero = bytes(m.value_stride)
-        for idx in [0, *self.ifnames]:
-            for d in (0, 1):
-                k = np.zeros(1, agg.OVF_KEY_DT)
-                k["ifindex"], k["direction"] = idx, d
-                m.update(k.tobytes(), zero)
+        if self.dp is not None:
+            self.dp.add_interface(name, ifindex)
 
     def close(self) -> None:
         """Detach, drain both tables (the agent exports once more after), free the maps."""
         with self._lock:
             if self.obj is not None and self.obj.loaded:
                 try:
-                    self.obj.detach_all()
+                    self.dp.detach_hooks()
                     self._ovf_cache = self._read_overflow()
                     for table in self.tables.both():
                         self._ingest(self._drain(table))
                 except Exception:
                     log.exception("final flows drain failed")
             self.obj = None
+            if self.dp is not None:
+                self.dp.release(self.name)
             super().close()
 
     # --- per interval ---------------------------------------------------------------
@@ -133,12 +106,16 @@ class FlowsSignal(Signal):
             if self.obj is None:
                 return
             self._ingest(self._swap_and_drain())
+        self.dp.interval_tick(self.config.interval_s)
 
     def _swap_and_drain(self) -> agg.Drained:
         return self._drain(self.tables.swap())
 
     def _drain(self, m: Map) -> agg.Drained:
         keys, vals = m.drain()
+        # the per-CPU front slots of this table (bpf/flows.h) go with it
+        fk, fv = agg.drain_front(self.obj.maps["flows_front"], TABLES.index(m.name))
+        keys, vals = np.concatenate([keys, fk]), np.concatenate([vals, fv])
         self.drains += 1
         self.last_entries = len(keys)
         self.flows_drained += len(keys)

@@ -9,15 +9,21 @@ attribute value into text once (see :mod:`ebpf_otlp.signals.flows.attrs`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...platform.layout import record_dtype
+from ...platform.layout import constant, record_dtype
+
+if TYPE_CHECKING:
+    from ...platform.maps import Map
 
 KEY_DT = record_dtype("flows", "flow_key")
 VAL_DT = record_dtype("flows", "flow_value")
 OVF_KEY_DT = record_dtype("flows", "flow_ovf_key")
 OVF_VAL_DT = record_dtype("flows", "flow_ovf_value")
+FRONT_DT = record_dtype("flows", "flow_front")
+FRONT_SLOTS = constant("flows", "FLOWS_FRONT_SLOTS")
 # Protocols whose flows have ports: TCP, UDP, SCTP, UDP-Lite.
 PORT_PROTOS = (6, 17, 132, 136)
 # counters kept per series, in this column order
@@ -55,10 +61,35 @@ class Drained:
     counts: np.ndarray      # (n, 3) uint64: packets, bytes, segments
     tcp_flags: np.ndarray   # (n,) uint16, OR over CPUs
     first_ns: np.ndarray    # (n,) uint64 monotonic, min over CPUs that saw the flow
-    last_ns: np.ndarray     # (n,) uint64 monotonic, max over CPUs
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+def drain_front(front: Map, table: int) -> tuple[np.ndarray, np.ndarray]:
+    """Take the per-CPU front slots of table ``table`` (0 or 1) out of the
+    ``flows_front`` array and zero them: (keys, values) as uint8 rows, in the
+    layout ``Map.drain()`` gives for the shared table (one value per key).
+    Call only while the programs write the other table."""
+    stride = (FRONT_DT.itemsize + 7) & ~7
+    zero = bytes(front.value_stride)
+    rows = []
+    for slot in range(table * FRONT_SLOTS, (table + 1) * FRONT_SLOTS):
+        raw = front.lookup(slot)
+        if raw is None:
+            continue
+        per_cpu = np.frombuffer(raw, np.uint8).reshape(front.ncpus, stride)[:, :FRONT_DT.itemsize]
+        f = np.ascontiguousarray(per_cpu).view(FRONT_DT).reshape(front.ncpus)
+        used = f[f["value"]["packets"] > 0]
+        if len(used):
+            rows.append(used)
+            front.update(slot, zero)
+    if not rows:
+        return np.zeros((0, KEY_DT.itemsize), np.uint8), np.zeros((0, VAL_DT.itemsize), np.uint8)
+    got = np.concatenate(rows)
+    keys = np.ascontiguousarray(got["key"]).view(np.uint8).reshape(len(got), KEY_DT.itemsize)
+    vals = np.ascontiguousarray(got["value"]).view(np.uint8).reshape(len(got), VAL_DT.itemsize)
+    return keys, vals
 
 
 def fold(keys_u8: np.ndarray, vals_u8: np.ndarray, ncpus: int) -> Drained:
@@ -74,7 +105,7 @@ def fold(keys_u8: np.ndarray, vals_u8: np.ndarray, ncpus: int) -> Drained:
     first_min[first_min == np.iinfo(np.uint64).max] = 0
     return Drained(keys=keys, counts=counts.reshape(n, 3),
                    tcp_flags=np.bitwise_or.reduce(vals["tcp_flags"], axis=1).astype(np.uint16),
-                   first_ns=first_min, last_ns=vals["last_ns"].max(axis=1, initial=0))
+                   first_ns=first_min)
 
 
 def project(d: Drained, kept: tuple[str, ...] | set[str]) -> np.ndarray:

@@ -1,0 +1,314 @@
+"""HTTP load: nginx requests/s with the HTTP signal attached versus not, same run.
+
+nginx (one process) serves a small file in namespace b; wrk (Debian) in
+namespace a drives it for a few seconds per case: plaintext and TLS,
+keep-alive and a new connection per request (``Connection: close``). Each
+case runs without the agent, with it, and without it again; the baseline is
+the mean of the two runs without. With the agent, every request makes two
+spans (wrk's CLIENT, nginx's SERVER): a counting receiver checks they all
+arrived and that nothing was dropped (ring buffer, span queue).
+
+Also: the agent's CPU per 1,000 requests, and the batch span encoder against
+the SDK's span path on the HTTP span shape (spans per CPU-second).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .common import PY, TESTS, Figure, Result, command_for, env, stop_process, wait_until
+from .dns_flood import RECEIVER, _cpu_s, _Totals
+
+NAME = "http_load"
+TITLE = "HTTP: nginx requests/s with the agent vs without"
+TARGET_RATIO = 0.90
+CASES = (("http", "keep-alive"), ("http", "close"), ("https", "keep-alive"),
+         ("https", "close"))
+HTTP_RECEIVER = RECEIVER.replace(
+    '"ebpf_otlp.dns.spans.dropped"',
+    '"ebpf_otlp.http.spans.dropped", "ebpf_otlp.spans.dropped", "ebpf_otlp.export.failures", '
+    '"ebpf_otlp.http.responses.unmatched", "ebpf_otlp.http.requests.unanswered"').replace(
+    'kv.value.string_value == "dns"', 'kv.value.string_value == "http"')
+
+
+def _wrk(t, url: str, seconds: float, close: bool) -> float:
+    args = ["wrk", "-t1", "-c8", f"-d{max(1, round(seconds))}s"]
+    if close:
+        args += ["-H", "Connection: close"]
+    out = t.run(t.a, *args, url, timeout=seconds + 60).stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        raise RuntimeError(f"wrk printed no rate: {out}")
+    total = re.search(r"(\d+) requests in", out)
+    return float(m.group(1)), int(total.group(1)) if total else 0
+
+
+LOOP_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+__attribute__((noinline)) int probe_me(void *a, void *b, int n)
+{
+	__asm__ volatile("" ::: "memory");
+	return n + 1;
+}
+int main(int argc, char **argv)
+{
+	long iters = atol(argv[1]);
+	struct timespec t0, t1;
+	int s = 0;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (long i = 0; i < iters; i++)
+		s += probe_me(0, 0, i);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	printf("%.1f\n", ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / iters);
+	return s == 42;
+}
+"""
+
+
+def uprobe_hit_ns(work: Path, iters: int = 20000) -> tuple[float, float] | None:
+    """(ns per call of a trivial function with the SSL entry program on it as a
+    uprobe, ns per call without): what one uprobe hit costs on this machine."""
+    import os as _os
+
+    from ebpf_otlp.platform.bpfobj import BpfObject
+
+    if not shutil.which("gcc"):
+        return None
+    src, exe = work / "loop.c", work / "loop"
+    src.write_text(LOOP_C)
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(src)], check=True, capture_output=True)
+
+    def per_call() -> float:
+        out = subprocess.run([str(exe), str(iters)], capture_output=True, text=True, check=True)
+        return float(out.stdout)
+
+    bare = per_call()
+    obj = BpfObject.open_packaged("http")
+    try:
+        obj.rodata["self_tgid"] = _os.getpid()
+        obj.load()
+        obj.programs["ssl_read_enter"].attach_uprobe(str(exe), "probe_me")
+        probed = per_call()
+    finally:
+        obj.close()
+    return probed, bare
+
+
+def _kernel_only(t, url: str, seconds: float, close: bool, which: str) -> float:
+    """requests/s with only part of the kernel side attached (``uprobes``: the SSL
+    probes on the system libssl; ``tracepoints``: the syscall programs), records
+    drained and dropped by a thread here: what the hooks cost nginx and wrk alone."""
+    import threading
+
+    from ebpf_otlp.platform.bpfobj import BpfObject
+    from ebpf_otlp.platform.ringbuf import RingBuffer
+    from ebpf_otlp.signals.http.signal import event_dtype
+    from ebpf_otlp.signals.http.tls import PROGRAMS, TlsAttacher, system_tls_library
+
+    obj = BpfObject.open_packaged("http")
+    try:
+        obj.rodata["self_tgid"] = os.getpid()
+        obj.rodata["ringbuf_wakeup_bytes"] = 64 << 10  # as the agent loads it
+        obj.load()
+        if which == "uprobes":
+            TlsAttacher(obj).attach_path(system_tls_library(), required=True)
+        else:
+            for p in obj.programs.values():
+                if p.name not in PROGRAMS:
+                    p.attach()
+        ring = RingBuffer(obj.maps["http_events"], event_dtype(256), on_batch=lambda r: None)
+        stop = threading.Event()
+
+        def drain() -> None:
+            while not stop.wait(0.01):
+                ring.drain()
+
+        th = threading.Thread(target=drain, daemon=True)
+        th.start()
+        try:
+            return _wrk(t, url, seconds, close)[0]
+        finally:
+            stop.set()
+            th.join()
+            ring.close()
+    finally:
+        obj.close()
+
+
+def sdk_vs_batch_spans_per_s(n: int = 3000) -> tuple[float, float]:
+    """Spans per CPU-second on the HTTP span shape: SDK span + its OTLP encoder
+    against the batch encoder (SERVER kind, a traceparent parent)."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from ebpf_otlp.otlp.spans import SpanEncoder, SpanRecord
+
+    class Encode(SpanExporter):
+        def export(self, spans):
+            encode_spans(spans).SerializeToString()
+            return 0
+
+    attrs = (("http.request.method", "GET"), ("url.scheme", "http"),
+             ("network.protocol.version", "1.1"), ("http.route", "/ok.txt"),
+             ("http.response.status_code", 200), ("url.path", "/ok.txt"),
+             ("server.address", "10.201.0.2"), ("server.port", 8080),
+             ("client.address", "10.201.0.1"), ("network.peer.address", "10.201.0.1"),
+             ("network.peer.port", 40000), ("process.pid", 1234),
+             ("process.executable.name", "nginx"))
+    tp = TracerProvider()
+    tp.add_span_processor(SimpleSpanProcessor(Encode()))
+    tracer = tp.get_tracer("bench")
+    t0 = time.process_time()
+    for i in range(n):
+        s = tracer.start_span("GET /ok.txt", kind=SpanKind.SERVER, start_time=i,
+                              attributes=dict(attrs))
+        s.end(end_time=i + 1000)
+    sdk = n / (time.process_time() - t0)
+    enc = SpanEncoder({"service.name": "bench"}, "ebpf_otlp")
+    items = [SpanRecord(i, i + 1000, "GET /ok.txt", attrs[:10]
+                        + (("network.peer.port", 40000 + i % 512),) + attrs[11:], None, 2)
+             for i in range(n)]
+    t0 = time.process_time()
+    for j in range(0, n, 1000):
+        enc.request(items[j:j + 1000])
+    ours = n / (time.process_time() - t0)
+    return sdk, ours
+
+
+def run(quick: bool) -> Result:
+    import sys
+
+    sys.path.insert(0, str(TESTS / "signals" / "http"))
+    from http_env import HTTP_PORT, HTTPS_PORT, Nginx
+    from netns import Topology
+
+    res = Result(NAME, TITLE, command_for(NAME, quick))
+    sdk, ours = sdk_vs_batch_spans_per_s()
+    res.add(Figure.compare("HTTP span encoding, batch path vs SDK", ours, "spans/CPU-s", sdk,
+                           "SDK span + OTLP encoder", target=4.0))
+    if not shutil.which("wrk") or not Path("/usr/sbin/nginx").exists():
+        res.status = "partial"
+        res.note("wrk or nginx not installed (Debian wrk, nginx-light)")
+        return res
+    seconds = 1.0 if quick else 5.0
+    work = Path(tempfile.mkdtemp(prefix="eo-httpload-"))
+    rows = []
+    try:
+        hit = uprobe_hit_ns(work)
+        if hit is not None:
+            res.add(Figure.compare("one uprobe hit: a trivial call with the SSL entry program "
+                                   "on it", round(hit[0], 1), "ns/call", round(hit[1], 1),
+                                   "the same call without", note="TLS costs this per "
+                                   "SSL_read/SSL_write call (twice with the return probe)"))
+        with Topology() as t, Nginx(t, t.b, t.b_ip4):
+            urls = {"http": f"http://{t.b_ip4}:{HTTP_PORT}/ok.txt",
+                    "https": f"https://{t.b_ip4}:{HTTPS_PORT}/ok.txt"}
+            base = {c: [] for c in CASES}
+            for c in CASES:  # first baseline
+                base[c].append(_wrk(t, urls[c[0]], seconds, c[1] == "close")[0])
+            rx = t.popen(t.a, PY, "-c", HTTP_RECEIVER, "4318", str(work / "totals.json"),
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         env=env())
+            agent = None
+            try:
+                assert "receiving" in rx.stdout.readline()
+                alog = open(work / "agent.log", "w")  # noqa: SIM115
+                agent = t.popen(t.a, PY, "-m", "ebpf_otlp", "run", "--signals", "http",
+                                "--endpoint", "http://127.0.0.1:4318", "--interval", "1",
+                                stdout=alog, stderr=alog,
+                                env=dict(env(), OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=
+                                         "delta"))
+                if not wait_until(lambda: "ebpf-otlp running" in
+                                  (work / "agent.log").read_text(), 60):
+                    raise RuntimeError("agent did not start: "
+                                       + (work / "agent.log").read_text()[-2000:])
+                totals = _Totals(work / "totals.json")
+                with_agent = {}
+                for c in CASES:
+                    before = totals.get()
+                    cpu0 = _cpu_s(agent.pid)
+                    rps, n = _wrk(t, urls[c[0]], seconds, c[1] == "close")
+                    prev = [None]
+
+                    def settled(prev=prev, before=before, n=n):
+                        cur = totals.get()
+                        done = cur.get("spans", 0) - before.get("spans", 0) >= 2 * n
+                        same = cur == prev[0]
+                        prev[0] = cur
+                        return done or same
+
+                    wait_until(settled, 20 if quick else 60, 1.5)
+                    cpu = _cpu_s(agent.pid) - cpu0
+                    after = totals.get()
+                    with_agent[c] = {
+                        "rps": rps, "requests": n, "spans": after.get("spans", 0)
+                        - before.get("spans", 0),
+                        "ring_lost": after.get("ebpf_otlp.events.lost", 0)
+                        - before.get("ebpf_otlp.events.lost", 0),
+                        "spans_dropped": after.get("ebpf_otlp.http.spans.dropped", 0)
+                        - before.get("ebpf_otlp.http.spans.dropped", 0),
+                        "agent_cpu_s": round(cpu, 3)}
+                    for k in ("ebpf_otlp.spans.dropped", "ebpf_otlp.export.failures",
+                              "ebpf_otlp.http.responses.unmatched",
+                              "ebpf_otlp.http.requests.unanswered"):
+                        with_agent[c][k.split(".", 1)[1]] = after.get(k, 0) - before.get(k, 0)
+                    print(f"  {c}: {json.dumps(with_agent[c])}", flush=True)
+            finally:
+                if agent is not None:
+                    stop_process(agent)
+                stop_process(rx, 5)
+            for c in CASES:  # second baseline
+                base[c].append(_wrk(t, urls[c[0]], seconds, c[1] == "close")[0])
+            parts = {"uprobes": _kernel_only(t, urls["https"], seconds, False, "uprobes"),
+                     "tracepoints": _kernel_only(t, urls["http"], seconds, False,
+                                                 "tracepoints")}
+    finally:
+        res.raw["agent_log_tail"] = (work / "agent.log").read_text()[-1500:] \
+            if (work / "agent.log").exists() else ""
+        shutil.rmtree(work, ignore_errors=True)
+    for c in CASES:
+        w = with_agent[c]
+        b = sum(base[c]) / len(base[c])
+        name = f"{c[0]} {c[1]}"
+        res.add(Figure.compare(f"requests/s with agent, {name}", round(w["rps"]), "req/s",
+                               round(b), "without agent (mean of before and after)",
+                               target=TARGET_RATIO))
+        per_k = 1000 * w["agent_cpu_s"] / w["requests"] if w["requests"] else None
+        res.add(Figure(f"agent CPU per 1,000 requests, {name}",
+                       round(per_k * 1000, 2) if per_k is not None else None, "ms",
+                       note=f"{w['spans']} spans for {w['requests']} requests "
+                            f"(2 per request expected), ring lost {w['ring_lost']}, "
+                            f"spans dropped (queue) {w['spans_dropped']}, (any reason) "
+                            f"{w['spans.dropped']}, export failures {w['export.failures']}"))
+        rows.append({"case": name, "baseline_runs": base[c], **w})
+    for which, case in (("uprobes", ("https", "keep-alive")),
+                        ("tracepoints", ("http", "keep-alive"))):
+        b = sum(base[case]) / len(base[case])
+        what = ("SSL uprobes alone" if which == "uprobes"
+                else "syscall tracepoints alone")
+        res.add(Figure.compare(f"requests/s, {case[0]} keep-alive, {what} (no agent)",
+                               round(parts[which]), "req/s", round(b),
+                               "without agent (mean of before and after)"))
+    spans = sum(with_agent[c]["spans"] for c in CASES)
+    secs = seconds * len(CASES)
+    res.add(Figure("spans exported per second under load", round(spans / secs), "spans/s",
+                   note="all four cases; dropped: "
+                        f"{sum(with_agent[c]['spans_dropped'] for c in CASES)}, ring lost: "
+                        f"{sum(with_agent[c]['ring_lost'] for c in CASES)}"))
+    res.raw["cases"] = rows
+    res.note("nginx, wrk, the agent and the receiver share the machine's 2 vCPUs (and "
+             "other sessions'): the agent's CPU is taken from nginx's and wrk's share")
+    if os.environ.get("CI"):
+        res.note("measured under CI")
+    return res

@@ -1,0 +1,597 @@
+// SPDX-License-Identifier: GPL-2.0 OR BSD-3-Clause
+/* HTTP capture without kprobes: syscall tracepoints for plaintext sockets,
+ * uprobes on the TLS library's SSL_read/SSL_write for encrypted ones.
+ *
+ * Plaintext: every read/write-family syscall is seen on entry; the fd is
+ * classified once (task->files -> struct file -> socket -> sock, cached per
+ * pid+fd until close), and only TCP sockets are followed to the syscall's
+ * return. There the first bytes decide: a request line or `HTTP/1.` marks the
+ * connection as HTTP and produces a record; other bytes on a connection not
+ * yet marked cost a few instructions and no record.
+ *
+ * TLS: an SSL call in progress on a thread is remembered; the syscalls it
+ * makes underneath name its fd (so the 5-tuple is known) and are not reported
+ * themselves (they carry ciphertext); the fd is then marked TLS so its other
+ * syscalls are skipped too. On the call's return the plaintext buffer is
+ * copied like a syscall's.
+ *
+ * Parsing, pairing and roles are user space's job (signals/http). */
+#include "common.bpf.h"
+#include "http.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define SOCK_STREAM 1
+#define IPPROTO_TCP 6
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+#define MSG_PEEK 2
+#define HTTP_FIXED_BYTES __builtin_offsetof(struct http_event, head)
+
+/* Bytes of each call copied into the record (1..HTTP_HEAD_MAX); sizes the records. */
+const volatile __u32 head_bytes = 256;
+/* The agent's own process: its OTLP requests are HTTP too, and must not feed back. */
+const volatile __u32 self_tgid = 0;
+
+DEFINE_RINGBUF(http_events, 4 << 20);
+EXPORT_BTF(struct http_event);
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, HTTP_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} http_stats SEC(".maps");
+
+struct fd_key {
+	__u32 pid;
+	__s32 fd;
+};
+
+#define FD_TCP 1	/* a TCP socket (IPv4 or IPv6) */
+#define FD_HTTP 2	/* has carried an HTTP message head */
+#define FD_TLS 4	/* used under an SSL call: its syscalls carry ciphertext */
+
+struct fd_state {
+	__u64 sk;
+	__u32 flags;
+	__u32 pad;
+};
+
+/* The classification of each pid+fd, dropped on close(). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct fd_key);
+	__type(value, struct fd_state);
+} http_fds SEC(".maps");
+
+/* A syscall (or SSL call) between entry and return, by thread. */
+struct call {
+	__u64 buf;		/* user buffer (first iovec for the vector calls) */
+	__u64 sk;
+	__u64 start_ns;
+	__u64 ssl;		/* SSL calls: the SSL* */
+	__u64 outlen;		/* SSL_*_ex: where the byte count is written */
+	__u32 buflen;		/* bytes valid at buf (the first iovec's length) */
+	__s32 fd;
+	__u8 op;
+	__u8 pad[7];
+};
+
+/* LRU: a thread that dies inside a call leaves its entry behind; LRU lets
+ * such entries go instead of filling the map. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct call);
+} http_calls SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct call);
+} ssl_calls SEC(".maps");
+
+struct ssl_key {
+	__u64 ssl;
+	__u32 pid;
+	__u32 pad;
+};
+
+/* The fd each SSL* was last seen using (SSL_read can be served from
+ * OpenSSL's buffer without a syscall). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ssl_key);
+	__type(value, __s32);
+} ssl_fds SEC(".maps");
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *n = bpf_map_lookup_elem(&http_stats, &idx);
+
+	if (n)
+		*n += 1;
+}
+
+/* The sock behind `fd` of the current task if it is a TCP socket, else 0. */
+static __always_inline __u64 tcp_sock_of(int fd)
+{
+	struct task_struct *task = (void *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds, *file;
+	struct socket *sock;
+	struct sock *sk;
+	umode_t mode;
+	__u16 family;
+
+	if (!fdt || fd < 0 || fd >= BPF_CORE_READ(fdt, max_fds))
+		return 0;
+	fds = BPF_CORE_READ(fdt, fd);
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return 0;
+	mode = BPF_CORE_READ(file, f_inode, i_mode);
+	if ((mode & S_IFMT) != S_IFSOCK)
+		return 0;
+	sock = BPF_CORE_READ(file, private_data);
+	if (!sock)
+		return 0;
+	sk = BPF_CORE_READ(sock, sk);
+	if (!sk)
+		return 0;
+	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	if (BPF_CORE_READ(sk, sk_type) != SOCK_STREAM ||
+	    BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return 0;
+	return (__u64)sk;
+}
+
+/* The cached classification of pid+fd, made on first sight. */
+static __always_inline struct fd_state *fd_lookup(__u32 pid, int fd)
+{
+	struct fd_key k = { .pid = pid, .fd = fd };
+	struct fd_state *st = bpf_map_lookup_elem(&http_fds, &k);
+	struct fd_state init = {};
+
+	if (st)
+		return st;
+	init.sk = tcp_sock_of(fd);
+	init.flags = init.sk ? FD_TCP : 0;
+	if (bpf_map_update_elem(&http_fds, &k, &init, BPF_ANY)) {
+		stat_inc(HTTP_STAT_FD_UNTRACKED);
+		return NULL;
+	}
+	return bpf_map_lookup_elem(&http_fds, &k);
+}
+
+/* Whether a buffer starts like an HTTP/1.x request line or status line. */
+static __always_inline bool http_start(const void *ubuf, __u32 n)
+{
+	__u8 b[8] = {};
+	__u32 w;
+
+	if (n < 4 || bpf_probe_read_user(b, n < 8 ? 4 : 8, ubuf))
+		return false;
+	w = b[0] | (b[1] << 8) | (b[2] << 16) | ((__u32)b[3] << 24);
+#define W(a, b_, c, d) ((a) | ((b_) << 8) | ((c) << 16) | ((__u32)(d) << 24))
+	switch (w) {
+	case W('G', 'E', 'T', ' '):
+	case W('P', 'O', 'S', 'T'):
+	case W('P', 'U', 'T', ' '):
+	case W('H', 'E', 'A', 'D'):
+	case W('D', 'E', 'L', 'E'):
+	case W('P', 'A', 'T', 'C'):
+	case W('O', 'P', 'T', 'I'):
+	case W('C', 'O', 'N', 'N'):
+	case W('T', 'R', 'A', 'C'):
+		return true;
+	case W('H', 'T', 'T', 'P'):
+		return n >= 8 && b[4] == '/' && b[5] == '1' && b[6] == '.';
+	}
+#undef W
+	return false;
+}
+
+static __always_inline void fill_addrs(struct http_event *e, __u64 skp)
+{
+	struct sock *sk = (void *)skp;
+	__u16 family;
+
+	if (!sk) {
+		e->family = 0;
+		return;
+	}
+	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	e->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	e->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (family == AF_INET) {
+		/* IPv4-mapped, as in every record header (bpf/pkt.bpf.h); the
+		 * caller zeroed the fixed part, so bytes 0..9 are already 0. */
+		e->family = 4;
+		e->laddr[10] = e->laddr[11] = 0xff;
+		e->raddr[10] = e->raddr[11] = 0xff;
+		bpf_core_read(e->laddr + 12, 4, &sk->__sk_common.skc_rcv_saddr);
+		bpf_core_read(e->raddr + 12, 4, &sk->__sk_common.skc_daddr);
+	} else {
+		e->family = 6;
+		bpf_core_read(e->laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_core_read(e->raddr, 16, &sk->__sk_common.skc_v6_daddr);
+	}
+}
+
+static __always_inline void emit(__u8 op, __u8 tls, __u64 id, int fd, __u64 sk, __u64 start,
+				 __u32 len, const void *buf, __u32 avail)
+{
+	struct http_event *e;
+
+	e = RINGBUF_RESERVE(http_events, HTTP_FIXED_BYTES + ((head_bytes + 7) & ~7U));
+	if (!e)
+		return;
+	__builtin_memset(e, 0, HTTP_FIXED_BYTES);
+	e->start_ns = start;
+	e->end_ns = bpf_ktime_get_ns();
+	e->conn = sk;
+	e->pid = id >> 32;
+	e->tid = (__u32)id;
+	e->fd = fd;
+	e->len = len;
+	e->op = op;
+	e->tls = tls;
+	fill_addrs(e, sk);
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	/* The verifier needs the length proved within [1, head_bytes]; see
+	 * dns.bpf.c for why the test is `n < 1` behind an empty asm. */
+	{
+		__u32 want = avail < len ? avail : len;
+		__s64 n;
+
+		if (want > head_bytes)
+			want = head_bytes;
+		n = want & 0x7ff;
+
+		asm volatile("" : "+r"(n));
+		if (n > head_bytes)
+			n = head_bytes;
+		if (n < 1 || !buf)
+			n = 0;
+		else if (bpf_probe_read_user(e->head, n, buf)) {
+			stat_inc(HTTP_STAT_READ_FAILED);
+			n = 0;
+		}
+		e->head_len = n;
+	}
+	RINGBUF_SUBMIT(http_events, e);
+}
+
+/* --- syscalls ------------------------------------------------------------ */
+
+/* Bytes received by splice() out of a socket: counted like a read, no head. */
+#define OP_SPLICE_IN 16
+
+/* Entry of a read/write-family syscall on `fd` moving data at `buf` (`buflen`
+ * bytes there); true when the call is followed to its return. */
+static __always_inline bool sys_enter(int fd, __u64 buf, __u32 buflen, __u8 op)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 pid = id >> 32;
+	struct fd_state *st;
+	struct call *ssl, c = {};
+
+	if (pid == self_tgid || fd < 0)
+		return false;
+	st = fd_lookup(pid, fd);
+	if (!st || !(st->flags & FD_TCP))
+		return false;
+	ssl = bpf_map_lookup_elem(&ssl_calls, &id);
+	if (ssl) {	/* underneath SSL_read/SSL_write: ciphertext on this fd */
+		ssl->fd = fd;
+		ssl->sk = st->sk;
+		st->flags |= FD_TLS;
+		return false;
+	}
+	if (st->flags & FD_TLS)
+		return false;
+	if ((op == HTTP_OP_SENDFILE || op == OP_SPLICE_IN) && !(st->flags & FD_HTTP))
+		return false;
+	c.buf = buf;
+	c.buflen = buflen;
+	c.sk = st->sk;
+	c.fd = fd;
+	c.op = op;
+	c.start_ns = bpf_ktime_get_ns();
+	if (bpf_map_update_elem(&http_calls, &id, &c, BPF_ANY)) {
+		stat_inc(HTTP_STAT_CALLS_UNTRACKED);
+		return false;
+	}
+	return true;
+}
+
+static __always_inline int sys_exit(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct call *c = bpf_map_lookup_elem(&http_calls, &id);
+	struct fd_key k;
+	struct fd_state *st;
+	__u32 n;
+
+	if (!c)
+		return 0;
+	k.pid = id >> 32;
+	k.fd = c->fd;
+	st = bpf_map_lookup_elem(&http_fds, &k);
+	if (!st)
+		goto out;
+	if (ret == 0 && c->op == HTTP_OP_READ && (st->flags & FD_HTTP)) {
+		emit(HTTP_OP_EOF, 0, id, c->fd, c->sk, c->start_ns, 0, NULL, 0);
+		goto out;
+	}
+	if (ret <= 0)
+		goto out;
+	n = ret > 0x7fffffff ? 0x7fffffff : ret;
+	if (c->op == HTTP_OP_SENDFILE || c->op == OP_SPLICE_IN) {
+		emit(c->op == OP_SPLICE_IN ? HTTP_OP_READ : HTTP_OP_SENDFILE, 0, id, c->fd, c->sk,
+		     c->start_ns, n, NULL, 0);
+		goto out;
+	}
+	if (!(st->flags & FD_HTTP)) {
+		if (!http_start((void *)c->buf, n < c->buflen ? n : c->buflen))
+			goto out;
+		st->flags |= FD_HTTP;
+	}
+	emit(c->op, 0, id, c->fd, c->sk, c->start_ns, n, (void *)c->buf, c->buflen);
+out:
+	bpf_map_delete_elem(&http_calls, &id);
+	return 0;
+}
+
+struct iovec_u {
+	__u64 base;
+	__u64 len;
+};
+
+static __always_inline int sys_enter_iov(int fd, const void *vec, __u8 op)
+{
+	struct iovec_u iov = {};
+
+	if (vec && bpf_probe_read_user(&iov, sizeof(iov), vec))
+		iov.base = iov.len = 0;
+	sys_enter(fd, iov.base, iov.len > 0xffffffff ? 0xffffffff : iov.len, op);
+	return 0;
+}
+
+static __always_inline int sys_enter_msg(int fd, const void *msg, __u8 op)
+{
+	struct user_msghdr m = {};
+
+	if (!msg || bpf_probe_read_user(&m, sizeof(m), msg) || m.msg_iovlen < 1) {
+		sys_enter(fd, 0, 0, op);
+		return 0;
+	}
+	return sys_enter_iov(fd, m.msg_iov, op);
+}
+
+#define ARG(i) (ctx->args[i])
+
+SEC("tracepoint/syscalls/sys_enter_read")
+int http_enter_read(struct trace_event_raw_sys_enter *ctx)
+{
+	sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_READ);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_write")
+int http_enter_write(struct trace_event_raw_sys_enter *ctx)
+{
+	sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_WRITE);
+	return 0;
+}
+
+/* MSG_PEEK reads bytes that a later call reads again: only that one counts. */
+SEC("tracepoint/syscalls/sys_enter_recvfrom")
+int http_enter_recvfrom(struct trace_event_raw_sys_enter *ctx)
+{
+	if (ARG(3) & MSG_PEEK)
+		return 0;
+	sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_READ);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendto")
+int http_enter_sendto(struct trace_event_raw_sys_enter *ctx)
+{
+	sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_WRITE);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_readv")
+int http_enter_readv(struct trace_event_raw_sys_enter *ctx)
+{
+	return sys_enter_iov(ARG(0), (void *)ARG(1), HTTP_OP_READ);
+}
+
+SEC("tracepoint/syscalls/sys_enter_writev")
+int http_enter_writev(struct trace_event_raw_sys_enter *ctx)
+{
+	return sys_enter_iov(ARG(0), (void *)ARG(1), HTTP_OP_WRITE);
+}
+
+SEC("tracepoint/syscalls/sys_enter_recvmsg")
+int http_enter_recvmsg(struct trace_event_raw_sys_enter *ctx)
+{
+	if (ARG(2) & MSG_PEEK)
+		return 0;
+	return sys_enter_msg(ARG(0), (void *)ARG(1), HTTP_OP_READ);
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendmsg")
+int http_enter_sendmsg(struct trace_event_raw_sys_enter *ctx)
+{
+	return sys_enter_msg(ARG(0), (void *)ARG(1), HTTP_OP_WRITE);
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendfile64")
+int http_enter_sendfile(struct trace_event_raw_sys_enter *ctx)
+{
+	sys_enter(ARG(0), 0, 0, HTTP_OP_SENDFILE);
+	return 0;
+}
+
+/* splice() into a socket sends body bytes (like sendfile); out of one, receives them. */
+SEC("tracepoint/syscalls/sys_enter_splice")
+int http_enter_splice(struct trace_event_raw_sys_enter *ctx)
+{
+	if (!sys_enter(ARG(2), 0, 0, HTTP_OP_SENDFILE))
+		sys_enter(ARG(0), 0, 0, OP_SPLICE_IN);
+	return 0;
+}
+
+#define EXIT_PROG(name)							\
+	SEC("tracepoint/syscalls/sys_exit_" #name)			\
+	int http_exit_##name(struct trace_event_raw_sys_exit *ctx)	\
+	{								\
+		return sys_exit(ctx->ret);				\
+	}
+
+EXIT_PROG(read)
+EXIT_PROG(write)
+EXIT_PROG(recvfrom)
+EXIT_PROG(sendto)
+EXIT_PROG(readv)
+EXIT_PROG(writev)
+EXIT_PROG(recvmsg)
+EXIT_PROG(sendmsg)
+EXIT_PROG(sendfile64)
+EXIT_PROG(splice)
+
+SEC("tracepoint/syscalls/sys_enter_close")
+int http_enter_close(struct trace_event_raw_sys_enter *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct fd_key k = { .pid = id >> 32, .fd = ARG(0) };
+	struct fd_state *st;
+
+	if (k.pid == self_tgid)
+		return 0;
+	st = bpf_map_lookup_elem(&http_fds, &k);
+	if (!st)
+		return 0;
+	if (st->flags & FD_HTTP)
+		emit(HTTP_OP_CLOSE, !!(st->flags & FD_TLS), id, k.fd, st->sk, bpf_ktime_get_ns(),
+		     0, NULL, 0);
+	bpf_map_delete_elem(&http_fds, &k);
+	return 0;
+}
+
+/* --- TLS library (uprobes) ------------------------------------------------- */
+
+static __always_inline int ssl_enter(void *ssl, const void *buf, __u64 outlen, __u8 op)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct call c = {};
+
+	if ((id >> 32) == self_tgid)
+		return 0;
+	c.ssl = (__u64)ssl;
+	c.buf = (__u64)buf;
+	c.outlen = outlen;
+	c.fd = -1;
+	c.op = op;
+	c.start_ns = bpf_ktime_get_ns();
+	if (bpf_map_update_elem(&ssl_calls, &id, &c, BPF_ANY))
+		stat_inc(HTTP_STAT_SSL_UNTRACKED);
+	return 0;
+}
+
+static __always_inline int ssl_exit(long ret, bool ex)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct call *c = bpf_map_lookup_elem(&ssl_calls, &id);
+	struct ssl_key sk = {};
+	struct fd_state *st;
+	__u64 n = 0;
+	__s32 fd, *known;
+
+	if (!c)
+		return 0;
+	sk.ssl = c->ssl;
+	sk.pid = id >> 32;
+	fd = c->fd;
+	if (fd >= 0) {
+		bpf_map_update_elem(&ssl_fds, &sk, &fd, BPF_ANY);
+	} else {
+		known = bpf_map_lookup_elem(&ssl_fds, &sk);
+		if (known)
+			fd = *known;
+	}
+	if (ex) {
+		if (ret == 1 && c->outlen)
+			bpf_probe_read_user(&n, sizeof(n), (void *)c->outlen);
+	} else if (ret > 0) {
+		n = ret;
+	}
+	if (n == 0)
+		goto out;
+	if (n > 0x7fffffff)
+		n = 0x7fffffff;
+	if (fd < 0) {
+		stat_inc(HTTP_STAT_SSL_NO_FD);
+		goto out;
+	}
+	st = fd_lookup(sk.pid, fd);
+	if (!st || !(st->flags & FD_TCP))
+		goto out;
+	st->flags |= FD_TLS;
+	if (!(st->flags & FD_HTTP)) {
+		if (!http_start((void *)c->buf, n))
+			goto out;
+		st->flags |= FD_HTTP;
+	}
+	emit(c->op, 1, id, fd, st->sk, c->start_ns, n, (void *)c->buf, n);
+out:
+	bpf_map_delete_elem(&ssl_calls, &id);
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_write_enter, void *ssl, const void *buf, int num)
+{
+	return ssl_enter(ssl, buf, 0, HTTP_OP_WRITE);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_read_enter, void *ssl, void *buf, int num)
+{
+	return ssl_enter(ssl, buf, 0, HTTP_OP_READ);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_write_ex_enter, void *ssl, const void *buf, __u64 num, __u64 *written)
+{
+	return ssl_enter(ssl, buf, (__u64)written, HTTP_OP_WRITE);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_read_ex_enter, void *ssl, void *buf, __u64 num, __u64 *readbytes)
+{
+	return ssl_enter(ssl, buf, (__u64)readbytes, HTTP_OP_READ);
+}
+
+SEC("uretprobe")
+int BPF_KRETPROBE(ssl_exit_int, int ret)
+{
+	return ssl_exit(ret, false);
+}
+
+SEC("uretprobe")
+int BPF_KRETPROBE(ssl_exit_ex, int ret)
+{
+	return ssl_exit(ret, true);
+}

@@ -1,0 +1,194 @@
+"""HTTP/1.x message heads, parsed with httptools (llhttp, Node.js's parser).
+
+The kernel gives us the first ``head_bytes`` of each read or write, not the
+whole stream, so a parser that must see every byte of the connection cannot
+be fed directly. Each message head is parsed on its own with a fresh
+httptools parser (about 1.5 us per head here); where the head ends and how
+long the body is are then followed by byte counts from the kernel records
+(``conn.Stream``), so the next message on the connection is found without
+its bytes in between.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+
+import httptools
+
+REQUEST = 1
+RESPONSE = 2
+
+# What a message head starts with. Used to re-synchronise a stream after
+# bytes we could not follow (a body of unknown length, a lost record).
+START = re.compile(rb"(?:GET|POST|PUT|HEAD|DELETE|PATCH|OPTIONS|CONNECT|TRACE) \S|HTTP/1\.[01] \d")
+HEAD_END = b"\r\n\r\n"
+
+
+def starts_message(data: bytes | memoryview, pos: int = 0) -> int:
+    """REQUEST or RESPONSE when ``data[pos:]`` starts like a message head, else 0."""
+    m = START.match(data, pos)
+    if m is None:
+        return 0
+    return RESPONSE if data[pos:pos + 5] == b"HTTP/" else REQUEST
+
+
+_STARTS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"PATCH ", b"OPTIONS ",
+           b"CONNECT ", b"TRACE ", b"HTTP/1.1 ", b"HTTP/1.0 ")
+
+
+def may_start_message(data: bytes | memoryview, pos: int = 0) -> bool:
+    """Whether ``data[pos:]`` is too short to tell but could begin a message head
+    (a head split after its first few bytes)."""
+    rest = bytes(data[pos:pos + 12])
+    return len(rest) < 12 and any(s.startswith(rest) or rest.startswith(s) for s in _STARTS) \
+        and not starts_message(data, pos)
+
+
+@dataclass(slots=True)
+class Head:
+    """One parsed message head (or its first line, when the rest was not captured)."""
+
+    kind: int  # REQUEST or RESPONSE
+    version: str = ""  # "1.1", "1.0"
+    method: str = ""
+    target: str = ""
+    status: int = 0
+    complete: bool = False  # all header lines seen
+    length: int = 0  # bytes of the head, when complete
+    content_length: int = -1
+    chunked: bool = False
+    traceparent: str = ""
+    host: str = ""
+    captured: dict[str, str] = field(default_factory=dict)
+
+
+class ParseError(ValueError):
+    """Not an HTTP/1.x head; ``reason`` is the low-cardinality cause."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Collector:
+    """httptools protocol object: the URL and the end of the head. Header values
+    are found by :func:`_header_re` afterwards: one regex scan costs less than a
+    Python callback per header line (bench/http_load.py)."""
+
+    __slots__ = ("url", "done")
+
+    def __init__(self) -> None:
+        self.url: list[bytes] = []
+        self.done = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url.append(url)
+
+    def on_headers_complete(self) -> None:
+        self.done = True
+
+
+_NEEDED = ("content-length", "transfer-encoding", "traceparent", "host")
+
+
+@functools.lru_cache(maxsize=64)
+def _header_re(capture: frozenset[str]) -> re.Pattern[bytes]:
+    names = "|".join(re.escape(n) for n in sorted(set(_NEEDED) | capture))
+    return re.compile(rb"\r\n(" + names.encode() + rb")[ \t]*:[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)",
+                      re.I)
+
+
+def _headers(head: Head, data: bytes, capture: frozenset[str]) -> None:
+    for name, value in _header_re(capture).findall(data):
+        n = name.decode("latin-1").lower()
+        if n == "content-length":
+            try:
+                head.content_length = int(value)
+            except ValueError:
+                raise ParseError("bad_content_length") from None
+        elif n == "transfer-encoding":
+            head.chunked = b"chunked" in value.lower()
+        elif n == "traceparent":
+            head.traceparent = value.decode("latin-1")
+        elif n == "host":
+            head.host = value.decode("latin-1")
+        if n in capture:
+            head.captured[n] = value.decode("latin-1")
+
+
+# Complete heads already parsed, by their bytes: load generators, health checks and
+# API clients repeat heads byte for byte (responses too, within a second of Date).
+# A hit costs a dict lookup instead of ~4 us (bench/http_load.py). Heads are not
+# changed after parsing, so sharing them is safe.
+_CACHE: dict[tuple[bytes, int, frozenset[str]], Head] = {}
+CACHE_SIZE = 4096
+CACHE_HEAD_MAX = 2048  # larger heads are parsed each time: the cache stays under ~8 MB
+
+
+def parse_head(data: bytes, kind: int, capture: frozenset[str] = frozenset()) -> Head:
+    """Parse the head at the start of ``data`` (which may hold body bytes after it,
+    or be cut short). Raises :class:`ParseError` when it is not HTTP/1.x or the
+    first line is not complete."""
+    end = data.find(HEAD_END)
+    if 0 <= end < CACHE_HEAD_MAX:
+        data = data[:end + 4]
+        key = (data, kind, capture)
+        head = _CACHE.get(key)
+        if head is None:
+            head = _parse(data, kind, capture, end)
+            if len(_CACHE) >= CACHE_SIZE:
+                _CACHE.clear()
+            _CACHE[key] = head
+        return head
+    if end >= 0:
+        data = data[:end + 4]
+    return _parse(data, kind, capture, end)
+
+
+def _parse(data: bytes, kind: int, capture: frozenset[str], end: int) -> Head:
+    line_end = data.find(b"\r\n")
+    if line_end < 0:
+        raise ParseError("first_line_cut")
+    head = Head(kind)
+    col = _Collector()
+    parser = (httptools.HttpRequestParser(col) if kind == REQUEST
+              else httptools.HttpResponseParser(col))
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserUpgrade:
+        pass  # the head is complete; what follows is another protocol
+    except httptools.HttpParserError as e:
+        if not col.done:
+            raise ParseError(type(e).__name__.removeprefix("HttpParser").removesuffix("Error")
+                             .lower() or "invalid") from None
+    head.version = parser.get_http_version()
+    if head.version not in ("1.1", "1.0"):
+        raise ParseError("version")
+    if kind == REQUEST:
+        head.method = parser.get_method().decode("latin-1")
+        head.target = b"".join(col.url).decode("latin-1")
+    else:
+        head.status = parser.get_status_code()
+    head.complete = col.done
+    _headers(head, data, capture)
+    head.length = end + 4 if col.done and end >= 0 else 0
+    return head
+
+
+def parse_traceparent(value: str) -> tuple[bytes, bytes] | None:
+    """(trace id, parent span id) of a W3C ``traceparent`` value, or None if invalid."""
+    parts = value.strip().split("-")
+    if len(parts) < 4 or len(parts[0]) != 2 or parts[0].lower() == "ff":
+        return None
+    if len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) < 2:
+        return None
+    try:
+        trace, parent = bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
+        bytes.fromhex(parts[0] + parts[3][:2])
+    except ValueError:
+        return None
+    if not any(trace) or not any(parent):
+        return None
+    return trace, parent
