@@ -310,6 +310,7 @@ class PacketDatapath:
             if self.obj is None:
                 return
             h = self.hooks.get(name)
+            known = h is not None
             if h is None:
                 h = self.hooks[name] = Hook(name)
             elif h.ifindex == ifindex:
@@ -318,8 +319,11 @@ class PacketDatapath:
             if old:
                 self._detach(h)
             try:
-                if self._attach(h) and old:
+                if self._attach(h) and known:  # a watched interface that came back
                     self.reattached += 1
+                    h.gone_logged = False
+                    log.warning("interface %s is back (ifindex %d, was %d): re-attached",
+                                name, h.ifindex, old)
             except (BpfError, KeyError):
                 self._detach(h)
                 raise
