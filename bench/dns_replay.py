@@ -8,13 +8,19 @@ DNS server, no Python query generator, no veth softirqs. The producer is a
 forked child holding the programs' fds (its CPU is not the agent's); the
 agent side runs in this process and its CPU is this process's CPU time. A
 rate passes when the ring lost nothing and every query has exactly one span
-at the receiver, none dropped.
+at the receiver, none dropped. After the measured steps, one more step at
+the first rate runs with cProfile on the ring-poller thread (the DNS hot
+path); its top entries go into the notes (the profiled step's CPU is not a
+figure: the profiler inflates it).
 """
 
 from __future__ import annotations
 
+import cProfile
+import io
 import json
 import os
+import pstats
 import signal
 import socket
 import struct
@@ -25,11 +31,13 @@ import time
 from pathlib import Path
 
 from .common import PY, Figure, Result, command_for, env, wait_until
-from .dns_flood import RECEIVER, TARGET
+from .dns_flood import RECEIVER
 
 NAME = "dns_replay"
 TITLE = "DNS agent capacity, frames replayed through the TC programs (queries/s)"
 PAIRS = 4096  # distinct (txid, client port) exchanges, cycled
+TARGET_US = 8.0  # agent CPU per query (issue #19)
+TARGET = 100_000  # queries/s replayed with every query reported (issue #19)
 
 
 def _frames() -> list[tuple[bytes, bytes]]:
@@ -97,7 +105,7 @@ def run(quick: bool) -> Result:
     from ebpf_otlp.signals.dns import DnsSignal
 
     res = Result(NAME, TITLE, command_for(NAME, quick))
-    rates = [10000, 20000] if quick else [10000, 20000, 30000, 40000, 50000, 60000]
+    rates = [10000, 20000] if quick else [10000, 20000, 40000, 60000, 80000, 100000]
     if os.environ.get("EBPF_OTLP_DNS_RATES"):
         rates = [int(r) for r in os.environ["EBPF_OTLP_DNS_RATES"].split(",")]
     seconds = 3.0 if quick else 6.0
@@ -121,8 +129,17 @@ def run(quick: bool) -> Result:
         obj = sig.dp.obj  # the packet object, shared with flows (here DNS only)
         qfd, afd = obj.programs["packet_tc_egress"].fd, obj.programs["packet_tc_ingress"].fd
 
+        profile = {"want": False, "done": None}
+
         def poll_loop():  # what the agent's ring-poller thread does
+            prof = None
             while not stop.is_set():
+                if profile["want"] and prof is None:
+                    prof = cProfile.Profile()
+                    prof.enable()
+                elif not profile["want"] and prof is not None:
+                    prof.disable()
+                    profile["done"], prof = prof, None
                 poller.poll(cfg.poll_interval_ms)
                 sig.tick()
 
@@ -164,16 +181,48 @@ def run(quick: bool) -> Result:
                                                         1),
                     "us_per_query": round(1e6 * cpu / max(g.get("sent", 1), 1), 1),
                     "loadavg": os.getloadavg()[0]}
+            # Complete: every query replayed was reported. The rate judged is the one
+            # the producer achieved (on a loaded machine it falls short of the ask).
             step["complete"] = (step["ring_lost"] == 0 and step["spans_dropped"] == 0
-                                and step["spans_exported"] == step["sent"]
-                                and step["achieved_rate"] >= 0.95 * rate)
+                                and step["spans_exported"] == step["sent"])
             steps.append(step)
             print(f"  {rate:>6}/s: {json.dumps(step)}", flush=True)
-            if step["complete"]:
+            if step["complete"] and (best is None
+                                     or step["achieved_rate"] > best["achieved_rate"]):
                 best = step
-            elif step["ring_lost"] or step["spans_dropped"] or \
-                    step["achieved_rate"] < 0.95 * rate:
+            if not step["complete"]:
                 break
+            short = [x for x in steps if x["achieved_rate"] < 0.95 * x["rate"]]
+            if len(short) >= 2:  # the producer is saturated: higher asks change nothing
+                break
+        if steps:
+            profile["want"] = True
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(r)
+                try:
+                    _produce(qfd, afd, rates[0], seconds, w)
+                finally:
+                    os._exit(1)
+            os.close(w)
+            os.waitpid(pid, 0)
+            res.raw["profiled_step"] = json.loads(os.read(r, 4096) or b"{}")
+            os.close(r)
+            time.sleep(2 * cfg.poll_interval_ms / 1000)
+            profile["want"] = False
+            wait_until(lambda: profile["done"] is not None, 10, 0.05)
+            if profile["done"] is not None:
+                out = io.StringIO()
+                pstats.Stats(profile["done"], stream=out).sort_stats("tottime").print_stats(10)
+                top = [ln.strip() for ln in out.getvalue().splitlines()
+                       if ln.strip()[:1].isdigit() and "/" in ln]
+                res.raw["profile"] = top
+                res.note("poll-thread profile at the first rate (cProfile, by own time; "
+                         "ncalls tottime percall cumtime percall function): "
+                         + " | ".join(" ".join(t.split()[:2] + t.split()[5:])
+                                      .replace(str(Path(__file__).parent.parent), "")
+                                      for t in top[:8]))
         time.sleep(2 * cfg.interval_s)  # the last metrics reach the receiver
         totals = json.loads((work / "totals.json").read_text())
         res.raw["receiver_totals"] = totals
@@ -184,21 +233,27 @@ def run(quick: bool) -> Result:
         rx.send_signal(signal.SIGTERM)
         rx.wait(5)
         res.raw["steps"] = steps
-    total_sent = sum(s["sent"] for s in steps)
-    res.note(f"receiver: {totals.get('spans')} spans for {total_sent} queries replayed; "
+    total_sent = sum(s["sent"] for s in steps) + res.raw.get("profiled_step", {}).get("sent", 0)
+    res.note(f"receiver: {totals.get('spans')} spans for {total_sent} queries replayed "
+             "(the profiled step included); "
              f"histogram count {totals.get('dns.lookup.duration')}")
-    if steps:
-        res.add(Figure("agent CPU per query", steps[0]["us_per_query"], "us",
-                       note=f"at {steps[0]['rate']} queries/s (all agent threads)"))
     if best is None:
         res.status = "partial"
         res.note("no rate passed (see raw.steps)")
         return res
-    res.add(Figure.compare("highest replayed rate with every query reported", best["rate"],
-                           "queries/s", TARGET, "target", target=1.0,
-                           note="2 messages per query; no ring loss, one span each"))
-    res.add(Figure("agent CPU at that rate", best["agent_cpu_pct"], "% of one core",
-                   note=f"{best['us_per_query']} us of agent CPU per query"))
-    if steps[-1] is not best:
+    res.add(Figure.compare("agent CPU per query", best["us_per_query"], "us", TARGET_US,
+                           "target", target=1.0, higher_is_better=False,
+                           note="at the rate below (all agent threads; every step in "
+                                "raw.steps)"))
+    res.add(Figure.compare("highest replayed rate with every query reported",
+                           best["achieved_rate"], "queries/s", TARGET, "target", target=1.0,
+                           note=f"asked {best['rate']}/s; 2 messages per query; no ring loss, "
+                                "one span each"))
+    res.add(Figure("agent CPU at that rate", best["agent_cpu_pct"], "% of one core"))
+    res.add(Figure("agent CPU at 100,000 queries/s (extrapolated)",
+                   best["us_per_query"] * 10, "% of one core",
+                   note="per-query cost x 100,000/s, when the producer cannot reach that rate "
+                        "on this machine"))
+    if not steps[-1]["complete"]:
         res.note(f"first failing step: {json.dumps(steps[-1])}")
     return res

@@ -66,8 +66,15 @@ struct conn {
 	__u32 pad2;
 };
 
+/*
+ * Not an LRU: an evicted entry's close would come back untracked and the
+ * connection would never leave `active`. A plain hash refuses inserts when
+ * full instead (counted, TCP_STAT_SOCKS_FULL): such a connection is not
+ * tracked at all, so every +1 of `active` has its -1. Entries live from the
+ * first SYN to CLOSE; every path to CLOSE passes inet_sock_set_state.
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, __u64);
 	__type(value, struct conn);
@@ -87,13 +94,24 @@ struct {
 	__type(value, __u64);
 } syn_times SEC(".maps");
 
-/* Cumulative counters; user space computes deltas and evicts idle keys. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
-	__type(key, struct tcp_ckey);
-	__type(value, __u64);
-} counters SEC(".maps");
+/*
+ * Counters per key, accumulated for one interval. Two tables: programs add
+ * to the one `counters_active` names; once per interval user space flips it,
+ * waits out programs in flight and drains the other with lookup-and-delete
+ * (platform/tables.py), so no increment races a delete.
+ */
+__u32 counters_active = 0;
+
+#define DEFINE_COUNTERS(name)						\
+	struct {							\
+		__uint(type, BPF_MAP_TYPE_HASH);			\
+		__uint(max_entries, 16384);				\
+		__type(key, struct tcp_ckey);				\
+		__type(value, __u64);					\
+	} name SEC(".maps")
+
+DEFINE_COUNTERS(counters_a);
+DEFINE_COUNTERS(counters_b);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -164,7 +182,10 @@ static __always_inline void count_key(struct tcp_ckey *k, __u64 n)
 		k->sport = 0;
 	if (!keep_cport)
 		k->cport = 0;
-	v = lookup_or_try_init(&counters, k, &zero);
+	if (counters_active)
+		v = lookup_or_try_init(&counters_b, k, &zero);
+	else
+		v = lookup_or_try_init(&counters_a, k, &zero);
 	if (!v) {
 		stat_inc(TCP_STAT_COUNTERS_FULL);
 		return;
@@ -207,6 +228,20 @@ static __always_inline void count_sock(__u64 sk, __u8 kind, __u64 n, const struc
 		k.cport = tmp.cport;
 		k.role = tmp.role;
 	}
+	k.kind = kind;
+	count_key(&k, n);
+}
+
+/* Count `n` of `kind` under a tracked connection's key. */
+static __always_inline void count_conn(const struct conn *c, __u8 kind, __u64 n)
+{
+	struct tcp_ckey k = {};
+
+	__builtin_memcpy(k.saddr, c->saddr, 16);
+	__builtin_memcpy(k.caddr, c->caddr, 16);
+	k.sport = c->sport;
+	k.cport = c->cport;
+	k.role = c->role;
 	k.kind = kind;
 	count_key(&k, n);
 }
@@ -260,6 +295,8 @@ static __always_inline void on_close(int old, const struct ends *ends, __u64 sk,
 	if (old == TCP_LISTEN || old == TCP_CLOSE)
 		return;
 	c = bpf_map_lookup_elem(&socks, &sk);
+	if (c && (c->flags & TCP_F_TRACKED) && c->est_ns)
+		count_conn(c, TCP_CNT_ACTIVE, (__u64)-1);	/* the key its +1 went to */
 	if (!c) {
 		/* A connection older than the agent: report what the socket knows. */
 		if (old == TCP_SYN_SENT || old == TCP_SYN_RECV || old == TCP_NEW_SYN_RECV)
@@ -305,6 +342,24 @@ static __always_inline void on_close(int old, const struct ends *ends, __u64 sk,
 		bpf_map_delete_elem(&socks, &sk);
 }
 
+/*
+ * Insert a new socket's entry. An entry already there belongs to a freed
+ * socket whose close we never saw (the address was reused): take it out of
+ * `active` now, so the gauge cannot drift up.
+ */
+static __always_inline void track(__u64 sk, const struct conn *init)
+{
+	struct conn *old = bpf_map_lookup_elem(&socks, &sk);
+
+	if (old) {
+		if ((old->flags & TCP_F_TRACKED) && old->est_ns)
+			count_conn(old, TCP_CNT_ACTIVE, (__u64)-1);
+		stat_inc(TCP_STAT_STALE);
+	}
+	if (bpf_map_update_elem(&socks, &sk, init, BPF_ANY))
+		stat_inc(TCP_STAT_SOCKS_FULL);
+}
+
 static __always_inline int on_client_connect(struct trace_event_raw_inet_sock_set_state *ctx,
 					     __u64 sk)
 {
@@ -319,8 +374,7 @@ static __always_inline int on_client_connect(struct trace_event_raw_inet_sock_se
 	init.pid = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(init.comm, sizeof(init.comm));
 	set_ends(&init, &ends);
-	if (bpf_map_update_elem(&socks, &sk, &init, BPF_ANY))
-		stat_inc(TCP_STAT_SOCKS_FULL);
+	track(sk, &init);
 	return 0;
 }
 
@@ -344,8 +398,7 @@ static __always_inline int on_child(struct trace_event_raw_inet_sock_set_state *
 		init.start_ns = *t;
 		bpf_map_delete_elem(&syn_times, &k);
 	}
-	if (bpf_map_update_elem(&socks, &sk, &init, BPF_ANY))
-		stat_inc(TCP_STAT_SOCKS_FULL);
+	track(sk, &init);
 	return 0;
 }
 
@@ -380,6 +433,8 @@ static __always_inline int on_established(struct trace_event_raw_inet_sock_set_s
 			c->flags |= TCP_F_SYN_FROM_SRTT;
 		}
 	}
+	count_conn(c, TCP_CNT_OPENED, 1);
+	count_conn(c, TCP_CNT_ACTIVE, 1);
 	emit_open(c, tp, now);
 	return 0;
 }

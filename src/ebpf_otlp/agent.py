@@ -143,6 +143,11 @@ class Agent:
         t.observe("ebpf_otlp.interfaces.attach_errors", "{error}",
                   "interfaces that appeared but a signal could not attach to",
                   lambda: [(self.iface_errors, {})])
+        t.observe("ebpf_otlp.program.misses", "{run}",
+                  "runs of our programs the kernel skipped because another BPF program was "
+                  "running on that CPU (their events are lost)",
+                  lambda: [(p.recursion_misses(), {"signal": s.name, "program": p.name})
+                           for s in self.signals for p in s.programs()])
         t.observe("ebpf_otlp.agent.errors", "{error}", "errors caught in the agent's loops",
                   lambda: [(self.poll_errors, {"loop": "poll"}),
                            (self.collect_errors, {"loop": "collect"})])

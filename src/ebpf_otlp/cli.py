@@ -75,6 +75,9 @@ def main() -> None:
 @click.option("--tcp-spans/--no-tcp-spans", default=None, help="One span per TCP connection.")
 @click.option("--tcp-attributes", callback=_csv, metavar="LIST",
               help="Connection attributes to keep [server.address,server.port].")
+@click.option("--tcp-max-sockets", type=click.IntRange(min=16, max=1 << 22),
+              help="Connections the TCP signal tracks at once; more are counted, not "
+                   "tracked [65536].")
 @click.option("--dns-ports", callback=_ports, metavar="PORTS", help="DNS ports [53].")
 @click.option("--dns-names/--no-dns-names", default=None,
               help="Keep dns.question.name on metrics (cardinality) [off].")

@@ -52,6 +52,7 @@ class AgentConfig:
     # tcp
     tcp_spans: bool = False
     tcp_attributes: tuple[str, ...] = ("server.address", "server.port")
+    tcp_max_sockets: int = 65536  # connections tracked at once (kernel socket table)
     cgroup_path: str | None = None  # None: the cgroup2 mount found in /proc/self/mountinfo
     # dns
     dns_ports: tuple[int, ...] = (53,)

@@ -71,6 +71,8 @@ def test_health_metrics_and_clean_sigterm(topo) -> None:
         assert "Traceback" not in log
         runtime = rx.metrics("ebpf_otlp.program.run_time", program="on_kfree_skb")
         assert runtime and max(p["value"] for p in runtime) > 0
+        # runs the kernel skipped (recursion): exported per program, whatever the value
+        assert rx.metrics("ebpf_otlp.program.misses", program="on_kfree_skb", signal="drops")
         resource = rx.records()[0]["resource"]
         assert resource["service.name"] == "ebpf-otlp" and resource["host.name"]
     assert not ours & set(_prog_ids()), "the agent's program is still loaded after SIGTERM"

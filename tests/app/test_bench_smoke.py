@@ -24,7 +24,8 @@ sys.path.insert(0, str(REPO))
 from bench.__main__ import _modules  # noqa: E402
 
 TOOLS = {"ringbuf": ["gcc"], "pktcost": ["clang-19"], "datapath": ["iperf3"],
-         "alternatives": ["bpftrace", "bpftool"], "dns_flood": ["dnsmasq"]}
+         "alternatives": ["bpftrace", "bpftool"], "dns_flood": ["dnsmasq"],
+         "tcp_churn": ["gcc"]}
 
 
 def _env() -> dict[str, str]:

@@ -17,7 +17,7 @@ Imports nothing from ``platform`` or ``signals``.
 from .exporter import Exporter
 from .semconv import DURATION_BUCKETS, SCOPE
 from .settings import ExportSettings, SettingsError
-from .spans import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, SpanRecord
+from .spans import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, SpanGroup, SpanRecord
 
 __all__ = ["DURATION_BUCKETS", "SCOPE", "SPAN_KIND_CLIENT", "SPAN_KIND_SERVER", "ExportSettings",
-           "Exporter", "SettingsError", "SpanRecord"]
+           "Exporter", "SettingsError", "SpanGroup", "SpanRecord"]

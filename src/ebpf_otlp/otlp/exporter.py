@@ -29,7 +29,7 @@ from .sdk import SdkMetrics
 from .semconv import DURATION_BUCKETS, SCOPE
 from .sender import OtlpSender
 from .settings import ExportSettings
-from .spans import SpanBatchExporter, SpanRecord
+from .spans import SpanBatchExporter, SpanGroup, SpanRecord
 from .wire import TEMPORALITY_CUMULATIVE, TEMPORALITY_DELTA, resource_message
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,14 @@ class Exporter:
         """Queue finished spans; returns how many were dropped (counted)."""
         self.spans.start()
         return self.spans.submit(spans)
+
+    def submit_span_groups(self, start_ns: np.ndarray, end_ns: np.ndarray, group: np.ndarray,
+                           groups: Sequence[SpanGroup],
+                           columns: Sequence[tuple[str, Sequence[object]]] = ()) -> int:
+        """Queue finished spans given as columns (unix ns times, group per span, shared
+        parts per group, one attribute per column); returns how many were dropped."""
+        self.spans.start()
+        return self.spans.submit_grouped(start_ns, end_ns, group, groups, columns)
 
     def send_sums(self, metrics: Sequence[_sums.SumMetric], attrs: Sequence[bytes],
                   values: np.ndarray, start_ns: np.ndarray, time_ns: int,

@@ -161,6 +161,18 @@ class Program:
             pass
         return ns, cnt
 
+    def recursion_misses(self) -> int:
+        """Runs the kernel skipped because a BPF program was already running on that
+        CPU (a tracepoint hit from an interrupt inside another program): events lost."""
+        try:
+            with open(f"/proc/self/fdinfo/{self.fd}") as f:
+                for line in f:
+                    if line.startswith("recursion_misses:"):
+                        return int(line.split()[1])
+        except (OSError, BpfError):
+            pass
+        return 0
+
     def __repr__(self) -> str:
         return f"<Program {self.name} ({self.section})>"
 

@@ -15,7 +15,7 @@ from ebpf_otlp.config import AgentConfig
 from ebpf_otlp.otlp.histogram import BatchHistogram
 from ebpf_otlp.otlp.semconv import DURATION_BUCKETS
 from ebpf_otlp.otlp.spans import SPAN_KIND_CLIENT, SpanRecord
-from ebpf_otlp.signals.tcp import TcpSignal
+from ebpf_otlp.signals.tcp import TcpSignal, counters
 from ebpf_otlp.signals.tcp.records import (
     CKEY,
     EV_CLOSE,
@@ -27,7 +27,6 @@ from ebpf_otlp.signals.tcp.records import (
     F_TRACKED,
     AttributeMapper,
     address,
-    counter_deltas,
     failure_cause,
 )
 
@@ -54,13 +53,24 @@ def test_failure_causes(err: int, flags: int, want: str) -> None:
     assert failure_cause(err, flags) == want
 
 
-def test_counter_deltas_track_cumulative_values_and_recreated_keys() -> None:
-    last: dict[bytes, int] = {}
-    k = np.zeros((2, CKEY.itemsize), np.uint8)
-    k[1, 0] = 1
-    assert counter_deltas(k, [5, 0], last) == [(k[0].tobytes(), 5)]
-    assert counter_deltas(k, [7, 3], last) == [(k[0].tobytes(), 2), (k[1].tobytes(), 3)]
-    assert counter_deltas(k[:1], [2], last) == [(k[0].tobytes(), 2)]  # evicted, re-created
+def _counter_rows(rows: list[tuple[int, int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Drained counter entries: (role, server port, kind, signed delta) each."""
+    k = np.zeros(len(rows), CKEY)
+    v = np.zeros((len(rows), 8), np.uint8)
+    for i, (role, port, kind, delta) in enumerate(rows):
+        k[i]["role"], k[i]["sport"], k[i]["kind"] = role, port, kind
+        k[i]["saddr"] = np.frombuffer(raw("10.201.0.2"), np.uint8)
+        v[i] = np.frombuffer(np.array([delta], "<i8").tobytes(), np.uint8)
+    return k.view(np.uint8).reshape(len(rows), CKEY.itemsize), v
+
+
+def test_counter_fold_reads_gauge_decrements_as_negative() -> None:
+    keys, vals = _counter_rows([(1, 80, counters.CNT_ACTIVE, -3),
+                                (1, 80, counters.CNT_OPENED, 5),
+                                (2, 80, counters.CNT_ACTIVE, 0)])
+    out = sorted((kind, d) for _, kind, d in counters.fold(keys, vals))
+    # a zero gauge delta stays: the series exists (opened and closed in the interval)
+    assert out == [(counters.CNT_OPENED, 5), (counters.CNT_ACTIVE, -3), (counters.CNT_ACTIVE, 0)]
 
 
 def test_attribute_choice_is_validated_and_applied() -> None:
@@ -143,6 +153,13 @@ def test_records_map_to_instruments_and_spans() -> None:
         _rec(99, 1),  # garbage kind: counted, ignored
     ])
     sig.on_batch(recs)
+    # opened/active come from the kernel's counters: one open per role, the
+    # client's connection closed again
+    sig._ingest(*_counter_rows([(1, 8080, counters.CNT_OPENED, 1),
+                                (2, 8080, counters.CNT_OPENED, 1),
+                                (1, 8080, counters.CNT_ACTIVE, 0),
+                                (2, 8080, counters.CNT_ACTIVE, 1)]))
+    sig.export()  # byte and failure totals wait for the interval's export
     pts = tel.points()
 
     def by_role(name: str, field: str = "value") -> dict:

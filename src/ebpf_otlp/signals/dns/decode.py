@@ -64,6 +64,22 @@ class Message(NamedTuple):
 _new_tuple = tuple.__new__  # builds the NamedTuples below without their __new__ (hot path)
 
 
+class Decoded(NamedTuple):
+    """A decoded batch as columns, one entry per message that decoded."""
+
+    rows: np.ndarray  # index of the record in its batch (ring order)
+    response: np.ndarray  # bool: QR bit
+    ts_ns: np.ndarray  # int64, kernel CLOCK_MONOTONIC
+    question: np.ndarray  # int64 index into ``questions``
+    rcode: np.ndarray  # int64, 4-bit header rcode
+    answers: np.ndarray  # int64, ANCOUNT
+    questions: list[tuple[str, str]]  # (name without trailing dot, type mnemonic)
+
+
+_EMPTY = Decoded(*(np.zeros(0, t) for t in (np.int64, bool, np.int64, np.int64, np.int64,
+                                            np.int64)), [])
+
+
 def question_text(wire: bytes) -> tuple[str, str]:
     """(name without trailing dot, type mnemonic) of a message's first question.
 
@@ -95,11 +111,27 @@ class Decoder:
 
     def decode(self, recs: np.ndarray) -> list[Message]:
         """Messages that decoded, in ring order; the rest are counted in ``malformed``."""
+        d = self.decode_columns(recs)
+        if not len(d.rows):
+            return []
+        keys = pair_keys(recs[d.rows], d.response)
+        qs = d.questions
+        return [_new_tuple(Message, (key, resp, ts, qs[q][0], qs[q][1], rc, an, i))
+                for key, resp, ts, q, rc, an, i in zip(
+                    keys, d.response.tolist(), d.ts_ns.tolist(), d.question.tolist(),
+                    d.rcode.tolist(), d.answers.tolist(), d.rows.tolist())]
+
+    def decode_columns(self, recs: np.ndarray) -> Decoded:
+        """Decode a batch into columns (see :class:`Decoded`), in ring order.
+
+        Questions are grouped by their bytes with numpy (one ``np.unique`` per
+        batch), so the cache is asked once per distinct question and batch,
+        and dnspython parses each distinct question once in all.
+        """
         n = len(recs)
         if n == 0:
-            return []
+            return _EMPTY
         head = recs["head"]
-        stride = head.shape[1]
         hl = np.minimum(recs["head_len"].astype(np.int64), recs["msg_len"].astype(np.int64))
         h = head[:, :HEADER].astype(np.int64)
         ok = hl >= HEADER
@@ -113,27 +145,56 @@ class Decoder:
             self.malformed[TRUNCATED] += ncut
         rows = np.flatnonzero(ok & ~cut) if ncut else np.flatnonzero(ok)
         if len(rows) == 0:
-            return []
-        blob = head.tobytes()
-        cache_get = self._questions.get
-        slow = self._slow
-        out: list[Message] = []
-        append = out.append
-        for i, key, resp, ts, rc, an, end, hlen in zip(
-                rows.tolist(), pair_keys(recs[rows], qr[rows]), qr[rows].tolist(),
-                recs["ts_ns"][rows].tolist(), (h[rows, 3] & 0xF).tolist(),
-                ((h[rows, 6] << 8) | h[rows, 7]).tolist(), qend[rows].tolist(),
-                hl[rows].tolist()):
-            base = i * stride
-            if end:
-                qkey = blob[base + HEADER:base + end]
-                q = cache_get(qkey) or slow(blob[base:base + hlen], qkey)
-            else:
-                q = slow(blob[base:base + hlen], None)
+            return _EMPTY
+        qidx = np.full(n, -1, np.int64)
+        questions: list[tuple[str, str]] = []
+        simple = rows[qend[rows] > 0]
+        if len(simple):
+            self._group_questions(head, hl, qend, simple, qidx, questions)
+        for i in rows[qend[rows] == 0].tolist():  # several questions, pointers, ...
+            q = self._slow(head[i, :hl[i]].tobytes(), None)
             if q is not None:
-                append(_new_tuple(Message, (key, resp, ts, q[0], q[1], rc, an, i)))
-        self.decoded += len(out)
-        return out
+                qidx[i] = len(questions)
+                questions.append(q)
+        rows = rows[qidx[rows] >= 0]
+        self.decoded += len(rows)
+        hr = h[rows]
+        return Decoded(rows, qr[rows], recs["ts_ns"][rows].astype(np.int64), qidx[rows],
+                       (hr[:, 3] & 0xF).astype(np.int64), (hr[:, 6] << 8) | hr[:, 7],
+                       questions)
+
+    def _group_questions(self, head: np.ndarray, hl: np.ndarray, qend: np.ndarray,
+                         rows: np.ndarray, qidx: np.ndarray,
+                         questions: list[tuple[str, str]]) -> None:
+        """Fill ``qidx`` for ``rows`` (plain single questions) from their question bytes."""
+        ends = qend[rows]
+        width = int(ends.max())
+        q = head[rows, HEADER:width].copy()
+        q[np.arange(HEADER, width)[None, :] >= ends[:, None]] = 0
+        # the length joins the bytes: names that differ only in trailing zeros stay apart
+        mat = np.concatenate([q, (ends - HEADER).astype("<u2").view(np.uint8).reshape(-1, 2)],
+                             axis=1)
+        uniq, first, inv = np.unique(mat.view(np.dtype((np.void, mat.shape[1]))).ravel(),
+                                     return_index=True, return_inverse=True)
+        inv = inv.reshape(-1)
+        cache_get = self._questions.get
+        local = np.full(len(uniq), -1, np.int64)
+        for u, f in enumerate(first.tolist()):
+            i = int(rows[f])
+            qkey = head[i, HEADER:int(qend[i])].tobytes()
+            got = cache_get(qkey) or self._slow(head[i, :hl[i]].tobytes(), qkey)
+            if got is not None:
+                local[u] = len(questions)
+                questions.append(got)
+        qidx[rows] = local[inv]
+        failed = np.flatnonzero(local[inv] < 0)
+        for k in failed.tolist():  # each message counts once (its first copy already did)
+            if k != first[inv[k]]:
+                i = int(rows[k])
+                q = self._slow(head[i, :hl[i]].tobytes(), None)
+                if q is not None:
+                    qidx[i] = len(questions)
+                    questions.append(q)
 
     def _slow(self, wire: bytes, qkey: bytes | None) -> tuple[str, str] | None:
         """dnspython on the whole head; caches the answer under the question's bytes."""
@@ -189,10 +250,16 @@ class Decoder:
 
 
 def pair_keys(recs: np.ndarray, qr: np.ndarray) -> list[bytes]:
-    """One bytes key per record naming its exchange: transaction id, client
+    """One bytes key per record naming its exchange (see :func:`pair_key_array`)."""
+    return pair_key_array(recs, qr).tolist()
+
+
+def pair_key_array(recs: np.ndarray, qr: np.ndarray) -> np.ndarray:
+    """One ``S39`` key per record naming its exchange: transaction id, client
     address and port, server address and port, transport. The client is the
     sender of a query and the receiver of a response, so a query and its
-    answer get the same key whatever the ports are."""
+    answer get the same key whatever the ports are. ``tolist()`` gives the
+    keys as bytes (the last byte is never 0, so nothing is stripped)."""
     n = len(recs)
     k = np.empty((n, 39), dtype=np.uint8)
     resp = qr[:, None]
@@ -205,7 +272,7 @@ def pair_keys(recs: np.ndarray, qr: np.ndarray) -> list[bytes]:
     k[:, 36:38] = sport.view(np.uint8).reshape(n, 2)
     # Last byte never 0 (numpy's S dtype strips trailing NULs).
     k[:, 38] = recs["proto"] | 0x80
-    return k.view("S39").ravel().tolist()
+    return k.view("S39").ravel()
 
 
 class Query(NamedTuple):
@@ -272,6 +339,46 @@ class PendingTable:
         if len(answered) > self._recent:
             answered.popitem(last=False)
         return q
+
+    def fast_pairs(self, keys: np.ndarray, response: np.ndarray, ts_ns: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exchanges complete inside one batch, found with numpy: keys whose
+        messages alternate query, answer, query, answer... (a key comes back
+        when a client reuses its port and id), ending with an answer, with no
+        query of theirs already waiting. Each query pairs with the answer
+        after it, as adding and answering one by one would; answers are
+        remembered for duplicates. Returns (query positions, answer
+        positions, positions left for :meth:`add`/:meth:`answer`, in order).
+        """
+        n = len(keys)
+        uniq, inv, cnt = np.unique(keys, return_inverse=True, return_counts=True)
+        inv = inv.reshape(-1)
+        order = np.argsort(inv, kind="stable")  # each key's messages, in ring order
+        g = inv[order]
+        offset = np.arange(n) - (np.cumsum(cnt) - cnt)[g]
+        wrong = np.bincount(g, weights=(response[order] != (offset % 2 == 1)),
+                            minlength=len(uniq))
+        good = (wrong == 0) & (cnt % 2 == 0)
+        pending = self.pending
+        if pending:
+            cand = np.flatnonzero(good)
+            good[cand] = np.fromiter((k not in pending for k in uniq[cand].tolist()), bool,
+                                     len(cand))
+        sel = good[g]
+        qi = order[sel & (offset % 2 == 0)]
+        ai = order[sel & (offset % 2 == 1)]
+        if len(ai):
+            # in ring order, as one by one (the window may drop keys re-added later in
+            # the same batch: a copy of such an answer then counts as unmatched)
+            ai_sorted = np.sort(ai)
+            answered = self._answered
+            answered.update(zip(keys[ai_sorted].tolist(), ts_ns[ai_sorted].tolist()))
+            for _ in range(len(answered) - self._recent):
+                answered.popitem(last=False)
+        rest = np.ones(n, bool)
+        rest[qi] = False
+        rest[ai] = False
+        return qi, ai, np.flatnonzero(rest)
 
     def expire(self, now_ns: int) -> list[Query]:
         """Pop queries older than the timeout (insertion order is close to time order)."""

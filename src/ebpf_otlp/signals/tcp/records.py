@@ -7,7 +7,7 @@ arrays. The record layouts come from ``bpf/tcp.h``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -37,6 +37,9 @@ CONN_ATTRIBUTES = ("server.address", "server.port", "client.address", "client.po
                    "process.pid", "process.executable.name")
 
 _ERRNO_CAUSE = {111: "refused", 110: "timeout", 104: "reset"}  # ECONNREFUSED, ETIMEDOUT, ECONNRESET
+_V4_MAPPED = np.frombuffer(b"\0" * 10 + b"\xff\xff", np.uint8)  # IPv4 as the tracepoints store it
+
+
 @functools.lru_cache(maxsize=65536)
 def address(raw: bytes) -> tuple[str, str]:
     """(text, network.type) of a 16-byte address; v4-mapped prints as IPv4 (cached:
@@ -70,7 +73,7 @@ class AttributeMapper:
             raise ValueError(f"unknown tcp attributes {sorted(unknown)}; "
                              f"choose from {', '.join(CONN_ATTRIBUTES)}")
         self.keep = frozenset(keep)
-        self._rows: dict[bytes, dict] = {}
+        self._rows: dict[tuple[bytes, bool], dict] = {}
         # (cgroup id, netns inode) -> resource attributes added to every group
         # (signals/attribution.py); None: no attribution
         self.resource: Callable[[int, int], dict] | None = None
@@ -95,63 +98,74 @@ class AttributeMapper:
         return tuple(out)
 
     def groups(self, recs: np.ndarray, process: bool, extra: np.ndarray | None = None
-               ) -> tuple[np.ndarray, list[dict], list[int]]:
+               ) -> tuple[np.ndarray, list[dict], list[int], list[bytes]]:
         """Group records by the attributes they export.
 
         Returns ``inverse`` (group index per record), one attribute dict per
-        group and the group's ``extra`` byte (e.g. a failure cause). Fields
-        the user does not keep are zeroed before grouping, so records that
-        differ only there share a group; one dict per group, not per record.
+        group, the group's ``extra`` byte (e.g. a failure cause) and the
+        group's key bytes (stable across batches). Only the columns the user
+        keeps take part, so records that differ elsewhere share a group; one
+        dict per group (cached), not per record.
         """
         n = len(recs)
         keep = self.keep
         proc = process and bool(keep & {"process.pid", "process.executable.name"})
-        res = self.resource is not None
-        z = np.zeros((n, 16), np.uint8)
 
-        def col(name: str, width: int, on: bool) -> np.ndarray:
-            if not on:
-                return z[:, :width]
+        def col(name: str, width: int) -> np.ndarray:
             return np.ascontiguousarray(recs[name]).view(np.uint8).reshape(n, width)
 
-        mat = np.concatenate([
-            recs["role"].astype(np.uint8).reshape(n, 1),
-            col("saddr", 16, True),  # also decides network.type
-            col("caddr", 16, "client.address" in keep),
-            col("sport", 2, "server.port" in keep),
-            col("cport", 2, "client.port" in keep),
-            col("pid", 4, proc),
-            col("comm", 16, proc and "process.executable.name" in keep),
-            col("cgroup_id", 8, res),
-            col("netns", 4, res),
-            (extra.astype(np.uint8).reshape(n, 1) if extra is not None else z[:, :1]),
-        ], axis=1)
+        saddr = col("saddr", 16)
+        cols = [recs["role"].astype(np.uint8).reshape(n, 1),
+                (extra.astype(np.uint8).reshape(n, 1) if extra is not None
+                 else np.zeros((n, 1), np.uint8))]
+        if "server.address" in keep:
+            cols.append(saddr)
+        else:  # only network.type: v4-mapped or not
+            cols.append((saddr[:, :12] == _V4_MAPPED).all(
+                axis=1).astype(np.uint8).reshape(n, 1))
+        if "client.address" in keep:
+            cols.append(col("caddr", 16))
+        if "server.port" in keep:
+            cols.append(col("sport", 2))
+        if "client.port" in keep:
+            cols.append(col("cport", 2))
+        if proc:
+            cols.append(col("pid", 4))
+            if "process.executable.name" in keep:
+                cols.append(col("comm", 16))
+        if self.resource is not None:  # one group per socket cgroup and namespace too
+            cols.append(col("cgroup_id", 8))
+            cols.append(col("netns", 4))
+        mat = np.concatenate(cols, axis=1)
         rows, inverse = np.unique(mat.view(np.dtype((np.void, mat.shape[1]))).ravel(),
                                   return_inverse=True)
-        attrs, extras = [], []
+        attrs, extras, keys = [], [], []
         for row in rows.tolist():
-            a = self._from_row(bytes(row))
-            attrs.append(a)
-            extras.append(row[-1])
-        return inverse.reshape(-1), attrs, extras
+            b = bytes(row)
+            attrs.append(self._from_row(b, recs, mat, proc))
+            extras.append(b[1])
+            keys.append(b)
+        return inverse.reshape(-1), attrs, extras, keys
 
-    def _from_row(self, row: bytes) -> dict:
-        hit = self._rows.get(row)
+    def _from_row(self, row: bytes, recs: np.ndarray, mat: np.ndarray, proc: bool) -> dict:
+        key = (row, proc)
+        hit = self._rows.get(key)
         if hit is not None:
             return hit
-        a = dict(self.base(row[0], row[1:17], row[17:33], int.from_bytes(row[33:35], "little"),
-                           int.from_bytes(row[35:37], "little")))
-        pid = int.from_bytes(row[37:41], "little")
+        # the first record of this group carries every value (cached: once per group)
+        rec = recs[int(np.flatnonzero((mat == np.frombuffer(row, np.uint8)).all(axis=1))[0])]
+        a = dict(self.base(int(rec["role"]), rec["saddr"].tobytes(), rec["caddr"].tobytes(),
+                           int(rec["sport"]), int(rec["cport"])))
+        pid = int(rec["pid"]) if proc else 0
         if pid and "process.pid" in self.keep:
             a["process.pid"] = pid
         if pid and "process.executable.name" in self.keep:
-            a["process.executable.name"] = comm(row[41:57])
+            a["process.executable.name"] = comm(rec["comm"].tobytes())
         if self.resource is not None:
-            a.update(self.resource(int.from_bytes(row[57:65], "little"),
-                                   int.from_bytes(row[65:69], "little")))
+            a.update(self.resource(int(rec["cgroup_id"]), int(rec["netns"])))
         if len(self._rows) >= 65536:  # bounded: addresses churn
             self._rows.clear()
-        self._rows[row] = a
+        self._rows[key] = a
         return a
 
     def span(self, rec: np.void) -> dict[str, object]:
@@ -168,22 +182,3 @@ class AttributeMapper:
             attrs["process.pid"] = int(rec["pid"])
             attrs["process.executable.name"] = comm(rec["comm"].tobytes())
         return attrs
-
-
-def counter_deltas(keys: np.ndarray, values: Sequence[int], last: dict[bytes, int]
-                   ) -> list[tuple[bytes, int]]:
-    """Deltas of cumulative kernel counters since the previous drain.
-
-    ``last`` is updated in place. A value below the last one means the key
-    was evicted and re-created: the whole value is new.
-    """
-    out = []
-    for k, v in zip(keys, values):
-        kb = k.tobytes()
-        v = int(v)
-        prev = last.get(kb, 0)
-        d = v - prev if v >= prev else v
-        last[kb] = v
-        if d:
-            out.append((kb, d))
-    return out
