@@ -243,6 +243,8 @@ static __always_inline void count_conn(const struct conn *c, __u8 kind, __u64 n)
 	k.cport = c->cport;
 	k.role = c->role;
 	k.kind = kind;
+	k.cgroup_id = c->cgroup_id;	/* set at ESTABLISHED: opened, active +1 and -1 agree */
+	k.netns = c->netns;
 	count_key(&k, n);
 }
 
