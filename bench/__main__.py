@@ -26,7 +26,8 @@ from .common import REPO, Result, command_for, have_root, machine
 from .report import print_table, write_markdown
 
 # Run order: the cheap, self-contained ones first.
-BENCHMARKS = ["ringbuf", "pktcost", "kmem", "export", "datapath", "alternatives", "soak"]
+BENCHMARKS = ["ringbuf", "pktcost", "kmem", "export", "datapath", "alternatives", "soak",
+              "attribution"]
 HERE = Path(__file__).resolve().parent
 
 

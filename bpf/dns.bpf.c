@@ -77,6 +77,7 @@ int BPF_KRETPROBE(gai_exit, int ret)
 		bpf_get_current_comm(e->comm, sizeof(e->comm));
 		__builtin_memcpy(e->name, s->name, sizeof(e->name));
 		__builtin_memset(e->pad, 0, sizeof(e->pad));
+		e->cgroup_id = bpf_get_current_cgroup_id();
 		RINGBUF_SUBMIT(gai_events, e);
 	}
 	bpf_map_delete_elem(&gai_calls, &id);

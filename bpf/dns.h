@@ -51,6 +51,7 @@ struct gai_event {
 	__u8 comm[16];
 	__u8 name[DNS_GAI_NAME];	/* the node argument, NUL-terminated, cut */
 	__u8 pad[4];
+	__u64 cgroup_id;	/* the caller's cgroup v2 id */
 };
 
 #endif

@@ -20,6 +20,7 @@
 #include "common.bpf.h"
 #include "compat.bpf.h"
 #include "tcp.h"
+#include "workload.bpf.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -60,6 +61,9 @@ struct conn {
 	__u8 flags;
 	__u8 pad[2];
 	char comm[16];
+	__u64 cgroup_id;	/* sock_cgroup_id(), read when the connection opens or closes */
+	__u32 netns;
+	__u32 pad2;
 };
 
 /*
@@ -202,6 +206,11 @@ static __always_inline void count_sock(__u64 sk, __u8 kind, __u64 n, const struc
 
 	if (sk)
 		c = bpf_map_lookup_elem(&socks, &sk);
+	if (sk) {
+		/* Whose connection: attributed to its pod/container in user space. */
+		k.cgroup_id = sock_cgroup_id((struct sock *)sk);
+		k.netns = sock_netns((struct sock *)sk);
+	}
 	if (c) {
 		c->flags |= flag;
 		__builtin_memcpy(k.saddr, c->saddr, 16);
@@ -234,6 +243,8 @@ static __always_inline void count_conn(const struct conn *c, __u8 kind, __u64 n)
 	k.cport = c->cport;
 	k.role = c->role;
 	k.kind = kind;
+	k.cgroup_id = c->cgroup_id;	/* set at ESTABLISHED: opened, active +1 and -1 agree */
+	k.netns = c->netns;
 	count_key(&k, n);
 }
 
@@ -252,6 +263,14 @@ static __always_inline void fill_event(struct tcp_event *e, const struct conn *c
 	e->role = c->role;
 	e->flags = c->flags;
 	__builtin_memcpy(e->comm, c->comm, 16);
+	e->cgroup_id = c->cgroup_id;
+	e->netns = c->netns;
+}
+
+static __always_inline void set_workload(struct conn *c, struct sock *sk)
+{
+	c->cgroup_id = sock_cgroup_id(sk);
+	c->netns = sock_netns(sk);
 }
 
 static __always_inline void emit_open(const struct conn *c, struct tcp_sock *tp, __u64 now)
@@ -290,6 +309,8 @@ static __always_inline void on_close(int old, const struct ends *ends, __u64 sk,
 	}
 	/* Addresses as the socket has them now (a client's port is bound late). */
 	set_ends(c, ends);
+	if (!c->cgroup_id)
+		set_workload(c, s);
 	err = BPF_CORE_READ(s, sk_err);
 	if (old == TCP_FIN_WAIT2 && !err && !(c->flags & TCP_F_RST_RX))
 		c->flags |= TCP_F_FIN_RX;	/* FIN in FIN_WAIT2: straight to CLOSE */
@@ -397,6 +418,7 @@ static __always_inline int on_established(struct trace_event_raw_inet_sock_set_s
 	TP_ENDS(&ends, ctx);
 	c->est_ns = now;
 	set_ends(c, &ends);	/* a client's port is bound after SYN_SENT */
+	set_workload(c, (struct sock *)sk);
 	c->acked_base = BPF_CORE_READ(tp, bytes_acked);
 	c->rcvd_base = BPF_CORE_READ(tp, bytes_received);
 	if (!c->start_ns) {

@@ -60,6 +60,9 @@ struct tcp_event {
 	__u8 oldstate;		/* state before CLOSE */
 	__u8 pad[3];
 	char comm[16];		/* owner's executable name */
+	__u64 cgroup_id;	/* the socket's cgroup v2 id; 0 unknown */
+	__u32 netns;		/* inode of the socket's network namespace; 0 unknown */
+	__u32 pad2;
 };
 
 /* Key of the in-kernel counters; fields the user does not keep are zeroed
@@ -72,6 +75,8 @@ struct tcp_ckey {
 	__u8 kind;		/* TCP_CNT_* */
 	__u8 role;
 	__u8 pad[2];
+	__u32 netns;		/* the socket's network namespace; 0 without a socket */
+	__u64 cgroup_id;	/* the socket's cgroup v2 id; 0 without a socket */
 };
 
 #endif

@@ -19,6 +19,7 @@ from .health import HealthServer
 from .otlp import Exporter
 from .platform import tc
 from .platform.libbpf import enable_run_time_stats
+from .platform.links import InterfaceWatcher, interfaces, is_pattern, match
 from .platform.ringbuf import RingPoller
 from .signals.base import Signal
 
@@ -50,14 +51,21 @@ def _exit_for_supervisor(why: str) -> None:
     logging.shutdown()
     os._exit(70)
 
+WATCH_EVERY_S = 1.0  # new --iface matches and re-created interfaces are found this fast
+
 
 def resolve_ifaces(names: list[str]) -> dict[str, int]:
+    """Plain names must exist; globs (``veth*``) select what exists now, maybe nothing."""
     out = {}
     for name in names:
+        if is_pattern(name):
+            continue
         try:
             out[name] = socket.if_nametoindex(name)
         except OSError:
             raise ConfigError(f"no such interface: {name}") from None
+    if any(is_pattern(n) for n in names):
+        out.update(match(names, interfaces()))
     return out
 
 
@@ -73,6 +81,13 @@ class Agent:
         self._given_exporter = exporter
         self._tap = tap
         self.ifindex = resolve_ifaces(config.ifaces)
+        # Globs are matched again while running (containers come and go); the
+        # signals start on the interfaces that match now.
+        self.iface_patterns = list(config.ifaces)
+        self.watcher = InterfaceWatcher(self.iface_patterns) if self.iface_patterns else None
+        config.ifaces = list(self.ifindex)
+        self.ifaces_added = 0
+        self.iface_errors = 0
         self.settings = config.export_settings()  # a bad OTEL_* value fails here, exit 2
         self.exporter: Exporter | None = None
         self.signals: list[Signal] = []
@@ -103,7 +118,7 @@ class Agent:
     # --- start ---------------------------------------------------------------
     def start(self) -> None:
         cfg = self.config
-        if any(s in cfg.signals for s in ("flows", "dns")) and not cfg.ifaces:
+        if any(s in cfg.signals for s in ("flows", "dns")) and not self.iface_patterns:
             raise ConfigError("flows and dns need at least one --iface")
         capabilities.check(cfg)  # one message naming every missing capability
         for name, idx in self.ifindex.items():
@@ -128,6 +143,8 @@ class Agent:
         if not self.signals:
             raise NothingToRun("no signal could start: " + "; ".join(
                 f"{k}: {v}" for k, v in self.switched_off.items()))
+        if self.watcher is not None:
+            self.watcher.known = dict(self.ifindex)
         self._register_health()
         self._start_poller()
         self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
@@ -225,6 +242,13 @@ class Agent:
                       "programs", lambda: [(ns / 1e9, a) for ns, _, a in run_times()])
             t.observe("ebpf_otlp.program.runs", "{run}", "runs of our programs",
                       lambda: [(cnt, a) for _, cnt, a in run_times()])
+        t.observe("ebpf_otlp.interfaces.attached", "{interface}",
+                  "interfaces attached while running: new --iface glob matches and "
+                  "interfaces deleted and created again",
+                  lambda: [(self.ifaces_added, {})])
+        t.observe("ebpf_otlp.interfaces.attach_errors", "{error}",
+                  "interfaces that appeared but a signal could not attach to",
+                  lambda: [(self.iface_errors, {})])
         t.observe("ebpf_otlp.program.misses", "{run}",
                   "runs of our programs the kernel skipped because another BPF program was "
                   "running on that CPU (their events are lost)",
@@ -370,14 +394,43 @@ class Agent:
                              "collect_errors": self.collect_errors,
                              "restarts": dict(self.restarts)}}
 
+    def watch_interfaces(self) -> None:
+        """Attach the signals to interfaces that began to match ``--iface`` (a glob) or
+        came back under a watched name with a new index (a container restart)."""
+        if self.watcher is None:
+            return
+        added, gone = self.watcher.poll()
+        for name, idx in gone.items():
+            log.info("interface %s (ifindex %d) is gone", name, idx)
+            self.ifindex.pop(name, None)
+        for name, idx in added.items():
+            log.warning("interface %s (ifindex %d) appeared: attaching", name, idx)
+            self.ifindex[name] = idx
+            self.ifaces_added += 1
+            for s in self.signals:
+                try:
+                    s.add_interface(name, idx)
+                except Exception as e:  # it may be gone again already
+                    self.iface_errors += 1
+                    log.warning("%s: attaching to %s failed: %s", s.name, name, e)
+
     def run(self) -> None:
-        """Export every interval until :attr:`stop_event` is set; reload on request."""
+        """Export every interval until :attr:`stop_event` is set; reload on request;
+        look for new interfaces every second in between."""
         next_at = time.monotonic() + self.config.interval_s
+        next_watch = time.monotonic() + WATCH_EVERY_S
         while not self.stop_event.wait(max(0.0, min(0.2, next_at - time.monotonic()))):
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
                 next_at = min(next_at, time.monotonic() + self.config.interval_s)
+            if time.monotonic() >= next_watch:
+                next_watch = time.monotonic() + WATCH_EVERY_S
+                try:
+                    self.watch_interfaces()
+                except Exception:
+                    self.collect_errors += 1
+                    log.exception("interface watch failed")
             if time.monotonic() < next_at:
                 continue
             self.collect_and_export()

@@ -73,7 +73,8 @@ def run_options(f: Callable) -> Callable:
     long names, the configuration file's keys: see :mod:`.configfile`)."""
     decorators = [
         click.option("--iface", "ifaces", multiple=True, metavar="IFACE",
-                     help="Interface to watch (repeatable). Needed by flows and dns."),
+                     help="Interface to watch (repeatable), or a glob ('veth*') matched again "
+                     "while running. Needed by flows and dns."),
         click.option("--signals", callback=_csv, metavar="LIST",
                      help=f"Comma-separated signals [default: all of {','.join(ALL_SIGNALS)}]."),
         _otlp_options,
@@ -132,6 +133,10 @@ def run_options(f: Callable) -> Callable:
                           "~85 ns per BPF program run [off]."),
         click.option("--cgroup", "cgroup_path", metavar="PATH",
                      help="cgroup v2 directory for sock_ops [where cgroup2 is mounted]."),
+        click.option("--attribution",
+                     type=click.Choice(["none", "namespace", "container", "process"]),
+                     help="Pod/container resources: none, namespace (pod), container (pod and "
+                     "container), process (also pid on metrics) [container]."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False), metavar="FILE",
                      help="YAML configuration file; keys are these options' long names."),
         click.option("--strict/--no-strict", default=None,

@@ -82,6 +82,10 @@ class AgentConfig:
     # while on, costing every BPF program run on the host ~85 ns here
     # (bench/pktcost.py): off unless asked for
     bpf_stats: bool = False
+    # workload attribution (signals/attribution.py): none|namespace|container|process
+    attribution: str = "container"
+    node_name: str = field(default_factory=lambda: os.environ.get("K8S_NODE_NAME", "").strip()
+                           or socket.gethostname())
     # ring buffers
     ringbuf_bytes: int = 4 << 20
     ringbuf_wakeup_bytes: int = 64 << 10

@@ -13,6 +13,7 @@ CASES = [
     (["run", "--iface", "lo", "--dns-ports", "0"], "ports must be between 1 and 65535"),
     (["run", "--iface", "lo", "--dns-ports", "x"], "comma-separated list of port numbers"),
     (["run", "--iface", "lo", "--flow-hook", "tcx"], "'tcx' is not one of"),
+    (["run", "--iface", "lo", "--attribution", "pod"], "'pod' is not one of"),
     (["run", "--iface", "lo", "--max-flows", "0"], "0 is not in the range"),
     (["run", "--iface", "lo", "--flow-attributes", "source.address,pod"], "unknown attributes"),
     (["run", "--iface", "lo", "--header", "novalue"], "bad header 'novalue'"),

@@ -24,6 +24,7 @@ from . import sums as _sums
 from .histogram import BatchHistogram
 from .instruments import SeriesTracker, TrackedMeter
 from .logs import LogBatch
+from .resources import ResourceKey, split_metrics
 from .sdk import SdkMetrics
 from .semconv import DURATION_BUCKETS, SCOPE
 from .sender import OtlpSender
@@ -75,6 +76,7 @@ class Exporter:
         self.logs = LogBatch(self.resource_attributes, SCOPE, self._send_logs)
         self._histograms: list[BatchHistogram] = []
         self._pb_resource = resource_message(self.resource_attributes)
+        self._resource_cache: dict[ResourceKey | None, bytes] = {}
         self.histogram_failures = 0
         self._closed = False
         self._register_health()
@@ -116,21 +118,62 @@ class Exporter:
 
     def send_sums(self, metrics: Sequence[_sums.SumMetric], attrs: Sequence[bytes],
                   values: np.ndarray, start_ns: np.ndarray, time_ns: int,
-                  chunk: int = MAX_SERIES_PER_REQUEST) -> np.ndarray:
+                  chunk: int = MAX_SERIES_PER_REQUEST,
+                  resources: Sequence[ResourceKey | None] | None = None,
+                  resource_index: np.ndarray | None = None) -> np.ndarray:
         """Monotonic sums from arrays (see :func:`sums.encode_sums`), in requests of at
         most ``chunk`` series; stops at the first failure. Returns which series were
-        delivered."""
+        delivered.
+
+        ``resources[resource_index[i]]`` is the resource key of series i (None: the
+        host resource); without them every series is the host's. A request then
+        holds one ``ResourceMetrics`` per resource among its series.
+        """
         n = len(attrs)
         delivered = np.zeros(n, bool)
+        if resources is None or resource_index is None or len(resources) <= 1:
+            order = None
+            res = [self._resource_bytes(resources[0] if resources else None)]
+            rid = np.zeros(n, np.int64)
+        else:
+            order = np.argsort(resource_index, kind="stable")
+            attrs = [attrs[i] for i in order.tolist()]
+            values, start_ns = values[order], start_ns[order]
+            rid = np.asarray(resource_index)[order]
+            res = [self._resource_bytes(r) for r in resources]
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
-            body = _sums.encode_sums(self.resource_attributes, SCOPE, self.scope_version,
-                                     metrics, attrs[lo:hi], values[lo:hi], start_ns[lo:hi],
-                                     time_ns, self.sum_temporality)
+            cut = np.flatnonzero(np.diff(rid[lo:hi])) + 1
+            starts = [0, *cut.tolist()]
+            stops = [*cut.tolist(), hi - lo]
+            groups = [(res[int(rid[lo + a])], a, b) for a, b in zip(starts, stops)]
+            body = _sums.encode_sums_grouped(groups, SCOPE, self.scope_version, metrics,
+                                             attrs[lo:hi], values[lo:hi], start_ns[lo:hi],
+                                             time_ns, self.sum_temporality)
             if not self.senders["metrics"].send(body, self.timeout_s):
                 break
             delivered[lo:hi] = True
+        if order is not None:
+            out = np.zeros(n, bool)
+            out[order] = delivered
+            return out
         return delivered
+
+    def _resource_bytes(self, key: ResourceKey | None) -> bytes:
+        """The serialised ``Resource`` of ``key`` (cached, bounded)."""
+        b = self._resource_cache.get(key)
+        if b is None:
+            if len(self._resource_cache) >= 4096:
+                self._resource_cache.clear()
+            b = self._resource_cache[key] = resource_message(
+                self.resource_for(key)).SerializeToString()
+        return b
+
+    def resource_for(self, key: ResourceKey | None) -> dict:
+        """The attributes of the resource ``key`` names (the host's for None)."""
+        if not key:
+            return self.resource_attributes
+        return {**self.resource_attributes, **dict(key)}
 
     # --- once per interval (export thread) ---------------------------------------
     def export(self) -> bool:
@@ -144,10 +187,10 @@ class Exporter:
         parts = [(h, m) for h in self._histograms if (m := h.metric()) is not None]
         if not parts:
             return True
-        req = ExportMetricsServiceRequest(resource_metrics=[ResourceMetrics(
+        req = split_metrics(ExportMetricsServiceRequest(resource_metrics=[ResourceMetrics(
             resource=self._pb_resource, scope_metrics=[ScopeMetrics(
                 scope=InstrumentationScope(name=SCOPE, version=self.scope_version),
-                metrics=[m for _, (m, _) in parts])])])
+                metrics=[m for _, (m, _) in parts])])]))
         ok = self.senders["metrics"].send(req.SerializeToString(), self.timeout_s)
         for h, (_, count) in parts:
             h.exports += 1

@@ -10,6 +10,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
 
+from .resources import RESOURCE_KEYS, ResourceKey, resource_key
 from .wire import any_value, resource_message
 
 SEVERITY_WARN = 13
@@ -22,11 +23,12 @@ class LogBatch:
 
     def __init__(self, resource_attributes: dict, scope: str, send: Callable[[bytes], bool],
                  max_queue: int = 10000):
+        self._base = dict(resource_attributes)
         self._resource = resource_message(resource_attributes)
         self._scope = InstrumentationScope(name=scope)
         self._send = send
         self.max_queue = max_queue
-        self._queue: list[LogRecord] = []
+        self._queue: list[tuple[ResourceKey | None, LogRecord]] = []
         self._lock = threading.Lock()
         self.exported = 0
         self.dropped: Counter[str] = Counter()
@@ -35,6 +37,10 @@ class LogBatch:
     def emit(self, *, timestamp: int, body: str, attributes: dict,
              severity_number: int = SEVERITY_WARN, severity_text: str = "WARN",
              event_name: str = "") -> None:
+        # Workload attributes (see .resources) go to the record's resource.
+        res = resource_key({k: v for k, v in attributes.items() if k in RESOURCE_KEYS})
+        if res:
+            attributes = {k: v for k, v in attributes.items() if k not in RESOURCE_KEYS}
         rec = LogRecord(time_unix_nano=timestamp, observed_time_unix_nano=timestamp,
                         severity_number=severity_number, severity_text=severity_text,
                         body=any_value(body),
@@ -48,15 +54,20 @@ class LogBatch:
             elif len(self._queue) >= self.max_queue:
                 self.dropped["queue_full"] += 1
             else:
-                self._queue.append(rec)
+                self._queue.append((res, rec))
 
     def flush(self) -> bool:
         with self._lock:
             batch, self._queue = self._queue, []
         if not batch:
             return True
+        groups: dict[ResourceKey | None, list[LogRecord]] = {}
+        for res, rec in batch:
+            groups.setdefault(res, []).append(rec)
         req = ExportLogsServiceRequest(resource_logs=[ResourceLogs(
-            resource=self._resource, scope_logs=[ScopeLogs(scope=self._scope, log_records=batch)])])
+            resource=resource_message({**self._base, **dict(res)}) if res else self._resource,
+            scope_logs=[ScopeLogs(scope=self._scope, log_records=recs)])
+            for res, recs in groups.items()])
         try:
             ok = self._send(req.SerializeToString())
         except Exception:  # the sender never raises; a bug here must not stop export

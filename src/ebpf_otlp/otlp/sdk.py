@@ -30,6 +30,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 
+from .resources import split_metrics
 from .semconv import DURATION_BUCKETS, SCOPE
 from .sender import OtlpSender
 
@@ -66,7 +67,7 @@ class _SenderExporter(MetricExporter):
         try:
             if self.on_data is not None:
                 self.on_data(metrics_data)
-            body = encode_metrics(metrics_data).SerializeToString()
+            body = split_metrics(encode_metrics(metrics_data)).SerializeToString()
         except Exception:
             log.exception("encoding metrics failed")
             return MetricExportResult.FAILURE

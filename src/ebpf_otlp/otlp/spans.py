@@ -45,6 +45,7 @@ class SpanRecord(NamedTuple):
     kind: int = SPAN_KIND_CLIENT
     trace_id: bytes | None = None  # 16 bytes: join this trace (a traceparent seen)
     parent_span_id: bytes | None = None  # 8 bytes
+    resource: tuple | None = None  # a resources.resource_key (pod/container); None: host
 
 
 SpanItem = SpanRecord
@@ -58,6 +59,7 @@ class SpanGroup(NamedTuple):
     attributes: Sequence[tuple[str, object]]
     error: str | None = None
     kind: int = SPAN_KIND_CLIENT
+    resource: tuple | None = None  # a resources.resource_key (pod/container); None: host
 
 
 # trace_id (field 1), span_id (2), start (7) and end (8) times: the fixed part of a span
@@ -71,7 +73,9 @@ class SpanEncoder:
     """Encodes span tuples into one request; ``KeyValue`` bytes are cached."""
 
     def __init__(self, resource_attributes: dict, scope: str, cache_size: int = 65536):
+        self._base = dict(resource_attributes)
         self._resource_field = field(1, resource_message(resource_attributes).SerializeToString())
+        self._resource_fields: dict[tuple, bytes] = {}
         self._scope_field = field(1, InstrumentationScope(name=scope).SerializeToString())
         self._kv: dict[tuple[str, object], bytes] = {}
         self._names: dict[str, bytes] = {}
@@ -116,11 +120,16 @@ class SpanEncoder:
             body.append(field(15, field(2, error.encode()) + b"\x18" + varint(STATUS_ERROR)))
         return field(2, b"".join(body))  # ScopeSpans.spans
 
-    def spans(self, items: Sequence[SpanItem]) -> list[bytes]:
-        """Encoded spans, each with fresh random trace and span ids."""
+    def spans(self, items: Sequence[SpanItem]) -> list[bytes | tuple[tuple, bytes]]:
+        """Encoded spans, each with fresh random trace and span ids; a span with a
+        resource key comes as (key, bytes)."""
         ids = os.urandom(24 * len(items))
-        return [self.span(ids[24 * i:24 * i + 16], ids[24 * i + 16:24 * i + 24], it)
-                for i, it in enumerate(items)]
+        out: list[bytes | tuple[tuple, bytes]] = []
+        for i, it in enumerate(items):
+            b = self.span(ids[24 * i:24 * i + 16], ids[24 * i + 16:24 * i + 24], it)
+            res = it[8] if len(it) > 8 else None
+            out.append((res, b) if res else b)
+        return out
 
     def _group_bytes(self, g: SpanGroup) -> bytes:
         """Everything of a span that a group shares, encoded once (cached, bounded)."""
@@ -140,7 +149,8 @@ class SpanEncoder:
 
     def grouped(self, start_ns: np.ndarray, end_ns: np.ndarray, group: np.ndarray,
                 groups: Sequence[SpanGroup],
-                columns: Sequence[tuple[str, Sequence[object]]] = ()) -> list[bytes]:
+                columns: Sequence[tuple[str, Sequence[object]]] = ()
+                ) -> list[bytes | tuple[tuple, bytes]]:
         """Encoded spans from columns: span ``i`` belongs to ``groups[group[i]]``
         and has, besides, one attribute per column (``None``: absent).
 
@@ -169,16 +179,36 @@ class SpanEncoder:
         small = _SMALL_LEN
         out = []
         append = out.append
+        res = [g.resource for g in groups]
         for i, g in enumerate(np.asarray(group).tolist()):
             body = b"".join([blob[i * w:(i + 1) * w], heads[g], *[c[i] for c in cols]])
             ln = len(body)
-            append(b"\x12" + (small[ln] if ln < 16384 else varint(ln)) + body)
+            b = b"\x12" + (small[ln] if ln < 16384 else varint(ln)) + body
+            append((res[g], b) if res[g] else b)  # a pod's/container's: see wrap()
         return out
 
-    def wrap(self, spans: Sequence[bytes]) -> bytes:
-        """An ``ExportTraceServiceRequest`` (one resource, one scope) around encoded spans."""
-        scope_spans = field(2, self._scope_field + b"".join(spans))
-        return field(1, self._resource_field + scope_spans)
+    def _resource(self, key: tuple | None) -> bytes:
+        if not key:
+            return self._resource_field
+        f = self._resource_fields.get(key)
+        if f is None:
+            if len(self._resource_fields) >= 4096:
+                self._resource_fields.clear()  # bounded; pods come back at once
+            f = self._resource_fields[key] = field(1, resource_message(
+                {**self._base, **dict(key)}).SerializeToString())
+        return f
+
+    def wrap(self, spans: Sequence[bytes | tuple[tuple, bytes]]) -> bytes:
+        """An ``ExportTraceServiceRequest`` around encoded spans: one
+        ``ResourceSpans`` per resource among them (one scope each)."""
+        groups: dict[tuple | None, list[bytes]] = {}
+        for s in spans:
+            if isinstance(s, tuple):
+                groups.setdefault(s[0], []).append(s[1])
+            else:
+                groups.setdefault(None, []).append(s)
+        return b"".join(field(1, self._resource(k) + field(2, self._scope_field + b"".join(v)))
+                        for k, v in groups.items())
 
     def request(self, items: Sequence[SpanItem]) -> bytes:
         return self.wrap(self.spans(items))
@@ -200,7 +230,7 @@ class SpanBatchExporter:
         self.flush_interval_s = flush_interval_s
         # Spans wait already encoded: bytes are invisible to the cyclic GC, while
         # thousands of queued attribute tuples made its collections cost ~30%.
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[bytes | tuple[tuple, bytes]] = deque()
         self._cond = threading.Condition()
         self._stop = False
         self._flush_req = False
@@ -258,7 +288,7 @@ class SpanBatchExporter:
             self._thread = threading.Thread(target=self._run, name="span-sender", daemon=True)
         self._thread.start()
 
-    def _take(self) -> list[bytes]:
+    def _take(self) -> list[bytes | tuple[tuple, bytes]]:
         q = self._queue
         n = min(len(q), self.max_batch)
         return [q.popleft() for _ in range(n)]
@@ -281,7 +311,7 @@ class SpanBatchExporter:
             if stopping and not self._queue:
                 return
 
-    def _export(self, batch: list[bytes]) -> None:
+    def _export(self, batch: list[bytes | tuple[tuple, bytes]]) -> None:
         try:
             data = self.encoder.wrap(batch)
             ok = self._send(data)

@@ -71,6 +71,10 @@ class Signal(ABC):
         ``changed`` names the fields that differ. False: the agent restarts the signal."""
         return False
 
+    def add_interface(self, name: str, ifindex: int) -> None:  # noqa: B027 (optional hook)
+        """Attach to an interface that appeared while running (a new ``--iface`` glob
+        match, or a watched interface created again with a new index); export thread."""
+
     def programs(self) -> list[Program]:
         return [p for o in self.objects if o.loaded for p in o.programs.values()
                 if p.autoload]

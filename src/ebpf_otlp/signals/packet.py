@@ -317,6 +317,32 @@ class PacketDatapath:
         h.attachments.clear()
         h.ifindex = 0
 
+    def add_interface(self, name: str, ifindex: int) -> None:
+        """Attach to ``name`` now: a new ``--iface`` glob match, or a watched interface
+        created again (agent.watch_interfaces, every second). Both signals call it;
+        the second call, like :meth:`refresh` later, finds it attached already."""
+        with self._lock:
+            if self.obj is None:
+                return
+            h = self.hooks.get(name)
+            known = h is not None
+            if h is None:
+                h = self.hooks[name] = Hook(name)
+            elif h.ifindex == ifindex:
+                return
+            old = h.ifindex
+            if old:
+                self._detach(h)
+            try:
+                if self._attach(h) and known:  # a watched interface that came back
+                    self.reattached += 1
+                    h.gone_logged = False
+                    log.warning("interface %s is back (ifindex %d, was %d): re-attached",
+                                name, h.ifindex, old)
+            except (BpfError, KeyError):
+                self._detach(h)
+                raise
+
     def refresh(self) -> None:
         """Re-attach interfaces that came back under a new ifindex."""
         with self._lock:

@@ -27,6 +27,7 @@ from ...platform.host import epoch_offset_ns, in_initial_pid_namespace, libc_pat
 from ...platform.layout import constant, record_dtype
 from ...platform.libbpf import BpfError
 from ...platform.ringbuf import RingBuffer
+from ..attribution import shared as shared_attribution
 from ..base import Signal
 from ..batch import group, split
 from ..packet import PacketDatapath
@@ -101,6 +102,9 @@ class DnsSignal(Signal):
             "dns.getaddrinfo.duration", "s",
             "getaddrinfo() calls as applications saw them (libc uprobes): caches and "
             "/etc/hosts included"), config.dns_names)
+        self.attribution = shared_attribution(config, exporter)
+        if self.attribution.enabled:
+            self.gai.resource = self.attribution.socket
         self._register_health()
 
     # --- lifecycle -------------------------------------------------------------
@@ -130,6 +134,11 @@ class DnsSignal(Signal):
             log.warning("getaddrinfo uprobes not loaded (%s); DNS on the wire only", e)
             return
         self._attach_gai(obj, libc)
+
+    def add_interface(self, name: str, ifindex: int) -> None:
+        """Capture on an interface that appeared while running (agent.watch_interfaces)."""
+        if self.dp is not None:
+            self.dp.add_interface(name, ifindex)
 
     def _load_gai(self) -> BpfObject:
         obj = BpfObject.open_packaged("dns")
@@ -182,16 +191,17 @@ class DnsSignal(Signal):
             qc, self._query_counts = self._query_counts, Counter()
             rc, self._response_counts = self._response_counts, Counter()
         names = self.config.dns_names
-        for (qtype, server, port, proto, _fam, qname), n in qc.items():
+        for (qtype, server, port, proto, _fam, qname, ifx), n in qc.items():
             a = {"dns.question.type": qtype, "server.address": self.addrs.text(server),
-                 "server.port": port, "network.transport": transport(proto)}
+                 "server.port": port, "network.transport": transport(proto),
+                 **self._workload(ifx)}
             if names:
                 a["dns.question.name"] = qname
             self.queries.add(n, a)
-        for (qtype, rcode, server, port, proto, _fam, qname), n in rc.items():
+        for (qtype, rcode, server, port, proto, _fam, qname, ifx), n in rc.items():
             a = {"dns.question.type": qtype, "dns.response_code": rcode_text(rcode),
                  "server.address": self.addrs.text(server), "server.port": port,
-                 "network.transport": transport(proto)}
+                 "network.transport": transport(proto), **self._workload(ifx)}
             if names:
                 a["dns.question.name"] = qname
             self.responses.add(n, a)
@@ -310,18 +320,23 @@ class DnsSignal(Signal):
             sel = d.response == resp
             if not sel.any():
                 continue
-            r = sub[sel]
-            server = r["saddr"] if resp else r["daddr"]
-            port = r["sport"] if resp else r["dport"]
-            rows, n = lookups.group_rows(d.question[sel], server, port, r["proto"],
-                                         r["family"], d.rcode[sel] if resp else None)
-            for (q, addr, p, proto, fam, rc), c in zip(rows, n):
-                name, qtype = qs[q]
-                lname = name.lower() if names else None
-                if resp:
-                    counts[(qtype, rc, addr, p, proto, fam, lname)] += c
-                else:
-                    counts[(qtype, addr, p, proto, fam, lname)] += c
+            r, question = sub[sel], d.question[sel]
+            rcode = d.rcode[sel] if resp else None
+            ifxs = r["ifindex"]
+            for ifx in np.unique(ifxs).tolist():  # per interface: its workload's resource
+                m = ifxs == ifx
+                ri = r[m]
+                server = ri["saddr"] if resp else ri["daddr"]
+                port = ri["sport"] if resp else ri["dport"]
+                rows, n = lookups.group_rows(question[m], server, port, ri["proto"],
+                                             ri["family"], rcode[m] if resp else None)
+                for (q, addr, p, proto, fam, rc), c in zip(rows, n):
+                    name, qtype = qs[q]
+                    lname = name.lower() if names else None
+                    if resp:
+                        counts[(qtype, rc, addr, p, proto, fam, lname, ifx)] += c
+                    else:
+                        counts[(qtype, addr, p, proto, fam, lname, ifx)] += c
 
     def _one_by_one(self, sub: np.ndarray, d, keys: np.ndarray, rest: np.ndarray
                     ) -> list[tuple[Query, int, int, int]]:
@@ -377,6 +392,10 @@ class DnsSignal(Signal):
             self._servers[key] = v
         return v
 
+    def _workload(self, ifindex: int) -> dict[str, str]:
+        """Resource attributes of the pod or container behind a watched interface."""
+        return self.attribution.interface(ifindex) if self.attribution.enabled else {}
+
     def _span_group(self, question: tuple[str, str], sa: bytes, sp: int, proto: int, fam: int,
                     ifx: int, rcode: int) -> tuple[SpanGroup, tuple]:
         """The span group and the dns.lookup.duration attributes of lookups sharing these."""
@@ -399,7 +418,9 @@ class DnsSignal(Signal):
             hist += (("dns.response_code", rc),)
             if err is not None:
                 hist += (("error.type", err),)
-        return SpanGroup("DNS " + qtype, attrs, err), hist
+        w = self._workload(ifx)  # the pod/container behind the interface: its resource
+        return SpanGroup("DNS " + qtype, attrs, err,
+                         resource=self.attribution.key(w)), hist + tuple(w.items())
 
     def _emit(self, lk: lookups.Lookups, questions: list[tuple[str, str]], offset: int) -> None:
         """One span and one dns.lookup.duration value per lookup, from columns:

@@ -31,6 +31,8 @@ class GaiMetrics:
         self.histogram = histogram
         self.names = names
         self.calls = 0
+        # cgroup id -> resource attributes (signals/attribution.py); None: off
+        self.resource = None
 
     def on_batch(self, recs: np.ndarray) -> None:
         items = []
@@ -39,12 +41,19 @@ class GaiMetrics:
         qnames = ([n.split(b"\0", 1)[0].decode(errors="replace").rstrip(".").lower() for n in
                    recs["name"].view(f"S{recs['name'].shape[1]}").ravel().tolist()]
                   if self.names else None)
+        res = None
+        if self.resource is not None:
+            by_cg = {c: tuple(self.resource(c, 0).items())
+                     for c in set(recs["cgroup_id"].tolist())}
+            res = [by_cg[c] for c in recs["cgroup_id"].tolist()]
         for i, (ret, dur) in enumerate(zip(recs["ret"].tolist(), recs["duration_ns"].tolist())):
             key: tuple = (("process.executable.name", comms[i]),)
             if ret != 0:
                 key += (("error.type", EAI_NAMES.get(ret, str(ret))),)
             if qnames is not None:
                 key += (("dns.question.name", qnames[i]),)
+            if res is not None:
+                key += res[i]
             items.append((key, dur / 1e9))
         self.calls += len(items)
         self.histogram.record_batch(items)

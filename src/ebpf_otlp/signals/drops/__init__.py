@@ -8,6 +8,7 @@ the idle table in one batch and adds each row to ``network.packet.drops``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from ...platform.host import epoch_offset_ns
 from ...platform.kallsyms import KernelSymbols
 from ...platform.layout import constant
 from ...platform.tables import AlternatingTables
+from ..attribution import shared as shared_attribution
 from ..base import Signal
 from .decode import DropDecoder, key_dtype
 from .logs import FirstDropLogger
@@ -31,6 +33,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROGRAM = "on_kfree_skb"
+# No semantic convention names a network namespace: the inode (as `ip netns
+# identify` / /proc/PID/ns/net show it) under our own prefix.
+NETNS_ATTRIBUTE = "ebpf_otlp.network.namespace"
 TABLES = ("drops_0", "drops_1")
 LOG_RATE_PER_S = 10.0
 LOG_BURST = 100.0
@@ -56,6 +61,7 @@ class DropsSignal(Signal):
         self.counter = telemetry.meter.create_counter(
             "network.packet.drops", unit="{packet}",
             description="packets the kernel dropped, by its drop reason")
+        self.attribution = shared_attribution(config, exporter)
         telemetry.observe("ebpf_otlp.drops.overflow", "{packet}",
                           "drops counted without their flow: the drop table was full",
                           self._overflow_points)
@@ -133,8 +139,15 @@ class DropsSignal(Signal):
             self.symbols.resolve(set(loc.tolist()))
         offset = epoch_offset_ns()
         rows = []
+        host_ns = self.decoder.netns if self.decoder is not None else 0
         for row in self.decoder.rows(keys, values):
-            self.counter.add(row.packets, row.attributes)
+            attrs = row.attributes
+            if self.attribution.enabled and row.netns and row.netns != host_ns:
+                # Not the host's namespace: name it, and its pod/container as resource.
+                attrs = {**attrs, NETNS_ATTRIBUTE: row.netns,
+                         **self.attribution.netns(row.netns)}
+                row = dataclasses.replace(row, attributes=attrs)
+            self.counter.add(row.packets, attrs)
             self.drained_packets += row.packets
             if self.first_drops is not None:
                 self.first_drops.offer(row, offset)

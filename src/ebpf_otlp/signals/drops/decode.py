@@ -43,6 +43,7 @@ class DropRow:
     first_ns: int  # CLOCK_MONOTONIC
     reason: int
     location: int
+    netns: int = 0  # inode of the namespace the kernel freed the packet in; 0 unknown
 
 
 class DropDecoder:
@@ -110,4 +111,5 @@ class DropDecoder:
                                       int(rec["netns"]))
                 if ifname:
                     attrs["network.interface.name"] = ifname
-            yield DropRow(attrs, int(v[i]["packets"]), int(v[i]["first_ns"]), reason, location)
+            yield DropRow(attrs, int(v[i]["packets"]), int(v[i]["first_ns"]), reason, location,
+                          int(rec["netns"]))

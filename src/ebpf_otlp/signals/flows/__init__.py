@@ -24,6 +24,7 @@ from ...otlp.sums import SumMetric
 from ...platform.bpfobj import BpfObject
 from ...platform.maps import Map
 from ...platform.tables import AlternatingTables
+from ..attribution import shared as shared_attribution
 from ..base import Signal
 from ..packet import PacketDatapath
 from . import agg
@@ -62,6 +63,7 @@ class FlowsSignal(Signal):
         self.last_entries = 0
         self.flows_drained = 0
         self._ovf_cache: list[tuple[dict, np.ndarray]] = []
+        self.attribution = shared_attribution(config, exporter)
         self._register_health()
 
     # --- lifecycle ----------------------------------------------------------------
@@ -91,6 +93,11 @@ class FlowsSignal(Signal):
             return False
         self.config = config
         return True
+
+    def add_interface(self, name: str, ifindex: int) -> None:
+        """Attach to an interface that appeared while running (agent.watch_interfaces)."""
+        if self.dp is not None:
+            self.dp.add_interface(name, ifindex)
 
     def close(self) -> None:
         """Detach, drain both tables (the agent exports once more after), free the maps."""
@@ -145,8 +152,21 @@ class FlowsSignal(Signal):
             attrs = fattrs.encoded(st.series, self.kept, self.ifnames)
             # What was not delivered stays pending (delta) for the next interval;
             # the failed request is counted by the exporter's sender.
+            resources, index = self._resources(st.series)
             st.exported(self.exporter.send_sums(METRICS, attrs, st.counts, st.start_ns,
-                                                time.time_ns()))
+                                                time.time_ns(), resources=resources,
+                                                resource_index=index))
+
+    def _resources(self, series: np.ndarray) -> tuple[list | None, np.ndarray | None]:
+        """Per series, the resource of the workload behind its interface (a veth
+        whose peer is a pod's or container's namespace); host interfaces: none."""
+        if not self.attribution.enabled or not len(series):
+            return None, None
+        ifx, index = np.unique(series["key"]["ifindex"], return_inverse=True)
+        keys = [self.attribution.key(self.attribution.interface(int(i))) for i in ifx]
+        if not any(keys):
+            return None, None
+        return keys, index.reshape(-1)
 
     # --- health ------------------------------------------------------------------------
     def _read_overflow(self) -> list[tuple[dict, np.ndarray]]:

@@ -27,6 +27,7 @@ from ...platform.layout import constant
 from ...platform.libbpf import BpfError
 from ...platform.ringbuf import RingBuffer
 from ...platform.tables import AlternatingTables
+from ..attribution import shared as shared_attribution
 from ..base import Signal
 from . import agg, counters
 from .kernel import OPTIONAL, VARIANTS, attach_sockops
@@ -90,6 +91,11 @@ class TcpSignal(Signal):
         self.bytes = m.create_counter("network.tcp.bytes", "By",
                                       "payload bytes of closed connections, per direction")
         self.spans = config.tcp_spans
+        self.attribution = shared_attribution(config, exporter)
+        if self.attribution.enabled:
+            self.mapper.resource = self.attribution.socket
+            if self.attribution.per_process:
+                self.mapper.keep |= {"process.pid", "process.executable.name"}
         self._ring: RingBuffer | None = None
         self._obj: BpfObject | None = None
         self._tables: AlternatingTables | None = None
@@ -295,8 +301,11 @@ class TcpSignal(Signal):
             attrs["network.tcp.handshake.duration"] = (est - int(rec["start_ns"])) / 1e9
         server = attrs["network.tcp.handshake.role"] == "server"
         name = f"tcp {'accept' if server else 'connect'} {attrs['server.port']}"
+        res = (self.attribution.key(self.attribution.socket(int(rec["cgroup_id"]),
+                                                            int(rec["netns"])))
+               if self.attribution.enabled else None)
         return SpanRecord(start_ns, max(end_ns, start_ns), name, tuple(attrs.items()), error,
-                          SPAN_KIND_SERVER if server else SPAN_KIND_CLIENT)
+                          SPAN_KIND_SERVER if server else SPAN_KIND_CLIENT, resource=res)
 
     # --- counters (export thread) ----------------------------------------------------
     def collect(self) -> None:
@@ -327,6 +336,8 @@ class TcpSignal(Signal):
             attrs = dict(self.mapper.base(int(k["role"]), k["saddr"].tobytes(),
                                           k["caddr"].tobytes(), int(k["sport"]),
                                           int(k["cport"])))
+            if self.mapper.resource is not None:
+                attrs.update(self.mapper.resource(int(k["cgroup_id"]), int(k["netns"])))
             if len(self._keys) >= 65536:  # bounded: addresses churn
                 self._keys.clear()
             self._keys[kb] = attrs

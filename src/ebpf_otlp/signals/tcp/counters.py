@@ -38,7 +38,8 @@ def fold(keys: np.ndarray, vals: np.ndarray) -> list[tuple[bytes, int, int]]:
     keys = np.ascontiguousarray(keys[:, :CKEY.itemsize]).copy()
     kinds = keys[:, _KIND_OFF].astype(np.int64)
     keys[:, _KIND_OFF] = 0
-    keys[:, CKEY.fields["pad"][1]:] = 0
+    pad_dt, pad_off = CKEY.fields["pad"][:2]
+    keys[:, pad_off:pad_off + pad_dt.itemsize] = 0  # only the padding: fields follow it
     delta = np.ascontiguousarray(vals[:, :8]).view("<i8").reshape(n)
     rows = np.concatenate([keys, kinds.astype(np.uint8).reshape(n, 1)], axis=1)
     uniq, inv = np.unique(rows.view(np.dtype((np.void, rows.shape[1]))).ravel(),

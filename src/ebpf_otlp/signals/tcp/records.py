@@ -7,7 +7,7 @@ arrays. The record layouts come from ``bpf/tcp.h``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -74,6 +74,9 @@ class AttributeMapper:
                              f"choose from {', '.join(CONN_ATTRIBUTES)}")
         self.keep = frozenset(keep)
         self._rows: dict[tuple[bytes, bool], dict] = {}
+        # (cgroup id, netns inode) -> resource attributes added to every group
+        # (signals/attribution.py); None: no attribution
+        self.resource: Callable[[int, int], dict] | None = None
 
     def base(self, role: int, saddr: bytes, caddr: bytes, sport: int, cport: int
              ) -> tuple[tuple[str, object], ...]:
@@ -130,6 +133,9 @@ class AttributeMapper:
             cols.append(col("pid", 4))
             if "process.executable.name" in keep:
                 cols.append(col("comm", 16))
+        if self.resource is not None:  # one group per socket cgroup and namespace too
+            cols.append(col("cgroup_id", 8))
+            cols.append(col("netns", 4))
         mat = np.concatenate(cols, axis=1)
         rows, inverse = np.unique(mat.view(np.dtype((np.void, mat.shape[1]))).ravel(),
                                   return_inverse=True)
@@ -155,6 +161,8 @@ class AttributeMapper:
             a["process.pid"] = pid
         if pid and "process.executable.name" in self.keep:
             a["process.executable.name"] = comm(rec["comm"].tobytes())
+        if self.resource is not None:
+            a.update(self.resource(int(rec["cgroup_id"]), int(rec["netns"])))
         if len(self._rows) >= 65536:  # bounded: addresses churn
             self._rows.clear()
         self._rows[key] = a
