@@ -411,3 +411,32 @@ class PacketDatapath:
                     out[(h.name, d)] = silent
             self.silent.update(out)
         return out
+
+
+class PacketHooks:
+    """What the signals that share the packet datapath (flows, DNS at TC) do alike:
+    their ``dp`` is that datapath, and interface changes go through it."""
+
+    dp: PacketDatapath | None
+    objects: list
+    config: object
+
+    def bpf_objects(self) -> list:
+        return [*self.objects, *([self.dp.obj] if self.dp is not None and self.dp.obj else [])]
+
+    def reconfigure(self, config: object, changed: set[str]) -> bool:
+        """SIGHUP with only the interface list changed: the shared packet hooks follow
+        it in place (the unchanged interfaces keep theirs, and the counts)."""
+        if changed != {"ifaces"} or self.dp is None or self.dp.xdp:
+            return False
+        try:
+            self.dp.set_ifaces(list(config.ifaces))
+        except OSError:
+            return False
+        self.config = config
+        return True
+
+    def add_interface(self, name: str, ifindex: int) -> None:
+        """Attach to an interface that appeared while running (agent.watch_interfaces)."""
+        if self.dp is not None:
+            self.dp.add_interface(name, ifindex)

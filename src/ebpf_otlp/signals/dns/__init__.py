@@ -30,7 +30,7 @@ from ...platform.ringbuf import RingBuffer
 from ..attribution import shared as shared_attribution
 from ..base import Signal
 from ..batch import group, split
-from ..packet import PacketDatapath
+from ..packet import PacketDatapath, PacketHooks
 from . import lookups
 from .decode import (
     Decoder,
@@ -60,7 +60,7 @@ BATCH_RECORDS = 4096
 BATCH_WAIT_NS = 200_000_000
 
 
-class DnsSignal(Signal):
+class DnsSignal(PacketHooks, Signal):
     name = "dns"
 
     def __init__(self, config, exporter):
@@ -134,11 +134,6 @@ class DnsSignal(Signal):
             log.warning("getaddrinfo uprobes not loaded (%s); DNS on the wire only", e)
             return
         self._attach_gai(obj, libc)
-
-    def add_interface(self, name: str, ifindex: int) -> None:
-        """Capture on an interface that appeared while running (agent.watch_interfaces)."""
-        if self.dp is not None:
-            self.dp.add_interface(name, ifindex)
 
     def _load_gai(self) -> BpfObject:
         obj = BpfObject.open_packaged("dns")
@@ -224,21 +219,6 @@ class DnsSignal(Signal):
         full, no_start = self._gai_seen
         return [(full, {"reason": "table_full"}), (no_start, {"reason": "no_start"}),
                 (self.gai_abandoned, {"reason": "abandoned"})]
-
-    def bpf_objects(self) -> list:
-        return [*self.objects, *([self.dp.obj] if self.dp is not None and self.dp.obj else [])]
-
-    def reconfigure(self, config: object, changed: set[str]) -> bool:
-        """SIGHUP with only the interface list changed: the shared packet hooks follow
-        it in place (the unchanged interfaces keep theirs, and the counts)."""
-        if changed != {"ifaces"} or self.dp is None or self.dp.xdp:
-            return False
-        try:
-            self.dp.set_ifaces(list(config.ifaces))
-        except OSError:
-            return False
-        self.config = config
-        return True
 
     def close(self) -> None:
         """Queries still waiting become timeouts now (the agent exports once more after)."""

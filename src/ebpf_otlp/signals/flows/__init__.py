@@ -26,7 +26,7 @@ from ...platform.maps import Map
 from ...platform.tables import AlternatingTables
 from ..attribution import shared as shared_attribution
 from ..base import Signal
-from ..packet import PacketDatapath
+from ..packet import PacketDatapath, PacketHooks
 from . import agg
 from . import attrs as fattrs
 
@@ -47,7 +47,7 @@ METRICS = (
 )
 
 
-class FlowsSignal(Signal):
+class FlowsSignal(PacketHooks, Signal):
     name = "flows"
 
     def __init__(self, config: AgentConfig, exporter: Exporter):
@@ -78,26 +78,6 @@ class FlowsSignal(Signal):
 
     def programs(self) -> list:
         return self.dp.programs(self.name) if self.dp is not None else []
-
-    def bpf_objects(self) -> list:
-        return [*self.objects, *([self.dp.obj] if self.dp is not None and self.dp.obj else [])]
-
-    def reconfigure(self, config: AgentConfig, changed: set[str]) -> bool:
-        """SIGHUP with only the interface list changed: the shared packet hooks follow
-        it in place (the unchanged interfaces keep theirs, and the counts)."""
-        if changed != {"ifaces"} or self.dp is None or self.dp.xdp:
-            return False
-        try:
-            self.dp.set_ifaces(list(config.ifaces))
-        except OSError:
-            return False
-        self.config = config
-        return True
-
-    def add_interface(self, name: str, ifindex: int) -> None:
-        """Attach to an interface that appeared while running (agent.watch_interfaces)."""
-        if self.dp is not None:
-            self.dp.add_interface(name, ifindex)
 
     def close(self) -> None:
         """Detach, drain both tables (the agent exports once more after), free the maps."""
