@@ -33,7 +33,7 @@
 
 /* tcp_stats indexes (per-CPU array of drop/health counters) */
 #define TCP_STAT_COUNTERS_FULL 0	/* counter map full: increment lost */
-#define TCP_STAT_SOCKS_FULL 1	/* socket table full: connection not tracked at all */
+#define TCP_STAT_SOCKS_FULL 1	/* socket table full: no per-connection records for it */
 #define TCP_STAT_SYN_MISS 2	/* server handshake without a recorded SYN time */
 #define TCP_STAT_STALE 3	/* entry of a freed socket found at reuse (its close was missed) */
 #define TCP_STAT_STORAGE_FAIL 4	/* sock_ops: no socket storage, connection left out of active */
