@@ -140,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
             with Agent(topo, topo.a, "--signals", "tcp,drops", "--tcp-max-sockets", str(TABLE),
                        "--max-flows", "256", "--interval", "10", "--endpoint",
                        "http://127.0.0.1:4318", log_name="long_run.log") as agent:
+                # ~400 connections/s close client-first: each leaves a client port in
+                # TIME_WAIT for 60 s, more than the default ephemeral range holds. Let
+                # the client namespace (ours, not the host) reuse them.
+                topo.run(topo.a, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1",
+                         "net.ipv4.ip_local_port_range=10000 65000")
                 server = topo.popen(topo.b, PY, "-c", SERVER, str(PORT), stdout=subprocess.PIPE,
                                     text=True, env=env())
                 assert server.stdout.readline().strip() == "ready"
