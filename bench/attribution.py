@@ -143,7 +143,7 @@ def export_size(res: Result, n: int, pods: int = 100) -> None:
     cfg = AgentConfig(endpoint="http://127.0.0.1:9")
     exp = Exporter(cfg.export_settings(), 1.0, cfg.cardinality_limit)
     bodies: list[int] = []
-    exp.senders["metrics"].send = lambda body, _t=None: bodies.append(len(body)) or True
+    exp.senders["metrics"].send = lambda body, _t=None, **_kw: bodies.append(len(body)) or True
     keys = [resource_key({"k8s.pod.uid": str(uuid.uuid4()), "container.id": secrets.token_hex(32),
                           "container.runtime.name": "containerd", "k8s.pod.ip": f"10.1.{i}.2",
                           "k8s.node.name": "node-1"}) for i in range(pods)]

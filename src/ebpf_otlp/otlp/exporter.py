@@ -27,7 +27,7 @@ from .logs import LogBatch
 from .resources import ResourceKey, split_metrics
 from .sdk import SdkMetrics
 from .semconv import DURATION_BUCKETS, SCOPE
-from .sender import OtlpSender
+from .sender import DEFAULT_QUEUE_BYTES, OtlpSender
 from .settings import ExportSettings
 from .spans import SpanBatchExporter, SpanGroup, SpanRecord
 from .wire import TEMPORALITY_CUMULATIVE, TEMPORALITY_DELTA, resource_message
@@ -51,12 +51,15 @@ def _version() -> str:
 class Exporter:
     """One agent run's OTLP output.
 
-    ``interval_s`` caps each request's time budget so that a collector that
-    is down or hangs delays one interval at most and is counted.
+    ``interval_s`` caps each request's time budget, on every OTLP signal, so
+    that a collector that is down or hangs delays one interval at most and is
+    counted. ``queue_bytes`` bounds, per OTLP signal, what waits for a retry
+    (delta metrics, spans, log records), and, for spans and logs, what waits to
+    be sent (see :meth:`set_queue_bytes`).
     """
 
     def __init__(self, settings: ExportSettings, interval_s: float, cardinality_limit: int,
-                 span_queue: int = 65536):
+                 span_queue: int = 65536, queue_bytes: int = DEFAULT_QUEUE_BYTES):
         self.settings = settings
         self.resource = Resource.create(settings.resource)
         self.resource_attributes = dict(self.resource.attributes)
@@ -64,6 +67,9 @@ class Exporter:
         self.timeout_s = min(settings.metrics.timeout_s, max(interval_s, 1.0))
         self.senders = {k: OtlpSender(k, settings.target(k)) for k in ("metrics", "traces",
                                                                         "logs")}
+        # each OTLP signal's request budget: its own timeout, capped at the interval
+        self.budget_s = {k: min(settings.target(k).timeout_s, max(interval_s, 1.0))
+                         for k in self.senders}
         self.temporality = settings.temporality
         self.cardinality_limit = cardinality_limit
         self.sdk = SdkMetrics(self.resource, self.senders["metrics"], self.temporality,
@@ -72,14 +78,25 @@ class Exporter:
         self.series = SeriesTracker(cardinality_limit, delta_counters=self.delta)
         self.meter = TrackedMeter(self.sdk.meter, self.series)
         self.spans = SpanBatchExporter(self.resource_attributes, self._send_traces,
-                                       scope=SCOPE, max_queue=span_queue)
-        self.logs = LogBatch(self.resource_attributes, SCOPE, self._send_logs)
+                                       scope=SCOPE, max_queue=span_queue, retry=True,
+                                       on_drop=self.senders["traces"].count_dropped)
+        self.logs = LogBatch(self.resource_attributes, SCOPE, self._send_logs, retry=True,
+                             on_drop=self.senders["logs"].count_dropped)
+        self.set_queue_bytes(queue_bytes)
         self._histograms: list[BatchHistogram] = []
         self._pb_resource = resource_message(self.resource_attributes)
         self._resource_cache: dict[ResourceKey | None, bytes] = {}
         self.histogram_failures = 0
         self._closed = False
         self._register_health()
+
+    def set_queue_bytes(self, n: int) -> None:
+        """Bound each OTLP signal's retry queue to ``n`` bytes of requests, and the
+        spans and log records waiting to be sent to ``n`` encoded bytes each."""
+        for x in self.senders.values():
+            x.max_queue_bytes = n
+        self.spans.max_queue_bytes = n
+        self.logs.max_queue_bytes = n
 
     # --- what signals use ------------------------------------------------------
     @property
@@ -169,6 +186,12 @@ class Exporter:
                 self.resource_for(key)).SerializeToString()
         return b
 
+    def count_dropped(self, kind: str, reason: str, items: int) -> None:
+        """Items (data points, spans, log records) of OTLP signal ``kind`` that a
+        signal gave up before export (e.g. delta series over its pending bound):
+        counted in ``ebpf_otlp.export.dropped{signal,reason}`` with the rest."""
+        self.senders[kind].count_dropped(reason, items)
+
     def resource_for(self, key: ResourceKey | None) -> dict:
         """The attributes of the resource ``key`` names (the host's for None)."""
         if not key:
@@ -191,13 +214,16 @@ class Exporter:
             resource=self._pb_resource, scope_metrics=[ScopeMetrics(
                 scope=InstrumentationScope(name=SCOPE, version=self.scope_version),
                 metrics=[m for _, (m, _) in parts])])]))
-        ok = self.senders["metrics"].send(req.SerializeToString(), self.timeout_s)
-        for h, (_, count) in parts:
+        # Delta points of a failed request exist nowhere else: the sender keeps the
+        # request for a retry, within its byte bound (what it evicts is counted there).
+        points = sum(len(m.histogram.data_points) for _, (m, _) in parts)
+        retain = any(h.delta for h, _ in parts)
+        ok = self.senders["metrics"].send(req.SerializeToString(), self.timeout_s,
+                                          retain=retain, items=points)
+        for h, _ in parts:
             h.exports += 1
             if not ok:
                 h.failures += 1
-                if h.delta:
-                    h.points_lost += count
         if not ok:
             self.histogram_failures += 1
         return ok
@@ -208,11 +234,13 @@ class Exporter:
             resource=self._pb_resource, scope_metrics=[ScopeMetrics(
                 scope=InstrumentationScope(name=SCOPE), metrics=metrics)])]).SerializeToString()
 
-    def _send_traces(self, body: bytes) -> bool:
-        return self.senders["traces"].send(body)
+    def _send_traces(self, body: bytes, spans: int) -> bool:
+        return self.senders["traces"].send(body, self.budget_s["traces"], retain=True,
+                                           items=spans)
 
-    def _send_logs(self, body: bytes) -> bool:
-        return self.senders["logs"].send(body, self.timeout_s)
+    def _send_logs(self, body: bytes, records: int) -> bool:
+        return self.senders["logs"].send(body, self.budget_s["logs"], retain=True,
+                                         items=records)
 
     # --- health ------------------------------------------------------------------------
     def _register_health(self) -> None:
@@ -237,8 +265,9 @@ class Exporter:
                      + [(h.series_overflowed, {"metric": h.name}) for h in self._histograms
                         if h.series_overflowed])
         self.observe("ebpf_otlp.histogram.values.unexported", "{value}",
-                     "values missing from bulk histograms: failed delta export, or folded "
-                     "into the overflow series",
+                     "values missing from bulk histograms: folded into the overflow series "
+                     "(failed delta exports are retried; evictions count under "
+                     "ebpf_otlp.export.dropped)",
                      lambda: [(v, {"metric": h.name, "reason": r}) for h in self._histograms
                               for r, v in (("export_failed", h.points_lost),
                                            ("overflow", h.overflowed)) if v])

@@ -68,10 +68,12 @@ class _SenderExporter(MetricExporter):
             if self.on_data is not None:
                 self.on_data(metrics_data)
             body = split_metrics(encode_metrics(metrics_data)).SerializeToString()
+            points = sum(len(m.data.data_points) for rm in metrics_data.resource_metrics
+                         for sm in rm.scope_metrics for m in sm.metrics)
         except Exception:
             log.exception("encoding metrics failed")
             return MetricExportResult.FAILURE
-        ok = self.sender.send(body, timeout_millis / 1000.0, retain=self.retain)
+        ok = self.sender.send(body, timeout_millis / 1000.0, retain=self.retain, items=points)
         return MetricExportResult.SUCCESS if ok else MetricExportResult.FAILURE
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
