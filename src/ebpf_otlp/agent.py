@@ -298,6 +298,7 @@ class Agent:
         errors = self.collect_errors
         failures = sum(x.failures for x in self.exporter.senders.values())
         ok = False
+        self.exporter.begin_interval()  # every request of this interval shares one budget
         try:
             for step in ("collect", "export"):
                 for s in self.signals:

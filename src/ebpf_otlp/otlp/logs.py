@@ -80,6 +80,11 @@ class LogBatch:
                 self._queue.append((res, rec))
                 self.queued_bytes += size
 
+    @property
+    def waiting(self) -> int:
+        """Records queued for the next flush."""
+        return len(self._queue)
+
     def flush(self) -> bool:
         with self._lock:
             batch, self._queue = self._queue, []

@@ -100,6 +100,24 @@ class OtlpSender:
             return False
         # The collector answers again: what waits goes out, oldest first, in what is
         # left of this budget (fresh data first, so a backlog never starves it).
+        self._drain_queue(deadline)
+        return True
+
+    def resend(self, deadline_s: float | None = None) -> bool:
+        """Send what waits in the retry queue, oldest first, within one budget; for a
+        path with nothing fresh to send (no span, no log record this interval). True
+        when the queue is empty afterwards."""
+        if self._closed or not self._queue:
+            return not self._queue
+        budget = self.target.timeout_s if deadline_s is None else min(deadline_s,
+                                                                      self.target.timeout_s)
+        deadline = time.monotonic() + budget
+        if self.deadline is not None:
+            deadline = min(deadline, self.deadline)
+        self._drain_queue(deadline)
+        return not self._queue
+
+    def _drain_queue(self, deadline: float) -> None:
         while time.monotonic() < deadline - 0.01:
             with self._lock:
                 if not self._queue:
@@ -116,7 +134,6 @@ class OtlpSender:
                         self.delivered_late += old_items
             if not sent:
                 self.count_dropped("rejected", old_items)
-        return True
 
     def _enqueue(self, data: bytes, nbytes: int, items: int) -> None:
         with self._lock:

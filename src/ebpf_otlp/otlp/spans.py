@@ -225,13 +225,15 @@ class SpanBatchExporter:
     later attempt and counts what it gives up itself (the OTLP sender's retry
     queue), so a failed send is not a drop here; otherwise ``send(body)`` and a
     failed batch is dropped (``export_failed``). ``on_drop(reason, n)`` hears
-    of every drop counted here.
+    of every drop counted here; ``on_idle()`` runs on a flush with nothing to
+    send (the retry queue's chance when no fresh span comes).
     """
 
     def __init__(self, resource_attributes: dict, send: Callable[..., bool],
                  scope: str = "ebpf_otlp", max_queue: int = 65536, max_batch: int = 4096,
                  flush_interval_s: float = 0.5, max_queue_bytes: int | None = None,
-                 retry: bool = False, on_drop: Callable[[str, int], None] | None = None):
+                 retry: bool = False, on_drop: Callable[[str, int], None] | None = None,
+                 on_idle: Callable[[], object] | None = None):
         self.encoder = SpanEncoder(resource_attributes, scope)
         self.max_queue = max_queue
         self.max_queue_bytes = max_queue_bytes
@@ -253,6 +255,7 @@ class SpanBatchExporter:
         self._send = send
         self._retry = retry
         self._on_drop = on_drop
+        self._on_idle = on_idle
 
     def _count_drop(self, reason: str, n: int) -> None:
         if n <= 0:
@@ -336,6 +339,11 @@ class SpanBatchExporter:
                 next_flush = time.monotonic() + self.flush_interval_s
             if batch:
                 self._export(batch)
+            elif self._on_idle is not None and not stopping:
+                try:
+                    self._on_idle()
+                except Exception as e:  # must not kill the sender
+                    log.warning("span retry failed: %s", e)
             if stopping and not self._queue:
                 return
 
