@@ -121,6 +121,7 @@ class Agent:
         if any(s in cfg.signals for s in ("flows", "dns")) and not self.iface_patterns:
             raise ConfigError("flows and dns need at least one --iface")
         capabilities.check(cfg)  # one message naming every missing capability
+        capabilities.warn_degraded(cfg, log)  # runs, but sees less: one line each
         for name, idx in self.ifindex.items():
             n = tc.remove_stale(idx)
             if n:

@@ -21,7 +21,7 @@ from ebpf_otlp.configfile import ENV_VARS
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
-CAPS_ALLOWED = {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN"}
+CAPS_ALLOWED = {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"}
 
 
 def accepted(args: list[str], env: dict[str, str], files: dict[str, Path]) -> None:
