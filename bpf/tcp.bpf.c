@@ -38,6 +38,11 @@ const volatile __u8 keep_saddr = 1;
 const volatile __u8 keep_sport = 1;
 const volatile __u8 keep_caddr = 0;
 const volatile __u8 keep_cport = 0;
+/* Whose connection (--attribution): the cgroup splits keys per container, the
+ * namespace per pod; at a level that does not use one it is zeroed, so the
+ * counter map holds no more keys than the series exported. */
+const volatile __u8 keep_cgroup = 1;
+const volatile __u8 keep_netns = 1;
 /* One RTT sample per connection per this many ns; 0 turns RTT sampling off. */
 const volatile __u64 rtt_sample_ns = 1000000000ULL;
 
@@ -182,6 +187,10 @@ static __always_inline void count_key(struct tcp_ckey *k, __u64 n)
 		k->sport = 0;
 	if (!keep_cport)
 		k->cport = 0;
+	if (!keep_cgroup)
+		k->cgroup_id = 0;
+	if (!keep_netns)
+		k->netns = 0;
 	if (counters_active)
 		v = lookup_or_try_init(&counters_b, k, &zero);
 	else

@@ -64,6 +64,14 @@ class Attributor:
     def per_process(self) -> bool:
         return self.level == "process"
 
+    def kernel_flags(self) -> dict[str, int]:
+        """The rodata of the socket-level BPF objects (tcp, http): which of a socket's
+        cgroup id and namespace the kernel keeps. A level that does not use one has it
+        zeroed in the kernel, so counter keys do not split on it (one key where there
+        would be one per cgroup) and records carry nothing to resolve."""
+        return {"keep_cgroup": int(self.level in ("container", "process")),
+                "keep_netns": int(self.level != "none")}
+
     def close(self) -> None:
         if self.resolver is not None:
             self.resolver.close()
