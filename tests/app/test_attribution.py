@@ -220,7 +220,8 @@ def test_every_signal_lands_on_the_right_resource(schemes):
             rx.wait_for(lambda: sum(map(value, rx.metrics(
                 "network.packet.drops", **{"destination.port": host_drop_port}))) >= N, 30,
                 "the node's drops")
-            rx.wait_for(lambda: len(rx.spans(**{"server.port": http_port})) >= 2 * (K + M),
+            rx.wait_for(lambda: len(rx.spans(**{"server.port": http_port,
+                                                "http.request.method": "GET"})) >= 2 * (K + M),
                         30, "HTTP spans, both ends")
             assert agent.stop() == 0, agent.log()
         records = rx.records()
@@ -262,8 +263,8 @@ def test_every_signal_lands_on_the_right_resource(schemes):
 
     # --- HTTP: server spans and durations under pod 0, clients' under their own pod or
     # the host; spans keep the process, the histograms do not (default level)
-    hspans = [s for s in records if s["type"] == "span"
-              and s["attributes"].get("server.port") == http_port]
+    hspans = [s for s in records if s["type"] == "span" and "http.request.method" in
+              s["attributes"] and s["attributes"].get("server.port") == http_port]
     assert Counter((s["kind"], workload(s)) for s in hspans) == {
         ("SERVER", expect(p0)): K + M, ("CLIENT", expect(p1)): K,
         ("CLIENT", expect(None)): M}, [(s["kind"], s["resource"]) for s in hspans]
