@@ -217,8 +217,8 @@ static __always_inline void count_sock(__u64 sk, __u8 kind, __u64 n, const struc
 		c = bpf_map_lookup_elem(&socks, &sk);
 	if (sk) {
 		/* Whose connection: attributed to its pod/container in user space. */
-		k.cgroup_id = sock_cgroup_id((struct sock *)sk);
-		k.netns = sock_netns((struct sock *)sk);
+		k.cgroup_id = keep_cgroup ? sock_cgroup_id((struct sock *)sk) : 0;
+		k.netns = keep_netns ? sock_netns((struct sock *)sk) : 0;
 	}
 	if (c) {
 		c->flags |= flag;
@@ -278,8 +278,8 @@ static __always_inline void fill_event(struct tcp_event *e, const struct conn *c
 
 static __always_inline void set_workload(struct conn *c, struct sock *sk)
 {
-	c->cgroup_id = sock_cgroup_id(sk);
-	c->netns = sock_netns(sk);
+	c->cgroup_id = keep_cgroup ? sock_cgroup_id(sk) : 0;
+	c->netns = keep_netns ? sock_netns(sk) : 0;
 }
 
 static __always_inline void emit_open(const struct conn *c, struct tcp_sock *tp, __u64 now)
