@@ -217,9 +217,8 @@ class HttpSignal(Signal):
         if a.enabled:
             if a.per_process:
                 hist += span[5:]
-            w = a.socket(*c.origin)
+            w, res = a.socket_resource(*c.origin)
             hist += tuple(w.items())
-            res = a.key(w)
         c.attrs = (span, hist, res)
         return c.attrs
 

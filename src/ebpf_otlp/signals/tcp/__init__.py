@@ -303,8 +303,7 @@ class TcpSignal(Signal):
             attrs["network.tcp.handshake.duration"] = (est - int(rec["start_ns"])) / 1e9
         server = attrs["network.tcp.handshake.role"] == "server"
         name = f"tcp {'accept' if server else 'connect'} {attrs['server.port']}"
-        res = (self.attribution.key(self.attribution.socket(int(rec["cgroup_id"]),
-                                                            int(rec["netns"])))
+        res = (self.attribution.socket_resource(int(rec["cgroup_id"]), int(rec["netns"]))[1]
                if self.attribution.enabled else None)
         return SpanRecord(start_ns, max(end_ns, start_ns), name, tuple(attrs.items()), error,
                           SPAN_KIND_SERVER if server else SPAN_KIND_CLIENT, resource=res)
