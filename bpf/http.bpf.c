@@ -531,8 +531,10 @@ static __always_inline int ssl_exit(long ret, bool ex)
 		if (known)
 			fd = *known;
 	}
+	/* ex: SSL_*_ex's return, or (bytes seen in signals/http/placement.py) the
+	 * internal function both SSL_x and SSL_x_ex wrap: > 0 means done, count at outlen. */
 	if (ex) {
-		if (ret == 1 && c->outlen)
+		if (ret > 0 && c->outlen)
 			bpf_probe_read_user(&n, sizeof(n), (void *)c->outlen);
 	} else if (ret > 0) {
 		n = ret;
