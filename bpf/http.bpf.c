@@ -586,6 +586,24 @@ int BPF_KPROBE(ssl_read_ex_enter, void *ssl, void *buf, __u64 num, __u64 *readby
 	return ssl_enter(ssl, buf, (__u64)readbytes, HTTP_OP_READ);
 }
 
+/* SSL_set_fd(ssl, fd): the socket an SSL* works on, from its first use. Without
+ * it, a read OpenSSL serves from its own buffer (no syscall underneath) falls
+ * back to the fd this SSL* address last used, and nginx and wrk reuse the
+ * addresses of freed SSL objects for new connections (bench/http_load.py,
+ * https close). Entry only. */
+SEC("uprobe")
+int BPF_KPROBE(ssl_set_fd, void *ssl, int fd)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct ssl_key k = { .ssl = (__u64)ssl, .pid = id >> 32 };
+	__s32 v = fd;
+
+	if (k.pid == self_tgid || fd < 0)
+		return 0;
+	bpf_map_update_elem(&ssl_fds, &k, &v, BPF_ANY);
+	return 0;
+}
+
 SEC("uretprobe")
 int BPF_KRETPROBE(ssl_exit_int, int ret)
 {

@@ -59,6 +59,19 @@ def test_libssl_wrappers_lead_to_their_internal_function(name: str, ex: bool, ta
     assert internal_call(code, not ex) is None, "the other result shape must not match"
 
 
+SSL_SET_FD = (0x34a50, bytes.fromhex("4154 4189f4 55 4889fd 53 e8a1c2feff"))
+
+
+def test_ssl_set_fd_gets_an_entry_probe_only() -> None:
+    """push %r12 first: emulated at offset 0, no return probe."""
+    elf = fake_elf({**LIBSSL, "SSL_set_fd": SSL_SET_FD}, (READ_INTERNAL, WRITE_INTERNAL))
+    got = [(p.symbol, p.offset, p.enter, p.ret, p.emulated) for p in plan(elf)
+           if p.symbol == "SSL_set_fd"]
+    assert got == [("SSL_set_fd", 0, "ssl_set_fd", None, True)]
+    elf = fake_elf({"SSL_set_fd": (0x100, bytes.fromhex("4883ec08 55"))})
+    assert [(p.offset, p.emulated) for p in plan(elf)] == [(0, False)]
+
+
 def test_internal_functions_start_with_an_emulated_push() -> None:
     for _, code in (READ_INTERNAL, WRITE_INTERNAL):
         assert site(code) == 0
@@ -74,7 +87,10 @@ def test_plan_for_debian_libssl_puts_one_pair_per_direction_on_the_internal_func
         (None, READ_INTERNAL[0], "ssl_read_ex_enter", "ssl_exit_ex", True,
          ("SSL_read", "SSL_read_ex"))}
     # Asked not to relocate (or nothing readable): the four symbols at offset 0.
-    for probes in (plan(elf, relocate=False), plan(None)):
+    assert [(p.symbol, p.offset, p.ret) for p in plan(None) if p.enter == "ssl_set_fd"] == [
+        ("SSL_set_fd", 0, None)]
+    for probes in (plan(elf, relocate=False),
+                   [p for p in plan(None) if p.enter != "ssl_set_fd"]):
         assert sorted((p.symbol, p.offset, p.enter, p.ret, p.emulated) for p in probes) == [
             ("SSL_read", 0, "ssl_read_enter", "ssl_exit_int", False),
             ("SSL_read_ex", 0, "ssl_read_ex_enter", "ssl_exit_ex", False),
@@ -184,7 +200,8 @@ def test_installed_libssl_plan_and_instruction_boundaries() -> None:
     require(shutil.which("objdump") is not None, "objdump not installed (binutils)")
     elf = Elf.read(lib)
     probes = plan(elf)
-    assert [p.emulated for p in probes] == [True, True], [p.describe() for p in probes]
+    assert [(p.symbol, p.emulated) for p in probes] == [
+        ("SSL_set_fd", True), (None, True), (None, True)], [p.describe() for p in probes]
     for name in ("SSL_read", "SSL_read_ex", "SSL_write", "SSL_write_ex"):
         addr, code = elf.func(name)
         starts = _objdump_starts(lib, addr, addr + len(code))
@@ -194,7 +211,7 @@ def test_installed_libssl_plan_and_instruction_boundaries() -> None:
             if insn.kind == "call":
                 break
             at += insn.length
-    for p in probes:
+    for p in probes[1:]:
         vaddr = p.offset  # this library maps file offsets 1:1 in its text segment
         assert elf.file_offset(vaddr) == p.offset
         assert vaddr in _objdump_starts(lib, vaddr, vaddr + 8)

@@ -265,13 +265,13 @@ class Elf:
 
 @dataclass(frozen=True)
 class Probe:
-    """Attach ``enter`` and ``ret`` (programs of bpf/http.bpf.c) at ``symbol`` + ``offset``
-    (``symbol`` None: ``offset`` is a file offset)."""
+    """Attach ``enter`` and ``ret`` (programs of bpf/http.bpf.c; ``ret`` None: no return
+    probe) at ``symbol`` + ``offset`` (``symbol`` None: ``offset`` is a file offset)."""
 
     symbol: str | None
     offset: int
     enter: str
-    ret: str
+    ret: str | None
     emulated: bool
     covers: tuple[str, ...]
 
@@ -292,15 +292,24 @@ DIRECTIONS = (
 )
 INTERNAL = {"write": ("ssl_write_ex_enter", "ssl_exit_ex"),
             "read": ("ssl_read_ex_enter", "ssl_exit_ex")}
+# Entry only: ties each SSL* to its socket when the application names it.
+SET_FD = ("SSL_set_fd", "ssl_set_fd")
 
 
 def plan(elf: Elf | None, relocate: bool = True) -> list[Probe]:
-    """The probes for one TLS library file: per direction either one pair on the
-    internal function, or one pair per exported symbol (at an emulated instruction
-    before any argument or %rsp change if there is one, else at offset 0)."""
+    """The probes for one TLS library file: SSL_set_fd's entry, then per direction
+    either one pair on the internal function, or one pair per exported symbol (at an
+    emulated instruction before any argument or %rsp change if there is one, else at
+    offset 0)."""
     out: list[Probe] = []
+    if elf is None:  # not an x86-64 ELF file we can read: libbpf resolves the names
+        out.append(Probe(SET_FD[0], 0, SET_FD[1], None, False, (SET_FD[0],)))
+    elif SET_FD[0] in elf.funcs:
+        got = elf.func(SET_FD[0])
+        at = site(got[1], ("rdi", "rsi")) if relocate and got else None
+        out.append(Probe(SET_FD[0], at or 0, SET_FD[1], None, at is not None, (SET_FD[0],)))
     for direction, fns in DIRECTIONS:
-        if elf is None:  # not an x86-64 ELF file we can read: libbpf resolves the names
+        if elf is None:
             out += [Probe(f[0], 0, f[2], f[3], False, (f[0],)) for f in fns]
             continue
         present = [(f, elf.func(f[0])) for f in fns if f[0] in elf.funcs]

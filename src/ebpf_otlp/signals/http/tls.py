@@ -33,7 +33,7 @@ PROBES = (
     ("SSL_write_ex", "ssl_write_ex_enter", "ssl_exit_ex"),
     ("SSL_read_ex", "ssl_read_ex_enter", "ssl_exit_ex"),
 )
-PROGRAMS = tuple(sorted({p for _, a, b in PROBES for p in (a, b)}))
+PROGRAMS = tuple(sorted({p for _, a, b in PROBES for p in (a, b)} | {"ssl_set_fd"}))
 # Where each probe goes in a file is placement.plan's choice.
 
 
@@ -120,14 +120,15 @@ class TlsAttacher:
                 try:
                     enter = self.obj.programs[probe.enter].attach_uprobe(
                         path, probe.symbol, offset=probe.offset)
-                    self.obj.programs[probe.ret].attach_uprobe(
-                        path, probe.symbol, offset=probe.offset, retprobe=True)
+                    if probe.ret:
+                        self.obj.programs[probe.ret].attach_uprobe(
+                            path, probe.symbol, offset=probe.offset, retprobe=True)
                     done.append(probe)
                 except BpfError as e:
                     if enter is not None:
                         self.obj.detach(enter)  # never an entry without its return
                     log.debug("uprobe %s: %s not attached: %s", path, probe.describe(), e)
-            if not done:
+            if not [p for p in done if p.ret]:  # SSL_set_fd alone traces nothing
                 self.failed[key] = path
                 self.errors["no_symbols"] += 1
                 if required:
