@@ -541,8 +541,10 @@ static __always_inline int ssl_exit(long ret, bool ex)
 		if (known)
 			fd = *known;
 	}
+	/* ex: SSL_*_ex's return, or (bytes seen in signals/http/placement.py) the
+	 * internal function both SSL_x and SSL_x_ex wrap: > 0 means done, count at outlen. */
 	if (ex) {
-		if (ret == 1 && c->outlen)
+		if (ret > 0 && c->outlen)
 			bpf_probe_read_user(&n, sizeof(n), (void *)c->outlen);
 	} else if (ret > 0) {
 		n = ret;
@@ -592,6 +594,24 @@ SEC("uprobe")
 int BPF_KPROBE(ssl_read_ex_enter, void *ssl, void *buf, __u64 num, __u64 *readbytes)
 {
 	return ssl_enter(ssl, buf, (__u64)readbytes, HTTP_OP_READ);
+}
+
+/* SSL_set_fd(ssl, fd): the socket an SSL* works on, from its first use. Without
+ * it, a read OpenSSL serves from its own buffer (no syscall underneath) falls
+ * back to the fd this SSL* address last used, and nginx and wrk reuse the
+ * addresses of freed SSL objects for new connections (bench/http_load.py,
+ * https close). Entry only. */
+SEC("uprobe")
+int BPF_KPROBE(ssl_set_fd, void *ssl, int fd)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct ssl_key k = { .ssl = (__u64)ssl, .pid = id >> 32 };
+	__s32 v = fd;
+
+	if (k.pid == self_tgid || fd < 0)
+		return 0;
+	bpf_map_update_elem(&ssl_fds, &k, &v, BPF_ANY);
+	return 0;
 }
 
 SEC("uretprobe")

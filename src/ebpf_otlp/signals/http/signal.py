@@ -108,7 +108,8 @@ class HttpSignal(Signal):
         self._ring = RingBuffer(obj.maps["http_events"], event_dtype(cfg.http_head_bytes),
                                 on_batch=self.on_batch, lost_map=obj.maps["http_events_lost"])
         if cfg.http_tls:
-            self.tls = TlsAttacher(obj, cfg.tls_libs, cfg.tls_scan_interval_s)
+            self.tls = TlsAttacher(obj, cfg.tls_libs, cfg.tls_scan_interval_s,
+                                   relocate=cfg.tls_relocate)
             self.tls.start()
         elif cfg.tls_libs:
             raise ConfigError("--tls-lib needs TLS tracing (drop --no-http-tls)")
