@@ -44,6 +44,11 @@ const volatile __u8 keep_saddr = 1;
 const volatile __u8 keep_sport = 1;
 const volatile __u8 keep_caddr = 0;
 const volatile __u8 keep_cport = 0;
+/* Whose connection (--attribution): the cgroup splits keys per container, the
+ * namespace per pod; at a level that does not use one it is zeroed, so the
+ * counter map holds no more keys than the series exported. */
+const volatile __u8 keep_cgroup = 1;
+const volatile __u8 keep_netns = 1;
 /* One RTT sample per connection per this many ns; 0 turns RTT sampling off. */
 const volatile __u64 rtt_sample_ns = 1000000000ULL;
 
@@ -206,6 +211,10 @@ static __always_inline void mask_key(struct tcp_ckey *k)
 		k->sport = 0;
 	if (!keep_cport)
 		k->cport = 0;
+	if (!keep_cgroup)
+		k->cgroup_id = 0;
+	if (!keep_netns)
+		k->netns = 0;
 }
 
 /* Add `n` under an already masked key; nonzero when the table was full (counted). */
@@ -262,8 +271,8 @@ static __always_inline void count_sock(__u64 sk, __u8 kind, __u64 n, const struc
 		c = bpf_map_lookup_elem(&socks, &sk);
 	if (sk) {
 		/* Whose connection: attributed to its pod/container in user space. */
-		k.cgroup_id = sock_cgroup_id((struct sock *)sk);
-		k.netns = sock_netns((struct sock *)sk);
+		k.cgroup_id = keep_cgroup ? sock_cgroup_id((struct sock *)sk) : 0;
+		k.netns = keep_netns ? sock_netns((struct sock *)sk) : 0;
 	}
 	if (c) {
 		c->flags |= flag;
@@ -317,8 +326,8 @@ static __always_inline void fill_event(struct tcp_event *e, const struct conn *c
 
 static __always_inline void set_workload(struct conn *c, struct sock *sk)
 {
-	c->cgroup_id = sock_cgroup_id(sk);
-	c->netns = sock_netns(sk);
+	c->cgroup_id = keep_cgroup ? sock_cgroup_id(sk) : 0;
+	c->netns = keep_netns ? sock_netns(sk) : 0;
 }
 
 static __always_inline void emit_open(const struct conn *c, struct tcp_sock *tp, __u64 now)
@@ -744,10 +753,10 @@ static __always_inline void sockops_open(struct bpf_sock_ops *skops, __u8 role)
 	e.rport = bpf_ntohl(skops->remote_port);
 	key_ends(&k, &e, role);
 	/* The same reads as the tracepoints' keys (workload.bpf.h). */
-	tp = bpf_skc_to_tcp_sock(bsk);
+	tp = (keep_cgroup || keep_netns) ? bpf_skc_to_tcp_sock(bsk) : NULL;
 	if (tp) {
-		k.cgroup_id = sock_cgroup_id((struct sock *)tp);
-		k.netns = sock_netns((struct sock *)tp);
+		k.cgroup_id = keep_cgroup ? sock_cgroup_id((struct sock *)tp) : 0;
+		k.netns = keep_netns ? sock_netns((struct sock *)tp) : 0;
 	}
 	mask_key(&k);
 	k.kind = TCP_CNT_OPENED;

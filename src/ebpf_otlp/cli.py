@@ -115,6 +115,9 @@ def run_options(f: Callable) -> Callable:
                           "numbers, UUIDs and hex ids."),
         click.option("--http-tls/--no-http-tls", default=None,
                      help="Trace TLS through uprobes on the SSL library [on]."),
+        click.option("--tls-relocate/--no-tls-relocate", default=None,
+                     help="Put the SSL probes where the kernel emulates the probed instruction "
+                          "when the library's code allows it (README: TLS probe placement) [on]."),
         click.option("--tls-lib", "tls_libs", multiple=True, metavar="PATH",
                      help="Binary linking OpenSSL statically to trace TLS in (repeatable); "
                           "libssl.so files that processes map are found by themselves."),
@@ -143,8 +146,10 @@ def run_options(f: Callable) -> Callable:
                      help="A signal that cannot load or attach stops the agent [off: it is "
                      "switched off with one log line]."),
         click.option("--export-queue-bytes", type=click.IntRange(min=0), metavar="BYTES",
-                     help="Undelivered OTLP requests kept per signal for retry; beyond, "
-                     "the oldest are dropped and counted [16777216]."),
+                     help="Undelivered OTLP requests kept per signal for retry, and "
+                     "(half of it) spans and log records waiting to be sent; beyond, "
+                     "the oldest requests or the newest items are dropped and counted "
+                     "[16777216]."),
         click.option("--health-listen", metavar="HOST:PORT", callback=_hostport,
                      help="Serve /healthz, /readyz and /status here [off]."),
     ]
