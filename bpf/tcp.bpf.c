@@ -12,6 +12,12 @@
  *    (TIMEOUT_INIT runs in tcp_conn_request), which is the start of a server
  *    handshake, and samples the smoothed RTT of live connections through
  *    BPF_SOCK_OPS_RTT_CB at most once per rtt_sample_ns per connection.
+ *  - sock_ops also keeps `opened` and the `active` gauge: +1 at
+ *    ACTIVE/PASSIVE_ESTABLISHED_CB under a key stored in the socket's own
+ *    storage (conn_keys, no capacity to run out of), -1 to that stored key
+ *    at STATE_CB -> TCP_CLOSE. Without sock_ops (no cgroup v2), user space
+ *    sets tp_counts_conns and the tracepoints count them for the sockets of
+ *    the `socks` table instead (fewer while it is full).
  *  - tcp:tcp_retransmit_skb / tcp_retransmit_synack / tcp_send_reset /
  *    tcp_receive_reset add to in-kernel counters drained per interval.
  *  - syscalls:sys_exit_accept{,4} attribute passive opens (their state
@@ -50,6 +56,12 @@ DEFINE_RINGBUF(tcp_events, 1 << 20);
 EXPORT_BTF(struct tcp_event);
 EXPORT_BTF(struct tcp_ckey);
 
+/*
+ * 1 when sock_ops is not attached: the tracepoints count `opened` and
+ * `active` for tracked sockets. Set by user space before it attaches them.
+ */
+__u32 tp_counts_conns = 0;
+
 /* What we know about one live socket. */
 struct conn {
 	__u64 start_ns;
@@ -72,10 +84,11 @@ struct conn {
 };
 
 /*
- * Not an LRU: an evicted entry's close would come back untracked and the
- * connection would never leave `active`. A plain hash refuses inserts when
- * full instead (counted, TCP_STAT_SOCKS_FULL): such a connection is not
- * tracked at all, so every +1 of `active` has its -1. Entries live from the
+ * Not an LRU: an evicted entry's close would come back untracked (and, in
+ * the fallback without sock_ops, the connection would never leave
+ * `active`). A plain hash refuses inserts when full instead (counted,
+ * TCP_STAT_SOCKS_FULL): such a connection has no open/close/RTT records, so
+ * every +1 of the fallback's `active` has its -1. Entries live from the
  * first SYN to CLOSE; every path to CLOSE passes inet_sock_set_state.
  */
 struct {
@@ -91,6 +104,18 @@ struct syn_key {
 	__u16 lport;
 	__u16 rport;
 };
+
+/*
+ * The counter key a connection's `active` +1 went to, in the socket's own
+ * storage (sock_ops): created at ESTABLISHED, read for the -1 and deleted at
+ * CLOSE, freed with the socket. Exists exactly while the +1 stands.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct tcp_ckey);
+} conn_keys SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -175,10 +200,9 @@ static __always_inline void set_ends(struct conn *c, const struct ends *e)
 	}
 }
 
-static __always_inline void count_key(struct tcp_ckey *k, __u64 n)
+/* Zero the key fields the user does not keep. */
+static __always_inline void mask_key(struct tcp_ckey *k)
 {
-	__u64 zero = 0, *v;
-
 	if (!keep_saddr)
 		__builtin_memset(k->saddr, 0, 16);
 	if (!keep_caddr)
@@ -191,15 +215,46 @@ static __always_inline void count_key(struct tcp_ckey *k, __u64 n)
 		k->cgroup_id = 0;
 	if (!keep_netns)
 		k->netns = 0;
+}
+
+/* Add `n` under an already masked key; nonzero when the table was full (counted). */
+static __always_inline int add_key(const struct tcp_ckey *k, __u64 n)
+{
+	__u64 zero = 0, *v;
+
 	if (counters_active)
 		v = lookup_or_try_init(&counters_b, k, &zero);
 	else
 		v = lookup_or_try_init(&counters_a, k, &zero);
 	if (!v) {
 		stat_inc(TCP_STAT_COUNTERS_FULL);
-		return;
+		return -1;
 	}
 	__sync_fetch_and_add(v, n);
+	return 0;
+}
+
+static __always_inline void count_key(struct tcp_ckey *k, __u64 n)
+{
+	mask_key(k);
+	add_key(k, n);
+}
+
+/* Server/client sides of a counter key from local/remote endpoints. */
+static __always_inline void key_ends(struct tcp_ckey *k, const struct ends *e, __u8 role)
+{
+	k->role = role;
+	if (role == TCP_ROLE_SERVER) {
+		__builtin_memcpy(k->saddr, e->laddr, 16);
+		__builtin_memcpy(k->caddr, e->raddr, 16);
+		k->sport = e->lport;
+		k->cport = e->rport;
+	} else {
+		__builtin_memcpy(k->caddr, e->laddr, 16);
+		__builtin_memcpy(k->saddr, e->raddr, 16);
+		k->cport = e->lport;
+		k->sport = e->rport;
+	}
 }
 
 /*
@@ -211,7 +266,6 @@ static __always_inline void count_sock(__u64 sk, __u8 kind, __u64 n, const struc
 {
 	struct tcp_ckey k = {};
 	struct conn *c = NULL;
-	struct conn tmp;
 
 	if (sk)
 		c = bpf_map_lookup_elem(&socks, &sk);
@@ -228,14 +282,8 @@ static __always_inline void count_sock(__u64 sk, __u8 kind, __u64 n, const struc
 		k.cport = c->cport;
 		k.role = c->role;
 	} else {
-		tmp.role = role_if_unknown ? role_if_unknown :
-			   guess_role(ends->lport, ends->rport);
-		set_ends(&tmp, ends);
-		__builtin_memcpy(k.saddr, tmp.saddr, 16);
-		__builtin_memcpy(k.caddr, tmp.caddr, 16);
-		k.sport = tmp.sport;
-		k.cport = tmp.cport;
-		k.role = tmp.role;
+		key_ends(&k, ends, role_if_unknown ? role_if_unknown :
+			 guess_role(ends->lport, ends->rport));
 	}
 	k.kind = kind;
 	count_key(&k, n);
@@ -306,7 +354,7 @@ static __always_inline void on_close(int old, const struct ends *ends, __u64 sk,
 	if (old == TCP_LISTEN || old == TCP_CLOSE)
 		return;
 	c = bpf_map_lookup_elem(&socks, &sk);
-	if (c && (c->flags & TCP_F_TRACKED) && c->est_ns)
+	if (tp_counts_conns && c && (c->flags & TCP_F_TRACKED) && c->est_ns)
 		count_conn(c, TCP_CNT_ACTIVE, (__u64)-1);	/* the key its +1 went to */
 	if (!c) {
 		/* A connection older than the agent: report what the socket knows. */
@@ -363,7 +411,7 @@ static __always_inline void track(__u64 sk, const struct conn *init)
 	struct conn *old = bpf_map_lookup_elem(&socks, &sk);
 
 	if (old) {
-		if ((old->flags & TCP_F_TRACKED) && old->est_ns)
+		if (tp_counts_conns && (old->flags & TCP_F_TRACKED) && old->est_ns)
 			count_conn(old, TCP_CNT_ACTIVE, (__u64)-1);
 		stat_inc(TCP_STAT_STALE);
 	}
@@ -444,8 +492,10 @@ static __always_inline int on_established(struct trace_event_raw_inet_sock_set_s
 			c->flags |= TCP_F_SYN_FROM_SRTT;
 		}
 	}
-	count_conn(c, TCP_CNT_OPENED, 1);
-	count_conn(c, TCP_CNT_ACTIVE, 1);
+	if (tp_counts_conns) {	/* fallback: sock_ops counts them otherwise */
+		count_conn(c, TCP_CNT_OPENED, 1);
+		count_conn(c, TCP_CNT_ACTIVE, 1);
+	}
 	emit_open(c, tp, now);
 	return 0;
 }
@@ -648,6 +698,94 @@ int tcp_accept(struct trace_event_raw_sys_exit *ctx)
 	return on_accept(ctx->ret);
 }
 
+/* IPv4 as the tracepoints store it: v4-mapped. */
+static __always_inline void v4_mapped(__u8 *out, __u32 v4)
+{
+	__builtin_memset(out, 0, 10);
+	out[10] = 0xff;
+	out[11] = 0xff;
+	__builtin_memcpy(out + 12, &v4, 4);
+}
+
+/*
+ * A sock_ops address: all fields read unconditionally at constant offsets
+ * (barrier_var pins each load), because clang otherwise merges the IPv4 and
+ * IPv6 loads into one through a computed ctx offset, which the verifier
+ * refuses.
+ */
+#define SOCKOPS_ADDR(out, skops, ip4, ip6)					\
+	do {									\
+		__u32 __a[4], __v4 = (skops)->ip4;				\
+		__u32 __fam = (skops)->family;					\
+										\
+		__a[0] = (skops)->ip6[0];					\
+		__a[1] = (skops)->ip6[1];					\
+		__a[2] = (skops)->ip6[2];					\
+		__a[3] = (skops)->ip6[3];					\
+		barrier_var(__v4);						\
+		barrier_var(__a[0]);						\
+		barrier_var(__a[1]);						\
+		barrier_var(__a[2]);						\
+		barrier_var(__a[3]);						\
+		if (__fam == AF_INET6)						\
+			__builtin_memcpy(out, __a, 16);				\
+		else								\
+			v4_mapped(out, __v4);					\
+	} while (0)
+
+/*
+ * A connection reached ESTABLISHED (role exact: active open = client): count
+ * it opened and active under one key, and keep that key on the socket for
+ * its -1. The storage exists exactly while the +1 stands.
+ */
+static __always_inline void sockops_open(struct bpf_sock_ops *skops, __u8 role)
+{
+	struct bpf_sock *bsk = skops->sk;
+	struct tcp_ckey k = {};
+	struct tcp_sock *tp;
+	struct ends e;
+
+	if (!bsk || bpf_sk_storage_get(&conn_keys, bsk, 0, 0))
+		return;	/* counted already */
+	SOCKOPS_ADDR(e.laddr, skops, local_ip4, local_ip6);
+	SOCKOPS_ADDR(e.raddr, skops, remote_ip4, remote_ip6);
+	e.lport = skops->local_port;
+	e.rport = bpf_ntohl(skops->remote_port);
+	key_ends(&k, &e, role);
+	/* The same reads as the tracepoints' keys (workload.bpf.h). */
+	tp = (keep_cgroup || keep_netns) ? bpf_skc_to_tcp_sock(bsk) : NULL;
+	if (tp) {
+		k.cgroup_id = keep_cgroup ? sock_cgroup_id((struct sock *)tp) : 0;
+		k.netns = keep_netns ? sock_netns((struct sock *)tp) : 0;
+	}
+	mask_key(&k);
+	k.kind = TCP_CNT_OPENED;
+	add_key(&k, 1);
+	k.kind = TCP_CNT_ACTIVE;
+	if (!bpf_sk_storage_get(&conn_keys, bsk, &k, BPF_SK_STORAGE_GET_F_CREATE)) {
+		stat_inc(TCP_STAT_STORAGE_FAIL);	/* not in active: no -1 either */
+		return;
+	}
+	if (add_key(&k, 1))	/* +1 lost (counted): no -1 either */
+		bpf_sk_storage_delete(&conn_keys, bsk);
+}
+
+/* CLOSE: -1 to the key the +1 went to, if it went anywhere. */
+static __always_inline void sockops_close(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *bsk = skops->sk;
+	struct tcp_ckey *stored, k;
+
+	if (!bsk)
+		return;
+	stored = bpf_sk_storage_get(&conn_keys, bsk, 0, 0);
+	if (!stored)
+		return;	/* older than the agent, or never counted */
+	__builtin_memcpy(&k, stored, sizeof(k));
+	bpf_sk_storage_delete(&conn_keys, bsk);
+	add_key(&k, (__u64)-1);
+}
+
 SEC("sockops")
 int tcp_sockops(struct bpf_sock_ops *skops)
 {
@@ -661,21 +799,7 @@ int tcp_sockops(struct bpf_sock_ops *skops)
 		 * reply stays 0, so the kernel keeps its default timeout. */
 		if (skops->is_fullsock)
 			return 1;
-		if (skops->family == AF_INET6) {
-			__u32 a[4];
-
-			a[0] = skops->remote_ip6[0];
-			a[1] = skops->remote_ip6[1];
-			a[2] = skops->remote_ip6[2];
-			a[3] = skops->remote_ip6[3];
-			__builtin_memcpy(k.raddr, a, 16);
-		} else {
-			__u32 v4 = skops->remote_ip4;
-
-			k.raddr[10] = 0xff;
-			k.raddr[11] = 0xff;
-			__builtin_memcpy(k.raddr + 12, &v4, 4);
-		}
+		SOCKOPS_ADDR(k.raddr, skops, remote_ip4, remote_ip6);
 		k.lport = skops->local_port;
 		k.rport = bpf_ntohl(skops->remote_port);
 		now = bpf_ktime_get_ns();
@@ -684,9 +808,18 @@ int tcp_sockops(struct bpf_sock_ops *skops)
 	}
 	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB ||
 	    op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+		__u32 flags = skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG;
+
 		if (rtt_sample_ns)
-			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
-						  BPF_SOCK_OPS_RTT_CB_FLAG);
+			flags |= BPF_SOCK_OPS_RTT_CB_FLAG;
+		bpf_sock_ops_cb_flags_set(skops, flags);
+		sockops_open(skops, op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB ? TCP_ROLE_CLIENT :
+				    TCP_ROLE_SERVER);
+		return 1;
+	}
+	if (op == BPF_SOCK_OPS_STATE_CB) {
+		if (skops->args[1] == TCP_CLOSE)
+			sockops_close(skops);
 		return 1;
 	}
 	if (op == BPF_SOCK_OPS_RTT_CB) {

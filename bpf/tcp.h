@@ -28,15 +28,16 @@
 #define TCP_CNT_RETRANS_SEGS 1
 #define TCP_CNT_RESET_TX 2
 #define TCP_CNT_RESET_RX 3
-#define TCP_CNT_OPENED 4	/* tracked handshakes that reached ESTABLISHED */
+#define TCP_CNT_OPENED 4	/* handshakes that reached ESTABLISHED */
 #define TCP_CNT_ACTIVE 5	/* gauge delta: +1 at ESTABLISHED, -1 (as u64) at CLOSE */
 
 /* tcp_stats indexes (per-CPU array of drop/health counters) */
 #define TCP_STAT_COUNTERS_FULL 0	/* counter map full: increment lost */
-#define TCP_STAT_SOCKS_FULL 1	/* socket table full: connection not tracked at all */
+#define TCP_STAT_SOCKS_FULL 1	/* socket table full: no per-connection records for it */
 #define TCP_STAT_SYN_MISS 2	/* server handshake without a recorded SYN time */
 #define TCP_STAT_STALE 3	/* entry of a freed socket found at reuse (its close was missed) */
-#define TCP_STAT_MAX 4
+#define TCP_STAT_STORAGE_FAIL 4	/* sock_ops: no socket storage, connection left out of active */
+#define TCP_STAT_MAX 5
 
 struct tcp_event {
 	__u64 ts_ns;		/* event time, CLOCK_MONOTONIC */

@@ -316,10 +316,18 @@ def verdict_tcp(rec: list[dict], t: dict) -> tuple[bool, str]:
                for r in roles}
     failed = _total(_points(rec, "network.tcp.connections.failed",
                             **{"server.address": LO, "server.port": t["refused_port"]}))
+    # All closed: each role's active series exists (its +1 was counted) and is
+    # back to 0 (so was its -1).
+    active = _points(rec, "network.tcp.connections.active",
+                     **{"server.address": LO, "server.port": t["port"]})
+    act = {r: _total([p for p in active
+                      if str(p["attributes"].get("network.tcp.handshake.role")) == r])
+           for r in {str(p["attributes"].get("network.tcp.handshake.role")) for p in active}}
     ok = (t["connections"] == 3 and by_role.get("client") == t["connections"]
-          and by_role.get("server") == t["connections"] and failed >= t["refused"])
+          and by_role.get("server") == t["connections"] and failed >= t["refused"]
+          and act == {"client": 0, "server": 0})
     return ok, f"{t['connections']} accepted, {t['refused']} refused; exported opened " \
-               f"{by_role}, failed {failed:g}"
+               f"{by_role}, active after close {act}, failed {failed:g}"
 
 
 def verdict_dns(rec: list[dict], t: dict) -> tuple[bool, str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, RINGBUF = 1, 2, 5, 6, 9, 27
+HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, SK_STORAGE, RINGBUF = 1, 2, 5, 6, 9, 24, 27
 F_MMAPABLE = 0x400
 PAGE = 4096
 
@@ -27,6 +27,12 @@ _BUCKET = 16         # struct bucket
 _LOCKS_PER_CPU = 32  # map_locked: 8 ints per CPU
 _ARRAY = 312         # struct bpf_array
 _RINGBUF = 12616     # struct bpf_ringbuf pages and bookkeeping
+_SK_STORAGE = 448    # struct bpf_local_storage_map
+_SK_BUCKET = 16      # struct bpf_local_storage_map_bucket
+# Socket storage itself (one element per socket that has one) is charged to the
+# socket, not to the map: struct bpf_local_storage_elem (128) + the value, plus one
+# struct bpf_local_storage (176) per socket, freed with the socket.
+SK_STORAGE_PER_SOCKET = 128 + 176
 
 
 def _r8(n: int) -> int:
@@ -69,6 +75,8 @@ def map_bytes(m: MapSpec, cpus: int) -> int:
         return _ARRAY + n * _r8(v)
     if t == RINGBUF:
         return n + n // PAGE * 16 + _RINGBUF
+    if t == SK_STORAGE:  # buckets: possible CPUs rounded up to a power of two, at least 2
+        return _SK_STORAGE + _SK_BUCKET * max(2, _pow2(cpus))
     raise ValueError(f"map {m.name}: type {t} not modelled")
 
 

@@ -3,7 +3,10 @@ resets and failures, from tracepoints and sock_ops only (``bpf/tcp.bpf.c``).
 
 Counts are aggregated in the kernel per exported key (``counters.py``):
 opened connections, the ``active`` gauge (+1 at ESTABLISHED, -1 at CLOSE
-of the same tracked socket, so it cannot drift), retransmitted segments and
+of the same socket, to the key stored in the socket's own storage by
+sock_ops, so it neither drifts nor depends on the socket table's size; the
+tracepoints count them for the table's sockets only when sock_ops cannot be
+attached), retransmitted segments and
 resets; two alternating tables, drained once per export interval. Discrete
 events (open, close, failure, RTT sample) arrive on one ring buffer of
 fixed-size records, decoded and aggregated per batch with numpy: histogram
@@ -47,7 +50,8 @@ log = logging.getLogger(__name__)
 
 # tcp_stats indexes -> health attribute (bpf/tcp.h TCP_STAT_*)
 _STATS = {constant("tcp", "TCP_STAT_COUNTERS_FULL"): "counter_map_full",
-          constant("tcp", "TCP_STAT_SOCKS_FULL"): "socket_map_full"}
+          constant("tcp", "TCP_STAT_SOCKS_FULL"): "socket_map_full",
+          constant("tcp", "TCP_STAT_STORAGE_FAIL"): "socket_storage_failed"}
 _SYN_MISS = constant("tcp", "TCP_STAT_SYN_MISS")
 _STALE = constant("tcp", "TCP_STAT_STALE")
 RTT_SAMPLE_S = 1.0  # one RTT sample per connection per second
@@ -138,6 +142,20 @@ class TcpSignal(Signal):
         self._tables.set_max_entries(max(1024, min(cfg.max_flows // 4, 1 << 20)))
         self._pick_variants(obj)
         obj.load()
+        # sock_ops first: it decides who counts opened/active (bpf/tcp.bpf.c
+        # tp_counts_conns), before any tracepoint runs.
+        try:
+            attach_sockops(obj.programs["tcp_sockops"], cfg.cgroup())
+            self.sockops_attached = True
+        except (BpfError, OSError) as e:
+            # Lifecycle, bytes, retransmits and resets still work; RTT samples
+            # do not, server handshakes fall back to the SYN-ACK RTT, and the
+            # tracepoints count opened/active for the socket table's entries
+            # (fewer than ss while more are open than --tcp-max-sockets).
+            obj.bss["tp_counts_conns"] = 1
+            log.warning("tcp: sock_ops not attached to %s (%s): no RTT samples, server "
+                        "handshake estimated from the SYN-ACK RTT, connections.active "
+                        "limited to --tcp-max-sockets", cfg.cgroup(), e)
         for prog in obj.programs.values():
             if not prog.autoload or not prog.section.startswith("tracepoint/"):
                 continue
@@ -149,14 +167,6 @@ class TcpSignal(Signal):
                     raise
                 log.warning("tcp: %s:%s not attached (%s): passive opens keep no owner",
                             cat, tp, e)
-        try:
-            attach_sockops(obj.programs["tcp_sockops"], cfg.cgroup())
-            self.sockops_attached = True
-        except (BpfError, OSError) as e:
-            # Lifecycle, bytes, retransmits and resets still work; RTT samples
-            # do not, and server handshakes fall back to the SYN-ACK RTT.
-            log.warning("tcp: sock_ops not attached to %s (%s): no RTT samples, server "
-                        "handshake estimated from the SYN-ACK RTT", cfg.cgroup(), e)
         self._ring = RingBuffer(obj.maps["tcp_events"], EVENT, on_batch=self.on_batch,
                                 lost_map=obj.maps["tcp_events_lost"])
 
@@ -360,8 +370,7 @@ class TcpSignal(Signal):
                   + [(self.bad_records, {"reason": "bad_record"})])
         t.observe("ebpf_otlp.tcp.closes.untracked", "{connection}",
                   "closes of connections whose open was not seen (older than the agent, or "
-                  "refused by the full socket table): bytes counted, no duration, not in "
-                  "active",
+                  "refused by the full socket table): bytes counted, no duration",
                   lambda: [(self.untracked_closes, {})])
         t.observe("ebpf_otlp.tcp.handshake.estimated", "{connection}",
                   "server handshakes without a SYN stamp from sock_ops (estimated from the "
