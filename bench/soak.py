@@ -110,9 +110,7 @@ def _losses(st: dict) -> dict[str, float]:
             out[f"{kind} export failures"] = x["failures"]
         for reason, n in x["dropped"].items():
             out[f"{kind} export dropped ({reason})"] = n
-    for what, d in st["dropped"].items():
-        for reason, n in d.items():
-            out[f"{what} dropped ({reason})"] = n
+    # st["dropped"] (spans, logs waiting to be sent) is counted in st["export"] too
     return out
 
 

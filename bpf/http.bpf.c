@@ -18,6 +18,7 @@
  * Parsing, pairing and roles are user space's job (signals/http). */
 #include "common.bpf.h"
 #include "http.h"
+#include "workload.bpf.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -34,6 +35,10 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 const volatile __u32 head_bytes = 256;
 /* The agent's own process: its OTLP requests are HTTP too, and must not feed back. */
 const volatile __u32 self_tgid = 0;
+/* Whose call (--attribution): the caller's cgroup (the container) and the
+ * socket's namespace (the pod); left 0 at a level that does not use them. */
+const volatile __u8 keep_cgroup = 1;
+const volatile __u8 keep_netns = 1;
 
 DEFINE_RINGBUF(http_events, 4 << 20);
 EXPORT_BTF(struct http_event);
@@ -247,6 +252,11 @@ static __always_inline void emit(__u8 op, __u8 tls, __u64 id, int fd, __u64 sk, 
 	e->tls = tls;
 	fill_addrs(e, sk);
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	/* Every emit runs in the calling process (syscall tracepoints, uretprobes). */
+	if (keep_cgroup)
+		e->cgroup_id = bpf_get_current_cgroup_id();
+	if (keep_netns && sk)
+		e->netns = sock_netns((struct sock *)sk);
 	/* The verifier needs the length proved within [1, head_bytes]; see
 	 * dns.bpf.c for why the test is `n < 1` behind an empty asm. */
 	{

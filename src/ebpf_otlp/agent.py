@@ -121,6 +121,7 @@ class Agent:
         if any(s in cfg.signals for s in ("flows", "dns")) and not self.iface_patterns:
             raise ConfigError("flows and dns need at least one --iface")
         capabilities.check(cfg)  # one message naming every missing capability
+        capabilities.warn_degraded(cfg, log)  # runs, but sees less: one line each
         for name, idx in self.ifindex.items():
             n = tc.remove_stale(idx)
             if n:
@@ -135,8 +136,7 @@ class Agent:
         self.exporter = self._given_exporter or Exporter(
             self.settings, cfg.interval_s, cfg.cardinality_limit,
             span_queue=max(65536, cfg.dns_max_pending))
-        for x in self.exporter.senders.values():
-            x.max_queue_bytes = cfg.export_queue_bytes
+        self.exporter.set_queue_bytes(cfg.export_queue_bytes)
         self.poller = RingPoller()
         for name in cfg.signals:
             self.start_signal(name, cfg)
@@ -257,10 +257,12 @@ class Agent:
         t.observe("ebpf_otlp.agent.errors", "{error}", "errors caught in the agent's loops",
                   lambda: [(self.poll_errors, {"loop": "poll"}),
                            (self.collect_errors, {"loop": "collect"})])
-        t.observe("ebpf_otlp.export.dropped", "{request}",
-                  "OTLP requests given up after being queued for retry: queue_full (the "
-                  "byte bound evicted the oldest), rejected (the collector called it bad), "
-                  "shutdown (still queued at exit)",
+        t.observe("ebpf_otlp.export.dropped", "{item}",
+                  "items (metric data points, spans, log records) an OTLP signal's export "
+                  "path gave up: queue_full (a byte bound: spans or log records waiting to "
+                  "be sent, or the retry queue evicting its oldest request), rejected (the "
+                  "collector called it bad), pending_full (delta series over a signal's "
+                  "pending bound), shutdown (still waiting at exit)",
                   lambda: [(n, {"signal": k, "reason": r}) for k, x in t.senders.items()
                            for r, n in dict(x.dropped).items()])
         t.observe("ebpf_otlp.export.queue.size", "By",
@@ -297,6 +299,7 @@ class Agent:
         errors = self.collect_errors
         failures = sum(x.failures for x in self.exporter.senders.values())
         ok = False
+        self.exporter.begin_interval()  # every request of this interval shares one budget
         try:
             for step in ("collect", "export"):
                 for s in self.signals:

@@ -9,10 +9,22 @@ run-time statistics (``--bpf-stats``, which is then switched off with a
 warning instead). CAP_SYS_ADMIN also stands in for CAP_BPF and CAP_PERFMON,
 as the kernel treats it. A non-root user also needs CAP_DAC_READ_SEARCH to
 read tracepoint ids from tracefs (mode 0700, root's).
+
+CAP_SYS_PTRACE is not needed to run, but without it the agent sees less:
+the kernel lets a process read ``/proc/PID/ns/net``, ``/proc/PID/root`` and
+(without CAP_PERFMON) ``/proc/PID/maps`` of another user's process only with
+it (ptrace access mode; CAP_DAC_READ_SEARCH does not stand in, uid 0 neither:
+tests/app/test_capabilities.py). Workload attribution finds a pod's or
+container's network namespace through ``/proc/PID/ns/net`` and the http
+signal finds containers' TLS libraries through ``/proc/PID/root``; the
+processes of pods and containers usually run as other users (Kubernetes'
+pause process as 65535). Missing, it is one warning line at start
+(:func:`degraded`), and ``doctor`` says the same.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -20,8 +32,22 @@ from .config import AgentConfig
 from .platform.host import cgroup2_mount
 
 # CAP_* bit numbers from linux/capability.h
-BITS = {"CAP_DAC_READ_SEARCH": 2, "CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21,
-        "CAP_PERFMON": 38, "CAP_BPF": 39}
+BITS = {"CAP_DAC_READ_SEARCH": 2, "CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19,
+        "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
+
+# What each capability is for (doctor, README's table)
+NEEDED_FOR = {
+    "CAP_BPF": "every signal: BPF programs and maps",
+    "CAP_PERFMON": "every signal: tracepoints, uprobes, kernel memory reads",
+    "CAP_NET_ADMIN": "flows and dns (TC/XDP on --iface), tcp (sock_ops on the cgroup)",
+    "CAP_DAC_READ_SEARCH": "tcp, drops and http when not uid 0: tracepoint ids in tracefs "
+                           "(root-only)",
+    "CAP_SYS_PTRACE": "workload attribution (/proc/PID/ns/net) and http TLS in containers "
+                      "(/proc/PID/root) of processes of other users; without it those go "
+                      "unattributed or unseen",
+    "CAP_SYS_ADMIN": "only to mount tracefs or cgroup2 where the host has not, and "
+                     "--bpf-stats",
+}
 
 
 class MissingCapabilities(PermissionError):
@@ -73,7 +99,7 @@ def required(cfg: AgentConfig) -> dict[str, list[str]]:
         add("CAP_NET_ADMIN", "sock_ops on the cgroup (tcp)")
         if not (cfg.cgroup_path or cgroup2_mount()):
             add("CAP_SYS_ADMIN", "mount cgroup2, which this host has not mounted (tcp)")
-    traced = sorted(sigs & {"tcp", "drops"})
+    traced = sorted(sigs & {"tcp", "drops", "http"})
     state = _tracefs_state() if traced else "readable"
     if state == "absent":
         add("CAP_SYS_ADMIN", f"mount tracefs, which this host has not mounted "
@@ -82,6 +108,35 @@ def required(cfg: AgentConfig) -> dict[str, list[str]]:
         add("CAP_DAC_READ_SEARCH", f"read tracepoint ids from tracefs, which is root-only, "
                                    f"as a non-root user ({', '.join(traced)})")
     return need
+
+
+def degraded(cfg: AgentConfig, have: set[str] | None = None) -> dict[str, list[str]]:
+    """Capabilities the agent runs without, but then sees less: -> what goes missing."""
+    have = effective() if have is None else have
+    out: dict[str, list[str]] = {}
+    if "CAP_SYS_PTRACE" in have:
+        return out
+    sigs = set(cfg.signals)
+    if sigs and getattr(cfg, "attribution", "none") != "none":
+        out.setdefault("CAP_SYS_PTRACE", []).append(
+            "workload attribution cannot read /proc/PID/ns/net of other users' processes, "
+            "so their pods and containers go unattributed")
+    if "http" in sigs and getattr(cfg, "http_tls", False):
+        out.setdefault("CAP_SYS_PTRACE", []).append(
+            "http cannot find TLS libraries of other users' processes (containers) "
+            "through /proc/PID/root")
+    return out
+
+
+def warn_degraded(cfg: AgentConfig, log: logging.Logger,
+                  have: set[str] | None = None) -> dict[str, list[str]]:
+    """One warning line per capability :func:`degraded` finds missing."""
+    out = degraded(cfg, have)
+    for cap, why in out.items():
+        log.warning("%s missing: %s (grant it, or --attribution none%s to run without "
+                    "these)", cap, "; ".join(why), ", --no-http-tls" if "http" in
+                    set(cfg.signals) else "")
+    return out
 
 
 def missing(cfg: AgentConfig, have: set[str] | None = None) -> dict[str, list[str]]:

@@ -146,8 +146,10 @@ def run_options(f: Callable) -> Callable:
                      help="A signal that cannot load or attach stops the agent [off: it is "
                      "switched off with one log line]."),
         click.option("--export-queue-bytes", type=click.IntRange(min=0), metavar="BYTES",
-                     help="Undelivered OTLP requests kept per signal for retry; beyond, "
-                     "the oldest are dropped and counted [16777216]."),
+                     help="Undelivered OTLP requests kept per signal for retry, and "
+                     "(half of it) spans and log records waiting to be sent; beyond, "
+                     "the oldest requests or the newest items are dropped and counted "
+                     "[16777216]."),
         click.option("--health-listen", metavar="HOST:PORT", callback=_hostport,
                      help="Serve /healthz, /readyz and /status here [off]."),
     ]

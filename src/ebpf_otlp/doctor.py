@@ -168,11 +168,28 @@ def tc_mode(hooks: dict[str, str]) -> str:
     return "tc" if hooks.get("tc") == "ok" else "none"
 
 
+def capability_report(have: set[str] | None = None) -> dict[str, dict]:
+    """Each capability the agent may use: held or not, and what needs it."""
+    from . import capabilities
+
+    have = capabilities.effective() if have is None else have
+    out = {}
+    for cap, why in capabilities.NEEDED_FOR.items():
+        held = cap in have
+        state = "yes" if held else "no"
+        if not held and cap == "CAP_DAC_READ_SEARCH" and os.geteuid() == 0:
+            state = "no (not needed as uid 0)"
+        out[cap] = {"held": held, "state": state, "needed_for": why}
+    return out
+
+
 def run_doctor(as_json: bool = False) -> int:
     f = facts()
     hooks = probe_hooks() if f.get("libbpf") and os.geteuid() == 0 else {}
     signals = assess(f, hooks)
-    report = {"host": f, "hooks": hooks, "signals": signals, "tc_mode": tc_mode(hooks)}
+    caps = capability_report()
+    report = {"host": f, "hooks": hooks, "signals": signals, "tc_mode": tc_mode(hooks),
+              "capabilities": caps}
     fatal = (not f.get("libbpf") or not f.get("btf") or os.geteuid() != 0
              or not any(v.startswith("yes") for v in signals.values()))
     if as_json:
@@ -188,6 +205,8 @@ def run_doctor(as_json: bool = False) -> int:
             print(f"cgroup v2   {f['cgroup2'] or 'not mounted (sock_ops RTT unavailable)'}")
             for tp, ok in f["tracepoints"].items():
                 print(f"tracepoint  {tp:28s} {'yes' if ok else 'no'}")
+        for cap, c in caps.items():
+            print(f"capability  {cap:28s} {c['state']}: {c['needed_for']}")
         if os.geteuid() != 0:
             print("hooks       not tried: run as root")
         for hook, status in hooks.items():

@@ -95,3 +95,68 @@ def test_runs_as_non_root_without_sys_admin() -> None:
     assert rc == 0, log.read_text()
     assert "Traceback" not in log.read_text()
     shutil.rmtree(logdir, ignore_errors=True)
+
+
+READ_NS = "import os,sys\ntry:\n    print(os.readlink(f'/proc/{sys.argv[1]}/ns/net'))\n" \
+          "except OSError as e:\n    print('errno', e.errno)"
+
+
+def test_without_sys_ptrace_doctor_and_start_name_what_goes_unseen() -> None:
+    """CAP_SYS_PTRACE: the kernel gives /proc/PID/ns/net of another user's process
+    (what workload attribution reads) only with it, even to uid 0 and even with
+    CAP_DAC_READ_SEARCH (checked here first, as the truth). Without it, doctor
+    says so on its CAP_SYS_PTRACE line and the agent starts with one warning
+    line naming the capability and what goes unattributed."""
+    other = subprocess.Popen(_setpriv("--reuid=65534", "--regid=65534", "--clear-groups")[:-3]
+                             + ["sleep", "60"])
+    try:
+        no_ptrace = "--bounding-set=-sys_ptrace"
+        read = [sys.executable, "-c", READ_NS, str(other.pid)]
+        deadline = time.monotonic() + 10
+        while not subprocess.run(read, capture_output=True, text=True).stdout.startswith("net:"):
+            assert time.monotonic() < deadline, "the other user's process never appeared"
+            time.sleep(0.1)
+        denied = subprocess.run(["setpriv", no_ptrace, "--inh-caps=-all", "--", *read],
+                                capture_output=True, text=True).stdout.strip()
+        assert denied == "errno 13", f"read without CAP_SYS_PTRACE: {denied}"
+        denied = subprocess.run(["setpriv", f"{no_ptrace},-dac_override", "--inh-caps=-all",
+                                 "--", *read], capture_output=True, text=True).stdout.strip()
+        assert denied == "errno 13", denied  # CAP_DAC_READ_SEARCH (still held) is no help
+    finally:
+        other.kill()
+        other.wait()
+
+    def doctor_line(*priv: str) -> str:
+        res = subprocess.run(_setpriv(*priv, "--inh-caps=-all") + ["doctor"],
+                             capture_output=True, text=True, timeout=120)
+        lines = [x for x in res.stdout.splitlines() if x.startswith("capability  CAP_SYS_PTRACE")]
+        assert len(lines) == 1, res.stdout + res.stderr
+        return lines[0]
+
+    line = doctor_line(no_ptrace)
+    assert " no: " in line and "workload attribution" in line and "TLS" in line, line
+    assert " yes: " in doctor_line("--bounding-set=+sys_ptrace"), doctor_line()
+
+    with Receiver(port=0) as rx:
+        logdir = Path(tempfile.mkdtemp(prefix="eo-caps-"))
+        log = logdir / "agent.log"
+        with open(log, "w") as logf:
+            proc = subprocess.Popen(_setpriv(no_ptrace, "--inh-caps=-all") + [
+                "run", "--signals", "drops", "--interval", "0.5", "--attribution", "container",
+                "--endpoint", f"http://127.0.0.1:{rx.port}"], stdout=logf,
+                stderr=subprocess.STDOUT)
+            try:
+                deadline = time.monotonic() + 60
+                while "ebpf-otlp running" not in log.read_text():
+                    assert proc.poll() is None, log.read_text()
+                    assert time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.1)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                rc = proc.wait(30)
+    text = log.read_text()
+    shutil.rmtree(logdir, ignore_errors=True)
+    assert rc == 0, text
+    warned = [x for x in text.splitlines() if "CAP_SYS_PTRACE missing" in x]
+    assert len(warned) == 1 and "workload attribution" in warned[0], text
+    assert "Traceback" not in text

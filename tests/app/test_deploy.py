@@ -21,7 +21,7 @@ from ebpf_otlp.configfile import ENV_VARS
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
-CAPS_ALLOWED = {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN"}
+CAPS_ALLOWED = {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"}
 
 
 def accepted(args: list[str], env: dict[str, str], files: dict[str, Path]) -> None:
@@ -156,3 +156,31 @@ def test_systemd_unit_verifies_and_its_command_is_accepted(tmp_path: Path) -> No
 def test_every_yaml_file_parses(path: str) -> None:
     for p in DEPLOY.rglob(path):
         assert list(yaml.safe_load_all(p.read_text()))
+
+
+def _mib(q: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi)", q)
+    assert m, f"memory quantity {q!r}: expected Ki, Mi or Gi"
+    return float(m.group(1)) * units[m.group(2)]
+
+
+def test_resources_agree_with_the_soak() -> None:
+    """The DaemonSet's memory request and limit and the unit's MemoryMax against
+    the last soak (bench/results.json): the request covers the largest agent's
+    peak, the limit and MemoryMax the sum of the four agents' peaks (one agent
+    running all four signals shares one Python runtime, so it needs less)."""
+    import json
+
+    soak = json.loads((REPO / "bench/results.json").read_text())["benchmarks"]["soak"]
+    notes = {f["name"]: f["note"] for f in soak["figures"]}
+    peaks = {s: float(re.search(r"peak (\d+(?:\.\d+)?) MiB",
+                                notes[f"{s}: RSS growth after warm-up"]).group(1))
+             for s in ("flows", "tcp", "dns", "drops")}
+    docs = list(yaml.safe_load_all((DEPLOY / "kubernetes/ebpf-otlp.yaml").read_text()))
+    ds = next(d for d in docs if d and d["kind"] == "DaemonSet")
+    res = ds["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert _mib(res["requests"]["memory"]) >= max(peaks.values()), (res, peaks)
+    assert _mib(res["limits"]["memory"]) >= sum(peaks.values()), (res, peaks)
+    (mem_max,) = _unit()["MemoryMax"]
+    assert mem_max.endswith("M") and int(mem_max[:-1]) >= sum(peaks.values()), (mem_max, peaks)

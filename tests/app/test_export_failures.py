@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import require
 from otlp import AgentProc, ReceiverProc, metric_total
 
 pytestmark = pytest.mark.kernel
 PY = sys.executable
 FLAKY = str(Path(__file__).parent.parent / "flaky_collector.py")
+DNSMASQ = "/usr/sbin/dnsmasq"
 
 UDP_SEND = """
 import socket, sys, time
@@ -208,4 +210,78 @@ def test_collector_down_30s_then_up(topo, temporality: str) -> None:
             assert agent.stop() == 0
     print(f"RSS growth over a 30 s outage: {grew} KiB")
     assert grew < 20 * 1024, f"RSS grew {grew} KiB during the outage"
+    assert "Traceback" not in agent.log()
+
+
+DNS_LOOP = r"""
+import socket, struct, sys, time
+dst, secs = sys.argv[1], float(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.2)
+q = lambda i: struct.pack("!HHHHHH", i & 0xffff, 0x0100, 1, 0, 0, 0) + \
+    b"\x04hang\x04test\x00" + struct.pack("!HH", 1, 1)
+end, i = time.monotonic() + secs, 0
+while time.monotonic() < end:
+    s.sendto(q(i), (dst, 53))
+    i += 1
+    try:
+        s.recv(512)
+    except OSError:
+        pass
+    time.sleep(0.05)
+"""
+
+
+def test_hung_collector_spans_use_the_interval_budget(topo) -> None:
+    """Spans (DNS) and metrics against a collector that accepts connections and
+    never answers: each span request gives up within the interval-capped budget
+    (not the 10 s export timeout), intervals keep being collected on time
+    (every export of an interval shares one budget under the interval),
+    attempts are counted as failed, and SIGTERM returns within the README's
+    bound (the request in flight, at most the interval, plus the 5 s flush).
+
+    Truth: the scripted collector's log of when each request arrived, the
+    agent's /status, and the clock."""
+    require(Path(DNSMASQ).exists(), "dnsmasq not installed (Debian dnsmasq-base)")
+    interval, hport = 2.0, 4412
+    dnsmasq = topo.popen(topo.b, DNSMASQ, "--no-daemon", "--no-resolv", "--no-hosts",
+                         "--port", "53", f"--listen-address={topo.b_ip4}", "--bind-interfaces",
+                         "--address=/hang.test/10.99.0.7", stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    load = None
+    try:
+        with ReceiverProc(topo, topo.a) as rx, \
+                FlakyCollector(topo, topo.a, rx, "hang:3600") as fc:
+            agent = AgentProc(topo, topo.a, fc, "--iface", topo.a_if, "--signals", "dns",
+                              "--health-listen", f"127.0.0.1:{hport}", interval=interval)
+            with agent:
+                load = topo.popen(topo.a, PY, "-c", DNS_LOOP, topo.b_ip4, "60")
+                rx.wait_for(lambda: len([a for a in fc.answers()
+                                         if a["path"] == "/v1/traces"]) >= 5, timeout=40,
+                            what="five span requests reaching the hung collector")
+                # intervals keep being collected: exports finish at the interval's pace
+                finished, t_end = set(), time.monotonic() + 6 * interval
+                while time.monotonic() < t_end:
+                    finished.add(status(topo, hport)["last_export"]["finished_at"])
+                    time.sleep(0.3)
+                st = status(topo, hport)
+                t0 = time.monotonic()
+                rc = agent.stop(signal.SIGTERM, timeout=60)
+                took = time.monotonic() - t0
+            traces = [a["t"] for a in fc.answers() if a["path"] == "/v1/traces"]
+    finally:
+        if load is not None:
+            load.kill()
+            load.wait()
+        dnsmasq.kill()
+        dnsmasq.wait()
+    gaps = [b - a for a, b in zip(traces, traces[1:])]
+    print(f"span requests {len(traces)}, gaps {[round(g, 1) for g in gaps]} s; "
+          f"{len(finished)} exports finished in {6 * interval:g} s; SIGTERM took {took:.1f} s")
+    assert max(gaps[:5]) <= interval + 2.0, f"span requests waited longer than the budget: {gaps}"
+    assert len(finished) >= 4, f"only {len(finished)} interval exports in {6 * interval:g} s"
+    assert st["export"]["traces"]["errors"].get("timeout", 0) >= 3, st["export"]["traces"]
+    assert st["export"]["metrics"]["errors"].get("timeout", 0) >= 2, st["export"]["metrics"]
+    assert rc == 0, agent.log()
+    assert took <= interval + 5.0 + 3.0, f"SIGTERM took {took:.1f} s"
     assert "Traceback" not in agent.log()

@@ -27,7 +27,7 @@ from .logs import LogBatch
 from .resources import ResourceKey, split_metrics
 from .sdk import SdkMetrics
 from .semconv import DURATION_BUCKETS, SCOPE
-from .sender import OtlpSender
+from .sender import DEFAULT_QUEUE_BYTES, OtlpSender
 from .settings import ExportSettings
 from .spans import SpanBatchExporter, SpanGroup, SpanRecord
 from .wire import TEMPORALITY_CUMULATIVE, TEMPORALITY_DELTA, resource_message
@@ -51,12 +51,15 @@ def _version() -> str:
 class Exporter:
     """One agent run's OTLP output.
 
-    ``interval_s`` caps each request's time budget so that a collector that
-    is down or hangs delays one interval at most and is counted.
+    ``interval_s`` caps each request's time budget, on every OTLP signal, so
+    that a collector that is down or hangs delays one interval at most and is
+    counted. ``queue_bytes`` bounds, per OTLP signal, what waits for a retry
+    (delta metrics, spans, log records), and, for spans and logs, what waits to
+    be sent (see :meth:`set_queue_bytes`).
     """
 
     def __init__(self, settings: ExportSettings, interval_s: float, cardinality_limit: int,
-                 span_queue: int = 65536):
+                 span_queue: int = 65536, queue_bytes: int = DEFAULT_QUEUE_BYTES):
         self.settings = settings
         self.resource = Resource.create(settings.resource)
         self.resource_attributes = dict(self.resource.attributes)
@@ -64,22 +67,57 @@ class Exporter:
         self.timeout_s = min(settings.metrics.timeout_s, max(interval_s, 1.0))
         self.senders = {k: OtlpSender(k, settings.target(k)) for k in ("metrics", "traces",
                                                                         "logs")}
+        # each OTLP signal's request budget: its own timeout, capped at the interval
+        self.budget_s = {k: min(settings.target(k).timeout_s, max(interval_s, 1.0))
+                         for k in self.senders}
+        # All requests of one interval (sums, histograms, SDK, logs) share one
+        # deadline ending before the next interval is due, so a collector that is
+        # down or hangs never delays collection (see begin_interval).
+        self.interval_budget_s = min(self.timeout_s, max(0.9 * interval_s, 0.9))
+        self._deadline: float | None = None
         self.temporality = settings.temporality
         self.cardinality_limit = cardinality_limit
         self.sdk = SdkMetrics(self.resource, self.senders["metrics"], self.temporality,
-                              cardinality_limit, self.timeout_s)
+                              cardinality_limit, self.timeout_s, budget=self.left_s)
         # Delta counters start empty each interval in the SDK; cumulative ones never do.
         self.series = SeriesTracker(cardinality_limit, delta_counters=self.delta)
         self.meter = TrackedMeter(self.sdk.meter, self.series)
         self.spans = SpanBatchExporter(self.resource_attributes, self._send_traces,
-                                       scope=SCOPE, max_queue=span_queue)
-        self.logs = LogBatch(self.resource_attributes, SCOPE, self._send_logs)
+                                       scope=SCOPE, max_queue=span_queue, retry=True,
+                                       on_drop=self.senders["traces"].count_dropped,
+                                       on_idle=self._resend_traces)
+        self._traces_resent = 0.0
+        self.logs = LogBatch(self.resource_attributes, SCOPE, self._send_logs, retry=True,
+                             on_drop=self.senders["logs"].count_dropped)
+        self.set_queue_bytes(queue_bytes)
         self._histograms: list[BatchHistogram] = []
         self._pb_resource = resource_message(self.resource_attributes)
         self._resource_cache: dict[ResourceKey | None, bytes] = {}
         self.histogram_failures = 0
         self._closed = False
         self._register_health()
+
+    def begin_interval(self) -> None:
+        """Start an interval's export budget (:attr:`interval_budget_s`), shared by
+        every request until :meth:`export` ends it; started by the first request
+        otherwise."""
+        self._deadline = time.monotonic() + self.interval_budget_s
+
+    def left_s(self) -> float:
+        """What is left of this interval's export budget, in seconds."""
+        if self._deadline is None:
+            self.begin_interval()
+        return max(0.0, self._deadline - time.monotonic())
+
+    def set_queue_bytes(self, n: int) -> None:
+        """Bound each OTLP signal's retry queue to ``n`` bytes of requests, and the
+        spans and log records waiting to be sent to ``n / 2`` encoded bytes each."""
+        for x in self.senders.values():
+            x.max_queue_bytes = n
+        # half for what waits to be sent, so that one request of all of it still
+        # fits the retry queue if it fails
+        self.spans.max_queue_bytes = n // 2
+        self.logs.max_queue_bytes = n // 2
 
     # --- what signals use ------------------------------------------------------
     @property
@@ -150,7 +188,7 @@ class Exporter:
             body = _sums.encode_sums_grouped(groups, SCOPE, self.scope_version, metrics,
                                              attrs[lo:hi], values[lo:hi], start_ns[lo:hi],
                                              time_ns, self.sum_temporality)
-            if not self.senders["metrics"].send(body, self.timeout_s):
+            if not self.senders["metrics"].send(body, self.left_s()):
                 break
             delivered[lo:hi] = True
         if order is not None:
@@ -169,6 +207,12 @@ class Exporter:
                 self.resource_for(key)).SerializeToString()
         return b
 
+    def count_dropped(self, kind: str, reason: str, items: int) -> None:
+        """Items (data points, spans, log records) of OTLP signal ``kind`` that a
+        signal gave up before export (e.g. delta series over its pending bound):
+        counted in ``ebpf_otlp.export.dropped{signal,reason}`` with the rest."""
+        self.senders[kind].count_dropped(reason, items)
+
     def resource_for(self, key: ResourceKey | None) -> dict:
         """The attributes of the resource ``key`` names (the host's for None)."""
         if not key:
@@ -177,11 +221,20 @@ class Exporter:
 
     # --- once per interval (export thread) ---------------------------------------
     def export(self) -> bool:
-        """SDK instruments, bulk histograms and queued logs; spans go on their own thread."""
-        ok = self._export_histograms()
-        ok = self.sdk.export() and ok
-        self.series.interval_done()
-        return self.logs.flush() and ok
+        """SDK instruments, bulk histograms and queued logs, within what is left of
+        the interval's budget (which this ends); spans go on their own thread."""
+        try:
+            ok = self._export_histograms()
+            # the SDK's collection (callbacks) always runs; its request gets what is left
+            ok = self.sdk.export(max(self.left_s(), 0.5)) and ok
+            self.series.interval_done()
+            fresh = self.logs.waiting > 0
+            ok = self.logs.flush() and ok
+            if not fresh:  # no log record this interval: what waits for a retry gets a chance
+                ok = self.senders["logs"].resend(self.left_s()) and ok
+            return ok
+        finally:
+            self._deadline = None
 
     def _export_histograms(self) -> bool:
         parts = [(h, m) for h in self._histograms if (m := h.metric()) is not None]
@@ -191,13 +244,16 @@ class Exporter:
             resource=self._pb_resource, scope_metrics=[ScopeMetrics(
                 scope=InstrumentationScope(name=SCOPE, version=self.scope_version),
                 metrics=[m for _, (m, _) in parts])])]))
-        ok = self.senders["metrics"].send(req.SerializeToString(), self.timeout_s)
-        for h, (_, count) in parts:
+        # Delta points of a failed request exist nowhere else: the sender keeps the
+        # request for a retry, within its byte bound (what it evicts is counted there).
+        points = sum(len(m.histogram.data_points) for _, (m, _) in parts)
+        retain = any(h.delta for h, _ in parts)
+        ok = self.senders["metrics"].send(req.SerializeToString(), self.left_s(),
+                                          retain=retain, items=points)
+        for h, _ in parts:
             h.exports += 1
             if not ok:
                 h.failures += 1
-                if h.delta:
-                    h.points_lost += count
         if not ok:
             self.histogram_failures += 1
         return ok
@@ -208,11 +264,21 @@ class Exporter:
             resource=self._pb_resource, scope_metrics=[ScopeMetrics(
                 scope=InstrumentationScope(name=SCOPE), metrics=metrics)])]).SerializeToString()
 
-    def _send_traces(self, body: bytes) -> bool:
-        return self.senders["traces"].send(body)
+    def _send_traces(self, body: bytes, spans: int) -> bool:
+        return self.senders["traces"].send(body, self.budget_s["traces"], retain=True,
+                                           items=spans)
 
-    def _send_logs(self, body: bytes) -> bool:
-        return self.senders["logs"].send(body, self.timeout_s)
+    def _resend_traces(self) -> None:
+        """No fresh span to send: give the traces retry queue a chance, at most
+        once per request budget (a collector still down costs one attempt)."""
+        now = time.monotonic()
+        if now - self._traces_resent >= self.budget_s["traces"]:
+            self._traces_resent = now
+            self.senders["traces"].resend(self.budget_s["traces"])
+
+    def _send_logs(self, body: bytes, records: int) -> bool:
+        return self.senders["logs"].send(body, min(self.budget_s["logs"], self.left_s()),
+                                         retain=True, items=records)
 
     # --- health ------------------------------------------------------------------------
     def _register_health(self) -> None:
@@ -237,8 +303,9 @@ class Exporter:
                      + [(h.series_overflowed, {"metric": h.name}) for h in self._histograms
                         if h.series_overflowed])
         self.observe("ebpf_otlp.histogram.values.unexported", "{value}",
-                     "values missing from bulk histograms: failed delta export, or folded "
-                     "into the overflow series",
+                     "values missing from bulk histograms: folded into the overflow series "
+                     "(failed delta exports are retried; evictions count under "
+                     "ebpf_otlp.export.dropped)",
                      lambda: [(v, {"metric": h.name, "reason": r}) for h in self._histograms
                               for r, v in (("export_failed", h.points_lost),
                                            ("overflow", h.overflowed)) if v])

@@ -58,6 +58,7 @@ class _SenderExporter(MetricExporter):
     def __init__(self, sender: OtlpSender, temporality: dict[type, AggregationTemporality]):
         super().__init__(preferred_temporality=temporality)
         self.sender = sender
+        self.budget: Callable[[], float] | None = None  # caps each request's time
         self.on_data: Callable[[MetricsData], None] | None = None
         # delta points of a failed request exist nowhere else: keep them for the next try
         self.retain = any(t == _D for t in temporality.values())
@@ -68,10 +69,15 @@ class _SenderExporter(MetricExporter):
             if self.on_data is not None:
                 self.on_data(metrics_data)
             body = split_metrics(encode_metrics(metrics_data)).SerializeToString()
+            points = sum(len(m.data.data_points) for rm in metrics_data.resource_metrics
+                         for sm in rm.scope_metrics for m in sm.metrics)
         except Exception:
             log.exception("encoding metrics failed")
             return MetricExportResult.FAILURE
-        ok = self.sender.send(body, timeout_millis / 1000.0, retain=self.retain)
+        budget = timeout_millis / 1000.0
+        if self.budget is not None:
+            budget = min(budget, self.budget())
+        ok = self.sender.send(body, budget, retain=self.retain, items=points)
         return MetricExportResult.SUCCESS if ok else MetricExportResult.FAILURE
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
@@ -86,8 +92,10 @@ class SdkMetrics:
     interval, right after the signals drained their maps)."""
 
     def __init__(self, resource: Resource, sender: OtlpSender, temporality: str,
-                 cardinality_limit: int, timeout_s: float):
+                 cardinality_limit: int, timeout_s: float,
+                 budget: Callable[[], float] | None = None):
         self.exporter = _SenderExporter(sender, preferred_temporality(temporality))
+        self.exporter.budget = budget
         self.timeout_s = timeout_s
         self.reader = PeriodicExportingMetricReader(
             self.exporter, export_interval_millis=math.inf,

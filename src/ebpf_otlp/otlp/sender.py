@@ -6,6 +6,12 @@ connection errors are retried with exponential back-off and jitter (a
 ``Retry-After`` header is honoured), everything else is final. No attempt
 outlives the target's timeout, so a collector that hangs delays one export
 by at most that much.
+
+Every item (metric data point, span, log record) that the path of this OTLP
+signal gives up is counted once in :attr:`OtlpSender.dropped` by reason: the
+retry queue's byte bound (``queue_full``), the collector calling it bad
+(``rejected``), still waiting at exit (``shutdown``), and what the batching
+in front of the sender reports through :meth:`OtlpSender.count_dropped`.
 """
 
 from __future__ import annotations
@@ -54,24 +60,28 @@ class OtlpSender:
         self._closed = False
         self.deadline: float | None = None  # monotonic; set at shutdown to bound every send
         self.max_queue_bytes = DEFAULT_QUEUE_BYTES
-        self._queue: deque[tuple[bytes, int]] = deque()  # (wire bytes, body size)
+        # (wire bytes, body size, items in it)
+        self._queue: deque[tuple[bytes, int, int]] = deque()
         self.queued_bytes = 0
-        self.dropped: Counter[str] = Counter()  # retained bodies given up, by reason
+        self.dropped: Counter[str] = Counter()  # items given up, by reason
         self.dropped_bytes = 0
+        self.delivered_late = 0  # items delivered from the retry queue
 
-    def send(self, body: bytes, deadline_s: float | None = None, retain: bool = False) -> bool:
+    def send(self, body: bytes, deadline_s: float | None = None, retain: bool = False,
+             items: int = 1) -> bool:
         """True when the collector accepted ``body``. Never raises.
 
         ``retain``: a body that could not be delivered (collector down, slow,
         throttling) waits in a queue bounded by :attr:`max_queue_bytes` and goes
         out, oldest first, after the next body that is delivered; for data that is not sent again
         otherwise (delta points). What the bound evicts, what the collector
-        rejects as bad and what is left at shutdown is counted in :attr:`dropped`.
+        rejects as bad and what is left at shutdown is counted in :attr:`dropped`,
+        ``items`` (data points, spans, log records) per body.
         """
         if self._closed:
             self._count(False, "shutdown")
             if retain:
-                self._drop("shutdown")
+                self.count_dropped("shutdown", items)
             return False
         data = gzip.compress(body, 6) if self.target.compression == "gzip" else body
         budget = self.target.timeout_s if deadline_s is None else min(deadline_s,
@@ -83,17 +93,36 @@ class OtlpSender:
         if not ok:
             if retain:
                 if cause.startswith("http_4") and cause != "http_429":
-                    self._drop("rejected")  # the collector says this body is bad: never again
+                    # the collector says this body is bad: never again
+                    self.count_dropped("rejected", items)
                 else:
-                    self._enqueue(data, len(body))
+                    self._enqueue(data, len(body), items)
             return False
         # The collector answers again: what waits goes out, oldest first, in what is
         # left of this budget (fresh data first, so a backlog never starves it).
+        self._drain_queue(deadline)
+        return True
+
+    def resend(self, deadline_s: float | None = None) -> bool:
+        """Send what waits in the retry queue, oldest first, within one budget; for a
+        path with nothing fresh to send (no span, no log record this interval). True
+        when the queue is empty afterwards."""
+        if self._closed or not self._queue:
+            return not self._queue
+        budget = self.target.timeout_s if deadline_s is None else min(deadline_s,
+                                                                      self.target.timeout_s)
+        deadline = time.monotonic() + budget
+        if self.deadline is not None:
+            deadline = min(deadline, self.deadline)
+        self._drain_queue(deadline)
+        return not self._queue
+
+    def _drain_queue(self, deadline: float) -> None:
         while time.monotonic() < deadline - 0.01:
             with self._lock:
                 if not self._queue:
                     break
-                old, old_n = self._queue[0]
+                old, old_n, old_items = self._queue[0]
             sent, cause = self._post(old, old_n, deadline)
             if not sent and (not cause.startswith("http_4") or cause == "http_429"):
                 break  # failing again: keep it for the next send
@@ -101,23 +130,26 @@ class OtlpSender:
                 if self._queue and self._queue[0][0] is old:
                     self._queue.popleft()
                     self.queued_bytes -= len(old)
+                    if sent:
+                        self.delivered_late += old_items
             if not sent:
-                self._drop("rejected")
-        return True
+                self.count_dropped("rejected", old_items)
 
-    def _enqueue(self, data: bytes, nbytes: int) -> None:
+    def _enqueue(self, data: bytes, nbytes: int, items: int) -> None:
         with self._lock:
-            self._queue.append((data, nbytes))
+            self._queue.append((data, nbytes, items))
             self.queued_bytes += len(data)
             while self.queued_bytes > self.max_queue_bytes and self._queue:
-                old, _ = self._queue.popleft()
+                old, _, old_items = self._queue.popleft()
                 self.queued_bytes -= len(old)
-                self.dropped["queue_full"] += 1
+                self.dropped["queue_full"] += old_items
                 self.dropped_bytes += len(old)
 
-    def _drop(self, reason: str) -> None:
-        with self._lock:
-            self.dropped[reason] += 1
+    def count_dropped(self, reason: str, items: int = 1) -> None:
+        """Count ``items`` of this OTLP signal given up before or after sending."""
+        if items > 0:
+            with self._lock:
+                self.dropped[reason] += items
 
     def _post(self, data: bytes, nbytes: int, deadline: float) -> tuple[bool, str]:
         """POST with retries until ``deadline``: (delivered, cause of failure)."""
@@ -175,7 +207,7 @@ class OtlpSender:
     def close(self) -> None:
         with self._lock:
             if self._queue:
-                self.dropped["shutdown"] += len(self._queue)
+                self.dropped["shutdown"] += sum(n for _, _, n in self._queue)
                 self.dropped_bytes += self.queued_bytes
                 self._queue.clear()
                 self.queued_bytes = 0

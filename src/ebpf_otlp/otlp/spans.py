@@ -217,20 +217,32 @@ class SpanEncoder:
 class SpanBatchExporter:
     """Bounded queue of encoded spans and one sender thread.
 
-    ``submit`` never blocks: what does not fit is dropped and counted. The
-    sender sends when ``max_batch`` spans wait or every ``flush_interval_s``.
+    ``submit`` never blocks: what does not fit (``max_queue`` spans or
+    ``max_queue_bytes`` encoded bytes) is dropped and counted. The sender
+    sends when ``max_batch`` spans wait or every ``flush_interval_s``.
+
+    ``retry``: ``send(body, spans)`` keeps a body it could not deliver for a
+    later attempt and counts what it gives up itself (the OTLP sender's retry
+    queue), so a failed send is not a drop here; otherwise ``send(body)`` and a
+    failed batch is dropped (``export_failed``). ``on_drop(reason, n)`` hears
+    of every drop counted here; ``on_idle()`` runs on a flush with nothing to
+    send (the retry queue's chance when no fresh span comes).
     """
 
-    def __init__(self, resource_attributes: dict, send: Callable[[bytes], bool],
+    def __init__(self, resource_attributes: dict, send: Callable[..., bool],
                  scope: str = "ebpf_otlp", max_queue: int = 65536, max_batch: int = 4096,
-                 flush_interval_s: float = 0.5):
+                 flush_interval_s: float = 0.5, max_queue_bytes: int | None = None,
+                 retry: bool = False, on_drop: Callable[[str, int], None] | None = None,
+                 on_idle: Callable[[], object] | None = None):
         self.encoder = SpanEncoder(resource_attributes, scope)
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self.max_batch = max_batch
         self.flush_interval_s = flush_interval_s
         # Spans wait already encoded: bytes are invisible to the cyclic GC, while
         # thousands of queued attribute tuples made its collections cost ~30%.
         self._queue: deque[bytes | tuple[tuple, bytes]] = deque()
+        self.queued_bytes = 0
         self._cond = threading.Condition()
         self._stop = False
         self._flush_req = False
@@ -241,6 +253,16 @@ class SpanBatchExporter:
         self.failures = 0
         self.dropped: Counter[str] = Counter()
         self._send = send
+        self._retry = retry
+        self._on_drop = on_drop
+        self._on_idle = on_idle
+
+    def _count_drop(self, reason: str, n: int) -> None:
+        if n <= 0:
+            return
+        self.dropped[reason] += n
+        if self._on_drop is not None:
+            self._on_drop(reason, n)
 
     # --- producer side ----------------------------------------------------------
     def submit_grouped(self, start_ns: np.ndarray, end_ns: np.ndarray, group: np.ndarray,
@@ -265,17 +287,24 @@ class SpanBatchExporter:
         encoded = self.encoder.spans(fit) if fit else []  # outside the lock: the slow part
         return self._enqueue(encoded, len(items))
 
-    def _enqueue(self, encoded: list[bytes], total: int) -> int:
+    def _enqueue(self, encoded: list[bytes | tuple[tuple, bytes]], total: int) -> int:
         """Queue what still fits of ``encoded`` (of ``total`` offered); count the rest."""
+        sizes = [len(e) if isinstance(e, bytes) else len(e[1]) for e in encoded]
         with self._cond:
             # Room may have shrunk meanwhile (timeouts are submitted from another thread).
-            room = 0 if self._stop else self.max_queue - len(self._queue)
-            take = encoded[:max(room, 0)]
-            self._queue.extend(take)
-            self.submitted += len(take)
-            dropped = total - len(take)
-            if dropped:
-                self.dropped["shutdown" if self._stop else "queue_full"] += dropped
+            room = max(0, 0 if self._stop else self.max_queue - len(self._queue))
+            k = min(room, len(encoded))
+            nbytes = sum(sizes[:k])
+            if self.max_queue_bytes is not None:
+                budget = self.max_queue_bytes - self.queued_bytes
+                while k and nbytes > budget:  # the oldest spans first, the rest dropped
+                    k -= 1
+                    nbytes -= sizes[k]
+            self._queue.extend(encoded[:k])
+            self.queued_bytes += nbytes
+            self.submitted += k
+            dropped = total - k
+            self._count_drop("shutdown" if self._stop else "queue_full", dropped)
             if len(self._queue) >= self.max_batch:
                 self._cond.notify()
         return dropped
@@ -291,7 +320,9 @@ class SpanBatchExporter:
     def _take(self) -> list[bytes | tuple[tuple, bytes]]:
         q = self._queue
         n = min(len(q), self.max_batch)
-        return [q.popleft() for _ in range(n)]
+        out = [q.popleft() for _ in range(n)]
+        self.queued_bytes -= sum(len(e) if isinstance(e, bytes) else len(e[1]) for e in out)
+        return out
 
     def _run(self) -> None:
         next_flush = time.monotonic() + self.flush_interval_s
@@ -308,22 +339,30 @@ class SpanBatchExporter:
                 next_flush = time.monotonic() + self.flush_interval_s
             if batch:
                 self._export(batch)
+            elif self._on_idle is not None and not stopping:
+                try:
+                    self._on_idle()
+                except Exception as e:  # must not kill the sender
+                    log.warning("span retry failed: %s", e)
             if stopping and not self._queue:
                 return
 
     def _export(self, batch: list[bytes | tuple[tuple, bytes]]) -> None:
         try:
             data = self.encoder.wrap(batch)
-            ok = self._send(data)
+            ok = self._send(data, len(batch)) if self._retry else self._send(data)
         except Exception as e:  # a collector that is down must not kill the sender
             log.warning("span export failed: %s", e)
             ok = False
+            if self._retry:  # never reached the sender: nobody else counts these
+                self._count_drop("export_failed", len(batch))
         self.requests += 1
         if ok:
             self.exported += len(batch)
         else:
             self.failures += 1
-            self.dropped["export_failed"] += len(batch)
+            if not self._retry:
+                self._count_drop("export_failed", len(batch))
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Ask the sender to send what waits now; True when the queue emptied in time."""
@@ -347,5 +386,5 @@ class SpanBatchExporter:
         with self._cond:
             left = len(self._queue)
             self._queue.clear()
-        if left:
-            self.dropped["shutdown"] += left
+            self.queued_bytes = 0
+        self._count_drop("shutdown", left)

@@ -482,11 +482,12 @@ class DnsSignal(PacketHooks, Signal):
         t.observe("ebpf_otlp.dns.pending", "{query}", "queries waiting for an answer",
                   lambda: [(len(self.table), {})], kind="gauge")
         t.observe("ebpf_otlp.dns.spans.dropped", "{span}",
-                  "DNS spans refused by the full span queue (export failures count under "
-                  "ebpf_otlp.spans.dropped)",
+                  "DNS spans refused by the full span queue (every span the export path "
+                  "gives up counts under ebpf_otlp.export.dropped{signal=traces})",
                   lambda: [(self.spans_dropped, {"reason": "queue_full"})])
         t.observe("ebpf_otlp.dns.lookups.unexported", "{lookup}",
-                  "lookups missing from dns.lookup.duration: failed delta export, or "
-                  "folded into the overflow series",
+                  "lookups missing from dns.lookup.duration: folded into the overflow "
+                  "series (failed delta exports are retried; their evictions count "
+                  "under ebpf_otlp.export.dropped)",
                   lambda: [(self.duration.points_lost, {"reason": "export_failed"}),
                            (self.duration.overflowed, {"reason": "overflow"})])

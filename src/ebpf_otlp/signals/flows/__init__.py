@@ -121,7 +121,11 @@ class FlowsSignal(PacketHooks, Signal):
         if self.taps:  # the live views: one drain, full keys (agg.Drained)
             self.tap("flows", d)
         series, counts = agg.aggregate(agg.project(d, self.kept), d.counts)
+        before = self.store.dropped_points
         self.store.merge(series, counts, self._interval_start_ns)
+        lost = self.store.dropped_points - before  # delta series pushed out unexported
+        if lost:
+            self.exporter.count_dropped("metrics", "pending_full", lost * len(METRICS))
         self._interval_start_ns = now
 
     def export(self) -> None:

@@ -64,22 +64,47 @@ def _unique_rows(col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniq, inv.reshape(-1)
 
 
-# Encoded attribute per (encoder, attribute, raw value), kept across intervals:
-# the same hosts and ports come back every interval. Cleared when it grows
-# past _CACHE_MAX entries, so memory stays bounded: 131,072 entries (both port
-# spaces) at roughly 100-200 B each; 1 << 20 allowed ~100-200 MB. The cache
-# filling with ephemeral ports was the flows agent's RSS growth in bench/soak.py.
-_CACHE: dict[tuple, object] = {}
-_CACHE_MAX = 1 << 17
+class _Generations:
+    """Encoded attribute per (attribute, raw value), kept while in use: the values
+    of the last two exports (the same hosts and ports come back every interval),
+    so it holds what the live series hold, not every ephemeral port ever seen.
+    A flat cache bounded only by a size filled with ephemeral ports for minutes:
+    the flows agent's RSS growth in bench/soak.py."""
+
+    def __init__(self, max_entries: int = 1 << 17):
+        self.cur: dict[tuple, bytes] = {}
+        self.prev: dict[tuple, bytes] = {}
+        self.max_entries = max_entries
+
+    def rotate(self) -> None:
+        self.prev, self.cur = self.cur, {}
+
+    def get(self, key: tuple) -> bytes | None:
+        v = self.cur.get(key)
+        if v is None:
+            v = self.prev.get(key)
+            if v is not None:
+                self.cur[key] = v
+        return v
+
+    def put(self, key: tuple, value: bytes) -> None:
+        if len(self.cur) >= self.max_entries:  # one export of more distinct values
+            self.rotate()
+        self.cur[key] = value
+
+    def __len__(self) -> int:
+        return len(self.cur) + len(self.prev)
+
+
+_ENCODED = _Generations()
 
 
 def _per_column(series: np.ndarray, kept: Iterable[str], ifnames: dict[int, str],
-                encode: Callable[[str, object], object]) -> list[tuple[np.ndarray, np.ndarray]]:
+                encode: Callable[[str, object], object],
+                cache: _Generations | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each kept attribute: (per-row encoded values as an object array, applies-mask)."""
     out = []
     kept = set(kept)
-    if len(_CACHE) > _CACHE_MAX:
-        _CACHE.clear()
     for name, col, conv, mask in _columns(series, ifnames):
         if name not in kept or not mask.any():
             continue
@@ -87,11 +112,14 @@ def _per_column(series: np.ndarray, kept: Iterable[str], ifnames: dict[int, str]
         enc = np.empty(len(uniq), object)
         vals = []
         for u in uniq:
-            raw = u.tobytes() if col.ndim == 2 else int(u)
-            ck = (encode, name, raw)
-            e = _CACHE.get(ck)
+            if cache is None:
+                vals.append(encode(name, conv(u)))
+                continue
+            ck = (name, u.tobytes() if col.ndim == 2 else int(u))
+            e = cache.get(ck)
             if e is None:
-                e = _CACHE[ck] = encode(name, conv(u))
+                e = encode(name, conv(u))
+                cache.put(ck, e)
             vals.append(e)
         enc[:] = vals
         out.append((enc[inv], mask))
@@ -99,8 +127,10 @@ def _per_column(series: np.ndarray, kept: Iterable[str], ifnames: dict[int, str]
 
 
 def encoded(series: np.ndarray, kept: Iterable[str], ifnames: dict[int, str]) -> list[bytes]:
-    """Per series, its attributes as encoded ``NumberDataPoint.attributes`` fields."""
-    cols = _per_column(series, kept, ifnames, point_attribute)
+    """Per series, its attributes as encoded ``NumberDataPoint.attributes`` fields
+    (one call per export: values unused in two exports leave the cache)."""
+    _ENCODED.rotate()
+    cols = _per_column(series, kept, ifnames, point_attribute, _ENCODED)
     if not cols:
         return [b""] * len(series)
     parts = []
