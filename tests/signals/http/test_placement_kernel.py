@@ -132,7 +132,7 @@ def test_relocated_probes_copy_the_exact_plaintext(topo, relocate: bool) -> None
                 assert [(p.symbol, p.emulated) for p in probes if p.ret] == \
                     [(None, True)] * 2, [p.describe() for p in probes]
             else:
-                assert all(p.offset == 0 and not p.emulated for p in probes), \
+                assert all(p.offset == 0 and p.emulated is None for p in probes), \
                     [p.describe() for p in probes]
 
             # Debian python3: SSL_write_ex / SSL_read_ex.
@@ -224,3 +224,38 @@ def test_ssl_set_fd_ties_reused_ssl_objects_to_their_new_socket(topo) -> None:
             assert sum(bad.values()) == 0, {k: v for k, v in bad.items() if v}
         finally:
             cap.close()
+
+
+@pytest.mark.parametrize(("flag", "cost"), [((), "emulated"),
+                                            (("--no-tls-relocate",), "not looked at")])
+def test_agent_logs_its_placement_and_traces_tls_either_way(topo, flag, cost) -> None:
+    """The agent's --tls-relocate switch: the placement it logs per file, and an
+    HTTPS request from curl gives nginx's SERVER span and curl's CLIENT span."""
+    from otlp import AgentProc, ReceiverProc
+
+    require(Path("/usr/sbin/nginx").exists(), "nginx not installed (Debian nginx-light)")
+    require(shutil.which("curl") is not None, "curl not installed")
+    lib = system_tls_library()
+    require(lib is not None, "no libssl on this host")
+    with Nginx(topo, topo.b, topo.b_ip4) as ngx, ReceiverProc(topo, topo.a) as rx, \
+            AgentProc(topo, topo.a, rx, "-v", "--signals", "http", *flag) as agent:
+        line = rx.wait_for(lambda: [x for x in agent.log().splitlines()
+                                    if f"TLS uprobes on {lib}:" in x], timeout=30,
+                           what="the placement log line")[0]
+        assert "SSL_read" in line and "SSL_write" in line and "SSL_set_fd" in line, line
+        others = {"(emulated)", "(single-stepped)", "(not looked at)"} - {f"({cost})"}
+        assert f"({cost})" in line and not [o for o in others if o in line], line
+        assert ("internal function" in line) == (not flag), line
+        c = topo.popen(topo.a, "curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}",
+                       f"https://{topo.b_ip4}:{HTTPS_PORT}/ok.txt?relocate={not flag}",
+                       stdout=subprocess.PIPE, text=True)
+        out, _ = c.communicate(timeout=30)
+        assert out == "200"
+        def both() -> list | None:
+            got = [s for s in rx.spans() if s["attributes"].get("process.pid") in (c.pid, ngx.pid)
+                   and s["attributes"].get("server.port") == HTTPS_PORT]
+            return got if len(got) >= 2 else None
+
+        spans = rx.wait_for(both, timeout=30, what="both spans")
+        assert sorted(s["kind"] for s in spans) == ["CLIENT", "SERVER"], spans
+        assert {s["attributes"]["url.scheme"] for s in spans} == {"https"}

@@ -89,13 +89,13 @@ def test_plan_for_debian_libssl_puts_one_pair_per_direction_on_the_internal_func
     # Asked not to relocate (or nothing readable): the four symbols at offset 0.
     assert [(p.symbol, p.offset, p.ret) for p in plan(None) if p.enter == "ssl_set_fd"] == [
         ("SSL_set_fd", 0, None)]
-    for probes in (plan(elf, relocate=False),
-                   [p for p in plan(None) if p.enter != "ssl_set_fd"]):
+    for probes, emulated in ((plan(elf, relocate=False), None),
+                             ([p for p in plan(None) if p.enter != "ssl_set_fd"], False)):
         assert sorted((p.symbol, p.offset, p.enter, p.ret, p.emulated) for p in probes) == [
-            ("SSL_read", 0, "ssl_read_enter", "ssl_exit_int", False),
-            ("SSL_read_ex", 0, "ssl_read_ex_enter", "ssl_exit_ex", False),
-            ("SSL_write", 0, "ssl_write_enter", "ssl_exit_int", False),
-            ("SSL_write_ex", 0, "ssl_write_ex_enter", "ssl_exit_ex", False)]
+            ("SSL_read", 0, "ssl_read_enter", "ssl_exit_int", emulated),
+            ("SSL_read_ex", 0, "ssl_read_ex_enter", "ssl_exit_ex", emulated),
+            ("SSL_write", 0, "ssl_write_enter", "ssl_exit_int", emulated),
+            ("SSL_write_ex", 0, "ssl_write_ex_enter", "ssl_exit_ex", emulated)]
 
 
 @pytest.mark.parametrize(("what", "code", "want"), [

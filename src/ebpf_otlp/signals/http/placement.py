@@ -272,13 +272,14 @@ class Probe:
     offset: int
     enter: str
     ret: str | None
-    emulated: bool
+    emulated: bool | None  # None: not looked at (--no-tls-relocate)
     covers: tuple[str, ...]
 
     def describe(self) -> str:
         where = (f"{self.symbol}+{self.offset:#x}" if self.symbol
                  else f"internal function at file offset {self.offset:#x}")
-        cost = "emulated" if self.emulated else "single-stepped"
+        cost = ("not looked at" if self.emulated is None
+                else "emulated" if self.emulated else "single-stepped")
         return f"{'/'.join(self.covers)} at {where} ({cost})"
 
 
@@ -307,7 +308,8 @@ def plan(elf: Elf | None, relocate: bool = True) -> list[Probe]:
     elif SET_FD[0] in elf.funcs:
         got = elf.func(SET_FD[0])
         at = site(got[1], ("rdi", "rsi")) if relocate and got else None
-        out.append(Probe(SET_FD[0], at or 0, SET_FD[1], None, at is not None, (SET_FD[0],)))
+        out.append(Probe(SET_FD[0], at or 0, SET_FD[1], None,
+                         at is not None if relocate else None, (SET_FD[0],)))
     for direction, fns in DIRECTIONS:
         if elf is None:
             out += [Probe(f[0], 0, f[2], f[3], False, (f[0],)) for f in fns]
@@ -328,5 +330,6 @@ def plan(elf: Elf | None, relocate: bool = True) -> list[Probe]:
                 continue
         for (sym, _, enter, ret), got in present:
             at = site(got[1]) if relocate and got else None
-            out.append(Probe(sym, at or 0, enter, ret, at is not None, (sym,)))
+            out.append(Probe(sym, at or 0, enter, ret, at is not None if relocate else None,
+                             (sym,)))
     return out
