@@ -7,6 +7,10 @@
    and without, cold (every cgroup id new: one ``open_by_handle_at`` each) and
    warm (the bounded cache holds them). Also the walk of the cgroup2 tree that
    replaces the handle lookup where CAP_DAC_READ_SEARCH is missing.
+3. HTTP: 10,000 exchanges (one connection each) of 100 containers through the
+   HTTP signal's ring callback (``HttpSignal.on_batch``: pairing, span and
+   histogram mapping), with attribution (``container``: one resource lookup
+   per new connection) and without.
 2. Export size and encode time with attribution on vs off: 10,000 flow series
    behind 100 pod interfaces (one resource each) through the sums path, and
    10,000 connection spans of 100 containers through the span path.
@@ -143,7 +147,7 @@ def export_size(res: Result, n: int, pods: int = 100) -> None:
     cfg = AgentConfig(endpoint="http://127.0.0.1:9")
     exp = Exporter(cfg.export_settings(), 1.0, cfg.cardinality_limit)
     bodies: list[int] = []
-    exp.senders["metrics"].send = lambda body, _t=None: bodies.append(len(body)) or True
+    exp.senders["metrics"].send = lambda body, _t=None, **_kw: bodies.append(len(body)) or True
     keys = [resource_key({"k8s.pod.uid": str(uuid.uuid4()), "container.id": secrets.token_hex(32),
                           "container.runtime.name": "containerd", "k8s.pod.ip": f"10.1.{i}.2",
                           "k8s.node.name": "node-1"}) for i in range(pods)]
@@ -182,11 +186,86 @@ def export_size(res: Result, n: int, pods: int = 100) -> None:
     res.raw["export"] = out
 
 
+def _http_records(n: int, ids: list[int]) -> np.ndarray:
+    """A server's read of a request and write of its response on ``n`` connections,
+    connection i in cgroup ``ids[i % len(ids)]`` (``struct http_event`` as built)."""
+    from ebpf_otlp.signals.http.signal import OP_READ, OP_WRITE, event_dtype
+
+    req = b"GET /items/42 HTTP/1.1\r\nHost: svc\r\n\r\n"
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    r = np.zeros(2 * n, event_dtype(256))
+    i = np.arange(2 * n)
+    conn = i // 2
+    r["start_ns"] = 1_000_000 + i * 1000
+    r["end_ns"] = r["start_ns"] + 500
+    r["conn"], r["pid"], r["tid"], r["fd"] = conn + 1, 4321, 4321, 7
+    r["family"], r["lport"], r["rport"] = 4, 8080, 30000 + conn % 30000
+    r["laddr"][:, 10:] = [255, 255, 10, 1, 0, 2]
+    r["raddr"][:, 10:] = [255, 255, 10, 2, 0, 9]
+    r["comm"][:, :3] = np.frombuffer(b"srv", np.uint8)
+    r["cgroup_id"] = np.asarray(ids, np.uint64)[conn % len(ids)]
+    for op, data, rows in ((OP_READ, req, i[::2]), (OP_WRITE, resp, i[1::2])):
+        r["op"][rows], r["len"][rows], r["head_len"][rows] = op, len(data), len(data)
+        r["head"][rows, :len(data)] = np.frombuffer(data, np.uint8)
+    return r
+
+
+def http_cost(res: Result, n: int, containers: int = 100) -> None:
+    from ebpf_otlp.config import AgentConfig
+    from ebpf_otlp.platform.host import cgroup2_mount
+    from ebpf_otlp.platform.workloads import WorkloadResolver
+    from ebpf_otlp.signals.attribution import Attributor
+    from ebpf_otlp.signals.http.signal import HttpSignal
+    from ebpf_otlp.views.session import LocalExporter
+
+    mount = cgroup2_mount()
+    if not mount:
+        res.note("HTTP part skipped: no cgroup2 mount")
+        return
+    root = Path(mount) / f"ebpf-otlp-bench-http-{os.getpid()}"
+    root.mkdir()
+    try:
+        recs = _http_records(n, _cgroups(root, containers, 10))
+        seen = [0, 0]  # spans, spans with a resource (not kept: the agent encodes them)
+
+        def count(spans: list) -> None:
+            seen[0] += len(spans)
+            seen[1] += sum(s.resource is not None for s in spans)
+
+        out: dict[str, float] = {}
+        on = Attributor("container", "node", WorkloadResolver())
+        # on cold once (the 100 cgroups new); off and warm three times each,
+        # interleaved, the best of each (this 2-core machine is shared)
+        for label in ("off", "cold", *("warm", "off") * 3):
+            cfg = AgentConfig(attribution="none" if label == "off" else "container")
+            sig = HttpSignal(cfg, LocalExporter(cfg, on_spans=count))
+            sig.attribution = Attributor("none") if label == "off" else on
+            seen[:] = [0, 0]
+            t = time.perf_counter()
+            for lo in range(0, len(recs), 4096):  # ring batches
+                sig.on_batch(recs[lo:lo + 4096])
+            took = time.perf_counter() - t
+            assert seen == [n, 0 if label == "off" else n], seen
+            out[label] = min(out.get(label, took), took)
+        on.close()
+    finally:
+        _rmtree(root)
+    res.raw["http"] = out
+    for label, what in (("cold", f"the {containers} cgroups new"),
+                        ("warm", "the cgroups already resolved")):
+        res.add(Figure.compare(
+            f"HTTP ring callback, {n:,} exchanges of {containers} containers, {label}",
+            out[label], "s", out["off"], "attribution off",
+            note=f"{what}: {(out[label] - out['off']) / n * 1e6:.1f} us added per "
+                 "connection"))
+
+
 def run(quick: bool) -> Result:
     res = Result(NAME, TITLE, command_for(NAME, quick))
     n = 1000 if quick else 10_000
     resolve_cost(res, n)
     export_size(res, n)
+    http_cost(res, n)
     return res
 
 

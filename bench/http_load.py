@@ -53,20 +53,30 @@ def _wrk(t, url: str, seconds: float, close: bool) -> float:
 LOOP_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
-__attribute__((noinline)) int probe_me(void *a, void *b, int n)
-{
-	__asm__ volatile("" ::: "memory");
-	return n + 1;
-}
+/* Two functions with the same work and different first instructions: a push
+ * (emulated by the kernel when probed, as the libssl functions the TLS probes
+ * use: signals/http/placement.py) and a sub from %rsp (single-stepped, as
+ * SSL_read/SSL_write's own first instruction). */
+int probe_push(void *a, void *b, int n);
+int probe_sub(void *a, void *b, int n);
+__asm__(".text\n"
+	".globl probe_push\n.type probe_push,@function\n"
+	"probe_push:\n push %r13\n lea 1(%rdx),%eax\n pop %r13\n ret\n"
+	".size probe_push,.-probe_push\n"
+	".globl probe_sub\n.type probe_sub,@function\n"
+	"probe_sub:\n sub $0x18,%rsp\n lea 1(%rdx),%eax\n add $0x18,%rsp\n ret\n"
+	".size probe_sub,.-probe_sub\n");
 int main(int argc, char **argv)
 {
 	long iters = atol(argv[1]);
+	int (*fn)(void *, void *, int) = strcmp(argv[2], "push") ? probe_sub : probe_push;
 	struct timespec t0, t1;
 	int s = 0;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	for (long i = 0; i < iters; i++)
-		s += probe_me(0, 0, i);
+		s += fn(0, 0, i);
 	clock_gettime(CLOCK_MONOTONIC, &t1);
 	printf("%.1f\n", ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / iters);
 	return s == 42;
@@ -74,9 +84,11 @@ int main(int argc, char **argv)
 """
 
 
-def uprobe_hit_ns(work: Path, iters: int = 20000) -> tuple[float, float] | None:
-    """(ns per call of a trivial function with the SSL entry program on it as a
-    uprobe, ns per call without): what one uprobe hit costs on this machine."""
+def uprobe_hit_ns(work: Path, iters: int = 20000) -> dict[str, float] | None:
+    """ns per call of a trivial function, bare and with the SSL programs on it:
+    {"bare", "sub", "push", "sub+ret", "push+ret"} (entry program only, or entry
+    and return programs at the same place, on a function starting with a sub from
+    %rsp or with a push): what one uprobe hit costs on this machine."""
     import os as _os
 
     from ebpf_otlp.platform.bpfobj import BpfObject
@@ -87,44 +99,62 @@ def uprobe_hit_ns(work: Path, iters: int = 20000) -> tuple[float, float] | None:
     src.write_text(LOOP_C)
     subprocess.run(["gcc", "-O2", "-o", str(exe), str(src)], check=True, capture_output=True)
 
-    def per_call() -> float:
-        out = subprocess.run([str(exe), str(iters)], capture_output=True, text=True, check=True)
+    def per_call(which: str) -> float:
+        out = subprocess.run([str(exe), str(iters), which], capture_output=True, text=True,
+                             check=True)
         return float(out.stdout)
 
-    bare = per_call()
-    obj = BpfObject.open_packaged("http")
-    try:
-        obj.rodata["self_tgid"] = _os.getpid()
-        obj.load()
-        obj.programs["ssl_read_enter"].attach_uprobe(str(exe), "probe_me")
-        probed = per_call()
-    finally:
-        obj.close()
-    return probed, bare
+    out = {"bare": min(per_call("push"), per_call("sub"))}
+    for first in ("sub", "push"):
+        for ret in (False, True):
+            obj = BpfObject.open_packaged("http")
+            try:
+                obj.rodata["self_tgid"] = _os.getpid()
+                obj.load()
+                obj.programs["ssl_read_ex_enter"].attach_uprobe(str(exe), f"probe_{first}")
+                if ret:
+                    obj.programs["ssl_exit_ex"].attach_uprobe(str(exe), f"probe_{first}",
+                                                              retprobe=True)
+                out[first + ("+ret" if ret else "")] = per_call(first)
+            finally:
+                obj.close()
+    return out
 
 
-def _kernel_only(t, url: str, seconds: float, close: bool, which: str) -> float:
+def _kernel_only(t, url: str, seconds: float, close: bool, which: str,
+                 relocate: bool = True) -> tuple[float, dict]:
     """requests/s with only part of the kernel side attached (``uprobes``: the SSL
-    probes on the system libssl; ``tracepoints``: the syscall programs), records
-    drained and dropped by a thread here: what the hooks cost nginx and wrk alone."""
+    probes on the system libssl, placed by signals/http/placement.py or, with
+    ``relocate`` False, at the symbols' offset 0; ``tracepoints``: the syscall
+    programs), records drained and dropped by a thread here: what the hooks cost
+    nginx and wrk alone. Also, per request, the runs of each attached program and
+    their BPF run time (kernel BPF statistics, on while this runs)."""
     import threading
 
     from ebpf_otlp.platform.bpfobj import BpfObject
+    from ebpf_otlp.platform.libbpf import enable_run_time_stats
     from ebpf_otlp.platform.ringbuf import RingBuffer
     from ebpf_otlp.signals.http.signal import event_dtype
     from ebpf_otlp.signals.http.tls import PROGRAMS, TlsAttacher, system_tls_library
 
     obj = BpfObject.open_packaged("http")
+    stats_fd = -1
     try:
         obj.rodata["self_tgid"] = os.getpid()
         obj.rodata["ringbuf_wakeup_bytes"] = 64 << 10  # as the agent loads it
         obj.load()
+        attached = []
         if which == "uprobes":
-            TlsAttacher(obj).attach_path(system_tls_library(), required=True)
+            tls = TlsAttacher(obj, relocate=relocate)
+            tls.attach_path(system_tls_library(), required=True)
+            attached = [obj.programs[n] for n in PROGRAMS]
+            placement = "; ".join(p.describe() for ps in tls.probes.values() for p in ps)
         else:
             for p in obj.programs.values():
                 if p.name not in PROGRAMS:
                     p.attach()
+                    attached.append(p)
+            placement = ""
         ring = RingBuffer(obj.maps["http_events"], event_dtype(256), on_batch=lambda r: None)
         stop = threading.Event()
 
@@ -134,13 +164,24 @@ def _kernel_only(t, url: str, seconds: float, close: bool, which: str) -> float:
 
         th = threading.Thread(target=drain, daemon=True)
         th.start()
+        stats_fd = enable_run_time_stats()
+        before = {p.name: p.run_stats() for p in attached}
         try:
-            return _wrk(t, url, seconds, close)[0]
+            rps, n = _wrk(t, url, seconds, close)
         finally:
             stop.set()
             th.join()
             ring.close()
+        after = {p.name: p.run_stats() for p in attached}
+        runs = {k: (after[k][1] - before[k][1]) / max(n, 1) for k in after}
+        ns = {k: (after[k][0] - before[k][0]) / max(n, 1) for k in after}
+        info = {"requests": n, "placement": placement,
+                "runs_per_request": {k: round(v, 2) for k, v in runs.items() if v},
+                "bpf_ns_per_request": {k: round(v) for k, v in ns.items() if v}}
+        return rps, info
     finally:
+        if stats_fd >= 0:
+            os.close(stats_fd)
         obj.close()
 
 
@@ -207,10 +248,15 @@ def run(quick: bool) -> Result:
     try:
         hit = uprobe_hit_ns(work)
         if hit is not None:
-            res.add(Figure.compare("one uprobe hit: a trivial call with the SSL entry program "
-                                   "on it", round(hit[0], 1), "ns/call", round(hit[1], 1),
-                                   "the same call without", note="TLS costs this per "
-                                   "SSL_read/SSL_write call (twice with the return probe)"))
+            res.raw["uprobe_hit_ns"] = hit
+            for key, what in (("sub", "first instruction sub $0x18,%rsp (single-stepped)"),
+                              ("push", "first instruction push %r13 (emulated)"),
+                              ("sub+ret", "the same with the return probe, sub first"),
+                              ("push+ret", "the same with the return probe, push first")):
+                res.add(Figure(f"one SSL probe hit on a trivial call, {what}",
+                               round(hit[key] - hit["bare"]), "ns/call",
+                               note=f"added to the bare call's {hit['bare']:.1f} ns: what "
+                                    "each SSL call costs the traced process"))
         with Topology() as t, Nginx(t, t.b, t.b_ip4):
             urls = {"http": f"http://{t.b_ip4}:{HTTP_PORT}/ok.txt",
                     "https": f"https://{t.b_ip4}:{HTTPS_PORT}/ok.txt"}
@@ -271,8 +317,12 @@ def run(quick: bool) -> Result:
             for c in CASES:  # second baseline
                 base[c].append(_wrk(t, urls[c[0]], seconds, c[1] == "close")[0])
             parts = {"uprobes": _kernel_only(t, urls["https"], seconds, False, "uprobes"),
+                     "uprobes at offset 0": _kernel_only(t, urls["https"], seconds, False,
+                                                         "uprobes", relocate=False),
                      "tracepoints": _kernel_only(t, urls["http"], seconds, False,
-                                                 "tracepoints")}
+                                                 "tracepoints"),
+                     "tracepoints, close": _kernel_only(t, urls["http"], seconds, True,
+                                                        "tracepoints")}
     finally:
         res.raw["agent_log_tail"] = (work / "agent.log").read_text()[-1500:] \
             if (work / "agent.log").exists() else ""
@@ -292,14 +342,21 @@ def run(quick: bool) -> Result:
                             f"spans dropped (queue) {w['spans_dropped']}, (any reason) "
                             f"{w['spans.dropped']}, export failures {w['export.failures']}"))
         rows.append({"case": name, "baseline_runs": base[c], **w})
-    for which, case in (("uprobes", ("https", "keep-alive")),
-                        ("tracepoints", ("http", "keep-alive"))):
+    for which, case, what in (
+            ("uprobes", ("https", "keep-alive"), "SSL uprobes alone, placed"),
+            ("uprobes at offset 0", ("https", "keep-alive"),
+             "SSL uprobes alone, at the symbols' offset 0"),
+            ("tracepoints", ("http", "keep-alive"), "syscall tracepoints alone"),
+            ("tracepoints, close", ("http", "close"), "syscall tracepoints alone")):
         b = sum(base[case]) / len(base[case])
-        what = ("SSL uprobes alone" if which == "uprobes"
-                else "syscall tracepoints alone")
-        res.add(Figure.compare(f"requests/s, {case[0]} keep-alive, {what} (no agent)",
-                               round(parts[which]), "req/s", round(b),
-                               "without agent (mean of before and after)"))
+        rps, info = parts[which]
+        runs = sum(info["runs_per_request"].values())
+        res.add(Figure.compare(f"requests/s, {case[0]} {case[1]}, {what} (no agent)",
+                               round(rps), "req/s", round(b),
+                               "without agent (mean of before and after)",
+                               note=f"{runs:.1f} program runs per request"
+                               + (f"; {info['placement']}" if info["placement"] else "")))
+        res.raw.setdefault("kernel_only", {})[which] = info
     spans = sum(with_agent[c]["spans"] for c in CASES)
     secs = seconds * len(CASES)
     res.add(Figure("spans exported per second under load", round(spans / secs), "spans/s",

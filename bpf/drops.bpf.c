@@ -25,6 +25,11 @@ const volatile __u8 reason_filter = 0;
 const volatile __u64 reason_bits[DROP_REASON_WORDS] = {};
 /* Keep the drop location in the key (more series) only when exported. */
 const volatile __u8 keep_location = 0;
+/* --attribution none: the namespace of a drop names no pod, so the key keeps
+ * only whether it is the agent's own (`own_netns`, where an interface index
+ * can still be named) and drops in every other namespace share one key. */
+const volatile __u8 keep_netns = 1;
+const volatile __u32 own_netns = 0;
 
 /* Which table the program writes: 0 or 1, flipped by user space. */
 __u32 active = 0;
@@ -97,6 +102,8 @@ static __always_inline void fill_key(struct drop_key *k, struct sk_buff *skb, __
 		k->ifindex = BPF_CORE_READ(skb, skb_iif);
 	}
 	k->netns = netns_of(dev, skb);
+	if (!keep_netns && k->netns != own_netns)
+		k->netns = 0;
 	k->l3proto = proto;
 	if (!head)
 		return;

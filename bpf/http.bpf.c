@@ -18,6 +18,7 @@
  * Parsing, pairing and roles are user space's job (signals/http). */
 #include "common.bpf.h"
 #include "http.h"
+#include "workload.bpf.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -34,6 +35,10 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 const volatile __u32 head_bytes = 256;
 /* The agent's own process: its OTLP requests are HTTP too, and must not feed back. */
 const volatile __u32 self_tgid = 0;
+/* Whose call (--attribution): the caller's cgroup (the container) and the
+ * socket's namespace (the pod); left 0 at a level that does not use them. */
+const volatile __u8 keep_cgroup = 1;
+const volatile __u8 keep_netns = 1;
 
 DEFINE_RINGBUF(http_events, 4 << 20);
 EXPORT_BTF(struct http_event);
@@ -247,6 +252,11 @@ static __always_inline void emit(__u8 op, __u8 tls, __u64 id, int fd, __u64 sk, 
 	e->tls = tls;
 	fill_addrs(e, sk);
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	/* Every emit runs in the calling process (syscall tracepoints, uretprobes). */
+	if (keep_cgroup)
+		e->cgroup_id = bpf_get_current_cgroup_id();
+	if (keep_netns && sk)
+		e->netns = sock_netns((struct sock *)sk);
 	/* The verifier needs the length proved within [1, head_bytes]; see
 	 * dns.bpf.c for why the test is `n < 1` behind an empty asm. */
 	{
@@ -531,8 +541,10 @@ static __always_inline int ssl_exit(long ret, bool ex)
 		if (known)
 			fd = *known;
 	}
+	/* ex: SSL_*_ex's return, or (bytes seen in signals/http/placement.py) the
+	 * internal function both SSL_x and SSL_x_ex wrap: > 0 means done, count at outlen. */
 	if (ex) {
-		if (ret == 1 && c->outlen)
+		if (ret > 0 && c->outlen)
 			bpf_probe_read_user(&n, sizeof(n), (void *)c->outlen);
 	} else if (ret > 0) {
 		n = ret;
@@ -582,6 +594,24 @@ SEC("uprobe")
 int BPF_KPROBE(ssl_read_ex_enter, void *ssl, void *buf, __u64 num, __u64 *readbytes)
 {
 	return ssl_enter(ssl, buf, (__u64)readbytes, HTTP_OP_READ);
+}
+
+/* SSL_set_fd(ssl, fd): the socket an SSL* works on, from its first use. Without
+ * it, a read OpenSSL serves from its own buffer (no syscall underneath) falls
+ * back to the fd this SSL* address last used, and nginx and wrk reuse the
+ * addresses of freed SSL objects for new connections (bench/http_load.py,
+ * https close). Entry only. */
+SEC("uprobe")
+int BPF_KPROBE(ssl_set_fd, void *ssl, int fd)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct ssl_key k = { .ssl = (__u64)ssl, .pid = id >> 32 };
+	__s32 v = fd;
+
+	if (k.pid == self_tgid || fd < 0)
+		return 0;
+	bpf_map_update_elem(&ssl_fds, &k, &v, BPF_ANY);
+	return 0;
 }
 
 SEC("uretprobe")

@@ -36,6 +36,9 @@ struct http_event {
 	__u8 family;		/* 4 or 6 (0: socket not known) */
 	__u8 pad[7];
 	__u8 comm[16];
+	__u64 cgroup_id;	/* the calling process's cgroup v2 id; 0 when attribution is off */
+	__u32 netns;		/* inode of the socket's network namespace; 0 unknown or off */
+	__u32 pad2;
 	__u8 head[HTTP_HEAD_MAX];
 };
 

@@ -38,6 +38,11 @@ const volatile __u8 keep_saddr = 1;
 const volatile __u8 keep_sport = 1;
 const volatile __u8 keep_caddr = 0;
 const volatile __u8 keep_cport = 0;
+/* Whose connection (--attribution): the cgroup splits keys per container, the
+ * namespace per pod; at a level that does not use one it is zeroed, so the
+ * counter map holds no more keys than the series exported. */
+const volatile __u8 keep_cgroup = 1;
+const volatile __u8 keep_netns = 1;
 /* One RTT sample per connection per this many ns; 0 turns RTT sampling off. */
 const volatile __u64 rtt_sample_ns = 1000000000ULL;
 
@@ -182,6 +187,10 @@ static __always_inline void count_key(struct tcp_ckey *k, __u64 n)
 		k->sport = 0;
 	if (!keep_cport)
 		k->cport = 0;
+	if (!keep_cgroup)
+		k->cgroup_id = 0;
+	if (!keep_netns)
+		k->netns = 0;
 	if (counters_active)
 		v = lookup_or_try_init(&counters_b, k, &zero);
 	else
@@ -208,8 +217,8 @@ static __always_inline void count_sock(__u64 sk, __u8 kind, __u64 n, const struc
 		c = bpf_map_lookup_elem(&socks, &sk);
 	if (sk) {
 		/* Whose connection: attributed to its pod/container in user space. */
-		k.cgroup_id = sock_cgroup_id((struct sock *)sk);
-		k.netns = sock_netns((struct sock *)sk);
+		k.cgroup_id = keep_cgroup ? sock_cgroup_id((struct sock *)sk) : 0;
+		k.netns = keep_netns ? sock_netns((struct sock *)sk) : 0;
 	}
 	if (c) {
 		c->flags |= flag;
@@ -269,8 +278,8 @@ static __always_inline void fill_event(struct tcp_event *e, const struct conn *c
 
 static __always_inline void set_workload(struct conn *c, struct sock *sk)
 {
-	c->cgroup_id = sock_cgroup_id(sk);
-	c->netns = sock_netns(sk);
+	c->cgroup_id = keep_cgroup ? sock_cgroup_id(sk) : 0;
+	c->netns = keep_netns ? sock_netns(sk) : 0;
 }
 
 static __always_inline void emit_open(const struct conn *c, struct tcp_sock *tp, __u64 now)

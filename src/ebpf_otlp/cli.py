@@ -115,6 +115,9 @@ def run_options(f: Callable) -> Callable:
                           "numbers, UUIDs and hex ids."),
         click.option("--http-tls/--no-http-tls", default=None,
                      help="Trace TLS through uprobes on the SSL library [on]."),
+        click.option("--tls-relocate/--no-tls-relocate", default=None,
+                     help="Put the SSL probes where the kernel emulates the probed instruction "
+                          "when the library's code allows it (README: TLS probe placement) [on]."),
         click.option("--tls-lib", "tls_libs", multiple=True, metavar="PATH",
                      help="Binary linking OpenSSL statically to trace TLS in (repeatable); "
                           "libssl.so files that processes map are found by themselves."),

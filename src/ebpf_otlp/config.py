@@ -70,6 +70,7 @@ class AgentConfig:
     http_idle_s: float = 300.0
     http_tls: bool = True  # SSL uprobes (each hit costs tens of us here: bench/http_load.py)
     tls_libs: tuple[str, ...] = ()
+    tls_relocate: bool = True  # SSL probes on emulated instructions (signals/http/placement.py)
     tls_scan_interval_s: float = 2.0
     # drops
     drop_location: bool = False

@@ -2,7 +2,8 @@
 directory named as kubelet with containerd, CRI-O or Docker names it, with
 a uid and a 64-hex container id this test chose, processes in both), the
 agent on their node, TCP, DNS, flows and drops between them and to the
-node. Every series and span of the test's own ports/names must sit under the
+node, and HTTP between them and from the node. Every series and span of the
+test's own ports/names must sit under the
 resource of the pod it belongs to (k8s.pod.uid, container.id, k8s.pod.ip,
 k8s.node.name), and the node's own traffic under the host resource. Truth:
 what the test created (uids, ids, addresses, which process ran where) and
@@ -69,6 +70,30 @@ for _ in range(int(sys.argv[3])):
         socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
     except ConnectionRefusedError:
         pass
+"""
+HTTP_SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *a):
+        pass
+srv = http.server.HTTPServer(("0.0.0.0", int(sys.argv[1])), H)
+print("ready", flush=True)
+srv.serve_forever()
+"""
+HTTP_CLIENT = """
+import socket, sys
+for _ in range(int(sys.argv[3])):
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+    c.sendall(b"GET /pods HTTP/1.1\\r\\nHost: p0\\r\\nConnection: close\\r\\n\\r\\n")
+    got = b""
+    while d := c.recv(65536):
+        got += d
+    assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"ok"), got
+    c.close()
 """
 GAI = "import socket\nfor _ in range(5):\n    try: socket.getaddrinfo('localhost', 80)\n" \
       "    except OSError: pass\n"
@@ -147,6 +172,7 @@ def test_every_signal_lands_on_the_right_resource(schemes):
     K, M, N, R = 6, 4, 7, 3  # pod1 -> pod0, node -> pod0 connections, datagrams, refused
     tcp_port, drop_port, host_drop_port, closed_port = (random.randint(10000, 19999) + i * 10000
                                                         for i in range(4))
+    http_port = tcp_port + 1
     with PodLab(schemes) as lab:
         p0, p1 = lab.pods
         lab.exec(p0, "nft", "add", "table", "inet", "eo15")
@@ -156,7 +182,8 @@ def test_every_signal_lands_on_the_right_resource(schemes):
                  str(drop_port), "counter", "drop")
         with ReceiverProc(lab, lab.node) as rx, \
                 Dnsmasq(lab, [p0.gw, "127.0.0.1"]), \
-                AgentProc(lab, lab.node, rx, "--signals", "flows,tcp,dns,drops",
+                AgentProc(lab, lab.node, rx, "--signals", "flows,tcp,dns,drops,http",
+                          "--no-http-tls",
                           "--iface", p0.node_if, "--iface", p1.node_if, "--iface", "lo",
                           "--tcp-spans", "--drop-logs",
                           env={"K8S_NODE_NAME": NODE}) as agent:
@@ -170,6 +197,11 @@ def test_every_signal_lands_on_the_right_resource(schemes):
                 lab.exec(p0, "dig", f"@{p0.gw}", "h.test", "+tries=1", "+time=2")
                 lab.exec(None, "dig", "@127.0.0.1", "h.test", "+tries=1", "+time=2")
             lab.exec(p1, PY, "-c", GAI)
+            p = lab.run(p0, PY, "-c", HTTP_SERVER, str(http_port), stdout=subprocess.PIPE,
+                        text=True)
+            assert p.stdout.readline().strip() == "ready"
+            lab.exec(p1, PY, "-c", HTTP_CLIENT, p0.ip, str(http_port), str(K))
+            lab.exec(None, PY, "-c", HTTP_CLIENT, p0.ip, str(http_port), str(M))
 
             def opened():
                 return [r for r in rx.metrics("network.tcp.connections.opened",
@@ -188,6 +220,9 @@ def test_every_signal_lands_on_the_right_resource(schemes):
             rx.wait_for(lambda: sum(map(value, rx.metrics(
                 "network.packet.drops", **{"destination.port": host_drop_port}))) >= N, 30,
                 "the node's drops")
+            rx.wait_for(lambda: len(rx.spans(**{"server.port": http_port,
+                                                "http.request.method": "GET"})) >= 2 * (K + M),
+                        30, "HTTP spans, both ends")
             assert agent.stop() == 0, agent.log()
         records = rx.records()
 
@@ -225,6 +260,27 @@ def test_every_signal_lands_on_the_right_resource(schemes):
               and r["attributes"].get("server.port") == closed_port]
     assert totals(failed, lambda r: (r["attributes"]["error.type"], workload(r))) == {
         ("refused", expect(p1)): R}
+
+    # --- HTTP: server spans and durations under pod 0, clients' under their own pod or
+    # the host; spans keep the process, the histograms do not (default level)
+    hspans = [s for s in records if s["type"] == "span" and "http.request.method" in
+              s["attributes"] and s["attributes"].get("server.port") == http_port]
+    assert Counter((s["kind"], workload(s)) for s in hspans) == {
+        ("SERVER", expect(p0)): K + M, ("CLIENT", expect(p1)): K,
+        ("CLIENT", expect(None)): M}, [(s["kind"], s["resource"]) for s in hspans]
+    for s in hspans:
+        assert s["attributes"]["process.pid"] > 0 and s["attributes"]["url.path"] == "/pods", s
+        check_resource(s, p0 if s["kind"] == "SERVER" else
+                       p1 if workload(s) != (None, None) else None)
+    for name, want in (("http.server.request.duration", {expect(p0): K + M}),
+                       ("http.client.request.duration", {expect(p1): K, expect(None): M})):
+        pts = [r for r in records if r["type"] == "metric" and r["name"] == name
+               and r["attributes"].get("server.port") == http_port]
+        assert totals(pts, workload) == want, (name, [(r["resource"], r["count"]) for r in pts])
+        for r in pts:
+            assert "process.pid" not in r["attributes"], r
+            check_resource(r, p0 if name.startswith("http.server") else
+                           p1 if workload(r) != (None, None) else None)
 
     # --- flows: by the interface's peer namespace; lo is the node's
     flows = [r for r in records if r["type"] == "metric" and r["name"] == "network.flow.packets"]

@@ -98,3 +98,30 @@ def test_cgroup_cache_is_bounded_and_counts_evictions():
             assert paths.path(1 << 60) is None and paths.unresolved == 1  # no such cgroup
         finally:
             paths.close()
+
+
+def test_pod_namespace_of_several_containers_gives_the_pod_alone():
+    """A pod whose namespace holds two containers (and its sandbox, as Kubernetes
+    pods do): the namespace and the pod's interface name the pod (uid and address),
+    not a container; each container's cgroup still names its own container."""
+    with PodLab(["containerd"]) as lab:
+        (pod,) = lab.pods
+        others = [pod.cgroup.parent / f"cri-containerd-{c}.scope" for c in ("ab" * 32, "cd" * 32)]
+        procs = [lab.run(pod, "sleep", "60")]
+        for cg in others:
+            cg.mkdir()
+            procs.append(lab.run(pod, "sleep", "60", cgroup=cg))
+        for _ in range(100):  # every sleeper in the pod's namespace ('ip netns exec' exec'd)
+            if all(netns_inode(p.pid) == pod.netns for p in procs):
+                break
+            time.sleep(0.02)
+        args = [{"cgid": cgroup_id(str(cg)), "netns": pod.netns, "ifname": pod.node_if}
+                for cg in (pod.cgroup, *others)]
+        out = subprocess.run(["ip", "netns", "exec", lab.node, sys.executable, "-c", PROBE,
+                              json.dumps(args)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        got = json.loads(out.stdout)
+    for cid, g in zip((pod.cid, "ab" * 32, "cd" * 32), got):
+        assert g["cgroup"] == [pod.uid, cid, "containerd"], g  # sockets: their container
+        assert g["netns"] == [pod.uid, "", pod.ip], g  # the namespace: the pod alone
+        assert g["iface"] == [pod.uid, "", pod.ip, pod.netns], g

@@ -101,18 +101,21 @@ class Program:
             lambda: lib.bpf_program__attach_raw_tracepoint(self._ptr, name.encode()),
             f"raw tracepoint {name}")
 
-    def attach_uprobe(self, binary: str, symbol: str, *, retprobe: bool = False,
-                      pid: int = -1) -> Link:
-        """Attach to ``symbol`` in ``binary`` (a path, or a library name libbpf resolves)."""
+    def attach_uprobe(self, binary: str, symbol: str | None, *, retprobe: bool = False,
+                      pid: int = -1, offset: int = 0) -> Link:
+        """Attach to ``symbol`` + ``offset`` in ``binary`` (a path, or a library name libbpf
+        resolves); with ``symbol`` None, ``offset`` is a file offset in ``binary``."""
         opts = ffi.new("struct bpf_uprobe_opts *")
         opts.sz = ffi.sizeof("struct bpf_uprobe_opts")
         opts.retprobe = retprobe
-        fname = ffi.new("char[]", symbol.encode())
+        fname = ffi.new("char[]", symbol.encode()) if symbol else ffi.NULL
         opts.func_name = fname
         kind = "uretprobe" if retprobe else "uprobe"
+        where = f"{symbol}+{offset:#x}" if symbol else f"{offset:#x}"
         return self._link(
-            lambda: lib.bpf_program__attach_uprobe_opts(self._ptr, pid, binary.encode(), 0, opts),
-            f"{kind} {binary}:{symbol}")
+            lambda: lib.bpf_program__attach_uprobe_opts(self._ptr, pid, binary.encode(), offset,
+                                                        opts),
+            f"{kind} {binary}:{where}")
 
     def attach_xdp(self, ifindex: int) -> Link:
         return self._link(lambda: lib.bpf_program__attach_xdp(self._ptr, ifindex),

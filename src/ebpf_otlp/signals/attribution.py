@@ -54,7 +54,9 @@ class Attributor:
         self.resolver = resolver if resolver is not None or level == "none" else \
             WorkloadResolver()
         self._lock = threading.Lock()
-        self._sockets: dict[tuple[int, int], tuple[float, dict[str, str]]] = {}
+        # (cgroup, netns) -> (when, attributes, their resource key)
+        self._sockets: dict[tuple[int, int],
+                            tuple[float, dict[str, str], ResourceKey | None]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -64,6 +66,14 @@ class Attributor:
     def per_process(self) -> bool:
         return self.level == "process"
 
+    def kernel_flags(self) -> dict[str, int]:
+        """The rodata of the socket-level BPF objects (tcp, http): which of a socket's
+        cgroup id and namespace the kernel keeps. A level that does not use one has it
+        zeroed in the kernel, so counter keys do not split on it (one key where there
+        would be one per cgroup) and records carry nothing to resolve."""
+        return {"keep_cgroup": int(self.level in ("container", "process")),
+                "keep_netns": int(self.level != "none")}
+
     def close(self) -> None:
         if self.resolver is not None:
             self.resolver.close()
@@ -72,18 +82,26 @@ class Attributor:
     def socket(self, cgroup_id: int, netns: int) -> dict[str, str]:
         """A socket's resource attributes: its cgroup decides the container, its
         namespace the pod's address (and the pod, where the cgroup names none)."""
+        return self.socket_resource(cgroup_id, netns)[0]
+
+    def socket_resource(self, cgroup_id: int, netns: int
+                        ) -> tuple[dict[str, str], ResourceKey | None]:
+        """:meth:`socket` and the resource key of its answer, both cached (a span
+        path needs the key per connection: sorting it each time cost more than the
+        rest of the lookup, bench/attribution.py)."""
         if self.resolver is None:
-            return {}
+            return {}, None
         key = (cgroup_id, netns)
         now = time.monotonic()
         hit = self._sockets.get(key)
         if hit is not None and now - hit[0] < SOCKET_TTL_S:
-            return hit[1]
+            return hit[1], hit[2]
         out = self._socket(cgroup_id, netns)
         if len(self._sockets) >= SOCKET_CACHE:
             self._sockets.clear()  # bounded; entries are cheap to recompute
-        self._sockets[key] = (now, out)
-        return out
+        rkey = resource_key(out)
+        self._sockets[key] = (now, out, rkey)
+        return out, rkey
 
     def _socket(self, cgroup_id: int, netns: int) -> dict[str, str]:
         with self._lock:

@@ -22,7 +22,7 @@ from ...platform.layout import constant
 from ...platform.tables import AlternatingTables
 from ..attribution import shared as shared_attribution
 from ..base import Signal
-from .decode import DropDecoder, key_dtype
+from .decode import DropDecoder, key_dtype, own_netns
 from .logs import FirstDropLogger
 from .reasons import DropReasons
 
@@ -111,6 +111,10 @@ class DropsSignal(Signal):
         obj.rodata["reason_not_specified"] = self.reasons.not_specified
         obj.rodata["exclude_not_specified"] = int(cfg.drop_exclude_not_specified)
         obj.rodata["keep_location"] = int(cfg.drop_location)
+        # --attribution none: drops of every other namespace share a key (bpf/drops.bpf.c)
+        obj.rodata["keep_netns"] = int(self.attribution.enabled)
+        netns = own_netns()
+        obj.rodata["own_netns"] = netns
         if cfg.drop_reasons:
             obj.rodata["reason_filter"] = 1
             obj.rodata["reason_bits"] = self._reason_bits(cfg.drop_reasons)
@@ -120,7 +124,7 @@ class DropsSignal(Signal):
         obj.programs[PROGRAM].attach_tracepoint("skb", "kfree_skb")
         keep = tuple(a for a in cfg.flow_attributes if a != "network.io.direction")
         self.decoder = DropDecoder(self.reasons, keep,
-                                   self.symbols.name if self.symbols else None)
+                                   self.symbols.name if self.symbols else None, netns=netns)
         if cfg.drop_logs:
             self.first_drops = FirstDropLogger(self.exporter.logs, cfg.max_drops,
                                                LOG_RATE_PER_S, LOG_BURST)

@@ -119,7 +119,7 @@ class Conn:
     """One connection as one process sees it."""
 
     __slots__ = ("key", "info", "role", "pending", "streams", "last_ns", "upgraded", "tls",
-                 "attrs")
+                 "attrs", "origin")
 
     def __init__(self, key: tuple, info: tuple, tls: bool):
         self.key = key
@@ -131,6 +131,7 @@ class Conn:
         self.last_ns = 0
         self.upgraded = False
         self.attrs: tuple | None = None  # the exporter's per-connection attributes
+        self.origin = (0, 0)  # (cgroup id, netns inode) of the first record: whose it is
 
     # --- one read or write --------------------------------------------------
     def feed(self, direction: int, data: bytes, total: int, start_ns: int, end_ns: int,

@@ -16,6 +16,7 @@ from ...platform.bpfobj import BpfObject
 from ...platform.host import epoch_offset_ns
 from ...platform.layout import constant, record_dtype
 from ...platform.ringbuf import RingBuffer
+from ..attribution import shared as shared_attribution
 from ..base import Signal
 from .conn import CLIENT, IN, OUT, SERVER, Conn, ConnTable, Counts, Exchange
 from .parse import parse_traceparent
@@ -75,6 +76,7 @@ class HttpSignal(Signal):
         self._lock = threading.Lock()
         self._ring: RingBuffer | None = None
         self._last_expire = 0
+        self.attribution = shared_attribution(config, exporter)
         self._register_health()
 
     # --- lifecycle -------------------------------------------------------------
@@ -95,6 +97,8 @@ class HttpSignal(Signal):
         obj.rodata["head_bytes"] = cfg.http_head_bytes
         obj.rodata["self_tgid"] = os.getpid()
         obj.rodata["ringbuf_wakeup_bytes"] = cfg.ringbuf_wakeup_bytes
+        for name, value in self.attribution.kernel_flags().items():
+            obj.rodata[name] = value  # which workload ids the records carry
         obj.set_max_entries("http_events", max(cfg.ringbuf_bytes, MIN_RING_BYTES))
         obj.load()
         self._stats = obj.maps["http_stats"]
@@ -104,7 +108,8 @@ class HttpSignal(Signal):
         self._ring = RingBuffer(obj.maps["http_events"], event_dtype(cfg.http_head_bytes),
                                 on_batch=self.on_batch, lost_map=obj.maps["http_events_lost"])
         if cfg.http_tls:
-            self.tls = TlsAttacher(obj, cfg.tls_libs, cfg.tls_scan_interval_s)
+            self.tls = TlsAttacher(obj, cfg.tls_libs, cfg.tls_scan_interval_s,
+                                   relocate=cfg.tls_relocate)
             self.tls.start()
         elif cfg.tls_libs:
             raise ConfigError("--tls-lib needs TLS tracing (drop --no-http-tls)")
@@ -163,8 +168,10 @@ class HttpSignal(Signal):
                     if cols is None:
                         cols = (recs["family"].tolist(), recs["lport"].tolist(),
                                 recs["rport"].tolist(), recs["laddr"].tobytes(),
-                                recs["raddr"].tobytes(), recs["comm"].tobytes())
+                                recs["raddr"].tobytes(), recs["comm"].tobytes(),
+                                recs["cgroup_id"].tolist(), recs["netns"].tolist())
                     c = table.add(Conn(key, self._info(cols, i), bool(tls[i])), end[i])
+                    c.origin = (cols[6][i], cols[7][i])
                 if o == OP_SENDFILE:
                     c.feed(OUT, b"", length[i], start[i], end[i], counts, capture, out)
                     continue
@@ -177,7 +184,7 @@ class HttpSignal(Signal):
     def _info(self, cols: tuple, i: int) -> tuple:
         """(family, local address, local port, remote address, remote port, comm) of
         record ``i``, from the batch's columns (made once per new connection)."""
-        fam, lport, rport, laddr, raddr, comm = cols
+        fam, lport, rport, laddr, raddr, comm = cols[:6]
         name = comm[16 * i:16 * i + 16].split(b"\0", 1)[0].decode(errors="replace")
         f = fam[i]
         if f == 0:
@@ -190,7 +197,12 @@ class HttpSignal(Signal):
 
     # --- telemetry -----------------------------------------------------------------
     def _conn_attrs(self, c: Conn) -> tuple:
-        """(span attributes, histogram attributes) of one connection, made once."""
+        """(span attributes, histogram attributes, span resource key) of one
+        connection, made once. The connection's pod/container (from the caller's
+        cgroup and the socket's namespace, ``--attribution``) goes on the span's
+        resource and, as resource attributes the otlp layer moves onto a resource
+        of their own, on the histogram points; the process on metrics only at
+        ``--attribution process``."""
         fam, laddr, lport, raddr, rport, comm = c.info
         if c.role == SERVER:
             srv_addr, srv_port, cli_addr = laddr, lport, raddr
@@ -201,7 +213,14 @@ class HttpSignal(Signal):
                 ("network.peer.port", rport), ("process.pid", c.key[0]),
                 ("process.executable.name", comm))
         hist = tuple(kv for kv in span[:4] if kv[0] in self.keep)
-        c.attrs = (span, hist)
+        res = None
+        a = self.attribution
+        if a.enabled:
+            if a.per_process:
+                hist += span[5:]
+            w, res = a.socket_resource(*c.origin)
+            hist += tuple(w.items())
+        c.attrs = (span, hist, res)
         return c.attrs
 
     def _emit(self, done: list[Exchange], offset: int) -> None:
@@ -209,7 +228,7 @@ class HttpSignal(Signal):
         route, capture_query = self.route, self.config.http_capture_query
         commons = self._commons
         for c, req, req_ns, resp, resp_ns, error in done:
-            span_part, hist_part = c.attrs or self._conn_attrs(c)
+            span_part, hist_part, res = c.attrs or self._conn_attrs(c)
             server = c.role == SERVER
             target = req.target
             if target.startswith(("http://", "https://")):  # absolute form (proxies)
@@ -243,7 +262,7 @@ class HttpSignal(Signal):
             spans.append(SpanRecord(start, end, name, attrs, error,
                                     SPAN_KIND_SERVER if server else SPAN_KIND_CLIENT,
                                     parent[0] if parent else None,
-                                    parent[1] if parent else None))
+                                    parent[1] if parent else None, resource=res))
             hkey = common + hist_part
             if error is not None:
                 hkey += (("error.type", error),)

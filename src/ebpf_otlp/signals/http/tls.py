@@ -21,6 +21,7 @@ from typing import Iterable
 
 from ...platform.bpfobj import BpfObject
 from ...platform.libbpf import BpfError
+from .placement import Elf, Probe, plan
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ PROBES = (
     ("SSL_write_ex", "ssl_write_ex_enter", "ssl_exit_ex"),
     ("SSL_read_ex", "ssl_read_ex_enter", "ssl_exit_ex"),
 )
-PROGRAMS = tuple(sorted({p for _, a, b in PROBES for p in (a, b)}))
+PROGRAMS = tuple(sorted({p for _, a, b in PROBES for p in (a, b)} | {"ssl_set_fd"}))
+# Where each probe goes in a file is placement.plan's choice.
 
 
 def is_tls_library(path: str) -> bool:
@@ -88,8 +90,10 @@ class TlsAttacher:
     """Attaches the SSL uprobes of ``obj`` to each TLS library file once."""
 
     def __init__(self, obj: BpfObject, static_paths: Iterable[str] = (),
-                 interval_s: float = 2.0):
+                 interval_s: float = 2.0, relocate: bool = True):
         self.obj = obj
+        self.relocate = relocate  # False: every probe at its symbol's offset 0 (as before)
+        self.probes: dict[str, list[Probe]] = {}  # attached, by path
         self.static_paths = list(static_paths)
         self.interval_s = interval_s
         self.files: dict[tuple[int, int], str] = {}  # attached
@@ -106,15 +110,25 @@ class TlsAttacher:
         with self._lock:
             if key in self.files or key in self.failed:
                 return False
-            done = []
-            for sym, enter, ret in PROBES:
+            try:
+                elf = Elf.read(path)
+            except OSError:
+                elf = None
+            done: list[Probe] = []
+            for probe in plan(elf, self.relocate):
+                enter = None
                 try:
-                    self.obj.programs[enter].attach_uprobe(path, sym)
-                    self.obj.programs[ret].attach_uprobe(path, sym, retprobe=True)
-                    done.append(sym)
+                    enter = self.obj.programs[probe.enter].attach_uprobe(
+                        path, probe.symbol, offset=probe.offset)
+                    if probe.ret:
+                        self.obj.programs[probe.ret].attach_uprobe(
+                            path, probe.symbol, offset=probe.offset, retprobe=True)
+                    done.append(probe)
                 except BpfError as e:
-                    log.debug("uprobe %s:%s not attached: %s", path, sym, e)
-            if not done:
+                    if enter is not None:
+                        self.obj.detach(enter)  # never an entry without its return
+                    log.debug("uprobe %s: %s not attached: %s", path, probe.describe(), e)
+            if not [p for p in done if p.ret]:  # SSL_set_fd alone traces nothing
                 self.failed[key] = path
                 self.errors["no_symbols"] += 1
                 if required:
@@ -122,7 +136,8 @@ class TlsAttacher:
                 log.warning("TLS library %s: no SSL_read/SSL_write to attach to", path)
                 return False
             self.files[key] = path
-        log.info("TLS uprobes on %s (%s)", path, ", ".join(done))
+            self.probes[path] = done
+        log.info("TLS uprobes on %s: %s", path, "; ".join(p.describe() for p in done))
         return True
 
     def scan(self) -> int:

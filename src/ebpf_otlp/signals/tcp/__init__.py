@@ -122,6 +122,8 @@ class TcpSignal(Signal):
         obj.rodata["keep_caddr"] = int("client.address" in keep)
         obj.rodata["keep_cport"] = int("client.port" in keep)
         obj.rodata["rtt_sample_ns"] = int(RTT_SAMPLE_S * 1e9)
+        for name, value in self.attribution.kernel_flags().items():
+            obj.rodata[name] = value  # counter keys split per workload only when exported
         # Nothing here waits on a single record (the poller also drains every
         # poll interval), so wake up per eighth of the ring: batches of ~4,000
         # records cost ~0.5 us each instead of ~1 us at 500 (bench/tcp_churn.py).
@@ -301,8 +303,7 @@ class TcpSignal(Signal):
             attrs["network.tcp.handshake.duration"] = (est - int(rec["start_ns"])) / 1e9
         server = attrs["network.tcp.handshake.role"] == "server"
         name = f"tcp {'accept' if server else 'connect'} {attrs['server.port']}"
-        res = (self.attribution.key(self.attribution.socket(int(rec["cgroup_id"]),
-                                                            int(rec["netns"])))
+        res = (self.attribution.socket_resource(int(rec["cgroup_id"]), int(rec["netns"]))[1]
                if self.attribution.enabled else None)
         return SpanRecord(start_ns, max(end_ns, start_ns), name, tuple(attrs.items()), error,
                           SPAN_KIND_SERVER if server else SPAN_KIND_CLIENT, resource=res)

@@ -137,23 +137,23 @@ class AttributeMapper:
             cols.append(col("cgroup_id", 8))
             cols.append(col("netns", 4))
         mat = np.concatenate(cols, axis=1)
-        rows, inverse = np.unique(mat.view(np.dtype((np.void, mat.shape[1]))).ravel(),
-                                  return_inverse=True)
+        rows, first, inverse = np.unique(mat.view(np.dtype((np.void, mat.shape[1]))).ravel(),
+                                         return_index=True, return_inverse=True)
         attrs, extras, keys = [], [], []
-        for row in rows.tolist():
+        for row, i in zip(rows.tolist(), first.tolist()):
             b = bytes(row)
-            attrs.append(self._from_row(b, recs, mat, proc))
+            attrs.append(self._from_row(b, recs[i], proc))
             extras.append(b[1])
             keys.append(b)
         return inverse.reshape(-1), attrs, extras, keys
 
-    def _from_row(self, row: bytes, recs: np.ndarray, mat: np.ndarray, proc: bool) -> dict:
+    def _from_row(self, row: bytes, rec: np.void, proc: bool) -> dict:
+        """The attributes of group ``row``, from ``rec``, its first record (which
+        carries every value; cached: once per group)."""
         key = (row, proc)
         hit = self._rows.get(key)
         if hit is not None:
             return hit
-        # the first record of this group carries every value (cached: once per group)
-        rec = recs[int(np.flatnonzero((mat == np.frombuffer(row, np.uint8)).all(axis=1))[0])]
         a = dict(self.base(int(rec["role"]), rec["saddr"].tobytes(), rec["caddr"].tobytes(),
                            int(rec["sport"]), int(rec["cport"])))
         pid = int(rec["pid"]) if proc else 0
