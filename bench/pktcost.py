@@ -182,15 +182,26 @@ def build_percpu_packet() -> str:
     return str(out)
 
 
-def _packet(flows: bool, dns: bool, path: str | None = None) -> object:
+def _packet(flows: bool, dns: bool, path: str | None = None, hooks: bool = False) -> object:
     from ebpf_otlp.platform.bpfobj import BpfObject
 
     obj = BpfObject.open_file(path, "packet") if path else BpfObject.open_packaged("packet")
     obj.only_programs(["packet_tc_ingress", "packet_tc_egress", "packet_xdp_ingress"])
     obj.rodata["flows_on"] = int(flows)
     obj.rodata["dns_on"] = int(dns)
+    obj.rodata["hook_count_on"] = int(hooks)
     obj.rodata["ringbuf_wakeup_bytes"] = 64 << 10  # the agent's default policy
     obj.load()
+    if hooks:
+        # As the agent sets it up (signals/packet.py): the test-run packets'
+        # interface (loopback, ifindex 1) owns its hook slots.
+        import numpy as np
+
+        slots = obj.maps["hook_slots"]
+        owned = np.zeros((slots.ncpus, slots.value_stride // slots.ncpus // 8), "<u8")
+        owned[:, 0] = 1
+        for d in (0, 1):
+            slots.update((1 << 1) | d, owned.tobytes())
     return obj
 
 
@@ -201,13 +212,14 @@ def packet_object(res: Result, empty_tc: object, quick: bool) -> None:
     trials = 1 if quick else 5
     frame = FRAMES["ipv4 tcp 100B"]
     cases = [("flows+dns", True, True, None), ("flows only", True, False, None),
-             ("dns only", False, True, None), ("all off", False, False, None)]
+             ("dns only", False, True, None), ("all off", False, False, None),
+             ("flows+dns+hook counts, as the agent runs it", True, True, None)]
     try:
         cases.append(("flows+dns, per-CPU flow tables", True, True, build_percpu_packet()))
     except RuntimeError as e:
         res.note(str(e))
     for label, flows, dns, path in cases:
-        obj = _packet(flows, dns, path)
+        obj = _packet(flows, dns, path, hooks="hook counts" in label)
         try:
             for direction in ("ingress", "egress"):
                 ns, b, d = _interleaved(obj.programs[f"packet_tc_{direction}"], empty_tc, frame,

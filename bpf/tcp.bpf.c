@@ -786,6 +786,29 @@ static __always_inline void sockops_close(struct bpf_sock_ops *skops)
 	add_key(&k, (__u64)-1);
 }
 
+/*
+ * Per-CPU front slots of the RTT gate (sock_ops RTT_CB), indexed by the
+ * socket's sk_txhash (random per connection): the connection a slot last saw
+ * (txhash and ports; a rehash only costs a miss) and when its next sample is
+ * due, copied from its socks entry. Only ever says "not due yet" when the entry says so too (an
+ * entry's due time only moves later), so the samples are those the entry
+ * alone would give.
+ */
+#define RTT_SLOTS 64
+
+struct rtt_slot {
+	__u32 txhash;
+	__u32 ports;
+	__u64 due_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RTT_SLOTS);
+	__type(key, __u32);
+	__type(value, struct rtt_slot);
+} rtt_front SEC(".maps");
+
 SEC("sockops")
 int tcp_sockops(struct bpf_sock_ops *skops)
 {
@@ -824,21 +847,42 @@ int tcp_sockops(struct bpf_sock_ops *skops)
 	}
 	if (op == BPF_SOCK_OPS_RTT_CB) {
 		struct bpf_sock *bsk = skops->sk;
+		struct rtt_slot *slot;
 		struct tcp_event *e;
 		struct conn *c;
+		__u32 idx, txhash, ports;
 		__u64 key;
 
 		if (!bsk)
 			return 1;
+		now = bpf_ktime_get_ns();
+		/* The RTT callback runs on every ACK that yields an RTT estimate;
+		 * most find no sample due. This CPU's front slot remembers when the
+		 * connection's next one is, so those return before the socks lookup. */
+		txhash = skops->sk_txhash;
+		ports = skops->local_port ^ skops->remote_port;
+		idx = txhash & (RTT_SLOTS - 1);
+		slot = bpf_map_lookup_elem(&rtt_front, &idx);
+		if (slot && slot->txhash == txhash && slot->ports == ports && now < slot->due_ns)
+			return 1;
 		key = (__u64)bsk;
 		c = bpf_map_lookup_elem(&socks, &key);
-		if (!c)
+		if (!c) {
+			/* Not tracked now, so never (entries are made at SYN time). */
+			if (slot)
+				*slot = (struct rtt_slot){ txhash, ports, now + rtt_sample_ns };
 			return 1;
-		now = bpf_ktime_get_ns();
+		}
 		/* Bounded cost: at most one sample per connection per period. */
-		if (c->last_rtt_ns && now - c->last_rtt_ns < rtt_sample_ns)
+		if (c->last_rtt_ns && now - c->last_rtt_ns < rtt_sample_ns) {
+			if (slot)
+				*slot = (struct rtt_slot){ txhash, ports,
+							   c->last_rtt_ns + rtt_sample_ns };
 			return 1;
+		}
 		c->last_rtt_ns = now;
+		if (slot)
+			*slot = (struct rtt_slot){ txhash, ports, now + rtt_sample_ns };
 		e = RINGBUF_RESERVE(tcp_events, sizeof(*e));
 		if (!e)
 			return 1;

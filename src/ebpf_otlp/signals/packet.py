@@ -118,6 +118,7 @@ class PacketDatapath:
         self.silent: dict[tuple[str, str], bool] = {}
         self._lock = threading.Lock()
         self._keys_used: set[int] = set()
+        self._slot_owner: dict[int, int] = {}  # hook_slots residue -> owning ifindex
         self._first_user = ""
         self._health_registered = False
         self._last_tick = 0.0
@@ -271,6 +272,16 @@ class PacketDatapath:
             k["ifindex"], k["direction"] = ifindex, d
             ovf.update(k.tobytes(), bytes(ovf.value_stride))
             seen.update(((ifindex << 1) | d).to_bytes(4, "little"), bytes(seen.value_stride))
+        # The fast path (bpf/packet.bpf.c hook_slots): the first interface with
+        # this residue owns the slot; later ones count in hook_seen only.
+        slots = self.obj.maps["hook_slots"]
+        residue = ifindex % (slots.max_entries // 2)
+        if residue not in self._slot_owner:
+            self._slot_owner[residue] = ifindex
+            owned = np.zeros((slots.ncpus, slots.value_stride // slots.ncpus // 8), "<u8")
+            owned[:, 0] = ifindex  # struct hook_slot: u32 ifindex, u32 pad, u64 packets
+            for d in (0, 1):
+                slots.update((residue << 1) | d, owned.tobytes())
 
     # --- attaching ------------------------------------------------------------------
     def _attach(self, h: Hook) -> bool:
@@ -376,10 +387,17 @@ class PacketDatapath:
 
     # --- liveness ------------------------------------------------------------------
     def hook_packets(self, ifindex: int, direction: str) -> int:
+        d = DIRECTIONS.index(direction)
         m = self.obj.maps["hook_seen"]
-        key = ((ifindex << 1) | DIRECTIONS.index(direction)).to_bytes(4, "little")
-        raw = m.lookup(key)
-        return 0 if raw is None else int(m.per_cpu(raw).sum())
+        raw = m.lookup(((ifindex << 1) | d).to_bytes(4, "little"))
+        n = 0 if raw is None else int(m.per_cpu(raw).sum())
+        slots = self.obj.maps["hook_slots"]
+        residue = ifindex % (slots.max_entries // 2)
+        if self._slot_owner.get(residue) == ifindex:
+            raw = slots.lookup((residue << 1) | d)
+            if raw is not None:  # per CPU: u32 ifindex, u32 pad, u64 packets
+                n += int(np.frombuffer(raw, "<u8").reshape(slots.ncpus, -1)[:, 1].sum())
+        return n
 
     def check_alive(self) -> dict[tuple[str, str], bool]:
         """Per (interface, direction): silent = the interface moved packets since
