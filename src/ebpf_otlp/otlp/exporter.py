@@ -104,10 +104,12 @@ class Exporter:
         self._deadline = time.monotonic() + self.interval_budget_s
 
     def left_s(self) -> float:
-        """What is left of this interval's export budget, in seconds."""
-        if self._deadline is None:
+        """What is left of this interval's export budget, in seconds (a budget that
+        ended an interval ago or more belongs to an interval nobody closed: anew)."""
+        now = time.monotonic()
+        if self._deadline is None or now > self._deadline + self.interval_budget_s:
             self.begin_interval()
-        return max(0.0, self._deadline - time.monotonic())
+        return max(0.0, self._deadline - now)
 
     def set_queue_bytes(self, n: int) -> None:
         """Bound each OTLP signal's retry queue to ``n`` bytes of requests, and the

@@ -115,7 +115,10 @@ def _per_column(series: np.ndarray, kept: Iterable[str], ifnames: dict[int, str]
             if cache is None:
                 vals.append(encode(name, conv(u)))
                 continue
-            ck = (name, u.tobytes() if col.ndim == 2 else int(u))
+            raw = u.tobytes() if col.ndim == 2 else int(u)
+            # an interface's name may change under the same index (rename, reuse)
+            ck = (name, raw, ifnames.get(raw)) if name == "network.interface.name" else (
+                name, raw)
             e = cache.get(ck)
             if e is None:
                 e = encode(name, conv(u))
