@@ -23,6 +23,20 @@ from ebpf_otlp.platform.host import cgroup2_mount
 _n = itertools.count()
 
 
+# A TCP server that reads each connection to its end and closes it (argv[1]: port).
+SINK_SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(128)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    while c.recv(65536):
+        pass
+    c.close()
+"""
+
+
 def cgroup_name(scheme: str, uid: str, cid: str) -> str:
     """The cgroup path (relative) a runtime gives a container of pod ``uid``."""
     u = uid.replace("-", "_")

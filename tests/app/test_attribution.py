@@ -24,23 +24,13 @@ import pytest
 from collector import matching_rule
 from conftest import require
 from otlp import AgentProc, ReceiverProc
-from pods import PodLab
+from pods import SINK_SERVER, PodLab
 
 pytestmark = pytest.mark.kernel
 
 PY = sys.executable
 NODE = "test-node-15"
-SERVER = """
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(128)
-print("ready", flush=True)
-while True:
-    c, _ = s.accept()
-    while c.recv(65536):
-        pass
-    c.close()
-"""
+SERVER = SINK_SERVER
 CLIENT = """
 import socket, sys
 addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

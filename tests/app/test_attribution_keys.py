@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 import pytest
-from pods import PodLab
+from pods import SINK_SERVER, PodLab
 
 from ebpf_otlp.config import AgentConfig
 from ebpf_otlp.platform.layout import constant
@@ -34,17 +34,7 @@ pytestmark = pytest.mark.kernel
 PY = sys.executable
 CONNS = 2  # per client
 DATAGRAMS = 5  # per namespace
-SERVER = """
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(64)
-print("ready", flush=True)
-while True:
-    c, _ = s.accept()
-    while c.recv(65536):
-        pass
-    c.close()
-"""
+SERVER = SINK_SERVER
 CLIENT = """
 import socket, sys
 for _ in range(int(sys.argv[3])):
