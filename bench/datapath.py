@@ -141,10 +141,11 @@ def _stats_on() -> bool:
         return False
 
 
-def iperf(topo: Topology, seconds: float, udp: bool) -> dict:
-    """One pinned iperf3 run from a to b; the rate is the receiver's."""
-    cmd = ["iperf3", "-c", topo.b_ip4, "-t", str(seconds), "-O", "1", "-w", SOCKET_BUFFER,
-           "-J"]
+def iperf(topo: Topology, seconds: float, udp: bool, omit: int = 1) -> dict:
+    """One pinned iperf3 run from a to b; the rate is the receiver's. ``omit``: seconds
+    at the start left out of the figures (slow start, first export after a restart)."""
+    cmd = ["iperf3", "-c", topo.b_ip4, "-t", str(seconds), "-O", str(omit), "-w",
+           SOCKET_BUFFER, "-J"]
     if (os.cpu_count() or 1) >= 2:
         cmd += ["-A", str(DATA_CPU)]
     if udp:
@@ -313,8 +314,12 @@ def _bpf_time(topo: Topology, rx: Receiver, seconds: float, res: Result) -> dict
         try:
             for proto in ("tcp", "udp"):
                 p0 = per_program(ids)
-                r = iperf(topo, seconds, udp=proto == "udp")
+                # nothing omitted: the programs' runs and the bytes cover the same time
+                r = iperf(topo, seconds, udp=proto == "udp", omit=0)
                 p1 = per_program(ids)
+                if r.get("lost_percent"):
+                    res.note(f"statistics run, {proto.upper()}: {r['lost_percent']:.1f} % of "
+                             "the datagrams lost at the receiver")
                 out[proto] = {"bytes": r["bytes"], "bps": r["bps"], "programs": {
                     k: (p1[k][0] - p0.get(k, (0, 0))[0], p1[k][1] - p0.get(k, (0, 0))[1])
                     for k in p1}}
