@@ -338,7 +338,7 @@ static __always_inline bool sys_data(__u64 id, int fd, __u64 buf, __u32 buflen, 
 	if (!st || !(st->flags & FD_TCP))
 		return false;
 	ssl = bpf_map_lookup_elem(&ssl_calls, &id);
-	if (ssl) {	/* underneath SSL_read/SSL_write: ciphertext on this fd */
+	if (ssl && ssl->op) {	/* underneath SSL_read/SSL_write: ciphertext on this fd */
 		ssl->fd = fd;
 		ssl->sk = st->sk;
 		st->flags |= FD_TLS;
@@ -483,21 +483,32 @@ int http_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 
 /* --- TLS library (uprobes) ------------------------------------------------- */
 
+/* Each thread keeps its ssl_calls entry between calls (op 0 when idle) and
+ * writes it in place: an insert and a delete per SSL call cost more than
+ * the rest of the probe (bench/http_load.py, SSL uprobes alone). */
 static __always_inline int ssl_enter(void *ssl, const void *buf, __u64 outlen, __u8 op)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct call c = {};
+	struct call *c, init = {};
 
 	if ((id >> 32) == self_tgid)
 		return 0;
-	c.ssl = (__u64)ssl;
-	c.buf = (__u64)buf;
-	c.outlen = outlen;
-	c.fd = -1;
-	c.op = op;
-	c.start_ns = bpf_ktime_get_ns();
-	if (bpf_map_update_elem(&ssl_calls, &id, &c, BPF_ANY))
-		stat_inc(HTTP_STAT_SSL_UNTRACKED);
+	c = bpf_map_lookup_elem(&ssl_calls, &id);
+	if (!c) {
+		bpf_map_update_elem(&ssl_calls, &id, &init, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(&ssl_calls, &id);
+		if (!c) {
+			stat_inc(HTTP_STAT_SSL_UNTRACKED);
+			return 0;
+		}
+	}
+	c->ssl = (__u64)ssl;
+	c->buf = (__u64)buf;
+	c->outlen = outlen;
+	c->sk = 0;
+	c->fd = -1;
+	c->start_ns = bpf_ktime_get_ns();
+	c->op = op;
 	return 0;
 }
 
@@ -510,13 +521,17 @@ static __always_inline int ssl_exit(long ret, bool ex)
 	__u64 n = 0;
 	__s32 fd, *known;
 
-	if (!c)
+	if (!c || !c->op)
 		return 0;
 	sk.ssl = c->ssl;
 	sk.pid = id >> 32;
 	fd = c->fd;
 	if (fd >= 0) {
-		bpf_map_update_elem(&ssl_fds, &sk, &fd, BPF_ANY);
+		known = bpf_map_lookup_elem(&ssl_fds, &sk);
+		if (!known)
+			bpf_map_update_elem(&ssl_fds, &sk, &fd, BPF_ANY);
+		else if (*known != fd)
+			*known = fd;
 	} else {
 		known = bpf_map_lookup_elem(&ssl_fds, &sk);
 		if (known)
@@ -549,7 +564,7 @@ static __always_inline int ssl_exit(long ret, bool ex)
 	}
 	emit(c->op, 1, id, fd, st, c->start_ns, n, (void *)c->buf, n);
 out:
-	bpf_map_delete_elem(&ssl_calls, &id);
+	c->op = 0;
 	return 0;
 }
 
