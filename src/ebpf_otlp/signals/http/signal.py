@@ -10,8 +10,9 @@ import time
 import numpy as np
 
 from ...config import ConfigError
+from ...otlp.sampling import NO_PARENT, PARENT_NOT_SAMPLED, PARENT_SAMPLED
 from ...otlp.semconv import AddressCache
-from ...otlp.spans import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, SpanRecord
+from ...otlp.spans import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, SpanGroup
 from ...platform.bpfobj import BpfObject
 from ...platform.host import epoch_offset_ns
 from ...platform.layout import constant, record_dtype
@@ -19,7 +20,7 @@ from ...platform.ringbuf import RingBuffer
 from ..attribution import shared as shared_attribution
 from ..base import Signal
 from .conn import CLIENT, IN, OUT, SERVER, Conn, ConnTable, Counts, Exchange
-from .parse import parse_traceparent
+from .parse import REQUEST, RESPONSE, Head, parse_traceparent_flags, whole_head
 from .route import RouteTemplater
 from .tls import PROGRAMS as TLS_PROGRAMS
 from .tls import TlsAttacher
@@ -35,6 +36,27 @@ EXPIRE_EVERY_NS = 1_000_000_000
 MIN_RING_BYTES = 16 << 20
 KERNEL_STATS = ("calls_untracked", "fds_untracked", "ssl_calls_untracked", "ssl_no_fd",
                 "read_failed")
+_KEY = np.dtype([("pid", "<u4"), ("conn", "<u8")])
+
+
+def _connections(pid: np.ndarray, conn: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The distinct (pid, socket) keys of a batch and, per record, its key's index.
+    One 64-bit sort (the pid mixed into the socket address); a mix that
+    collides is found by the check and the exact (slower) structured sort used."""
+    mixed = conn ^ (pid.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    _, first, inv = np.unique(mixed, return_index=True, return_inverse=True)
+    inv = inv.ravel()
+    if np.array_equal(pid[first][inv], pid) and np.array_equal(conn[first][inv], conn):
+        return list(zip(pid[first].tolist(), conn[first].tolist())), inv
+    keys = np.empty(len(pid), _KEY)
+    keys["pid"], keys["conn"] = pid, conn
+    uniq, inv = np.unique(keys, return_inverse=True)
+    return [(int(p), int(c)) for p, c in uniq.tolist()], inv.ravel()
+# The first four bytes of a message head, big-endian: request methods and "HTTP".
+_START_WORDS = np.array([int.from_bytes(w, "big") for w in (
+    b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"PATC", b"OPTI", b"CONN", b"TRAC", b"HTTP")],
+    np.uint32)
+_HTTP_WORD = int.from_bytes(b"HTTP", "big")
 ADDRESS_ATTRIBUTES = ("server.address", "server.port", "client.address",
                       "network.peer.address")
 
@@ -64,6 +86,10 @@ class HttpSignal(Signal):
             "http.client.request.duration", "s", "Duration of HTTP client requests",
             HTTP_DURATION_BUCKETS)
         self.spans_dropped = 0  # counted by the exporter too; kept for http.* health
+        # Exchanges measured but not exported as spans by the sampler's decision:
+        # not a loss (the histograms hold every exchange).
+        self.spans_sampled_out = 0
+        self.sampler = config.http_sampler()
         self.counts = Counts()
         self.table = ConnTable(config.http_max_conns, int(config.http_idle_s * 1e9), self.counts)
         self.route = RouteTemplater(config.http_route_patterns)
@@ -141,45 +167,117 @@ class HttpSignal(Signal):
 
     # --- the ring callback (poller thread) ---------------------------------------
     def on_batch(self, recs: np.ndarray) -> None:
+        """One ring batch. Per batch, with numpy: the connection of each record
+        (one table lookup per connection, not per record) and which records hold
+        a whole message head at their start (their heads parsed once, from the
+        parse cache mostly). Per record, in Python, only what depends on the
+        connection's state: a body-only record (``sendfile``, a read within a
+        body) moves a byte count; a record starting with a whole head on an idle
+        stream is paired directly; anything else goes through ``Conn.feed``."""
+        n = len(recs)
+        if n == 0:
+            return
         offset = epoch_offset_ns()
         hb = recs.dtype.fields["head"][0].shape[0]
-        heads = recs["head"].tobytes()
-        pid, conn, op, length, hlen = (recs[k].tolist() for k in
-                                       ("pid", "conn", "op", "len", "head_len"))
+        ukeys, inv = _connections(recs["pid"], recs["conn"])
+        last = np.zeros(len(ukeys), np.uint64)
+        np.maximum.at(last, inv, recs["end_ns"])
+        op, length, hlen = recs["op"].tolist(), recs["len"].tolist(), recs["head_len"].tolist()
         start, end, tls = recs["start_ns"].tolist(), recs["end_ns"].tolist(), recs["tls"].tolist()
-        out: list[Exchange] = []
+        heads = recs["head"].tobytes()
         counts, capture, table = self.counts, self.capture, self.table
+        parsed = self._whole_heads(recs, heads, hb)
+        inv_l = inv.tolist()
+        out: list[Exchange] = []
         cols = None
         with self._lock:
-            for i in range(len(op)):
-                key = (pid[i], conn[i])
-                o = op[i]
-                c = table.get(key, end[i])
-                if o == OP_CLOSE:
-                    if c is not None:
-                        table.pop(key)
-                        c.close(end[i], out)
-                    continue
-                if o == OP_EOF:
-                    if c is not None:
-                        c.close(end[i], out)
-                    continue
-                if c is None:
-                    if cols is None:
-                        cols = (recs["family"].tolist(), recs["lport"].tolist(),
-                                recs["rport"].tolist(), recs["laddr"].tobytes(),
-                                recs["raddr"].tobytes(), recs["comm"].tobytes(),
-                                recs["cgroup_id"].tolist(), recs["netns"].tolist())
-                    c = table.add(Conn(key, self._info(cols, i), bool(tls[i])), end[i])
-                    c.origin = (cols[6][i], cols[7][i])
-                if o == OP_SENDFILE:
-                    c.feed(OUT, b"", length[i], start[i], end[i], counts, capture, out)
-                    continue
-                b = i * hb
-                c.feed(IN if o == OP_READ else OUT, heads[b:b + hlen[i]], length[i], start[i],
-                       end[i], counts, capture, out)
+            last_l = last.tolist()
+            conns = [table.get(k, t) for k, t in zip(ukeys, last_l)]
+            where = {k: j for j, k in enumerate(ukeys)}
+
+            def evicted(old: Conn) -> None:
+                j = where.get(old.key)
+                if j is not None and conns[j] is old:
+                    conns[j] = None
+
+            table.on_evict = evicted
+            try:
+                for i in range(n):
+                    j = inv_l[i]
+                    c = conns[j]
+                    o = op[i]
+                    if o >= OP_EOF:
+                        if c is not None:
+                            if o == OP_CLOSE:
+                                table.pop(c.key)
+                                conns[j] = None
+                            c.close(end[i], out)
+                        continue
+                    if c is None:
+                        if cols is None:
+                            cols = (recs["family"].tolist(), recs["lport"].tolist(),
+                                    recs["rport"].tolist(), recs["laddr"].tobytes(),
+                                    recs["raddr"].tobytes(), recs["comm"].tobytes(),
+                                    recs["cgroup_id"].tolist(), recs["netns"].tolist())
+                        c = conns[j] = table.add(Conn(ukeys[j], self._info(cols, i),
+                                                      bool(tls[i])), end[i])
+                        c.origin = (cols[6][i], cols[7][i])
+                    total = length[i]
+                    if c.upgraded:
+                        counts.records_ignored += 1
+                        continue
+                    d = IN if o == OP_READ else OUT
+                    s = c.streams[d]
+                    bl = s.body_left
+                    if bl >= total:  # within a body: sendfile, a read of body bytes
+                        s.body_left = bl - total
+                        continue
+                    if o == OP_SENDFILE:
+                        c.feed(OUT, b"", total, start[i], end[i], counts, capture, out)
+                        continue
+                    h = parsed[i]
+                    if h is not None and bl == 0 and not s.chunked and s.buf is None:
+                        s.lost = False  # a whole head at the start: as Conn.feed would
+                        c.body(s, c.pair(d, h, start[i] if d == OUT else end[i], end[i],
+                                         counts, out))
+                        if h.length < total:
+                            b = i * hb
+                            c.feed(d, heads[b:b + hlen[i]], total, start[i], end[i], counts,
+                                   capture, out, h.length)
+                        continue
+                    b = i * hb
+                    c.feed(d, heads[b:b + hlen[i]], total, start[i], end[i], counts, capture,
+                           out)
+            finally:
+                table.on_evict = None
+            for c, t in zip(conns, last_l):
+                if c is not None:
+                    c.last_ns = t
         if out:
             self._emit(out, offset)
+
+    def _whole_heads(self, recs: np.ndarray, heads: bytes, hb: int) -> list[Head | None]:
+        """Per record: the message head its copied bytes start with, when they
+        hold all of it (found with numpy: the first four bytes and the blank
+        line), else None."""
+        n = len(recs)
+        out: list[Head | None] = [None] * n
+        word = np.ascontiguousarray(recs["head"][:, :4]).view(">u4").ravel()
+        op = recs["op"]
+        hl = recs["head_len"]
+        cand = np.flatnonzero(np.isin(word, _START_WORDS) & (hl >= 16)
+                              & ((op == OP_READ) | (op == OP_WRITE)))
+        if not len(cand):
+            return out
+        capture = self.capture
+        http = _HTTP_WORD
+        find = heads.find
+        for i, k, w in zip(cand.tolist(), hl[cand].tolist(), word[cand].tolist()):
+            b = i * hb
+            e = find(b"\r\n\r\n", b, b + k)
+            if e >= 0:
+                out[i] = whole_head(heads[b:e + 4], RESPONSE if w == http else REQUEST, capture)
+        return out
 
     def _info(self, cols: tuple, i: int) -> tuple:
         """(family, local address, local port, remote address, remote port, comm) of
@@ -223,55 +321,119 @@ class HttpSignal(Signal):
         c.attrs = (span, hist, res)
         return c.attrs
 
-    def _emit(self, done: list[Exchange], offset: int) -> None:
-        spans, server_h, client_h = [], [], []
-        route, capture_query = self.route, self.config.http_capture_query
+    def _group(self, c: Conn, req, status: int, error: str | None) -> tuple:
+        """(SpanGroup, histogram attributes, is server) shared by every exchange of
+        connection ``c`` with this request line, status and closing error."""
+        span_part, hist_part, res = c.attrs or self._conn_attrs(c)
+        server = c.role == SERVER
+        target = req.target
+        if target.startswith(("http://", "https://")):  # absolute form (proxies)
+            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+        path, _, query = target.partition("?")
+        ckey = (req.method, path, req.version, c.tls, status)
         commons = self._commons
-        for c, req, req_ns, resp, resp_ns, error in done:
-            span_part, hist_part, res = c.attrs or self._conn_attrs(c)
-            server = c.role == SERVER
-            target = req.target
-            if target.startswith(("http://", "https://")):  # absolute form (proxies)
-                target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
-            path, _, query = target.partition("?")
+        common = commons.get(ckey)
+        if common is None:
+            r = self.route(path)
+            common = (("http.request.method", req.method),
+                      ("url.scheme", "https" if c.tls else "http"),
+                      ("network.protocol.version", req.version), ("http.route", r))
+            if status:
+                common += (("http.response.status_code", status),)
+            common = (common, (("url.path", path),), f"{req.method} {r}")
+            if len(commons) >= 65536:
+                commons.clear()
+            commons[ckey] = common
+        common, path_part, name = common
+        if error is None and (status >= 500 or (not server and status >= 400)):
+            error = str(status)
+        attrs = common + path_part + span_part
+        if self.config.http_capture_query and query:
+            attrs += (("url.query", query),)
+        if req.captured:
+            attrs += tuple((f"http.request.header.{k}", v) for k, v in req.captured.items())
+        hkey = common + hist_part
+        if error is not None:
+            hkey += (("error.type", error),)
+        kind = SPAN_KIND_SERVER if server else SPAN_KIND_CLIENT
+        return SpanGroup(name, attrs, error, kind, res), hkey, server
+
+    def _emit(self, done: list[Exchange], offset: int) -> None:
+        """Every exchange into its histogram; the sampled ones into spans. Exchanges
+        of one connection with the same request line, status and error share one
+        group (attributes, span name, histogram key), made once per batch."""
+        index: dict[tuple, int] = {}
+        groups: list[tuple] = []
+        gof: list[int] = []
+        t0: list[int] = []
+        t1: list[int] = []
+        parents: list[tuple[int, str]] = []
+        cap = bool(self.capture)
+        for j, (c, req, req_ns, resp, resp_ns, error) in enumerate(done):
             status = resp.status if resp is not None else 0
-            ckey = (req.method, path, req.version, c.tls, status)
-            common = commons.get(ckey)
-            if common is None:
-                r = route(path)
-                common = (("http.request.method", req.method),
-                          ("url.scheme", "https" if c.tls else "http"),
-                          ("network.protocol.version", req.version), ("http.route", r))
-                if status:
-                    common += (("http.response.status_code", status),)
-                common = (common, (("url.path", path),), f"{req.method} {r}")
-                if len(commons) >= 65536:
-                    commons.clear()
-                commons[ckey] = common
-            common, path_part, name = common
-            if error is None and (status >= 500 or (not server and status >= 400)):
-                error = str(status)
-            attrs = common + path_part + span_part
-            if capture_query and query:
-                attrs += (("url.query", query),)
-            if req.captured:
-                attrs += tuple((f"http.request.header.{k}", v) for k, v in req.captured.items())
-            parent = parse_traceparent(req.traceparent) if req.traceparent else None
-            start = req_ns + offset
-            end = max(resp_ns + offset, start)
-            spans.append(SpanRecord(start, end, name, attrs, error,
-                                    SPAN_KIND_SERVER if server else SPAN_KIND_CLIENT,
-                                    parent[0] if parent else None,
-                                    parent[1] if parent else None, resource=res))
-            hkey = common + hist_part
-            if error is not None:
-                hkey += (("error.type", error),)
-            (server_h if server else client_h).append((hkey, (end - start) / 1e9))
-        self.spans_dropped += self.exporter.submit_spans(spans)
+            key = (c, req.method, req.target, status, error)
+            if cap and req.captured:
+                key += tuple(req.captured.items())
+            g = index.get(key)
+            if g is None:
+                g = index[key] = len(groups)
+                groups.append(self._group(c, req, status, error))
+            gof.append(g)
+            t0.append(req_ns)
+            t1.append(resp_ns)
+            if req.traceparent:
+                parents.append((j, req.traceparent))
+        start = np.array(t0, np.int64) + offset
+        end = np.maximum(np.array(t1, np.int64) + offset, start)
+        secs = ((end - start) / 1e9).tolist()
+        server_h, client_h = [], []
+        for g, d in zip(gof, secs):
+            _, hkey, server = groups[g]
+            (server_h if server else client_h).append((hkey, d))
         if server_h:
             self.server_duration.record_batch(server_h)
         if client_h:
             self.client_duration.record_batch(client_h)
+        self._spans(start, end, np.array(gof, np.int64), [g[0] for g in groups], parents)
+
+    def _spans(self, start: np.ndarray, end: np.ndarray, gof: np.ndarray,
+               groups: list[SpanGroup], parents: list[tuple[int, str]]) -> None:
+        """Sample (``self.sampler``), then encode and queue the spans kept; the
+        others are counted in ``spans_sampled_out`` (not a loss)."""
+        n = len(start)
+        sampler = self.sampler
+        if sampler.name == "always_off":
+            self.spans_sampled_out += n
+            return
+        trace_ids = None
+        parent_ids: list[bytes | None] | None = None
+        pflag = None
+        if parents or not sampler.keeps_all:
+            trace_ids = np.frombuffer(os.urandom(16 * n), np.uint8).reshape(n, 16).copy()
+            pflag = np.full(n, NO_PARENT, np.int8)
+        if parents:
+            parent_ids = [None] * n
+            for j, tp in parents:
+                p = parse_traceparent_flags(tp)
+                if p is not None:
+                    trace_ids[j] = np.frombuffer(p[0], np.uint8)
+                    parent_ids[j] = p[1]
+                    pflag[j] = PARENT_SAMPLED if p[2] & 1 else PARENT_NOT_SAMPLED
+        if not sampler.keeps_all:
+            keep = sampler.decide(trace_ids, pflag)
+            k = int(keep.sum())
+            self.spans_sampled_out += n - k
+            if k == 0:
+                return
+            if k < n:
+                sel = np.flatnonzero(keep)
+                start, end, gof, trace_ids = start[sel], end[sel], gof[sel], trace_ids[sel]
+                if parent_ids is not None:
+                    parent_ids = [parent_ids[i] for i in sel.tolist()]
+        if parent_ids is not None and not any(parent_ids):
+            parent_ids = None
+        self.spans_dropped += self.exporter.submit_span_groups(
+            start, end, gof, groups, trace_ids=trace_ids, parent_ids=parent_ids)
 
     def _register_health(self) -> None:
         t, n = self.exporter, self.counts
@@ -309,6 +471,10 @@ class HttpSignal(Signal):
         t.observe("ebpf_otlp.http.tls.libraries", "{file}",
                   "TLS library files with SSL uprobes attached",
                   lambda: [(len(self.tls.files) if self.tls else 0, {})], kind="gauge")
+        t.observe("ebpf_otlp.http.spans.sampled_out", "{span}",
+                  "HTTP exchanges measured (in the duration histograms) but not exported "
+                  "as spans by the trace sampler's decision (not a loss)",
+                  lambda: [(self.spans_sampled_out, {"sampler": self.sampler.describe()})])
         t.observe("ebpf_otlp.http.spans.dropped", "{span}",
                   "HTTP spans the span queue had no room for (export failures are in "
                   "ebpf_otlp.spans.dropped)",
