@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -163,10 +162,7 @@ def baseline_tree(work: Path, commit: str = BASELINE_COMMIT) -> Path | None:
         return None
     dest = work / f"base-{commit}"
     dest.mkdir(parents=True, exist_ok=True)
-    tar = work / "base.tar"
-    tar.write_bytes(r.stdout)
-    with tarfile.open(tar) as t:
-        t.extractall(dest, filter="data")
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=r.stdout, check=True)
     return dest / "src"
 
 
