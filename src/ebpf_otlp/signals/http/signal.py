@@ -97,6 +97,7 @@ class HttpSignal(Signal):
         self.keep = frozenset(config.http_attributes)
         self.addrs = AddressCache()
         self._commons: dict[tuple, tuple] = {}
+        self._kinds: dict[tuple, tuple] = {}  # connection kinds (see _conn_attrs)
         self.tls: TlsAttacher | None = None
         self._stats = None
         self._lock = threading.Lock()
@@ -240,7 +241,11 @@ class HttpSignal(Signal):
                         s.lost = False  # a whole head at the start: as Conn.feed would
                         c.body(s, c.pair(d, h, start[i] if d == OUT else end[i], end[i],
                                          counts, out))
-                        if h.length < total:
+                        rest = total - h.length
+                        if rest:
+                            if 0 < rest <= s.body_left:  # the body's first bytes
+                                s.body_left -= rest
+                                continue
                             b = i * hb
                             c.feed(d, heads[b:b + hlen[i]], total, start[i], end[i], counts,
                                    capture, out, h.length)
@@ -295,37 +300,46 @@ class HttpSignal(Signal):
 
     # --- telemetry -----------------------------------------------------------------
     def _conn_attrs(self, c: Conn) -> tuple:
-        """(span attributes, histogram attributes, span resource key) of one
-        connection, made once. The connection's pod/container (from the caller's
-        cgroup and the socket's namespace, ``--attribution``) goes on the span's
-        resource and, as resource attributes the otlp layer moves onto a resource
-        of their own, on the histogram points; the process on metrics only at
-        ``--attribution process``."""
+        """(kind, peer port) of one connection, made once. The kind, (span
+        attributes but ``network.peer.port``, histogram attributes, span resource
+        key, is server), is one object shared by the connections that differ only
+        in the peer's port (a client's new connections, their servers' sides):
+        a batch groups exchanges by it. The connection's pod/container (from the
+        caller's cgroup and the socket's namespace, ``--attribution``) goes on the
+        span's resource and, as resource attributes the otlp layer moves onto a
+        resource of their own, on the histogram points; the process on metrics
+        only at ``--attribution process``."""
         fam, laddr, lport, raddr, rport, comm = c.info
-        if c.role == SERVER:
-            srv_addr, srv_port, cli_addr = laddr, lport, raddr
-        else:
-            srv_addr, srv_port, cli_addr = raddr, rport, laddr
-        span = (("server.address", srv_addr), ("server.port", srv_port),
-                ("client.address", cli_addr), ("network.peer.address", raddr),
-                ("network.peer.port", rport), ("process.pid", c.key[0]),
-                ("process.executable.name", comm))
-        hist = tuple(kv for kv in span[:4] if kv[0] in self.keep)
-        res = None
-        a = self.attribution
-        if a.enabled:
-            if a.per_process:
-                hist += span[5:]
-            w, res = a.socket_resource(*c.origin)
-            hist += tuple(w.items())
-        c.attrs = (span, hist, res)
+        server = c.role == SERVER
+        key = (server, laddr, lport if server else rport, raddr, comm, c.key[0], c.origin)
+        kind = self._kinds.get(key)
+        if kind is None:
+            if server:
+                srv_addr, srv_port, cli_addr = laddr, lport, raddr
+            else:
+                srv_addr, srv_port, cli_addr = raddr, rport, laddr
+            span = (("server.address", srv_addr), ("server.port", srv_port),
+                    ("client.address", cli_addr), ("network.peer.address", raddr),
+                    ("process.pid", c.key[0]), ("process.executable.name", comm))
+            hist = tuple(kv for kv in span[:4] if kv[0] in self.keep)
+            res = None
+            a = self.attribution
+            if a.enabled:
+                if a.per_process:
+                    hist += span[4:]
+                w, res = a.socket_resource(*c.origin)
+                hist += tuple(w.items())
+            kind = (span, hist, res, server)
+            if len(self._kinds) >= 65536:
+                self._kinds.clear()  # bounded; connections keep theirs
+            self._kinds[key] = kind
+        c.attrs = (kind, rport)
         return c.attrs
 
     def _group(self, c: Conn, req, status: int, error: str | None) -> tuple:
         """(SpanGroup, histogram attributes, is server) shared by every exchange of
-        connection ``c`` with this request line, status and closing error."""
-        span_part, hist_part, res = c.attrs or self._conn_attrs(c)
-        server = c.role == SERVER
+        connections of ``c``'s kind with this request line, status and closing error."""
+        span_part, hist_part, res, server = c.attrs[0]
         target = req.target
         if target.startswith(("http://", "https://")):  # absolute form (proxies)
             target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
@@ -369,9 +383,12 @@ class HttpSignal(Signal):
         t1: list[int] = []
         parents: list[tuple[int, str]] = []
         cap = bool(self.capture)
+        ports: list[int] = []
         for j, (c, req, req_ns, resp, resp_ns, error) in enumerate(done):
             status = resp.status if resp is not None else 0
-            key = (c, req.method, req.target, status, error)
+            kind, port = c.attrs or self._conn_attrs(c)
+            ports.append(port)
+            key = (id(kind), req.method, req.target, status, error)
             if cap and req.captured:
                 key += tuple(req.captured.items())
             g = index.get(key)
@@ -385,19 +402,26 @@ class HttpSignal(Signal):
                 parents.append((j, req.traceparent))
         start = np.array(t0, np.int64) + offset
         end = np.maximum(np.array(t1, np.int64) + offset, start)
-        secs = ((end - start) / 1e9).tolist()
-        server_h, client_h = [], []
-        for g, d in zip(gof, secs):
-            _, hkey, server = groups[g]
-            (server_h if server else client_h).append((hkey, d))
-        if server_h:
-            self.server_duration.record_batch(server_h)
-        if client_h:
-            self.client_duration.record_batch(client_h)
-        self._spans(start, end, np.array(gof, np.int64), [g[0] for g in groups], parents)
+        secs = (end - start) / 1e9
+        g_arr = np.array(gof, np.int64)
+        if len(groups) <= 16:  # keep-alive: a few groups per batch, one array each
+            for g, (_, hkey, server) in enumerate(groups):
+                (self.server_duration if server else self.client_duration).record_many(
+                    hkey, secs[g_arr == g])
+        else:
+            server_h, client_h = [], []
+            for g, d in zip(gof, secs.tolist()):
+                _, hkey, server = groups[g]
+                (server_h if server else client_h).append((hkey, d))
+            if server_h:
+                self.server_duration.record_batch(server_h)
+            if client_h:
+                self.client_duration.record_batch(client_h)
+        self._spans(start, end, g_arr, [g[0] for g in groups], parents, ports)
 
     def _spans(self, start: np.ndarray, end: np.ndarray, gof: np.ndarray,
-               groups: list[SpanGroup], parents: list[tuple[int, str]]) -> None:
+               groups: list[SpanGroup], parents: list[tuple[int, str]],
+               ports: list[int]) -> None:
         """Sample (``self.sampler``), then encode and queue the spans kept; the
         others are counted in ``spans_sampled_out`` (not a loss)."""
         n = len(start)
@@ -428,12 +452,15 @@ class HttpSignal(Signal):
             if k < n:
                 sel = np.flatnonzero(keep)
                 start, end, gof, trace_ids = start[sel], end[sel], gof[sel], trace_ids[sel]
+                picked = sel.tolist()
+                ports = [ports[i] for i in picked]
                 if parent_ids is not None:
-                    parent_ids = [parent_ids[i] for i in sel.tolist()]
+                    parent_ids = [parent_ids[i] for i in picked]
         if parent_ids is not None and not any(parent_ids):
             parent_ids = None
         self.spans_dropped += self.exporter.submit_span_groups(
-            start, end, gof, groups, trace_ids=trace_ids, parent_ids=parent_ids)
+            start, end, gof, groups, [("network.peer.port", ports)], trace_ids=trace_ids,
+            parent_ids=parent_ids)
 
     def _register_health(self) -> None:
         t, n = self.exporter, self.counts
