@@ -101,8 +101,11 @@ def _by_ratio(trace_ids: np.ndarray, ratio: float) -> np.ndarray:
         return np.ones(n, bool)
     if ratio <= 0.0:
         return np.zeros(n, bool)
+    bound = round(ratio * 2 ** 64)  # as the SDKs' TraceIdRatioBased computes it
+    if bound >= 2 ** 64:
+        return np.ones(n, bool)
     low = np.ascontiguousarray(trace_ids[:, 8:16]).view(">u8").ravel()
-    return low < np.uint64(min(int(ratio * 2.0 ** 64), 2 ** 64 - 1))
+    return low < np.uint64(bound)
 
 
 __all__ = ["DEFAULT_SAMPLER", "NO_PARENT", "PARENT_NOT_SAMPLED", "PARENT_SAMPLED", "SAMPLERS",
