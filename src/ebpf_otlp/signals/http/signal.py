@@ -40,23 +40,31 @@ _KEY = np.dtype([("pid", "<u4"), ("conn", "<u8")])
 
 
 def _connections(pid: np.ndarray, conn: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray]:
-    """The distinct (pid, socket) keys of a batch and, per record, its key's index.
-    One 64-bit sort (the pid mixed into the socket address); a mix that
-    collides is found by the check and the exact (slower) structured sort used."""
-    mixed = conn ^ (pid.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-    _, first, inv = np.unique(mixed, return_index=True, return_inverse=True)
-    inv = inv.ravel()
-    if np.array_equal(pid[first][inv], pid) and np.array_equal(conn[first][inv], conn):
-        return list(zip(pid[first].tolist(), conn[first].tolist())), inv
-    keys = np.empty(len(pid), _KEY)
-    keys["pid"], keys["conn"] = pid, conn
-    uniq, inv = np.unique(keys, return_inverse=True)
-    return [(int(p), int(c)) for p, c in uniq.tolist()], inv.ravel()
-# The first four bytes of a message head, big-endian: request methods and "HTTP".
-_START_WORDS = np.array([int.from_bytes(w, "big") for w in (
-    b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"PATC", b"OPTI", b"CONN", b"TRAC", b"HTTP")],
-    np.uint32)
-_HTTP_WORD = int.from_bytes(b"HTTP", "big")
+    """The distinct (pid, socket) keys of a batch and, per record, its key's index:
+    one sort by socket address; when two processes share a socket (a fork) in
+    the batch, the exact (slower) structured sort."""
+    n = len(pid)
+    order = np.argsort(conn, kind="stable")
+    sc = conn[order]
+    new = np.empty(n, bool)
+    new[0] = True
+    np.not_equal(sc[1:], sc[:-1], out=new[1:])
+    sp = pid[order]
+    if not (new[1:] | (sp[1:] == sp[:-1])).all():
+        keys = np.empty(n, _KEY)
+        keys["pid"], keys["conn"] = pid, conn
+        uniq, inv = np.unique(keys, return_inverse=True)
+        return [(int(p), int(c)) for p, c in uniq.tolist()], inv.ravel()
+    inv = np.empty(n, np.intp)
+    inv[order] = np.cumsum(new) - 1
+    return list(zip(sp[new].tolist(), sc[new].tolist())), inv
+
+
+# The first two bytes of a message head: request methods and "HTTP".
+_STARTS = np.zeros(1 << 16, bool)
+_STARTS[[int.from_bytes(w, "big") for w in (b"GE", b"PO", b"PU", b"HE", b"DE", b"PA", b"OP",
+                                            b"CO", b"TR", b"HT")]] = True
+_HT = int.from_bytes(b"HT", "big")
 ADDRESS_ATTRIBUTES = ("server.address", "server.port", "client.address",
                       "network.peer.address")
 
@@ -263,25 +271,24 @@ class HttpSignal(Signal):
 
     def _whole_heads(self, recs: np.ndarray, heads: bytes, hb: int) -> list[Head | None]:
         """Per record: the message head its copied bytes start with, when they
-        hold all of it (found with numpy: the first four bytes and the blank
+        hold all of it (found with numpy by the first two bytes, then the blank
         line), else None."""
         n = len(recs)
         out: list[Head | None] = [None] * n
-        word = np.ascontiguousarray(recs["head"][:, :4]).view(">u4").ravel()
+        h = recs["head"]
+        word = (h[:, 0].astype(np.intp) << 8) | h[:, 1]
         op = recs["op"]
         hl = recs["head_len"]
-        cand = np.flatnonzero(np.isin(word, _START_WORDS) & (hl >= 16)
-                              & ((op == OP_READ) | (op == OP_WRITE)))
+        cand = np.flatnonzero(_STARTS[word] & (hl >= 16) & ((op == OP_READ) | (op == OP_WRITE)))
         if not len(cand):
             return out
         capture = self.capture
-        http = _HTTP_WORD
         find = heads.find
         for i, k, w in zip(cand.tolist(), hl[cand].tolist(), word[cand].tolist()):
             b = i * hb
             e = find(b"\r\n\r\n", b, b + k)
             if e >= 0:
-                out[i] = whole_head(heads[b:e + 4], RESPONSE if w == http else REQUEST, capture)
+                out[i] = whole_head(heads[b:e + 4], RESPONSE if w == _HT else REQUEST, capture)
         return out
 
     def _info(self, cols: tuple, i: int) -> tuple:
