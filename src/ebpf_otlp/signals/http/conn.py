@@ -46,7 +46,7 @@ class Counts:
     """What was not turned into spans, by reason (exported as ``ebpf_otlp.http.*``)."""
 
     def __init__(self) -> None:
-        self.messages: Counter[str] = Counter()  # parsed heads, by kind
+        self.messages = {"request": 0, "response": 0}  # parsed heads, by kind
         self.malformed: Counter[str] = Counter()  # heads that did not parse, by reason
         self.unanswered: Counter[str] = Counter()  # requests without a response, by reason
         self.unmatched = 0  # responses with no request waiting
@@ -65,6 +65,9 @@ class Exchange(NamedTuple):
     response: Head | None
     resp_ns: int  # the response head's last byte (return of that call), or the close
     error: str | None
+
+
+_exchange = tuple.__new__  # an Exchange without its Python-level __new__ (hot path)
 
 
 class Stream:
@@ -275,7 +278,7 @@ class Conn:
         req = None
         if self.role and direction == expect and self.pending:
             req, req_ns = self.pending.popleft()
-            out.append(Exchange(self, req, req_ns, head, end_ns, None))
+            out.append(_exchange(Exchange, (self, req, req_ns, head, end_ns, None)))
         else:
             counts.unmatched += 1
         if status == 101:
