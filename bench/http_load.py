@@ -379,10 +379,10 @@ def run(quick: bool) -> Result:
                                                         "tracepoints")}
             recordings = {}
             for scheme, which in (("http", "tracepoints"), ("https", "uprobes")):
-                recs, sizes, _ = http_replay.record(
+                recs, sizes, polls, _ = http_replay.record(
                     lambda scheme=scheme: _wrk(t, urls[scheme], 2, False), which)
                 recordings[scheme] = work / f"{scheme}.npz"
-                http_replay.save(recordings[scheme], recs, sizes)
+                http_replay.save(recordings[scheme], recs, sizes, polls)
         replays = _replays(recordings, work, 3 if quick else 7)
     finally:
         res.raw["agent_log_tail"] = "".join(

@@ -75,6 +75,8 @@ path, rounds = sys.argv[1], int(sys.argv[2])
 extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
 data = np.load(path)
 recs, sizes = data["recs"], data["sizes"]
+# the poll (one drain of the ring, then the signal's tick) each batch came in
+polls = data["polls"] if "polls" in data.files else np.arange(len(sizes))
 bounds = np.concatenate([[0], np.cumsum(sizes)])
 from ebpf_otlp.signals.http.signal import HttpSignal
 cfg = AgentConfig(attribution="none", **extra)
@@ -82,11 +84,15 @@ times, spans, measured = [], 0, 0
 for r in range(rounds):
     ex = ReplayExporter()
     sig = HttpSignal(cfg, ex)
+    feed = getattr(sig, "ring_batch", sig.on_batch)  # what the ring calls, as in the agent
     batches = [recs[bounds[i]:bounds[i + 1]] for i in range(len(sizes))]
+    ends = set(np.flatnonzero(np.diff(polls)).tolist()) | {len(sizes) - 1}
     gc.collect()
     t0 = time.process_time()
-    for b in batches:
-        sig.on_batch(b)
+    for i, b in enumerate(batches):
+        feed(b)
+        if i in ends:
+            sig.tick()
     times.append(time.process_time() - t0)
     spans, measured = ex.drain()
 print(json.dumps({"cpu_s": times, "spans": spans, "exchanges": measured,
@@ -95,11 +101,12 @@ print(json.dumps({"cpu_s": times, "spans": spans, "exchanges": measured,
 
 
 def record(url_run, which: str = "tracepoints", max_records: int = 150_000,
-           head_bytes: int = 256) -> tuple[np.ndarray, np.ndarray, object]:
+           head_bytes: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray, object]:
     """Ring batches as the HTTP object delivers them while ``url_run()`` runs (wrk):
-    (records, batch sizes, what ``url_run`` returned). ``which``: ``tracepoints``
-    (plaintext) or ``uprobes`` (the SSL probes on the system libssl). Records of
-    other processes on the host are kept: the agent sees them too."""
+    (records, batch sizes, the poll of each batch, what ``url_run`` returned).
+    ``which``: ``tracepoints`` (plaintext) or ``uprobes`` (the SSL probes on the
+    system libssl). Records of other processes on the host are kept: the agent
+    sees them too."""
     from ebpf_otlp.platform.bpfobj import BpfObject
     from ebpf_otlp.platform.ringbuf import RingBuffer
     from ebpf_otlp.signals.http.signal import event_dtype
@@ -118,11 +125,14 @@ def record(url_run, which: str = "tracepoints", max_records: int = 150_000,
             if p.name not in PROGRAMS:
                 p.attach()  # TLS records need the syscalls too (the SSL object's fd)
         saved: list[np.ndarray] = []
+        polls: list[int] = []
         count = [0]
+        poll = [0]
 
         def keep(recs: np.ndarray) -> None:
             if count[0] < max_records:
                 saved.append(recs.copy())
+                polls.append(poll[0])
                 count[0] += len(recs)
 
         ring = RingBuffer(obj.maps["http_events"], event_dtype(head_bytes), on_batch=keep)
@@ -131,6 +141,7 @@ def record(url_run, which: str = "tracepoints", max_records: int = 150_000,
         def drain() -> None:
             while not stop.wait(0.05):  # the agent's default poll interval
                 ring.drain()
+                poll[0] += 1
 
         th = threading.Thread(target=drain, daemon=True)
         th.start()
@@ -145,11 +156,12 @@ def record(url_run, which: str = "tracepoints", max_records: int = 150_000,
         obj.close()
     if not saved:
         raise RuntimeError("no HTTP records recorded")
-    return np.concatenate(saved), np.array([len(s) for s in saved], np.int64), out
+    return (np.concatenate(saved), np.array([len(s) for s in saved], np.int64),
+            np.array(polls, np.int64), out)
 
 
-def save(path: Path, recs: np.ndarray, sizes: np.ndarray) -> None:
-    np.savez(path, recs=recs, sizes=sizes)
+def save(path: Path, recs: np.ndarray, sizes: np.ndarray, polls: np.ndarray) -> None:
+    np.savez(path, recs=recs, sizes=sizes, polls=polls)
 
 
 def baseline_tree(work: Path, commit: str = BASELINE_COMMIT) -> Path | None:
@@ -194,8 +206,8 @@ def main(argv: list[str]) -> int:
         with Topology() as t, Nginx(t, t.b, t.b_ip4):
             url = (f"http://{t.b_ip4}:{HTTP_PORT}/ok.txt" if which == "tracepoints"
                    else f"https://{t.b_ip4}:{HTTPS_PORT}/ok.txt")
-            recs, sizes, (rps, n) = record(lambda: _wrk(t, url, 2, False), which)
-        save(Path(argv[1]), recs, sizes)
+            recs, sizes, polls, (rps, n) = record(lambda: _wrk(t, url, 2, False), which)
+        save(Path(argv[1]), recs, sizes, polls)
         print(f"{len(recs)} records in {len(sizes)} batches; wrk {n} requests, {rps:.0f}/s")
         return 0
     print("usage: python -m bench.http_replay record FILE [tracepoints|uprobes] | "
