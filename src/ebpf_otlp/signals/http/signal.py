@@ -32,6 +32,7 @@ OP_READ, OP_WRITE, OP_SENDFILE, OP_EOF, OP_CLOSE = 1, 2, 3, 4, 5
 HTTP_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                          7.5, 10.0)
 EXPIRE_EVERY_NS = 1_000_000_000
+PASS_RECORDS = 256  # a drain pass this large means a backlog: drain again at once
 HOLD_RECORDS = 4096  # ring records held before decoding them without waiting for the poll
 # Records are ~370 bytes with the default head; 16 MiB hold ~45,000 calls.
 MIN_RING_BYTES = 16 << 20
@@ -81,6 +82,33 @@ def event_dtype(head_bytes: int) -> np.dtype:
                      "formats": [base.fields[k][0] for k in names] + [(np.uint8, (n,))],
                      "offsets": [base.fields[k][1] for k in names] + [off],
                      "itemsize": off + n})
+
+
+class PassRing(RingBuffer):
+    """The HTTP ring, drained pass by pass, and paced. A ring's epoll fd is
+    readable whenever one record waits, so while nginx and wrk keep writing,
+    poll-and-drain ran back to back on batches of a few records and kept the
+    agent at ~90 % of a core whatever the request rate (bench/http_load.py,
+    agent CPU per 1,000 requests before this). Here a pass takes what is
+    committed at that moment; a large pass (a backlog) is followed by another
+    at once, a small one by a pause of ``pace_s`` (the poll interval), so
+    records are taken in batches of what arrives meanwhile. The ring holds
+    far more than one interval of records (MIN_RING_BYTES)."""
+
+    def __init__(self, *args: object, pace_s: float = 0.05, **kwargs: object):
+        super().__init__(*args, **kwargs)
+        self.pace_s = pace_s
+
+    def drain(self, limit: int = 1 << 30) -> int:
+        total = 0
+        while total < limit:
+            n = super().drain(1)  # one pass: everything committed at this moment
+            total += n
+            if n < PASS_RECORDS:
+                if n:
+                    time.sleep(self.pace_s)
+                break
+        return total
 
 
 class HttpSignal(Signal):
@@ -146,9 +174,10 @@ class HttpSignal(Signal):
         for prog in obj.programs.values():
             if prog.name not in TLS_PROGRAMS:
                 prog.attach()
-        self._ring = RingBuffer(obj.maps["http_events"], event_dtype(cfg.http_head_bytes),
+        self._ring = PassRing(obj.maps["http_events"], event_dtype(cfg.http_head_bytes),
                                 on_batch=self.ring_batch,
-                                lost_map=obj.maps["http_events_lost"])
+                                lost_map=obj.maps["http_events_lost"],
+                                pace_s=cfg.poll_interval_ms / 1000)
         if cfg.http_tls:
             self.tls = TlsAttacher(obj, cfg.tls_libs, cfg.tls_scan_interval_s,
                                    relocate=cfg.tls_relocate)
