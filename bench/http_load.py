@@ -380,7 +380,8 @@ def run(quick: bool) -> Result:
             recordings = {}
             for scheme, which in (("http", "tracepoints"), ("https", "uprobes")):
                 recs, sizes, polls, _ = http_replay.record(
-                    lambda scheme=scheme: _wrk(t, urls[scheme], 2, False), which)
+                    lambda scheme=scheme: _wrk(t, urls[scheme], 1 if quick else 2, False),
+                    which, max_records=30_000 if quick else 150_000)
                 recordings[scheme] = work / f"{scheme}.npz"
                 http_replay.save(recordings[scheme], recs, sizes, polls)
         replays = _replays(recordings, work, 3 if quick else 7)

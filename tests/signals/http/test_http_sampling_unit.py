@@ -150,3 +150,22 @@ def test_parent_flags_decide_by_default(monkeypatch) -> None:
     assert spans == [] and sig.spans_sampled_out == 50 and histogram_count(sig) == 50
     sig, spans = run_signal(cfg, exchanges(50))  # no parent: always_on
     assert len(spans) == 50 and sig.spans_sampled_out == 0
+
+
+def test_config_file_key_and_its_source(tmp_path) -> None:
+    import yaml
+
+    f = tmp_path / "agent.yaml"
+    f.write_text("http-span-sample: 0.25\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    r = subprocess.run([sys.executable, "-m", "ebpf_otlp", "config", "print", "--config", str(f)],
+                       capture_output=True, text=True, timeout=60,
+                       env={**clean, "OTEL_TRACES_SAMPLER": "always_off"})
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("http-span-sample:"))
+    value, _, source = line.partition("  # ")
+    assert yaml.safe_load(value) == {"http-span-sample": 0.25} and source == f"file {f}", line
+    f.write_text("http-span-sample: 2\n")
+    r = subprocess.run([sys.executable, "-m", "ebpf_otlp", "config", "print", "--config", str(f)],
+                       capture_output=True, text=True, timeout=60, env=clean)
+    assert r.returncode == 2 and "http-span-sample" in r.stderr, r.stderr
