@@ -179,6 +179,8 @@ def resolve(ctx: click.Context, params: dict[str, Any],
         if value is not None:
             setattr(cfg, _ATTR.get(key, key), value)
     cfg.config_file = path or None
+    if "http" in cfg.signals:
+        cfg.http_sampler()  # a bad OTEL_TRACES_SAMPLER[_ARG]: one line and exit 2, here
     return cfg, strict, sources
 
 

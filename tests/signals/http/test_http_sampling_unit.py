@@ -87,6 +87,7 @@ def test_a_bad_sampler_stops_the_agent_with_status_2() -> None:
                         "--endpoint", "http://127.0.0.1:9"], env=env, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "OTEL_TRACES_SAMPLER" in r.stderr, (r.returncode, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # before anything starts
     r = subprocess.run([sys.executable, "-m", "ebpf_otlp", "run", "--signals", "http",
                         "--http-span-sample", "1.5"], capture_output=True, text=True,
                        timeout=60)
