@@ -109,7 +109,7 @@ def run_python(binary: str, records: int, wakeup_bytes: int, ring_bytes: int, ra
         poller = RingPoller([rb])
         backlog = 0  # high-water mark of bytes waiting when the consumer looked
         waiter = select.epoll()
-        waiter.register(rb.map.fd, select.EPOLLIN)  # as RingPoller does, not nested
+        waiter.register(rb.map.fd, select.EPOLLIN | select.EPOLLET)  # as RingPoller does
         cpu0 = time.thread_time()
         t0 = time.monotonic()
         check.last_at = t0

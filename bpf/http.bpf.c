@@ -2,12 +2,13 @@
 /* HTTP capture without kprobes: syscall tracepoints for plaintext sockets,
  * uprobes on the TLS library's SSL_read/SSL_write for encrypted ones.
  *
- * Plaintext: every read/write-family syscall is seen on entry; the fd is
- * classified once (task->files -> struct file -> socket -> sock, cached per
- * pid+fd until close), and only TCP sockets are followed to the syscall's
- * return. There the first bytes decide: a request line or `HTTP/1.` marks the
- * connection as HTTP and produces a record; other bytes on a connection not
- * yet marked cost a few instructions and no record.
+ * Plaintext: one raw tracepoint on every syscall's return picks out the
+ * read/write family by number and reads the arguments from the saved
+ * registers. The fd is classified once (task->files -> struct file -> socket
+ * -> sock, cached per pid+fd until close, with the socket's addresses), and
+ * only TCP sockets go further. There the first bytes decide: a request line
+ * or `HTTP/1.` marks the connection as HTTP and produces a record; other
+ * bytes on a connection not yet marked cost a few instructions and no record.
  *
  * TLS: an SSL call in progress on a thread is remembered; the syscalls it
  * makes underneath name its fd (so the 5-tuple is known) and are not reported
@@ -58,11 +59,18 @@ struct fd_key {
 #define FD_TCP 1	/* a TCP socket (IPv4 or IPv6) */
 #define FD_HTTP 2	/* has carried an HTTP message head */
 #define FD_TLS 4	/* used under an SSL call: its syscalls carry ciphertext */
+#define FD_ADDR 8	/* addresses and netns below read from the socket */
 
 struct fd_state {
 	__u64 sk;
 	__u32 flags;
-	__u32 pad;
+	__u32 netns;		/* FD_ADDR: the socket's, cached with the addresses */
+	__u8 laddr[16];
+	__u8 raddr[16];
+	__u16 lport;
+	__u16 rport;
+	__u8 family;
+	__u8 pad[3];
 };
 
 /* The classification of each pid+fd, dropped on close(). */
@@ -73,7 +81,7 @@ struct {
 	__type(value, struct fd_state);
 } http_fds SEC(".maps");
 
-/* A syscall (or SSL call) between entry and return, by thread. */
+/* An SSL call between entry and return. */
 struct call {
 	__u64 buf;		/* user buffer (first iovec for the vector calls) */
 	__u64 sk;
@@ -86,15 +94,8 @@ struct call {
 	__u8 pad[7];
 };
 
-/* LRU: a thread that dies inside a call leaves its entry behind; LRU lets
- * such entries go instead of filling the map. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u64);
-	__type(value, struct call);
-} http_calls SEC(".maps");
-
+/* SSL calls in flight, by thread. LRU: a thread that dies inside a call
+ * leaves its entry behind; LRU lets such entries go instead of filling the map. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
@@ -205,58 +206,70 @@ static __always_inline bool http_start(const void *ubuf, __u32 n)
 	return false;
 }
 
-static __always_inline void fill_addrs(struct http_event *e, __u64 skp)
+/* The socket's addresses and namespace, read once per fd: a connection's
+ * do not change while the fd names it. Read at the first record rather
+ * than at classification, when a connect may not have set them yet. */
+static __always_inline void cache_addrs(struct fd_state *st)
 {
-	struct sock *sk = (void *)skp;
+	struct sock *sk = (void *)st->sk;
 	__u16 family;
 
-	if (!sk) {
-		e->family = 0;
+	st->flags |= FD_ADDR;
+	if (!sk)
 		return;
-	}
 	family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	e->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	e->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	st->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	st->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	if (family == AF_INET) {
-		/* IPv4-mapped, as in every record header (bpf/pkt.bpf.h); the
-		 * caller zeroed the fixed part, so bytes 0..9 are already 0. */
-		e->family = 4;
-		e->laddr[10] = e->laddr[11] = 0xff;
-		e->raddr[10] = e->raddr[11] = 0xff;
-		bpf_core_read(e->laddr + 12, 4, &sk->__sk_common.skc_rcv_saddr);
-		bpf_core_read(e->raddr + 12, 4, &sk->__sk_common.skc_daddr);
+		/* IPv4-mapped, as in every record header (bpf/pkt.bpf.h) */
+		__builtin_memset(st->laddr, 0, 16);
+		__builtin_memset(st->raddr, 0, 16);
+		st->family = 4;
+		st->laddr[10] = st->laddr[11] = 0xff;
+		st->raddr[10] = st->raddr[11] = 0xff;
+		bpf_core_read(st->laddr + 12, 4, &sk->__sk_common.skc_rcv_saddr);
+		bpf_core_read(st->raddr + 12, 4, &sk->__sk_common.skc_daddr);
 	} else {
-		e->family = 6;
-		bpf_core_read(e->laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
-		bpf_core_read(e->raddr, 16, &sk->__sk_common.skc_v6_daddr);
+		st->family = 6;
+		bpf_core_read(st->laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_core_read(st->raddr, 16, &sk->__sk_common.skc_v6_daddr);
 	}
+	if (keep_netns)
+		st->netns = sock_netns(sk);
 }
 
-static __always_inline void emit(__u8 op, __u8 tls, __u64 id, int fd, __u64 sk, __u64 start,
-				 __u32 len, const void *buf, __u32 avail)
+static __always_inline void emit(__u8 op, __u8 tls, __u64 id, int fd, struct fd_state *st,
+				 __u64 start, __u32 len, const void *buf, __u32 avail)
 {
 	struct http_event *e;
 
+	if (!(st->flags & FD_ADDR))
+		cache_addrs(st);
 	e = RINGBUF_RESERVE(http_events, HTTP_FIXED_BYTES + ((head_bytes + 7) & ~7U));
 	if (!e)
 		return;
 	__builtin_memset(e, 0, HTTP_FIXED_BYTES);
 	e->start_ns = start;
 	e->end_ns = bpf_ktime_get_ns();
-	e->conn = sk;
+	e->conn = st->sk;
 	e->pid = id >> 32;
 	e->tid = (__u32)id;
 	e->fd = fd;
 	e->len = len;
 	e->op = op;
 	e->tls = tls;
-	fill_addrs(e, sk);
+	if (st->sk) {
+		e->family = st->family;
+		e->lport = st->lport;
+		e->rport = st->rport;
+		__builtin_memcpy(e->laddr, st->laddr, 16);
+		__builtin_memcpy(e->raddr, st->raddr, 16);
+		e->netns = st->netns;
+	}
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	/* Every emit runs in the calling process (syscall tracepoints, uretprobes). */
 	if (keep_cgroup)
 		e->cgroup_id = bpf_get_current_cgroup_id();
-	if (keep_netns && sk)
-		e->netns = sock_netns((struct sock *)sk);
 	/* The verifier needs the length proved within [1, head_bytes]; see
 	 * dns.bpf.c for why the test is `n < 1` behind an empty asm. */
 	{
@@ -283,83 +296,78 @@ static __always_inline void emit(__u8 op, __u8 tls, __u64 id, int fd, __u64 sk, 
 
 /* --- syscalls ------------------------------------------------------------ */
 
+/* One raw tracepoint on every syscall's return instead of a tracepoint pair
+ * per syscall: the arguments are still in the saved registers there, so no
+ * entry program and no table of calls in flight are needed (an entry program
+ * plus that table's insert and delete were half of the BPF time per request,
+ * bench/http_load.py). Numbers are x86-64's; 32-bit (compat) calls are
+ * skipped like the syscall tracepoints skip them. */
+#ifndef __TARGET_ARCH_x86
+#error "the syscall numbers below are x86-64's"
+#endif
+#define NR_read 0
+#define NR_write 1
+#define NR_close 3
+#define NR_readv 19
+#define NR_writev 20
+#define NR_sendfile 40
+#define NR_sendto 44
+#define NR_recvfrom 45
+#define NR_sendmsg 46
+#define NR_recvmsg 47
+#define NR_splice 275
+#define TS_COMPAT 0x0002
+#define EBADF 9
+
 /* Bytes received by splice() out of a socket: counted like a read, no head. */
 #define OP_SPLICE_IN 16
 
-/* Entry of a read/write-family syscall on `fd` moving data at `buf` (`buflen`
- * bytes there); true when the call is followed to its return. */
-static __always_inline bool sys_enter(int fd, __u64 buf, __u32 buflen, __u8 op)
+/* A read/write-family call on `fd` returned `ret` having moved data at `buf`
+ * (`buflen` bytes there). True when fd is a TCP socket this program follows. */
+static __always_inline bool sys_data(__u64 id, int fd, __u64 buf, __u32 buflen, __u8 op,
+				     long ret)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	__u32 pid = id >> 32;
 	struct fd_state *st;
-	struct call *ssl, c = {};
+	struct call *ssl;
+	__u64 now;
+	__u32 n;
 
-	if (pid == self_tgid || fd < 0)
+	if (fd < 0)
 		return false;
-	st = fd_lookup(pid, fd);
+	st = fd_lookup(id >> 32, fd);
 	if (!st || !(st->flags & FD_TCP))
 		return false;
 	ssl = bpf_map_lookup_elem(&ssl_calls, &id);
-	if (ssl) {	/* underneath SSL_read/SSL_write: ciphertext on this fd */
+	if (ssl && ssl->op) {	/* underneath SSL_read/SSL_write: ciphertext on this fd */
 		ssl->fd = fd;
 		ssl->sk = st->sk;
 		st->flags |= FD_TLS;
-		return false;
+		return true;
 	}
 	if (st->flags & FD_TLS)
-		return false;
+		return true;
 	if ((op == HTTP_OP_SENDFILE || op == OP_SPLICE_IN) && !(st->flags & FD_HTTP))
 		return false;
-	c.buf = buf;
-	c.buflen = buflen;
-	c.sk = st->sk;
-	c.fd = fd;
-	c.op = op;
-	c.start_ns = bpf_ktime_get_ns();
-	if (bpf_map_update_elem(&http_calls, &id, &c, BPF_ANY)) {
-		stat_inc(HTTP_STAT_CALLS_UNTRACKED);
-		return false;
-	}
-	return true;
-}
-
-static __always_inline int sys_exit(long ret)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	struct call *c = bpf_map_lookup_elem(&http_calls, &id);
-	struct fd_key k;
-	struct fd_state *st;
-	__u32 n;
-
-	if (!c)
-		return 0;
-	k.pid = id >> 32;
-	k.fd = c->fd;
-	st = bpf_map_lookup_elem(&http_fds, &k);
-	if (!st)
-		goto out;
-	if (ret == 0 && c->op == HTTP_OP_READ && (st->flags & FD_HTTP)) {
-		emit(HTTP_OP_EOF, 0, id, c->fd, c->sk, c->start_ns, 0, NULL, 0);
-		goto out;
+	now = bpf_ktime_get_ns();
+	if (ret == 0 && op == HTTP_OP_READ && (st->flags & FD_HTTP)) {
+		emit(HTTP_OP_EOF, 0, id, fd, st, now, 0, NULL, 0);
+		return true;
 	}
 	if (ret <= 0)
-		goto out;
+		return true;
 	n = ret > 0x7fffffff ? 0x7fffffff : ret;
-	if (c->op == HTTP_OP_SENDFILE || c->op == OP_SPLICE_IN) {
-		emit(c->op == OP_SPLICE_IN ? HTTP_OP_READ : HTTP_OP_SENDFILE, 0, id, c->fd, c->sk,
-		     c->start_ns, n, NULL, 0);
-		goto out;
+	if (op == HTTP_OP_SENDFILE || op == OP_SPLICE_IN) {
+		emit(op == OP_SPLICE_IN ? HTTP_OP_READ : HTTP_OP_SENDFILE, 0, id, fd, st, now, n,
+		     NULL, 0);
+		return true;
 	}
 	if (!(st->flags & FD_HTTP)) {
-		if (!http_start((void *)c->buf, n < c->buflen ? n : c->buflen))
-			goto out;
+		if (!http_start((void *)buf, n < buflen ? n : buflen))
+			return true;
 		st->flags |= FD_HTTP;
 	}
-	emit(c->op, 0, id, c->fd, c->sk, c->start_ns, n, (void *)c->buf, c->buflen);
-out:
-	bpf_map_delete_elem(&http_calls, &id);
-	return 0;
+	emit(op, 0, id, fd, st, now, n, (void *)buf, buflen);
+	return true;
 }
 
 struct iovec_u {
@@ -367,156 +375,140 @@ struct iovec_u {
 	__u64 len;
 };
 
-static __always_inline int sys_enter_iov(int fd, const void *vec, __u8 op)
+/* The first iovec of a vector: the bytes a message head starts in. */
+static __always_inline void first_iov(const void *vec, __u64 *buf, __u32 *len)
 {
 	struct iovec_u iov = {};
 
 	if (vec && bpf_probe_read_user(&iov, sizeof(iov), vec))
 		iov.base = iov.len = 0;
-	sys_enter(fd, iov.base, iov.len > 0xffffffff ? 0xffffffff : iov.len, op);
-	return 0;
+	*buf = iov.base;
+	*len = iov.len > 0xffffffff ? 0xffffffff : iov.len;
 }
 
-static __always_inline int sys_enter_msg(int fd, const void *msg, __u8 op)
+static __always_inline void first_msg_iov(const void *msg, __u64 *buf, __u32 *len)
 {
 	struct user_msghdr m = {};
 
-	if (!msg || bpf_probe_read_user(&m, sizeof(m), msg) || m.msg_iovlen < 1) {
-		sys_enter(fd, 0, 0, op);
-		return 0;
-	}
-	return sys_enter_iov(fd, m.msg_iov, op);
+	*buf = 0;
+	*len = 0;
+	if (!msg || bpf_probe_read_user(&m, sizeof(m), msg) || m.msg_iovlen < 1)
+		return;
+	first_iov(m.msg_iov, buf, len);
 }
 
-#define ARG(i) (ctx->args[i])
-
-SEC("tracepoint/syscalls/sys_enter_read")
-int http_enter_read(struct trace_event_raw_sys_enter *ctx)
+/* close(fd): forget the fd; a connection that carried HTTP gets a record so
+ * user space ends what is pending on it. */
+static __always_inline int sys_close(__u64 id, int fd, long ret)
 {
-	sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_READ);
-	return 0;
-}
-
-SEC("tracepoint/syscalls/sys_enter_write")
-int http_enter_write(struct trace_event_raw_sys_enter *ctx)
-{
-	sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_WRITE);
-	return 0;
-}
-
-/* MSG_PEEK reads bytes that a later call reads again: only that one counts. */
-SEC("tracepoint/syscalls/sys_enter_recvfrom")
-int http_enter_recvfrom(struct trace_event_raw_sys_enter *ctx)
-{
-	if (ARG(3) & MSG_PEEK)
-		return 0;
-	sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_READ);
-	return 0;
-}
-
-SEC("tracepoint/syscalls/sys_enter_sendto")
-int http_enter_sendto(struct trace_event_raw_sys_enter *ctx)
-{
-	sys_enter(ARG(0), ARG(1), ARG(2), HTTP_OP_WRITE);
-	return 0;
-}
-
-SEC("tracepoint/syscalls/sys_enter_readv")
-int http_enter_readv(struct trace_event_raw_sys_enter *ctx)
-{
-	return sys_enter_iov(ARG(0), (void *)ARG(1), HTTP_OP_READ);
-}
-
-SEC("tracepoint/syscalls/sys_enter_writev")
-int http_enter_writev(struct trace_event_raw_sys_enter *ctx)
-{
-	return sys_enter_iov(ARG(0), (void *)ARG(1), HTTP_OP_WRITE);
-}
-
-SEC("tracepoint/syscalls/sys_enter_recvmsg")
-int http_enter_recvmsg(struct trace_event_raw_sys_enter *ctx)
-{
-	if (ARG(2) & MSG_PEEK)
-		return 0;
-	return sys_enter_msg(ARG(0), (void *)ARG(1), HTTP_OP_READ);
-}
-
-SEC("tracepoint/syscalls/sys_enter_sendmsg")
-int http_enter_sendmsg(struct trace_event_raw_sys_enter *ctx)
-{
-	return sys_enter_msg(ARG(0), (void *)ARG(1), HTTP_OP_WRITE);
-}
-
-SEC("tracepoint/syscalls/sys_enter_sendfile64")
-int http_enter_sendfile(struct trace_event_raw_sys_enter *ctx)
-{
-	sys_enter(ARG(0), 0, 0, HTTP_OP_SENDFILE);
-	return 0;
-}
-
-/* splice() into a socket sends body bytes (like sendfile); out of one, receives them. */
-SEC("tracepoint/syscalls/sys_enter_splice")
-int http_enter_splice(struct trace_event_raw_sys_enter *ctx)
-{
-	if (!sys_enter(ARG(2), 0, 0, HTTP_OP_SENDFILE))
-		sys_enter(ARG(0), 0, 0, OP_SPLICE_IN);
-	return 0;
-}
-
-#define EXIT_PROG(name)							\
-	SEC("tracepoint/syscalls/sys_exit_" #name)			\
-	int http_exit_##name(struct trace_event_raw_sys_exit *ctx)	\
-	{								\
-		return sys_exit(ctx->ret);				\
-	}
-
-EXIT_PROG(read)
-EXIT_PROG(write)
-EXIT_PROG(recvfrom)
-EXIT_PROG(sendto)
-EXIT_PROG(readv)
-EXIT_PROG(writev)
-EXIT_PROG(recvmsg)
-EXIT_PROG(sendmsg)
-EXIT_PROG(sendfile64)
-EXIT_PROG(splice)
-
-SEC("tracepoint/syscalls/sys_enter_close")
-int http_enter_close(struct trace_event_raw_sys_enter *ctx)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	struct fd_key k = { .pid = id >> 32, .fd = ARG(0) };
+	struct fd_key k = { .pid = id >> 32, .fd = fd };
 	struct fd_state *st;
 
-	if (k.pid == self_tgid)
+	if (ret == -EBADF)
 		return 0;
 	st = bpf_map_lookup_elem(&http_fds, &k);
 	if (!st)
 		return 0;
 	if (st->flags & FD_HTTP)
-		emit(HTTP_OP_CLOSE, !!(st->flags & FD_TLS), id, k.fd, st->sk, bpf_ktime_get_ns(),
-		     0, NULL, 0);
+		emit(HTTP_OP_CLOSE, !!(st->flags & FD_TLS), id, fd, st, bpf_ktime_get_ns(), 0,
+		     NULL, 0);
 	bpf_map_delete_elem(&http_fds, &k);
+	return 0;
+}
+
+SEC("raw_tracepoint/sys_exit")
+int http_sys_exit(struct bpf_raw_tracepoint_args *ctx)
+{
+	struct pt_regs *regs = (void *)ctx->args[0];
+	long ret = ctx->args[1];
+	long nr = BPF_CORE_READ(regs, orig_ax);
+	struct task_struct *task;
+	__u64 id, buf = 0;
+	__u32 len = 0;
+	int fd;
+	__u8 op;
+
+	switch (nr) {
+	case NR_read: case NR_readv: case NR_recvfrom: case NR_recvmsg:
+		op = HTTP_OP_READ;
+		break;
+	case NR_write: case NR_writev: case NR_sendto: case NR_sendmsg:
+		op = HTTP_OP_WRITE;
+		break;
+	case NR_sendfile: case NR_splice: case NR_close:
+		op = 0;
+		break;
+	default:
+		return 0;
+	}
+	id = bpf_get_current_pid_tgid();
+	if ((id >> 32) == self_tgid)
+		return 0;
+	task = (void *)bpf_get_current_task();
+	if (BPF_CORE_READ(task, thread_info.status) & TS_COMPAT)
+		return 0;
+	fd = PT_REGS_PARM1_CORE_SYSCALL(regs);
+	switch (nr) {
+	case NR_close:
+		return sys_close(id, fd, ret);
+	case NR_sendfile:
+		sys_data(id, fd, 0, 0, HTTP_OP_SENDFILE, ret);
+		return 0;
+	case NR_splice:	/* into a socket: body bytes sent; out of one: received */
+		if (!sys_data(id, PT_REGS_PARM3_CORE_SYSCALL(regs), 0, 0, HTTP_OP_SENDFILE, ret))
+			sys_data(id, fd, 0, 0, OP_SPLICE_IN, ret);
+		return 0;
+	case NR_recvfrom:	/* MSG_PEEK reads bytes a later call reads again */
+		if (PT_REGS_PARM4_CORE_SYSCALL(regs) & MSG_PEEK)
+			return 0;
+		/* fallthrough */
+	case NR_read: case NR_write: case NR_sendto:
+		buf = PT_REGS_PARM2_CORE_SYSCALL(regs);
+		len = PT_REGS_PARM3_CORE_SYSCALL(regs);
+		break;
+	case NR_readv: case NR_writev:
+		first_iov((void *)PT_REGS_PARM2_CORE_SYSCALL(regs), &buf, &len);
+		break;
+	case NR_recvmsg:
+		if (PT_REGS_PARM3_CORE_SYSCALL(regs) & MSG_PEEK)
+			return 0;
+		/* fallthrough */
+	case NR_sendmsg:
+		first_msg_iov((void *)PT_REGS_PARM2_CORE_SYSCALL(regs), &buf, &len);
+		break;
+	}
+	sys_data(id, fd, buf, len, op, ret);
 	return 0;
 }
 
 /* --- TLS library (uprobes) ------------------------------------------------- */
 
+/* Each thread keeps its ssl_calls entry between calls (op 0 when idle) and
+ * writes it in place: an insert and a delete per SSL call cost more than
+ * the rest of the probe (bench/http_load.py, SSL uprobes alone). */
 static __always_inline int ssl_enter(void *ssl, const void *buf, __u64 outlen, __u8 op)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct call c = {};
+	struct call *c, init = {};
 
 	if ((id >> 32) == self_tgid)
 		return 0;
-	c.ssl = (__u64)ssl;
-	c.buf = (__u64)buf;
-	c.outlen = outlen;
-	c.fd = -1;
-	c.op = op;
-	c.start_ns = bpf_ktime_get_ns();
-	if (bpf_map_update_elem(&ssl_calls, &id, &c, BPF_ANY))
-		stat_inc(HTTP_STAT_SSL_UNTRACKED);
+	c = bpf_map_lookup_elem(&ssl_calls, &id);
+	if (!c) {
+		bpf_map_update_elem(&ssl_calls, &id, &init, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(&ssl_calls, &id);
+		if (!c) {
+			stat_inc(HTTP_STAT_SSL_UNTRACKED);
+			return 0;
+		}
+	}
+	c->ssl = (__u64)ssl;
+	c->buf = (__u64)buf;
+	c->outlen = outlen;
+	c->sk = 0;
+	c->fd = -1;
+	c->start_ns = bpf_ktime_get_ns();
+	c->op = op;
 	return 0;
 }
 
@@ -529,13 +521,17 @@ static __always_inline int ssl_exit(long ret, bool ex)
 	__u64 n = 0;
 	__s32 fd, *known;
 
-	if (!c)
+	if (!c || !c->op)
 		return 0;
 	sk.ssl = c->ssl;
 	sk.pid = id >> 32;
 	fd = c->fd;
 	if (fd >= 0) {
-		bpf_map_update_elem(&ssl_fds, &sk, &fd, BPF_ANY);
+		known = bpf_map_lookup_elem(&ssl_fds, &sk);
+		if (!known)
+			bpf_map_update_elem(&ssl_fds, &sk, &fd, BPF_ANY);
+		else if (*known != fd)
+			*known = fd;
 	} else {
 		known = bpf_map_lookup_elem(&ssl_fds, &sk);
 		if (known)
@@ -566,9 +562,9 @@ static __always_inline int ssl_exit(long ret, bool ex)
 			goto out;
 		st->flags |= FD_HTTP;
 	}
-	emit(c->op, 1, id, fd, st->sk, c->start_ns, n, (void *)c->buf, n);
+	emit(c->op, 1, id, fd, st, c->start_ns, n, (void *)c->buf, n);
 out:
-	bpf_map_delete_elem(&ssl_calls, &id);
+	c->op = 0;
 	return 0;
 }
 

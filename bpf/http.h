@@ -19,7 +19,7 @@
 
 /* One read or write on a TCP connection that carries HTTP (or starts to). */
 struct http_event {
-	__u64 start_ns;		/* call entry, bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u64 start_ns;		/* SSL calls: entry; syscalls: their return (= end_ns); CLOCK_MONOTONIC */
 	__u64 end_ns;		/* call return */
 	__u64 conn;		/* the struct sock's address: the connection while it is open */
 	__u32 pid;
@@ -43,7 +43,7 @@ struct http_event {
 };
 
 /* Per-CPU counters (array `http_stats`), exported as ebpf_otlp.http.kernel.*. */
-#define HTTP_STAT_CALLS_UNTRACKED 0	/* syscall in flight table full */
+#define HTTP_STAT_CALLS_UNTRACKED 0	/* unused (syscalls are seen at return only): 0 */
 #define HTTP_STAT_FD_UNTRACKED 1	/* fd cache insert failed */
 #define HTTP_STAT_SSL_UNTRACKED 2	/* SSL call in flight table full */
 #define HTTP_STAT_SSL_NO_FD 3		/* SSL call whose socket was never seen */

@@ -40,7 +40,7 @@ NEEDED_FOR = {
     "CAP_BPF": "every signal: BPF programs and maps",
     "CAP_PERFMON": "every signal: tracepoints, uprobes, kernel memory reads",
     "CAP_NET_ADMIN": "flows and dns (TC/XDP on --iface), tcp (sock_ops on the cgroup)",
-    "CAP_DAC_READ_SEARCH": "tcp, drops and http when not uid 0: tracepoint ids in tracefs "
+    "CAP_DAC_READ_SEARCH": "tcp and drops when not uid 0: tracepoint ids in tracefs "
                            "(root-only)",
     "CAP_SYS_PTRACE": "workload attribution (/proc/PID/ns/net) and http TLS in containers "
                       "(/proc/PID/root) of processes of other users; without it those go "
@@ -99,7 +99,7 @@ def required(cfg: AgentConfig) -> dict[str, list[str]]:
         add("CAP_NET_ADMIN", "sock_ops on the cgroup (tcp)")
         if not (cfg.cgroup_path or cgroup2_mount()):
             add("CAP_SYS_ADMIN", "mount cgroup2, which this host has not mounted (tcp)")
-    traced = sorted(sigs & {"tcp", "drops", "http"})
+    traced = sorted(sigs & {"tcp", "drops"})  # http: a raw tracepoint and uprobes, no tracefs
     state = _tracefs_state() if traced else "readable"
     if state == "absent":
         add("CAP_SYS_ADMIN", f"mount tracefs, which this host has not mounted "

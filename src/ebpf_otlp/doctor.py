@@ -36,17 +36,13 @@ TRACEPOINTS = {
     "tcp": ["sock/inet_sock_set_state", "tcp/tcp_retransmit_skb", "tcp/tcp_send_reset",
             "tcp/tcp_receive_reset"],
     "drops": ["skb/kfree_skb"],
-    "http": [f"syscalls/sys_{e}_{c}" for c in ("read", "write", "readv", "writev", "recvfrom",
-                                                "sendto", "recvmsg", "sendmsg", "sendfile64",
-                                                "splice")
-             for e in ("enter", "exit")] + ["syscalls/sys_enter_close"],
 }
 SIGNAL_NEEDS = {
     "flows": [("tc", "xdp")],
     "tcp": [("tracepoint",)],
     "dns": [("tc",), ("ringbuf",)],
     "drops": [("tracepoint",)],
-    "http": [("tracepoint",), ("ringbuf",)],  # uprobes (TLS) are optional
+    "http": [("raw_tracepoint",), ("ringbuf",)],  # uprobes (TLS) are optional
 }
 
 

@@ -25,7 +25,7 @@ from bench.__main__ import _modules  # noqa: E402
 
 TOOLS = {"ringbuf": ["gcc"], "pktcost": ["clang-19"], "datapath": ["iperf3"],
          "alternatives": ["bpftrace", "bpftool"], "dns_flood": ["dnsmasq"],
-         "tcp_churn": ["gcc"], "soak": ["dnsmasq"]}
+         "tcp_churn": ["gcc"], "soak": ["dnsmasq"], "http_syscalls": ["gcc"]}
 
 
 def _env() -> dict[str, str]:

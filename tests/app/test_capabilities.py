@@ -160,3 +160,65 @@ def test_without_sys_ptrace_doctor_and_start_name_what_goes_unseen() -> None:
     warned = [x for x in text.splitlines() if "CAP_SYS_PTRACE missing" in x]
     assert len(warned) == 1 and "workload attribution" in warned[0], text
     assert "Traceback" not in text
+
+
+HTTP_SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+s = http.server.HTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"""
+
+
+def test_http_runs_as_non_root_without_tracefs_access() -> None:
+    """uid 65534 with only CAP_BPF and CAP_PERFMON (no CAP_DAC_READ_SEARCH, so
+    tracefs is closed to it): http starts, and a plaintext request gets its
+    SERVER and CLIENT spans (the raw tracepoint needs no tracefs)."""
+    caps = "+bpf,+perfmon"
+    cmd = _setpriv("--reuid=65534", "--regid=65534", "--clear-groups", f"--inh-caps={caps}",
+                   f"--ambient-caps={caps}")
+    logdir = Path(tempfile.mkdtemp(prefix="eo-caps-"))
+    os.chmod(logdir, 0o777)
+    log = logdir / "agent.log"
+    server = subprocess.Popen([sys.executable, "-c", HTTP_SERVER], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        port = int(server.stdout.readline())
+        with Receiver(port=0) as rx, open(log, "w") as logf:
+            proc = subprocess.Popen([*cmd, "run", "--signals", "http", "--no-http-tls",
+                                     "--interval", "0.5",
+                                     "--endpoint", f"http://127.0.0.1:{rx.port}"],
+                                    stdout=logf, stderr=subprocess.STDOUT)
+            try:
+                deadline = time.monotonic() + 60
+                while "ebpf-otlp running" not in log.read_text():
+                    assert proc.poll() is None, log.read_text()
+                    assert time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.1)
+                import urllib.request
+
+                path = f"/caps-{port}"
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                    assert r.read() == b"ok"
+
+                def kinds() -> set[str]:
+                    return {r["kind"] for r in list(rx.records) if r.get("type") == "span"
+                            and r["attributes"].get("url.path") == path}
+                deadline = time.monotonic() + 30
+                while kinds() != {"SERVER", "CLIENT"} and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert kinds() == {"SERVER", "CLIENT"}, (kinds(), log.read_text()[-2000:])
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                rc = proc.wait(30)
+        assert rc == 0, log.read_text()
+        assert "Traceback" not in log.read_text()
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(logdir, ignore_errors=True)

@@ -41,7 +41,7 @@ from typing import Callable
 PREFIX = "@@EBPF_OTLP@@ "
 OPTIONAL_PREFIXES = ("kprobe", "kretprobe", "fentry", "fexit", "fmod_ret", "tp_btf", "lsm",
                      "ksyscall", "kretsyscall")
-SIGNALS = ("flows", "tcp", "dns", "drops")
+SIGNALS = ("flows", "tcp", "dns", "drops", "http")
 LO = "127.0.0.1"
 
 
@@ -268,8 +268,48 @@ def scenario_drops() -> dict:
     return {"sent": 5, "port": port}
 
 
+HTTP_SERVER = """
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+s = http.server.HTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"""
+HTTP_CLIENT = """
+import http.client, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
+for i in range(int(sys.argv[2])):
+    c.request("GET", f"/guest-{sys.argv[1]}-{i}")
+    r = c.getresponse()
+    assert r.status == 200 and r.read() == b"ok"
+print("done", flush=True)
+"""
+
+
+def scenario_http() -> dict:
+    """Three keep-alive GETs between two other processes (the agent skips its own)."""
+    n = 3
+    server = subprocess.Popen([sys.executable, "-c", HTTP_SERVER], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        port = int(server.stdout.readline())
+        out = subprocess.run([sys.executable, "-c", HTTP_CLIENT, str(port), str(n)],
+                             capture_output=True, text=True, timeout=30)
+        answered = n if out.stdout.strip() == "done" else 0
+    finally:
+        server.kill()
+        server.wait()
+    return {"requests": n, "answered": answered, "port": port}
+
+
 SCENARIOS: dict[str, Callable[[], dict]] = {
-    "flows": scenario_flows, "tcp": scenario_tcp, "dns": scenario_dns, "drops": scenario_drops}
+    "flows": scenario_flows, "tcp": scenario_tcp, "dns": scenario_dns, "drops": scenario_drops,
+    "http": scenario_http}
 
 
 def _points(records: list[dict], name: str, **attrs: object) -> list[dict]:
@@ -352,8 +392,20 @@ def verdict_drops(rec: list[dict], t: dict) -> tuple[bool, str]:
                            f"drops for it (reasons seen: {reasons[:6]})"
 
 
+def verdict_http(rec: list[dict], t: dict) -> tuple[bool, str]:
+    paths = {f"/guest-{t['port']}-{i}" for i in range(t["requests"])}
+    spans = [r for r in rec if r.get("type") == "span"
+             and r["attributes"].get("url.path") in paths]
+    got = sorted((r["kind"], r["attributes"].get("url.path"),
+                  r["attributes"].get("http.response.status_code")) for r in spans)
+    want = sorted((k, p, 200) for k in ("CLIENT", "SERVER") for p in paths)
+    ok = t["answered"] == t["requests"] and got == want
+    return ok, f"{t['answered']}/{t['requests']} answered; exported {len(spans)} spans " \
+               f"({sum(1 for g in got if g[0] == 'SERVER')} SERVER)"
+
+
 VERDICTS = {"flows": verdict_flows, "tcp": verdict_tcp, "dns": verdict_dns,
-            "drops": verdict_drops}
+            "drops": verdict_drops, "http": verdict_http}
 
 
 def check_signal(name: str) -> None:
@@ -378,7 +430,7 @@ def check_signal(name: str) -> None:
     try:
         cfg = AgentConfig(ifaces=["lo"], signals=(name,), endpoint=f"http://{LO}:{rx.port}",
                           interval_s=3600, ringbuf_wakeup_bytes=0, poll_interval_ms=20,
-                          tcp_spans=False, dns_timeout_s=2.0)
+                          tcp_spans=False, dns_timeout_s=2.0, http_tls=False)
         agent = Agent(cfg, strict=True)
         t0 = time.monotonic()
         agent.start()

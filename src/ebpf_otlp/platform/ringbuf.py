@@ -98,19 +98,25 @@ class RingBuffer:
         return int(self._prod_pos[0]) - int(self._cons_pos[0])
 
     def drain(self, limit: int = 1 << 30) -> int:
-        """Consume what is committed now; returns the number of records delivered."""
+        """Consume what is committed when called; returns the records delivered.
+
+        Records committed meanwhile wait for the next call: a consumer that
+        chased a busy producer would deliver batches of a few records, and a
+        batch's fixed numpy and Python cost would then dominate (bench/ringbuf.py,
+        consumer CPU at 1 M records/s).
+        """
+        end = int(self._prod_pos[0])
         total = 0
-        while total < limit:
-            n = self._drain_once()
+        while total < limit and int(self._cons_pos[0]) < end:
+            n = self._drain_once(end)
             if n == 0:
                 break
             total += n
         return total
 
-    def _drain_once(self) -> int:
+    def _drain_once(self, prod: int) -> int:
         cons = int(self._cons_pos[0])
-        prod = int(self._prod_pos[0])
-        if prod == cons:
+        if prod <= cons:
             return 0
         if self.dtype is not None:
             n = self._drain_fixed(cons, prod)
@@ -212,8 +218,12 @@ class RingBuffer:
 class RingPoller:
     """Several ring buffers behind one epoll fd.
 
-    Producers submit without wake-ups until enough data waits, so ``poll``
-    also drains every ring when its timeout expires.
+    Producers submit without wake-ups until enough data waits
+    (``ringbuf_wakeup_bytes``), and the rings are watched edge-triggered: a
+    ring readable since the last drain does not wake ``poll`` again, so a busy
+    producer is drained in batches of at least that size, not chased record
+    by record (bench/ringbuf.py). ``poll`` also drains every ring when its
+    timeout expires, so a quiet ring is never stranded.
     """
 
     def __init__(self, rings: Iterable[RingBuffer] = ()):
@@ -223,7 +233,7 @@ class RingPoller:
             self.add(r)
 
     def add(self, ring: RingBuffer) -> None:
-        self._epoll.register(ring.map.fd, select.EPOLLIN)
+        self._epoll.register(ring.map.fd, select.EPOLLIN | select.EPOLLET)
         self.rings.append(ring)
 
     def remove(self, ring: RingBuffer) -> None:
