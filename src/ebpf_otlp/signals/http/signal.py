@@ -32,7 +32,7 @@ OP_READ, OP_WRITE, OP_SENDFILE, OP_EOF, OP_CLOSE = 1, 2, 3, 4, 5
 HTTP_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                          7.5, 10.0)
 EXPIRE_EVERY_NS = 1_000_000_000
-PASS_RECORDS = 256  # a drain pass this large means a backlog: drain again at once
+FLUSH_RECORDS = 1024  # held records decoded at the end of a poll (else after hold_s)
 HOLD_RECORDS = 4096  # ring records held before decoding them without waiting for the poll
 # Records are ~370 bytes with the default head; 16 MiB hold ~45,000 calls.
 MIN_RING_BYTES = 16 << 20
@@ -84,33 +84,6 @@ def event_dtype(head_bytes: int) -> np.dtype:
                      "itemsize": off + n})
 
 
-class PassRing(RingBuffer):
-    """The HTTP ring, drained pass by pass, and paced. A ring's epoll fd is
-    readable whenever one record waits, so while nginx and wrk keep writing,
-    poll-and-drain ran back to back on batches of a few records and kept the
-    agent at ~90 % of a core whatever the request rate (bench/http_load.py,
-    agent CPU per 1,000 requests before this). Here a pass takes what is
-    committed at that moment; a large pass (a backlog) is followed by another
-    at once, a small one by a pause of ``pace_s`` (the poll interval), so
-    records are taken in batches of what arrives meanwhile. The ring holds
-    far more than one interval of records (MIN_RING_BYTES)."""
-
-    def __init__(self, *args: object, pace_s: float = 0.05, **kwargs: object):
-        super().__init__(*args, **kwargs)
-        self.pace_s = pace_s
-
-    def drain(self, limit: int = 1 << 30) -> int:
-        total = 0
-        while total < limit:
-            n = super().drain(1)  # one pass: everything committed at this moment
-            total += n
-            if n < PASS_RECORDS:
-                if n:
-                    time.sleep(self.pace_s)
-                break
-        return total
-
-
 class HttpSignal(Signal):
     name = "http"
 
@@ -140,6 +113,8 @@ class HttpSignal(Signal):
         self._lock = threading.Lock()
         self._held: list[np.ndarray] = []  # ring batches not decoded yet (ring_batch)
         self._held_n = 0
+        self._held_since = 0.0
+        self.hold_s = config.poll_interval_ms / 1000
         self._held_lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one flush at a time: records stay in order
         self.records_failed = 0
@@ -174,10 +149,9 @@ class HttpSignal(Signal):
         for prog in obj.programs.values():
             if prog.name not in TLS_PROGRAMS:
                 prog.attach()
-        self._ring = PassRing(obj.maps["http_events"], event_dtype(cfg.http_head_bytes),
+        self._ring = RingBuffer(obj.maps["http_events"], event_dtype(cfg.http_head_bytes),
                                 on_batch=self.ring_batch,
-                                lost_map=obj.maps["http_events_lost"],
-                                pace_s=cfg.poll_interval_ms / 1000)
+                                lost_map=obj.maps["http_events_lost"])
         if cfg.http_tls:
             self.tls = TlsAttacher(obj, cfg.tls_libs, cfg.tls_scan_interval_s,
                                    relocate=cfg.tls_relocate)
@@ -189,7 +163,9 @@ class HttpSignal(Signal):
         return [self._ring] if self._ring is not None else []
 
     def tick(self) -> None:
-        self.flush()
+        if self._held_n >= FLUSH_RECORDS or (
+                self._held_n and time.monotonic() - self._held_since >= self.hold_s):
+            self.flush()
         now = time.monotonic_ns()
         if now - self._last_expire >= EXPIRE_EVERY_NS:
             self._last_expire = now
@@ -215,13 +191,17 @@ class HttpSignal(Signal):
 
     # --- the ring callback (poller thread) ---------------------------------------
     def ring_batch(self, recs: np.ndarray) -> None:
-        """The ring's callback: batches are held until the poll that drained them
-        ends (``tick``) or HOLD_RECORDS wait. A busy ring is drained in many
-        small batches (the producer keeps writing while the drain catches up:
-        bench/http_replay.py recorded a median of 4 records per batch at
-        18,000 requests/s), and the per-batch work below is worth it only once
-        per poll. The ring gives copies, so holding them is safe."""
+        """The ring's callback: batches are held until FLUSH_RECORDS wait at a
+        poll's end (``tick``), the oldest waited one poll interval, or
+        HOLD_RECORDS wait, so the per-batch work of ``on_batch`` (~0.2 ms
+        here) is spread over many records however the ring was drained (a
+        wake-up per ``--ringbuf-wakeup-bytes``, split at the ring's wrap or at
+        a record not committed yet). Spans keep kernel times: holding delays
+        them, it does not change them. The ring gives copies, so holding them
+        is safe."""
         with self._held_lock:
+            if not self._held:
+                self._held_since = time.monotonic()
             self._held.append(recs)
             self._held_n += len(recs)
             full = self._held_n >= HOLD_RECORDS
