@@ -5,6 +5,7 @@ Resource and host data under the host's, checked through the real receiver."""
 from __future__ import annotations
 
 import numpy as np
+from opentelemetry.metrics import Observation
 
 from ebpf_otlp.config import AgentConfig
 from ebpf_otlp.otlp import Exporter, SpanRecord
@@ -107,3 +108,76 @@ def test_log_records_group_by_resource() -> None:
     assert got == {0: {}, 1: POD_A, 2: POD_B, 3: POD_A}
     assert all(set(r["attributes"]) == {"i"} for r in logs)
     assert all(r["resource"]["host.name"] == "node-1" for r in logs)
+
+
+def _collected(resource: dict) -> object:
+    """What the SDK hands its exporter: counters, an up-down counter, a gauge and a
+    seconds histogram, host points mixed with two pods' (one a pod without container)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.resources import Resource
+
+    reader = InMemoryMetricReader()
+    mp = MeterProvider(metric_readers=[reader], resource=Resource.create(resource))
+    m = mp.get_meter("scope-a")
+    c = m.create_counter("c", "1", "a counter")
+    for i in range(30):
+        c.add(i + 1, {"i": i % 7, **(POD_A if i % 3 == 0 else POD_B if i % 3 == 1 else {})})
+    m.create_up_down_counter("u").add(-2, {"x": "y", **POD_B})
+    m.create_observable_gauge("g", callbacks=[lambda _o: [
+        Observation(5, {"k": 1}), Observation(6, {"k": 1, **POD_A})]])
+    h = m.create_histogram("h", "s")
+    h.record(0.5, {"y": 1, **POD_A})
+    h.record(0.25, {"y": 1})
+    m2 = mp.get_meter("scope-b")
+    m2.create_counter("only_pods").add(3, POD_B)
+    m2.create_counter("only_host").add(4, {"z": 1})
+    data = reader.get_metrics_data()
+    mp.shutdown()
+    return data
+
+
+def test_sdk_data_split_encodes_to_the_bytes_of_the_encoded_split() -> None:
+    """The SDK path splits resources before encoding (split_metrics_data); the
+    reference is split_metrics applied to the encoded request, byte for byte."""
+    from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+
+    from ebpf_otlp.otlp.resources import split_metrics, split_metrics_data
+
+    data = _collected({"host.name": "node-1", "service.name": "ebpf-otlp"})
+    want = split_metrics(encode_metrics(data)).SerializeToString()
+    got = encode_metrics(split_metrics_data(data)).SerializeToString()
+    assert got == want
+    assert len(split_metrics(encode_metrics(data)).resource_metrics) == 3  # host, A, B
+
+
+def test_sdk_data_split_keeps_points_whose_resource_equals_the_host_resource() -> None:
+    """A point repeating the base resource's own pod attribute: one resource, both
+    points (the SDK's encoder keeps one entry per distinct Resource)."""
+    from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.resources import Resource
+
+    from ebpf_otlp.otlp.resources import split_metrics_data
+
+    reader = InMemoryMetricReader()
+    mp = MeterProvider(metric_readers=[reader],
+                       resource=Resource.create({"host.name": "n", **POD_B}))
+    c = mp.get_meter("s").create_counter("c")
+    c.add(1, {"i": 1})
+    c.add(2, {"i": 2, **POD_B})
+    c.add(4, {"i": 3, **POD_A})
+    req = encode_metrics(split_metrics_data(reader.get_metrics_data()))
+    mp.shutdown()
+    got = {}
+    for rm in req.resource_metrics:
+        res = tuple(sorted((kv.key, kv.value.string_value) for kv in rm.resource.attributes
+                           if kv.key in POD_A))
+        for sm in rm.scope_metrics:
+            for met in sm.metrics:
+                for p in met.sum.data_points:
+                    got.setdefault(res, []).append(p.as_int)
+                    assert not {kv.key for kv in p.attributes} & set(POD_A)
+    assert {k: sorted(v) for k, v in got.items()} == {
+        tuple(sorted(POD_B.items())): [1, 2], tuple(sorted(POD_A.items())): [4]}

@@ -18,6 +18,7 @@ class Collector:
 
     def __init__(self, port: int = 0, script: list[tuple[int, dict]] | None = None):
         self.bodies: list[tuple[float, int, bytes]] = []
+        self.headers: list[dict[str, str]] = []  # of each POST, as received
         self.script = list(script or [])
         outer = self
 
@@ -31,6 +32,7 @@ class Collector:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 code, headers = outer.script.pop(0) if outer.script else (200, {})
                 outer.bodies.append((time.monotonic(), code, body))
+                outer.headers.append(dict(self.headers.items()))
                 self.send_response(code)
                 for k, v in headers.items():
                     self.send_header(k, v)
@@ -105,3 +107,27 @@ def test_retry_after_is_a_minimum_and_queue_left_at_close_is_counted() -> None:
     assert not s2.send(b"y", retain=True)
     s2.close()
     assert s2.dropped["shutdown"] == 1 and s2.queued_bytes == 0
+
+
+def test_each_post_carries_its_own_body_the_headers_and_the_collectors_cookie() -> None:
+    """POSTs reuse one prepared request: every body arrives whole (gzip, its own
+    length) with the configured headers, and once the collector sets a cookie (a
+    sticky load balancer) the following POSTs send it back, as requests would."""
+    import gzip
+
+    c = Collector(script=[(200, {}), (200, {"Set-Cookie": "lb=node-2; Path=/"})])
+    s = OtlpSender("metrics", SignalTarget(f"http://127.0.0.1:{c.port}/v1/metrics",
+                                           {"x-team": "net"}, 2.0, "gzip", None))
+    bodies = [bytes([i]) * (100 + 37 * i) for i in range(5)]
+    try:
+        for b in bodies:
+            assert s.send(b)
+        assert [gzip.decompress(b) for _, _, b in c.bodies] == bodies
+        for i, h in enumerate(c.headers):
+            assert h["x-team"] == "net" and h["Content-Encoding"] == "gzip", h
+            assert h["Content-Type"] == "application/x-protobuf", h
+            assert int(h["Content-Length"]) == len(c.bodies[i][2]), h
+        assert [h.get("Cookie") for h in c.headers] == [None, None] + ["lb=node-2"] * 3
+    finally:
+        c.close()
+        s.close()

@@ -16,6 +16,7 @@ Data without any of them stays under the host resource, unchanged.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterable
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -23,6 +24,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric, ResourceMetrics, ScopeMetrics
+from opentelemetry.sdk.metrics import export as sdk
+from opentelemetry.sdk.resources import Resource
 
 from .wire import any_value
 
@@ -106,6 +109,52 @@ def split_metrics(req: ExportMetricsServiceRequest) -> ExportMetricsServiceReque
                     sc.metrics.append(mm)
         out.resource_metrics.extend(groups.values())
     return out
+
+
+def split_metrics_data(data: sdk.MetricsData) -> sdk.MetricsData:
+    """:func:`split_metrics` on the SDK's collected data, before it is encoded:
+    the same request once encoded, without copying every encoded point (the
+    SDK path runs this each interval; its attributes are plain dicts here)."""
+    if not any(p.attributes and not RESOURCE_KEYS.isdisjoint(p.attributes)
+               for rm in data.resource_metrics for sm in rm.scope_metrics
+               for m in sm.metrics for p in m.data.data_points):
+        return data
+    out: list[sdk.ResourceMetrics] = []
+    for rm in data.resource_metrics:
+        base = dict(rm.resource.attributes)
+        # merged resource attributes -> (the Resource, its scopes, scope id -> ScopeMetrics);
+        # keyed by the merged attributes, not the point's key: the SDK's encoder keeps
+        # one entry per distinct Resource, so two groups with equal resources (a point
+        # repeating the base resource's own value) must be one group
+        groups: dict[tuple, tuple[Resource, list, dict]] = {}
+        merged: dict[ResourceKey, tuple] = {}
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                parts: dict[ResourceKey, list] = {}
+                for p in m.data.data_points:
+                    attrs = p.attributes or {}
+                    key = tuple(sorted((k, v) for k, v in attrs.items() if k in RESOURCE_KEYS))
+                    if key:
+                        p = replace(p, attributes={k: v for k, v in attrs.items()
+                                                   if k not in RESOURCE_KEYS})
+                    parts.setdefault(key, []).append(p)
+                for key, pts in parts.items():
+                    rid = merged.get(key)
+                    if rid is None:
+                        rid = merged[key] = tuple({**base, **dict(key)}.items())
+                    g = groups.get(rid)
+                    if g is None:
+                        res = Resource(dict(rid), rm.resource.schema_url) if key else rm.resource
+                        g = groups[rid] = (res, [], {})
+                    sc = g[2].get(id(sm))
+                    if sc is None:
+                        sc = g[2][id(sm)] = sdk.ScopeMetrics(sm.scope, [], sm.schema_url)
+                        g[1].append(sc)
+                    sc.metrics.append(sdk.Metric(m.name, m.description, m.unit,
+                                                 replace(m.data, data_points=pts)))
+        out += [sdk.ResourceMetrics(res, scopes, rm.schema_url)
+                for res, scopes, _ in groups.values()]
+    return sdk.MetricsData(out)
 
 
 def _scope(rm: ResourceMetrics, sm: ScopeMetrics) -> ScopeMetrics:

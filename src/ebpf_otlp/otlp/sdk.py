@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Callable, Iterable
 
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import (
+    AlwaysOffExemplarFilter,
     Counter,
     Histogram,
     MeterProvider,
@@ -30,7 +32,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 
-from .resources import split_metrics
+from .resources import split_metrics_data
 from .semconv import DURATION_BUCKETS, SCOPE
 from .sender import OtlpSender
 
@@ -68,7 +70,7 @@ class _SenderExporter(MetricExporter):
         try:
             if self.on_data is not None:
                 self.on_data(metrics_data)
-            body = split_metrics(encode_metrics(metrics_data)).SerializeToString()
+            body = encode_metrics(split_metrics_data(metrics_data)).SerializeToString()
             points = sum(len(m.data.data_points) for rm in metrics_data.resource_metrics
                          for sm in rm.scope_metrics for m in sm.metrics)
         except Exception:
@@ -111,8 +113,14 @@ class SdkMetrics:
               for kind in (Counter, UpDownCounter, ObservableCounter, ObservableGauge,
                            ObservableUpDownCounter)),
         ]
+        # No exemplars: the agent's threads never run inside a sampled span, so the
+        # default (trace-based) filter never keeps one; off, the SDK does not ask
+        # (OTEL_METRICS_EXEMPLAR_FILTER, when set, still decides).
+        no_exemplars = (None if os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER")
+                        else AlwaysOffExemplarFilter())
         self.provider = MeterProvider(metric_readers=[self.reader], resource=resource,
-                                      views=views, shutdown_on_exit=False)
+                                      views=views, shutdown_on_exit=False,
+                                      exemplar_filter=no_exemplars)
         self.meter = self.provider.get_meter(SCOPE)
         self._closed = False
 

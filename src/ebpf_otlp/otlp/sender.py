@@ -51,6 +51,10 @@ class OtlpSender:
         if target.client_cert:
             self._session.cert = ((target.client_cert, target.client_key) if target.client_key
                                   else target.client_cert)
+        # the request as the session prepares it, and the settings the environment adds
+        # (proxies, CA bundle), made once: not again for each POST (bench/datapath.py)
+        self._template: requests.PreparedRequest | None = None
+        self._env: dict = {}
         self._lock = threading.Lock()
         self.requests = 0
         self.failures = 0
@@ -161,7 +165,7 @@ class OtlpSender:
             if left <= 0.01:
                 break
             try:
-                r = self._session.post(self.target.url, data=data, timeout=left)
+                r = self._request(data, left)
             except requests.Timeout:
                 cause = "timeout"
                 break  # the whole budget is spent
@@ -194,6 +198,22 @@ class OtlpSender:
         return False, cause
 
     __call__ = send
+
+    def _request(self, data: bytes, timeout: float) -> requests.Response:
+        """``session.post(url, data=data)``, with what is the same for every POST
+        (headers, URL, environment settings) prepared once. While the session holds
+        cookies (a collector behind a sticky load balancer) each POST is prepared
+        anew, so they go out as ``requests`` would send them."""
+        s = self._session
+        if s.cookies:
+            return s.post(self.target.url, data=data, timeout=timeout)
+        if self._template is None:
+            self._template = s.prepare_request(requests.Request("POST", self.target.url))
+            self._env = s.merge_environment_settings(self._template.url, {}, None, None, None)
+        p = self._template.copy()
+        p.body = data
+        p.headers["Content-Length"] = str(len(data))
+        return s.send(p, timeout=timeout, allow_redirects=True, **self._env)
 
     def _count(self, ok: bool, cause: str, nbytes: int = 0) -> None:
         with self._lock:

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TABLES = ("flows_a", "flows_b")
+# One read of the overflow map serves the callbacks of one SDK collection.
+OVF_REUSE_S = 0.1
 METRICS = (
     SumMetric("network.flow.bytes", "By", "bytes of the flow's frames as the hook saw "
               "them, L2 header included", 1),
@@ -63,6 +65,7 @@ class FlowsSignal(PacketHooks, Signal):
         self.last_entries = 0
         self.flows_drained = 0
         self._ovf_cache: list[tuple[dict, np.ndarray]] = []
+        self._ovf_read_at = -1e9
         self.attribution = shared_attribution(config, exporter)
         self._register_health()
 
@@ -85,7 +88,7 @@ class FlowsSignal(PacketHooks, Signal):
             if self.obj is not None and self.obj.loaded:
                 try:
                     self.dp.detach_hooks()
-                    self._ovf_cache = self._read_overflow()
+                    self._ovf_cache = self._read_overflow(fresh=True)
                     for table in self.tables.both():
                         self._ingest(self._drain(table))
                 except Exception:
@@ -153,9 +156,15 @@ class FlowsSignal(PacketHooks, Signal):
         return keys, index.reshape(-1)
 
     # --- health ------------------------------------------------------------------------
-    def _read_overflow(self) -> list[tuple[dict, np.ndarray]]:
+    def _read_overflow(self, fresh: bool = False) -> list[tuple[dict, np.ndarray]]:
+        """The overflow map's totals; the five instruments read by one collection
+        share one read of the map (their callbacks run within milliseconds)."""
         if self.obj is None or not self.obj.loaded:
             return self._ovf_cache
+        now = time.monotonic()
+        if not fresh and now - self._ovf_read_at < OVF_REUSE_S:
+            return self._ovf_cache
+        self._ovf_read_at = now
         m = self.obj.maps["flows_overflow"]
         out = []
         stride = (agg.OVF_VAL_DT.itemsize + 7) & ~7
