@@ -8,8 +8,15 @@ the mean of the two runs without. With the agent, every request makes two
 spans (wrk's CLIENT, nginx's SERVER): a counting receiver checks they all
 arrived and that nothing was dropped (ring buffer, span queue).
 
-Also: the agent's CPU per 1,000 requests, and the batch span encoder against
-the SDK's span path on the HTTP span shape (spans per CPU-second).
+The agent runs twice: exporting every span, then with ``--http-span-sample``
+SAMPLE_RATIO (histograms still count every exchange: checked against wrk's
+request count).
+
+Also: the agent's CPU per 1,000 requests; the same per 1,000 requests replayed
+(bench/http_replay.py: ring batches recorded here from nginx and wrk, fed
+through HttpSignal.on_batch by this code and by the code before the
+per-batch rework, same input); and the batch span encoder against the SDK's
+span path on the HTTP span shape (spans per CPU-second).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import http_replay
 from .common import PY, TESTS, Figure, Result, command_for, env, stop_process, wait_until
 from .dns_flood import RECEIVER, _cpu_s, _Totals
 
@@ -31,10 +39,13 @@ TITLE = "HTTP: nginx requests/s with the agent vs without"
 TARGET_RATIO = 0.90
 CASES = (("http", "keep-alive"), ("http", "close"), ("https", "keep-alive"),
          ("https", "close"))
+SAMPLE_RATIO = 0.1  # the sampled rows: --http-span-sample
 HTTP_RECEIVER = RECEIVER.replace(
     '"ebpf_otlp.dns.spans.dropped"',
     '"ebpf_otlp.http.spans.dropped", "ebpf_otlp.spans.dropped", "ebpf_otlp.export.failures", '
-    '"ebpf_otlp.http.responses.unmatched", "ebpf_otlp.http.requests.unanswered"').replace(
+    '"ebpf_otlp.http.responses.unmatched", "ebpf_otlp.http.requests.unanswered", '
+    '"ebpf_otlp.http.spans.sampled_out", "http.server.request.duration", '
+    '"http.client.request.duration"').replace(
     'kv.value.string_value == "dns"', 'kv.value.string_value == "http"')
 
 
@@ -227,6 +238,97 @@ def sdk_vs_batch_spans_per_s(n: int = 3000) -> tuple[float, float]:
     return sdk, ours
 
 
+def _replays(recordings: dict[str, Path], work: Path, rounds: int) -> dict:
+    """The recordings replayed through HttpSignal.on_batch: this code with all spans
+    and sampled at SAMPLE_RATIO, and the baseline commit's code."""
+    base_src = http_replay.baseline_tree(work)
+    out = {}
+    for scheme, path in recordings.items():
+        runs = {"current": http_replay.replay_cpu(path, rounds=rounds),
+                "sampled": http_replay.replay_cpu(path, rounds=rounds,
+                                                  extra={"http_span_sample": SAMPLE_RATIO}),
+                "baseline": http_replay.replay_cpu(path, base_src, rounds=rounds)
+                if base_src is not None else None}
+        requests = runs["current"]["exchanges"] / 2  # a CLIENT and a SERVER exchange each
+        for r in runs.values():
+            if r is not None:
+                r["ms_per_1000"] = round(min(r["cpu_s"]) / requests * 1e6, 2)
+        out[scheme] = {**runs, "requests": int(requests),
+                       "records": runs["current"]["records"]}
+        print(f"  replay {scheme}: " + json.dumps({k: v["ms_per_1000"] for k, v in
+                                                  runs.items() if v}), flush=True)
+    return out
+
+
+def _agent_cases(t, urls: dict, seconds: float, quick: bool, work: Path,
+                 extra: tuple[str, ...] = ()) -> dict:
+    """Each case with the agent (``--signals http`` plus ``extra``) exporting to a
+    counting receiver: requests/s, the agent's CPU, spans, histogram counts and
+    what was dropped or sampled out, per case."""
+    tag = "-".join(extra)
+    totals_path = work / f"totals{tag}.json"
+    rx = t.popen(t.a, PY, "-c", HTTP_RECEIVER, "4318", str(totals_path),
+                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env())
+    agent = None
+    log_path = work / f"agent{tag}.log"
+    all_spans = not extra
+    with_agent = {}
+    try:
+        assert "receiving" in rx.stdout.readline()
+        alog = open(log_path, "w")  # noqa: SIM115
+        agent = t.popen(t.a, PY, "-m", "ebpf_otlp", "run", "--signals", "http",
+                        "--endpoint", "http://127.0.0.1:4318", "--interval", "1", *extra,
+                        stdout=alog, stderr=alog,
+                        env=dict(env(), OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=
+                                 "delta"))
+        if not wait_until(lambda: "ebpf-otlp running" in log_path.read_text(), 60):
+            raise RuntimeError("agent did not start: " + log_path.read_text()[-2000:])
+        totals = _Totals(totals_path)
+
+        def measured(d: dict) -> float:
+            return (d.get("http.server.request.duration", 0)
+                    + d.get("http.client.request.duration", 0))
+
+        for c in CASES:
+            before = totals.get()
+            cpu0 = _cpu_s(agent.pid)
+            rps, n = _wrk(t, urls[c[0]], seconds, c[1] == "close")
+            prev = [None]
+
+            def settled(prev=prev, before=before, n=n):
+                cur = totals.get()
+                done = measured(cur) - measured(before) >= 2 * n and (
+                    not all_spans or cur.get("spans", 0) - before.get("spans", 0) >= 2 * n)
+                same = cur == prev[0]
+                prev[0] = cur
+                return done or same
+
+            wait_until(settled, 20 if quick else 60, 1.5)
+            cpu = _cpu_s(agent.pid) - cpu0
+            after = totals.get()
+
+            def delta(k: str, after=after, before=before) -> float:
+                return after.get(k, 0) - before.get(k, 0)
+
+            with_agent[c] = {
+                "rps": rps, "requests": n, "spans": delta("spans"),
+                "measured": measured(after) - measured(before),
+                "sampled_out": delta("ebpf_otlp.http.spans.sampled_out"),
+                "ring_lost": delta("ebpf_otlp.events.lost"),
+                "spans_dropped": delta("ebpf_otlp.http.spans.dropped"),
+                "agent_cpu_s": round(cpu, 3)}
+            for k in ("ebpf_otlp.spans.dropped", "ebpf_otlp.export.failures",
+                      "ebpf_otlp.http.responses.unmatched",
+                      "ebpf_otlp.http.requests.unanswered"):
+                with_agent[c][k.split(".", 1)[1]] = delta(k)
+            print(f"  {' '.join(extra)} {c}: {json.dumps(with_agent[c])}", flush=True)
+    finally:
+        if agent is not None:
+            stop_process(agent)
+        stop_process(rx, 5)
+    return with_agent
+
+
 def run(quick: bool) -> Result:
     import sys
 
@@ -263,57 +365,9 @@ def run(quick: bool) -> Result:
             base = {c: [] for c in CASES}
             for c in CASES:  # first baseline
                 base[c].append(_wrk(t, urls[c[0]], seconds, c[1] == "close")[0])
-            rx = t.popen(t.a, PY, "-c", HTTP_RECEIVER, "4318", str(work / "totals.json"),
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                         env=env())
-            agent = None
-            try:
-                assert "receiving" in rx.stdout.readline()
-                alog = open(work / "agent.log", "w")  # noqa: SIM115
-                agent = t.popen(t.a, PY, "-m", "ebpf_otlp", "run", "--signals", "http",
-                                "--endpoint", "http://127.0.0.1:4318", "--interval", "1",
-                                stdout=alog, stderr=alog,
-                                env=dict(env(), OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=
-                                         "delta"))
-                if not wait_until(lambda: "ebpf-otlp running" in
-                                  (work / "agent.log").read_text(), 60):
-                    raise RuntimeError("agent did not start: "
-                                       + (work / "agent.log").read_text()[-2000:])
-                totals = _Totals(work / "totals.json")
-                with_agent = {}
-                for c in CASES:
-                    before = totals.get()
-                    cpu0 = _cpu_s(agent.pid)
-                    rps, n = _wrk(t, urls[c[0]], seconds, c[1] == "close")
-                    prev = [None]
-
-                    def settled(prev=prev, before=before, n=n):
-                        cur = totals.get()
-                        done = cur.get("spans", 0) - before.get("spans", 0) >= 2 * n
-                        same = cur == prev[0]
-                        prev[0] = cur
-                        return done or same
-
-                    wait_until(settled, 20 if quick else 60, 1.5)
-                    cpu = _cpu_s(agent.pid) - cpu0
-                    after = totals.get()
-                    with_agent[c] = {
-                        "rps": rps, "requests": n, "spans": after.get("spans", 0)
-                        - before.get("spans", 0),
-                        "ring_lost": after.get("ebpf_otlp.events.lost", 0)
-                        - before.get("ebpf_otlp.events.lost", 0),
-                        "spans_dropped": after.get("ebpf_otlp.http.spans.dropped", 0)
-                        - before.get("ebpf_otlp.http.spans.dropped", 0),
-                        "agent_cpu_s": round(cpu, 3)}
-                    for k in ("ebpf_otlp.spans.dropped", "ebpf_otlp.export.failures",
-                              "ebpf_otlp.http.responses.unmatched",
-                              "ebpf_otlp.http.requests.unanswered"):
-                        with_agent[c][k.split(".", 1)[1]] = after.get(k, 0) - before.get(k, 0)
-                    print(f"  {c}: {json.dumps(with_agent[c])}", flush=True)
-            finally:
-                if agent is not None:
-                    stop_process(agent)
-                stop_process(rx, 5)
+            with_agent = _agent_cases(t, urls, seconds, quick, work)
+            sampled = _agent_cases(t, urls, seconds, quick, work,
+                                   ("--http-span-sample", str(SAMPLE_RATIO)))
             for c in CASES:  # second baseline
                 base[c].append(_wrk(t, urls[c[0]], seconds, c[1] == "close")[0])
             parts = {"uprobes": _kernel_only(t, urls["https"], seconds, False, "uprobes"),
@@ -323,9 +377,17 @@ def run(quick: bool) -> Result:
                                                  "tracepoints"),
                      "tracepoints, close": _kernel_only(t, urls["http"], seconds, True,
                                                         "tracepoints")}
+            recordings = {}
+            for scheme, which in (("http", "tracepoints"), ("https", "uprobes")):
+                recs, sizes, polls, _ = http_replay.record(
+                    lambda scheme=scheme: _wrk(t, urls[scheme], 1 if quick else 2, False),
+                    which, max_records=30_000 if quick else 150_000)
+                recordings[scheme] = work / f"{scheme}.npz"
+                http_replay.save(recordings[scheme], recs, sizes, polls)
+        replays = _replays(recordings, work, 3 if quick else 7)
     finally:
-        res.raw["agent_log_tail"] = (work / "agent.log").read_text()[-1500:] \
-            if (work / "agent.log").exists() else ""
+        res.raw["agent_log_tail"] = "".join(
+            p.read_text()[-1500:] for p in sorted(work.glob("agent*.log")))
         shutil.rmtree(work, ignore_errors=True)
     for c in CASES:
         w = with_agent[c]
@@ -342,6 +404,43 @@ def run(quick: bool) -> Result:
                             f"spans dropped (queue) {w['spans_dropped']}, (any reason) "
                             f"{w['spans.dropped']}, export failures {w['export.failures']}"))
         rows.append({"case": name, "baseline_runs": base[c], **w})
+    for c in CASES:
+        w = sampled[c]
+        b = sum(base[c]) / len(base[c])
+        name = f"{c[0]} {c[1]}"
+        res.add(Figure.compare(f"requests/s with agent, {name}, spans sampled at "
+                               f"{SAMPLE_RATIO:g}", round(w["rps"]), "req/s", round(b),
+                               "without agent (mean of before and after)",
+                               target=TARGET_RATIO))
+        per_k = 1000 * w["agent_cpu_s"] / w["requests"] if w["requests"] else None
+        res.add(Figure(f"agent CPU per 1,000 requests, {name}, spans sampled at "
+                       f"{SAMPLE_RATIO:g}",
+                       round(per_k * 1000, 2) if per_k is not None else None, "ms",
+                       note=f"{w['requests']} requests: {w['measured']} exchanges in the "
+                            f"duration histograms (2 per request expected), {w['spans']} "
+                            f"spans, {w['sampled_out']} sampled out, ring lost "
+                            f"{w['ring_lost']}, spans dropped {w['spans.dropped']}"))
+        rows.append({"case": f"{name}, sampled {SAMPLE_RATIO:g}", "baseline_runs": base[c],
+                     **w})
+    for scheme, r in replays.items():
+        name = f"{scheme} keep-alive"
+        cur, old, smp = r["current"], r["baseline"], r["sampled"]
+        note = (f"{r['requests']} requests ({r['records']} ring records recorded from nginx "
+                f"and wrk), the best of {len(cur['cpu_s'])} replays each, same input")
+        if old is not None:
+            res.add(Figure.compare(f"agent CPU per 1,000 requests, replay, {name}",
+                                   cur["ms_per_1000"], "ms", old["ms_per_1000"],
+                                   f"the code of {http_replay.BASELINE_COMMIT} (before the "
+                                   "per-batch rework)", higher_is_better=False, note=note))
+        else:
+            res.add(Figure(f"agent CPU per 1,000 requests, replay, {name}",
+                           cur["ms_per_1000"], "ms", note=note + "; no git history for the "
+                           "baseline"))
+        res.add(Figure.compare(f"agent CPU per 1,000 requests, replay, {name}, spans sampled "
+                               f"at {SAMPLE_RATIO:g}", smp["ms_per_1000"], "ms",
+                               cur["ms_per_1000"], "all spans (this code)",
+                               higher_is_better=False, note=note))
+    res.raw["replay"] = replays
     for which, case, what in (
             ("uprobes", ("https", "keep-alive"), "SSL uprobes alone, placed"),
             ("uprobes at offset 0", ("https", "keep-alive"),

@@ -113,6 +113,12 @@ def run_options(f: Callable) -> Callable:
         click.option("--http-route-pattern", "http_route_patterns", multiple=True, metavar="REGEX",
                      help="Path segments matching REGEX become * in routes (repeatable), besides "
                           "numbers, UUIDs and hex ids."),
+        click.option("--http-span-sample", type=click.FloatRange(min=0.0, max=1.0),
+                     metavar="RATIO",
+                     help="Export this ratio of HTTP spans (parentbased_traceidratio: a "
+                          "request whose traceparent is sampled is always kept); histograms "
+                          "count every request. Over OTEL_TRACES_SAMPLER[_ARG] "
+                          "[parentbased_always_on]."),
         click.option("--http-tls/--no-http-tls", default=None,
                      help="Trace TLS through uprobes on the SSL library [on]."),
         click.option("--tls-relocate/--no-tls-relocate", default=None,

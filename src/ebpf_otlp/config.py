@@ -7,6 +7,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from .otlp.sampling import Sampler, parse_ratio
 from .otlp.settings import ExportSettings, SettingsError, env_seconds, parse_headers
 from .platform.host import cgroup2_mount
 
@@ -72,6 +73,9 @@ class AgentConfig:
     tls_libs: tuple[str, ...] = ()
     tls_relocate: bool = True  # SSL probes on emulated instructions (signals/http/placement.py)
     tls_scan_interval_s: float = 2.0
+    # HTTP span sampling: --http-span-sample RATIO (parentbased_traceidratio) over
+    # OTEL_TRACES_SAMPLER/OTEL_TRACES_SAMPLER_ARG over the SDK's parentbased_always_on
+    http_span_sample: float | None = None
     # drops
     drop_location: bool = False
     drop_exclude_not_specified: bool = False
@@ -105,6 +109,19 @@ class AgentConfig:
         """The cgroup v2 directory sock_ops attaches to ("" when none is mounted here:
         the TCP signal then mounts one privately for the attach)."""
         return self.cgroup_path or cgroup2_mount() or ""
+
+    def http_sampler(self) -> Sampler:
+        """The sampler of HTTP spans: ``--http-span-sample RATIO`` is
+        ``parentbased_traceidratio`` with that ratio and wins over the
+        ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG`` variables, which win
+        over the SDK's default ``parentbased_always_on`` (otlp/sampling.py)."""
+        try:
+            if self.http_span_sample is not None:
+                return Sampler("parentbased_traceidratio",
+                               parse_ratio(self.http_span_sample, "--http-span-sample"))
+            return Sampler.from_env(os.environ)
+        except SettingsError as e:
+            raise ConfigError(str(e)) from None
 
     def export_settings(self) -> ExportSettings:
         """Where OTLP goes; a bad ``OTEL_*`` value raises :class:`ConfigError`."""

@@ -104,7 +104,8 @@ _OTLP_VARS = ("ENDPOINT", "HEADERS", "TIMEOUT", "COMPRESSION", "CERTIFICATE",
               "CLIENT_CERTIFICATE", "CLIENT_KEY")
 ENV_VARS = frozenset(
     ["OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_METRIC_EXPORT_INTERVAL",
-     "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE"]
+     "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "OTEL_TRACES_SAMPLER",
+     "OTEL_TRACES_SAMPLER_ARG"]
     + [f"OTEL_EXPORTER_OTLP_{v}" for v in _OTLP_VARS]
     + [f"OTEL_EXPORTER_OTLP_{k}_{v}" for k in ("METRICS", "TRACES", "LOGS") for v in _OTLP_VARS])
 
@@ -113,7 +114,8 @@ _ATTR = {"ifaces": "ifaces", "headers": "headers", "interval": "interval_s",
          "dns_timeout": "dns_timeout_s"}
 # where a value not given as a flag or in the file comes from
 _ENV = {"service_name": "OTEL_SERVICE_NAME", "interval": "OTEL_METRIC_EXPORT_INTERVAL",
-        "endpoint": "OTEL_EXPORTER_OTLP_ENDPOINT", "headers": "OTEL_EXPORTER_OTLP_HEADERS"}
+        "endpoint": "OTEL_EXPORTER_OTLP_ENDPOINT", "headers": "OTEL_EXPORTER_OTLP_HEADERS",
+        "http_span_sample": "OTEL_TRACES_SAMPLER"}
 
 
 def resolve(ctx: click.Context, params: dict[str, Any],
@@ -177,6 +179,8 @@ def resolve(ctx: click.Context, params: dict[str, Any],
         if value is not None:
             setattr(cfg, _ATTR.get(key, key), value)
     cfg.config_file = path or None
+    if "http" in cfg.signals:
+        cfg.http_sampler()  # a bad OTEL_TRACES_SAMPLER[_ARG]: one line and exit 2, here
     return cfg, strict, sources
 
 

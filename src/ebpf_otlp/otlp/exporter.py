@@ -150,11 +150,15 @@ class Exporter:
 
     def submit_span_groups(self, start_ns: np.ndarray, end_ns: np.ndarray, group: np.ndarray,
                            groups: Sequence[SpanGroup],
-                           columns: Sequence[tuple[str, Sequence[object]]] = ()) -> int:
+                           columns: Sequence[tuple[str, Sequence[object]]] = (),
+                           trace_ids: np.ndarray | None = None,
+                           parent_ids: Sequence[bytes | None] | None = None) -> int:
         """Queue finished spans given as columns (unix ns times, group per span, shared
-        parts per group, one attribute per column); returns how many were dropped."""
+        parts per group, one attribute per column; trace ids ((n, 16) uint8) and
+        parent span ids when given); returns how many were dropped."""
         self.spans.start()
-        return self.spans.submit_grouped(start_ns, end_ns, group, groups, columns)
+        return self.spans.submit_grouped(start_ns, end_ns, group, groups, columns,
+                                         trace_ids, parent_ids)
 
     def send_sums(self, metrics: Sequence[_sums.SumMetric], attrs: Sequence[bytes],
                   values: np.ndarray, start_ns: np.ndarray, time_ns: int,

@@ -149,10 +149,14 @@ class SpanEncoder:
 
     def grouped(self, start_ns: np.ndarray, end_ns: np.ndarray, group: np.ndarray,
                 groups: Sequence[SpanGroup],
-                columns: Sequence[tuple[str, Sequence[object]]] = ()
+                columns: Sequence[tuple[str, Sequence[object]]] = (),
+                trace_ids: np.ndarray | None = None,
+                parent_ids: Sequence[bytes | None] | None = None
                 ) -> list[bytes | tuple[tuple, bytes]]:
         """Encoded spans from columns: span ``i`` belongs to ``groups[group[i]]``
         and has, besides, one attribute per column (``None``: absent).
+        ``trace_ids`` ((n, 16) uint8): the spans' trace ids (random otherwise);
+        ``parent_ids``: span ``i``'s parent span id (8 bytes) or None.
 
         The ids and times of all spans are laid out with numpy; a group's
         name, kind, shared attributes and status are encoded once; each
@@ -165,7 +169,8 @@ class SpanEncoder:
         fixed = np.empty(n, _FIXED)
         fixed["t1"], fixed["t2"], fixed["t3"], fixed["t5"] = 0x0A, 0x10, 0x12, 0x08
         ids = np.frombuffer(os.urandom(24 * n), np.uint8).reshape(n, 24)
-        fixed["trace"], fixed["span"] = ids[:, :16], ids[:, 16:]
+        fixed["trace"] = ids[:, :16] if trace_ids is None else trace_ids
+        fixed["span"] = ids[:, 16:]
         fixed["t7"], fixed["t8"] = 0x39, 0x41
         start = np.asarray(start_ns, np.uint64)
         fixed["start"], fixed["end"] = start, np.maximum(np.asarray(end_ns, np.uint64), start)
@@ -176,6 +181,8 @@ class SpanEncoder:
         enc = self._encode_kv
         cols = [[b"" if v is None else get((k, v)) or enc(k, v) for v in vals]
                 for k, vals in columns]
+        if parent_ids is not None:  # parent_span_id, field 4
+            cols.append([b"" if p is None else b"\x22\x08" + p for p in parent_ids])
         small = _SMALL_LEN
         out = []
         append = out.append
@@ -267,15 +274,19 @@ class SpanBatchExporter:
     # --- producer side ----------------------------------------------------------
     def submit_grouped(self, start_ns: np.ndarray, end_ns: np.ndarray, group: np.ndarray,
                        groups: Sequence[SpanGroup],
-                       columns: Sequence[tuple[str, Sequence[object]]] = ()) -> int:
+                       columns: Sequence[tuple[str, Sequence[object]]] = (),
+                       trace_ids: np.ndarray | None = None,
+                       parent_ids: Sequence[bytes | None] | None = None) -> int:
         """Encode spans from columns (:meth:`SpanEncoder.grouped`) and queue them;
         returns how many were dropped (queue full, or stopped)."""
         n = len(start_ns)
         with self._cond:
             room = max(0, 0 if self._stop else self.max_queue - len(self._queue))
         k = min(n, room)
-        encoded = self.encoder.grouped(start_ns[:k], end_ns[:k], group[:k], groups,
-                                       [(c, v[:k]) for c, v in columns]) if k else []
+        encoded = self.encoder.grouped(
+            start_ns[:k], end_ns[:k], group[:k], groups, [(c, v[:k]) for c, v in columns],
+            None if trace_ids is None else trace_ids[:k],
+            None if parent_ids is None else parent_ids[:k]) if k else []
         return self._enqueue(encoded, n)
 
     def submit(self, items: Iterable[SpanItem]) -> int:

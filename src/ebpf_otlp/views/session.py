@@ -53,8 +53,10 @@ class LocalExporter(Exporter):
 
     def submit_span_groups(self, start_ns: np.ndarray, end_ns: np.ndarray, group: np.ndarray,
                            groups: Sequence[SpanGroup],
-                           columns: Sequence[tuple[str, Sequence[object]]] = ()) -> int:
-        """Spans given as columns (DNS) become records for the view: one per span."""
+                           columns: Sequence[tuple[str, Sequence[object]]] = (),
+                           trace_ids: np.ndarray | None = None,
+                           parent_ids: Sequence[bytes | None] | None = None) -> int:
+        """Spans given as columns (DNS, HTTP) become records for the view: one per span."""
         if self.on_spans is None or not len(start_ns):
             return 0
         cols = [(k, list(v)) for k, v in columns]
@@ -62,7 +64,10 @@ class LocalExporter(Exporter):
         for i, (s, e, g) in enumerate(zip(start_ns.tolist(), end_ns.tolist(), group.tolist())):
             sg = groups[g]
             attrs = tuple(sg.attributes) + tuple((k, v[i]) for k, v in cols)
-            out.append(SpanRecord(s, e, sg.name, attrs, sg.error, sg.kind))
+            parent = parent_ids[i] if parent_ids is not None else None
+            trace = trace_ids[i].tobytes() if parent and trace_ids is not None else None
+            out.append(SpanRecord(s, e, sg.name, attrs, sg.error, sg.kind, trace, parent,
+                                  sg.resource))
         self.on_spans(out)
         return 0
 

@@ -20,7 +20,7 @@ head gathered across calls. Everything let go is counted in :class:`Counts`.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from .parse import (
     REQUEST,
@@ -46,7 +46,7 @@ class Counts:
     """What was not turned into spans, by reason (exported as ``ebpf_otlp.http.*``)."""
 
     def __init__(self) -> None:
-        self.messages: Counter[str] = Counter()  # parsed heads, by kind
+        self.messages = {"request": 0, "response": 0}  # parsed heads, by kind
         self.malformed: Counter[str] = Counter()  # heads that did not parse, by reason
         self.unanswered: Counter[str] = Counter()  # requests without a response, by reason
         self.unmatched = 0  # responses with no request waiting
@@ -65,6 +65,9 @@ class Exchange(NamedTuple):
     response: Head | None
     resp_ns: int  # the response head's last byte (return of that call), or the close
     error: str | None
+
+
+_exchange = tuple.__new__  # an Exchange without its Python-level __new__ (hot path)
 
 
 class Stream:
@@ -135,15 +138,16 @@ class Conn:
 
     # --- one read or write --------------------------------------------------
     def feed(self, direction: int, data: bytes, total: int, start_ns: int, end_ns: int,
-             counts: Counts, capture: frozenset[str], out: list[Exchange]) -> None:
-        """Account for one call that moved ``total`` bytes, of which ``data`` are the first."""
+             counts: Counts, capture: frozenset[str], out: list[Exchange], pos: int = 0
+             ) -> None:
+        """Account for one call that moved ``total`` bytes, of which ``data`` are the
+        first (``pos``: where to go on from, when the caller handled a head there)."""
         if self.upgraded:
             counts.records_ignored += 1
             return
         s = self.streams[direction]
         first_ns = start_ns if direction == OUT else end_ns
         n = len(data)
-        pos = 0
         while pos < total:
             if s.body_left > 0:
                 k = min(s.body_left, total - pos)
@@ -194,12 +198,12 @@ class Conn:
                     s.buf_ns = first_ns
                     break
                 # The head is longer than what was copied: its first line is all we know.
-                self._head(direction, head, first_ns, end_ns, counts, out)
+                self.pair(direction, head, first_ns, end_ns, counts, out)
                 s.lost = True
                 counts.bytes_unparsed += total - pos
                 break
             pos += head.length
-            self._body(s, self._head(direction, head, first_ns, end_ns, counts, out))
+            self.body(s, self.pair(direction, head, first_ns, end_ns, counts, out))
 
     def _gather(self, s: Stream, direction: int, data: bytes, n: int, total: int,
                 first_ns: int, end_ns: int, counts: Counts, capture: frozenset[str],
@@ -227,18 +231,19 @@ class Conn:
             counts.bytes_unparsed += total
             return total
         if head.complete:
-            self._body(s, self._head(direction, head, s.buf_ns, end_ns, counts, out))
+            self.body(s, self.pair(direction, head, s.buf_ns, end_ns, counts, out))
             return max(head.length - before, 0)
         if n == total and len(buf) < MAX_HEAD:
             s.buf = bytearray(buf)  # still not the end of the head
             return total
-        self._head(direction, head, s.buf_ns, end_ns, counts, out)
+        self.pair(direction, head, s.buf_ns, end_ns, counts, out)
         s.lost = True
         counts.bytes_unparsed += total
         return total
 
     @staticmethod
-    def _body(s: Stream, length: int) -> None:
+    def body(s: Stream, length: int) -> None:
+        """The stream goes on with a body of ``length`` (or CHUNKED, UNTIL_CLOSE)."""
         if length == CHUNKED:
             s.chunked = True
             s.chunk_left = 0
@@ -247,7 +252,7 @@ class Conn:
         else:
             s.body_left = length
 
-    def _head(self, direction: int, head: Head, first_ns: int, end_ns: int, counts: Counts,
+    def pair(self, direction: int, head: Head, first_ns: int, end_ns: int, counts: Counts,
               out: list[Exchange]) -> int:
         """Pair one head; returns its body length (or CHUNKED, UNTIL_CLOSE)."""
         if head.kind == REQUEST:
@@ -273,7 +278,7 @@ class Conn:
         req = None
         if self.role and direction == expect and self.pending:
             req, req_ns = self.pending.popleft()
-            out.append(Exchange(self, req, req_ns, head, end_ns, None))
+            out.append(_exchange(Exchange, (self, req, req_ns, head, end_ns, None)))
         else:
             counts.unmatched += 1
         if status == 101:
@@ -302,6 +307,7 @@ class ConnTable:
         self.idle_ns = idle_ns
         self.counts = counts
         self._conns: OrderedDict[tuple, Conn] = OrderedDict()
+        self.on_evict: Callable[[Conn], None] | None = None  # told of each eviction
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -320,6 +326,8 @@ class ConnTable:
             _, old = self._conns.popitem(last=False)
             self.counts.conns_evicted += 1
             self.counts.unanswered["evicted"] += len(old.pending)
+            if self.on_evict is not None:
+                self.on_evict(old)
         self._conns[conn.key] = conn
         conn.last_ns = now_ns
         return conn

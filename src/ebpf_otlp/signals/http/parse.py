@@ -147,6 +147,29 @@ def parse_head(data: bytes, kind: int, capture: frozenset[str] = frozenset()) ->
     return _parse(data, kind, capture, end)
 
 
+def whole_head(data: bytes, kind: int, capture: frozenset[str] = frozenset()) -> Head | None:
+    """The head that ``data`` is exactly (its first line through the blank line),
+    from the cache or parsed; None when it is not one :func:`parse_head` would
+    take from the start of a stream (the caller then follows the slow path,
+    which counts why)."""
+    key = (data, kind, capture)
+    head = _CACHE.get(key)
+    if head is not None:
+        return head
+    if starts_message(data) != kind or len(data) > CACHE_HEAD_MAX:
+        return None
+    try:
+        head = _parse(data, kind, capture, len(data) - 4)
+    except ParseError:
+        return None
+    if not head.complete or head.length != len(data):
+        return None
+    if len(_CACHE) >= CACHE_SIZE:
+        _CACHE.clear()
+    _CACHE[key] = head
+    return head
+
+
 def _parse(data: bytes, kind: int, capture: frozenset[str], end: int) -> Head:
     line_end = data.find(b"\r\n")
     if line_end < 0:
@@ -179,6 +202,13 @@ def _parse(data: bytes, kind: int, capture: frozenset[str], end: int) -> Head:
 
 def parse_traceparent(value: str) -> tuple[bytes, bytes] | None:
     """(trace id, parent span id) of a W3C ``traceparent`` value, or None if invalid."""
+    p = parse_traceparent_flags(value)
+    return p[:2] if p is not None else None
+
+
+def parse_traceparent_flags(value: str) -> tuple[bytes, bytes, int] | None:
+    """(trace id, parent span id, trace flags) of a W3C ``traceparent`` value
+    (flag 0x01: the caller sampled it), or None if invalid."""
     parts = value.strip().split("-")
     if len(parts) < 4 or len(parts[0]) != 2 or parts[0].lower() == "ff":
         return None
@@ -186,9 +216,9 @@ def parse_traceparent(value: str) -> tuple[bytes, bytes] | None:
         return None
     try:
         trace, parent = bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
-        bytes.fromhex(parts[0] + parts[3][:2])
+        flags = bytes.fromhex(parts[0] + parts[3][:2])[1]
     except ValueError:
         return None
     if not any(trace) or not any(parent):
         return None
-    return trace, parent
+    return trace, parent, flags
