@@ -21,12 +21,24 @@ from otlp import metric_total
 
 from ebpf_otlp.receiver import Receiver
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+from guest_check import HTTP_SERVER  # noqa: E402  (a plain HTTP/1.1 server script)
+
 pytestmark = pytest.mark.kernel
 
 
 def _setpriv(*args: str) -> list[str]:
     require(shutil.which("setpriv") is not None, "setpriv (util-linux) not installed")
     return ["setpriv", *args, "--", sys.executable, "-m", "ebpf_otlp"]
+
+
+def _wait_running(proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    """Until the agent logs that it runs; fails with its log if it exits or never does."""
+    deadline = time.monotonic() + timeout
+    while "ebpf-otlp running" not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
 
 
 def test_without_capabilities_one_message_and_exit_1() -> None:
@@ -68,11 +80,7 @@ def test_runs_as_non_root_without_sys_admin() -> None:
                                  "--endpoint", f"http://127.0.0.1:{rx.port}"],
                                 stdout=logf, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 60
-            while "ebpf-otlp running" not in log.read_text():
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.1)
+            _wait_running(proc, log)
             n = 40
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
                 for _ in range(n):
@@ -146,11 +154,7 @@ def test_without_sys_ptrace_doctor_and_start_name_what_goes_unseen() -> None:
                 "--endpoint", f"http://127.0.0.1:{rx.port}"], stdout=logf,
                 stderr=subprocess.STDOUT)
             try:
-                deadline = time.monotonic() + 60
-                while "ebpf-otlp running" not in log.read_text():
-                    assert proc.poll() is None, log.read_text()
-                    assert time.monotonic() < deadline, log.read_text()
-                    time.sleep(0.1)
+                _wait_running(proc, log)
             finally:
                 proc.send_signal(signal.SIGTERM)
                 rc = proc.wait(30)
@@ -160,19 +164,6 @@ def test_without_sys_ptrace_doctor_and_start_name_what_goes_unseen() -> None:
     warned = [x for x in text.splitlines() if "CAP_SYS_PTRACE missing" in x]
     assert len(warned) == 1 and "workload attribution" in warned[0], text
     assert "Traceback" not in text
-
-
-HTTP_SERVER = """
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers()
-        self.wfile.write(b"ok")
-    def log_message(self, *a): pass
-s = http.server.HTTPServer(("127.0.0.1", 0), H)
-print(s.server_address[1], flush=True)
-s.serve_forever()
-"""
 
 
 def test_http_runs_as_non_root_without_tracefs_access() -> None:
@@ -195,11 +186,7 @@ def test_http_runs_as_non_root_without_tracefs_access() -> None:
                                      "--endpoint", f"http://127.0.0.1:{rx.port}"],
                                     stdout=logf, stderr=subprocess.STDOUT)
             try:
-                deadline = time.monotonic() + 60
-                while "ebpf-otlp running" not in log.read_text():
-                    assert proc.poll() is None, log.read_text()
-                    assert time.monotonic() < deadline, log.read_text()
-                    time.sleep(0.1)
+                _wait_running(proc, log)
                 import urllib.request
 
                 path = f"/caps-{port}"
