@@ -34,7 +34,6 @@ program's runs and time per GB moved.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -47,6 +46,7 @@ from .common import Figure, Result, command_for, median
 from .lab import (
     Receiver,
     Topology,
+    iperf_json,
     new_programs,
     per_program,
     prog_ids,
@@ -151,18 +151,7 @@ def iperf(topo: Topology, seconds: float, udp: bool, omit: int = 1) -> dict:
     if udp:
         cmd += ["-u", "-b", "0", "-l", "1400"]
     stats_before = _stats_on()
-    for _attempt in range(3):  # the server may still be finishing the previous test
-        res = topo.run(topo.a, *cmd, check=False, timeout=seconds + 30)
-        try:
-            doc = json.loads(res.stdout)
-        except ValueError:
-            doc = {"error": res.stderr or res.stdout}
-        if "error" not in doc:
-            break
-        time.sleep(0.5)
-    else:
-        raise RuntimeError(f"iperf3 failed: {doc.get('error')}")
-    end = doc["end"]
+    end = iperf_json(topo, topo.a, cmd, seconds)["end"]
     out: dict = {"bpf_stats_on": stats_before or _stats_on()}
     if udp:
         s = end["sum"]  # the sender's figures, with the receiver's loss report

@@ -17,7 +17,7 @@ from netns import Topology  # tests/ is on sys.path (see common)
 
 from .common import PY, WORK, env, stop_process
 
-__all__ = ["Topology", "Receiver", "Agent", "iperf_server", "iperf"]
+__all__ = ["Topology", "Receiver", "Agent", "iperf_server", "iperf_json"]
 
 
 class Receiver:
@@ -107,36 +107,19 @@ def iperf_server(topo: Topology, ns: str, port: int = 5201) -> subprocess.Popen:
     return proc
 
 
-def iperf(topo: Topology, ns: str, server: str, seconds: float, udp: bool = False,
-          port: int = 5201) -> dict:
-    """One iperf3 run; returns bytes and bits/s as the receiver saw them."""
-    cmd = ["iperf3", "-c", server, "-p", str(port), "-t", str(seconds), "-J"]
-    if udp:
-        cmd += ["-u", "-b", "0", "-l", "1400"]
-    for _attempt in range(3):  # the server may still be finishing the previous test
+def iperf_json(topo: Topology, ns: str, cmd: list[str], seconds: float) -> dict:
+    """Run an iperf3 client command (with -J) in ``ns``; its JSON report. Retried:
+    the server may still be finishing the previous test."""
+    for _attempt in range(3):
         res = topo.run(ns, *cmd, check=False, timeout=seconds + 30)
         try:
             doc = json.loads(res.stdout)
         except ValueError:
             doc = {"error": res.stderr or res.stdout}
         if "error" not in doc:
-            break
+            return doc
         time.sleep(0.5)
-    else:
-        raise RuntimeError(f"iperf3 failed: {doc.get('error')}")
-    end = doc["end"]
-    if udp:
-        s = end.get("sum_received") or end["sum"]
-        lost = end["sum"].get("lost_percent", 0.0)
-        if "sum_received" not in end:
-            s = dict(s, bytes=s["bytes"] * (1 - lost / 100),
-                     bits_per_second=s["bits_per_second"] * (1 - lost / 100))
-        return {"bytes": float(s["bytes"]), "bps": float(s["bits_per_second"]),
-                "lost_percent": lost, "seconds": float(s["seconds"])}
-    s = end["sum_received"]
-    return {"bytes": float(s["bytes"]), "bps": float(s["bits_per_second"]),
-            "seconds": float(s["seconds"]),
-            "retransmits": end.get("sum_sent", {}).get("retransmits")}
+    raise RuntimeError(f"iperf3 failed: {doc.get('error')}")
 
 
 def agent_args(receiver: Receiver, iface: str, signals: str | None) -> list[str]:
