@@ -26,6 +26,9 @@ from conftest import require
 from otlp import AgentProc, ReceiverProc
 from pods import SINK_SERVER, PodLab
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
+from guest_check import HTTP_SERVER  # noqa: E402  (a plain HTTP/1.1 server script)
+
 pytestmark = pytest.mark.kernel
 
 PY = sys.executable
@@ -60,19 +63,6 @@ for _ in range(int(sys.argv[3])):
         socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
     except ConnectionRefusedError:
         pass
-"""
-HTTP_SERVER = """
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers()
-        self.wfile.write(b"ok")
-    def log_message(self, *a):
-        pass
-srv = http.server.HTTPServer(("0.0.0.0", int(sys.argv[1])), H)
-print("ready", flush=True)
-srv.serve_forever()
 """
 HTTP_CLIENT = """
 import socket, sys
@@ -187,9 +177,9 @@ def test_every_signal_lands_on_the_right_resource(schemes):
                 lab.exec(p0, "dig", f"@{p0.gw}", "h.test", "+tries=1", "+time=2")
                 lab.exec(None, "dig", "@127.0.0.1", "h.test", "+tries=1", "+time=2")
             lab.exec(p1, PY, "-c", GAI)
-            p = lab.run(p0, PY, "-c", HTTP_SERVER, str(http_port), stdout=subprocess.PIPE,
-                        text=True)
-            assert p.stdout.readline().strip() == "ready"
+            p = lab.run(p0, PY, "-c", HTTP_SERVER, "0.0.0.0", str(http_port),
+                        stdout=subprocess.PIPE, text=True)
+            assert p.stdout.readline().strip() == str(http_port)
             lab.exec(p1, PY, "-c", HTTP_CLIENT, p0.ip, str(http_port), str(K))
             lab.exec(None, PY, "-c", HTTP_CLIENT, p0.ip, str(http_port), str(M))
 

@@ -268,15 +268,17 @@ def scenario_drops() -> dict:
     return {"sent": 5, "port": port}
 
 
+# argv: [address [port]] (127.0.0.1, any free port); prints the port it listens on.
 HTTP_SERVER = """
-import http.server
+import http.server, sys
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
         self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers()
         self.wfile.write(b"ok")
     def log_message(self, *a): pass
-s = http.server.HTTPServer(("127.0.0.1", 0), H)
+a = sys.argv[1:] + ["127.0.0.1", "0"][len(sys.argv) - 1:]
+s = http.server.HTTPServer((a[0], int(a[1])), H)
 print(s.server_address[1], flush=True)
 s.serve_forever()
 """
