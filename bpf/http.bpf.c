@@ -1,20 +1,32 @@
 // SPDX-License-Identifier: GPL-2.0 OR BSD-3-Clause
-/* HTTP capture without kprobes: syscall tracepoints for plaintext sockets,
- * uprobes on the TLS library's SSL_read/SSL_write for encrypted ones.
+/* HTTP capture without kprobes: socket tracepoints (or, on kernels without
+ * them, the syscall exit) for plaintext sockets, uprobes on the TLS library's
+ * SSL_read/SSL_write for encrypted ones.
  *
- * Plaintext: one raw tracepoint on every syscall's return picks out the
- * read/write family by number and reads the arguments from the saved
- * registers. The fd is classified once (task->files -> struct file -> socket
- * -> sock, cached per pid+fd until close, with the socket's addresses), and
- * only TCP sockets go further. There the first bytes decide: a request line
- * or `HTTP/1.` marks the connection as HTTP and produces a record; other
- * bytes on a connection not yet marked cost a few instructions and no record.
+ * Plaintext, socket mode (kernels with sock:sock_{send,recv}_length, 6.3+):
+ * two raw tracepoints that fire inside each send and receive on a socket,
+ * with the struct sock, in the calling process. The buffer comes from the
+ * syscall's saved registers; only calls made by a read/write-family syscall
+ * on that very socket go further. Unlike a syscall hook, no other syscall
+ * on the host pays for it (bench/http_syscalls.py). Per-connection state is
+ * kept by struct sock and deleted when the connection reaches TCP_CLOSE
+ * (sock:inet_sock_set_state), which also ends what user space has pending.
  *
- * TLS: an SSL call in progress on a thread is remembered; the syscalls it
- * makes underneath name its fd (so the 5-tuple is known) and are not reported
- * themselves (they carry ciphertext); the fd is then marked TLS so its other
- * syscalls are skipped too. On the call's return the plaintext buffer is
- * copied like a syscall's.
+ * Plaintext, syscall mode (older kernels): one raw tracepoint on every
+ * syscall's return picks out the read/write family by number and reads the
+ * arguments from the saved registers. The fd is classified once (task->files
+ * -> struct file -> socket -> sock, cached per pid+fd until close, with the
+ * socket's addresses), and only TCP sockets go further.
+ *
+ * Either way the first bytes decide: a request line or `HTTP/1.` marks the
+ * connection as HTTP and produces a record; other bytes on a connection not
+ * yet marked cost a few instructions and no record.
+ *
+ * TLS: an SSL call in progress on a thread is remembered; the socket calls it
+ * makes underneath name its socket (so the 5-tuple is known) and are not
+ * reported themselves (they carry ciphertext); the socket is then marked TLS
+ * so its other calls are skipped too. On the call's return the plaintext
+ * buffer is copied like a syscall's.
  *
  * Parsing, pairing and roles are user space's job (signals/http). */
 #include "common.bpf.h"
@@ -71,15 +83,29 @@ struct fd_state {
 	__u16 rport;
 	__u8 family;
 	__u8 pad[3];
+	__u32 pid;		/* by socket: the last process that moved bytes on it, */
+	__u32 tid;		/* and the fd it used (sys_sock's check is skipped while */
+	__s32 fd;		/* the same process uses the same fd) */
+	__u32 pad2;
 };
 
-/* The classification of each pid+fd, dropped on close(). */
+/* The classification of each pid+fd, dropped on close() (syscall mode). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct fd_key);
 	__type(value, struct fd_state);
 } http_fds SEC(".maps");
+
+/* Connections by struct sock address: plaintext HTTP ones in socket mode,
+ * TLS ones in both modes. Deleted at TCP_CLOSE, before the sock can be freed
+ * and its address reused. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct fd_state);
+} http_conns SEC(".maps");
 
 /* An SSL call between entry and return. */
 struct call {
@@ -109,13 +135,13 @@ struct ssl_key {
 	__u32 pad;
 };
 
-/* The fd each SSL* was last seen using (SSL_read can be served from
- * OpenSSL's buffer without a syscall). */
+/* The socket (struct sock) each SSL* was last seen using (SSL_read can be
+ * served from OpenSSL's buffer without a socket call). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct ssl_key);
-	__type(value, __s32);
+	__type(value, __u64);
 } ssl_fds SEC(".maps");
 
 static __always_inline void stat_inc(__u32 idx)
@@ -176,6 +202,24 @@ static __always_inline struct fd_state *fd_lookup(__u32 pid, int fd)
 		return NULL;
 	}
 	return bpf_map_lookup_elem(&http_fds, &k);
+}
+
+/* The http_conns entry of socket `sk`, made with `flags` when missing. */
+static __always_inline struct fd_state *conn_get(__u64 sk, __u32 flags)
+{
+	struct fd_state *st = bpf_map_lookup_elem(&http_conns, &sk);
+	struct fd_state init = {};
+
+	if (st)
+		return st;
+	init.sk = sk;
+	init.flags = FD_TCP | flags;
+	init.fd = -1;
+	bpf_map_update_elem(&http_conns, &sk, &init, BPF_NOEXIST);
+	st = bpf_map_lookup_elem(&http_conns, &sk);
+	if (!st)
+		stat_inc(HTTP_STAT_FD_UNTRACKED);
+	return st;
 }
 
 /* Whether a buffer starts like an HTTP/1.x request line or status line. */
@@ -481,6 +525,151 @@ int http_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 	return 0;
 }
 
+/* --- socket tracepoints (socket mode) ------------------------------------ */
+
+#define PF_KTHREAD 0x00200000
+#define TCP_CLOSE 7
+
+/* A send (`op` WRITE) or receive (READ) on socket `sk` returned `ret`, inside
+ * the current task's syscall. */
+static __always_inline int sock_call(__u64 sk, long ret, int flags, __u8 op)
+{
+	struct task_struct *task;
+	struct fd_state *st;
+	struct pt_regs *regs;
+	struct call *c;
+	__u64 id, buf = 0;
+	__u32 len = 0, n, pid;
+	long nr;
+	int fd;
+
+	if (ret < 0 || !sk || (op == HTTP_OP_READ && (flags & MSG_PEEK)))
+		return 0;
+	id = bpf_get_current_pid_tgid();
+	pid = id >> 32;
+	if (pid == self_tgid)
+		return 0;
+	st = bpf_map_lookup_elem(&http_conns, &sk);
+	if (!st) {
+		struct sock *s = (void *)sk;
+		__u16 family = BPF_CORE_READ(s, __sk_common.skc_family);
+
+		if ((family != AF_INET && family != AF_INET6) ||
+		    BPF_CORE_READ(s, sk_type) != SOCK_STREAM ||
+		    BPF_CORE_READ(s, sk_protocol) != IPPROTO_TCP)
+			return 0;
+	}
+	if (!st || (st->flags & FD_TLS)) {
+		c = bpf_map_lookup_elem(&ssl_calls, &id);
+		if (c && c->op) {	/* underneath SSL_read/SSL_write: ciphertext */
+			c->sk = sk;
+			if (!st)
+				conn_get(sk, FD_TLS);
+			return 0;
+		}
+		if (st)
+			return 0;
+	}
+	/* The syscall's own arguments: only a read/write-family call on this
+	 * very socket is ours to read from (io_uring, recvmmsg and the kernel's
+	 * own senders inside some other syscall are counted and skipped). */
+	task = (void *)bpf_get_current_task();
+	if (BPF_CORE_READ(task, flags) & PF_KTHREAD)
+		goto untracked;
+	if (BPF_CORE_READ(task, thread_info.status) & TS_COMPAT)
+		return 0;
+	regs = (void *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	nr = BPF_CORE_READ(regs, orig_ax);
+	fd = PT_REGS_PARM1_CORE_SYSCALL(regs);
+	switch (nr) {
+	case NR_read: case NR_write: case NR_sendto: case NR_recvfrom:
+		buf = PT_REGS_PARM2_CORE_SYSCALL(regs);
+		len = PT_REGS_PARM3_CORE_SYSCALL(regs);
+		break;
+	case NR_readv: case NR_writev:
+		first_iov((void *)PT_REGS_PARM2_CORE_SYSCALL(regs), &buf, &len);
+		break;
+	case NR_recvmsg: case NR_sendmsg:
+		first_msg_iov((void *)PT_REGS_PARM2_CORE_SYSCALL(regs), &buf, &len);
+		break;
+	case NR_splice:
+		fd = PT_REGS_PARM3_CORE_SYSCALL(regs);
+		/* fallthrough */
+	case NR_sendfile:	/* body bytes sent from a file or pipe: no head */
+		if (op != HTTP_OP_WRITE)
+			goto untracked;
+		op = HTTP_OP_SENDFILE;
+		break;
+	default:
+		goto untracked;
+	}
+	n = ret > 0x7fffffff ? 0x7fffffff : ret;
+	if (!st) {
+		if (op == HTTP_OP_SENDFILE || !http_start((void *)buf, n < len ? n : len))
+			return 0;
+		if (tcp_sock_of(fd) != sk)
+			goto untracked;
+		st = conn_get(sk, FD_HTTP);
+		if (!st)
+			return 0;
+		st->flags |= FD_HTTP;
+		st->pid = pid;
+		st->fd = fd;
+	} else if (st->pid != pid || st->fd != fd) {
+		/* another process or fd on a known connection: check it is this socket */
+		if (tcp_sock_of(fd) != sk)
+			goto untracked;
+		st->pid = pid;
+		st->fd = fd;
+	}
+	st->tid = (__u32)id;
+	if (n == 0) {
+		if (op == HTTP_OP_READ)
+			emit(HTTP_OP_EOF, 0, id, fd, st, bpf_ktime_get_ns(), 0, NULL, 0);
+		return 0;
+	}
+	emit(op, 0, id, fd, st, bpf_ktime_get_ns(), n, op == HTTP_OP_SENDFILE ? NULL : (void *)buf,
+	     len);
+	return 0;
+untracked:
+	if (st)
+		stat_inc(HTTP_STAT_CALLS_UNTRACKED);
+	return 0;
+}
+
+SEC("raw_tracepoint/sock_send_length")
+int http_sock_send(struct bpf_raw_tracepoint_args *ctx)
+{
+	return sock_call(ctx->args[0], (int)ctx->args[1], (int)ctx->args[2], HTTP_OP_WRITE);
+}
+
+SEC("raw_tracepoint/sock_recv_length")
+int http_sock_recv(struct bpf_raw_tracepoint_args *ctx)
+{
+	return sock_call(ctx->args[0], (int)ctx->args[1], (int)ctx->args[2], HTTP_OP_READ);
+}
+
+/* A connection that reaches TCP_CLOSE is done: user space ends what is
+ * pending on it, and the entry goes before the sock's address can be reused.
+ * Often runs in softirq: the record names the last process that used it. */
+SEC("raw_tracepoint/inet_sock_set_state")
+int http_sock_state(struct bpf_raw_tracepoint_args *ctx)
+{
+	__u64 sk = ctx->args[0];
+	struct fd_state *st;
+
+	if ((int)ctx->args[2] != TCP_CLOSE)
+		return 0;
+	st = bpf_map_lookup_elem(&http_conns, &sk);
+	if (!st)
+		return 0;
+	if ((st->flags & FD_HTTP) && st->pid)
+		emit(HTTP_OP_CLOSE, !!(st->flags & FD_TLS), ((__u64)st->pid << 32) | st->tid, st->fd,
+		     st, bpf_ktime_get_ns(), 0, NULL, 0);
+	bpf_map_delete_elem(&http_conns, &sk);
+	return 0;
+}
+
 /* --- TLS library (uprobes) ------------------------------------------------- */
 
 /* Each thread keeps its ssl_calls entry between calls (op 0 when idle) and
@@ -516,26 +705,25 @@ static __always_inline int ssl_exit(long ret, bool ex)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct call *c = bpf_map_lookup_elem(&ssl_calls, &id);
-	struct ssl_key sk = {};
+	struct ssl_key k = {};
 	struct fd_state *st;
-	__u64 n = 0;
-	__s32 fd, *known;
+	__u64 n = 0, sk, *known;
 
 	if (!c || !c->op)
 		return 0;
-	sk.ssl = c->ssl;
-	sk.pid = id >> 32;
-	fd = c->fd;
-	if (fd >= 0) {
-		known = bpf_map_lookup_elem(&ssl_fds, &sk);
+	k.ssl = c->ssl;
+	k.pid = id >> 32;
+	sk = c->sk;
+	if (sk) {
+		known = bpf_map_lookup_elem(&ssl_fds, &k);
 		if (!known)
-			bpf_map_update_elem(&ssl_fds, &sk, &fd, BPF_ANY);
-		else if (*known != fd)
-			*known = fd;
+			bpf_map_update_elem(&ssl_fds, &k, &sk, BPF_ANY);
+		else if (*known != sk)
+			*known = sk;
 	} else {
-		known = bpf_map_lookup_elem(&ssl_fds, &sk);
+		known = bpf_map_lookup_elem(&ssl_fds, &k);
 		if (known)
-			fd = *known;
+			sk = *known;
 	}
 	/* ex: SSL_*_ex's return, or (bytes seen in signals/http/placement.py) the
 	 * internal function both SSL_x and SSL_x_ex wrap: > 0 means done, count at outlen. */
@@ -549,20 +737,21 @@ static __always_inline int ssl_exit(long ret, bool ex)
 		goto out;
 	if (n > 0x7fffffff)
 		n = 0x7fffffff;
-	if (fd < 0) {
+	if (!sk) {
 		stat_inc(HTTP_STAT_SSL_NO_FD);
 		goto out;
 	}
-	st = fd_lookup(sk.pid, fd);
-	if (!st || !(st->flags & FD_TCP))
+	st = conn_get(sk, FD_TLS);
+	if (!st)
 		goto out;
-	st->flags |= FD_TLS;
 	if (!(st->flags & FD_HTTP)) {
 		if (!http_start((void *)c->buf, n))
 			goto out;
 		st->flags |= FD_HTTP;
 	}
-	emit(c->op, 1, id, fd, st, c->start_ns, n, (void *)c->buf, n);
+	st->pid = k.pid;
+	st->tid = (__u32)id;
+	emit(c->op, 1, id, c->fd, st, c->start_ns, n, (void *)c->buf, n);
 out:
 	c->op = 0;
 	return 0;
@@ -602,11 +791,13 @@ int BPF_KPROBE(ssl_set_fd, void *ssl, int fd)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct ssl_key k = { .ssl = (__u64)ssl, .pid = id >> 32 };
-	__s32 v = fd;
+	__u64 sk;
 
 	if (k.pid == self_tgid || fd < 0)
 		return 0;
-	bpf_map_update_elem(&ssl_fds, &k, &v, BPF_ANY);
+	sk = tcp_sock_of(fd);
+	if (sk)
+		bpf_map_update_elem(&ssl_fds, &k, &sk, BPF_ANY);
 	return 0;
 }
 

@@ -119,6 +119,10 @@ def run_options(f: Callable) -> Callable:
                           "request whose traceparent is sampled is always kept); histograms "
                           "count every request. Over OTEL_TRACES_SAMPLER[_ARG] "
                           "[parentbased_always_on]."),
+        click.option("--http-capture", type=click.Choice(["auto", "socket", "syscall"]),
+                     help="Plaintext HTTP from the socket tracepoints (kernel 6.3+, no cost to "
+                          "other syscalls) or from every syscall's exit [auto: socket where "
+                          "the kernel has them]."),
         click.option("--http-tls/--no-http-tls", default=None,
                      help="Trace TLS through uprobes on the SSL library [on]."),
         click.option("--tls-relocate/--no-tls-relocate", default=None,

@@ -63,6 +63,8 @@ class AgentConfig:
     dns_max_pending: int = 65536
     # http
     http_head_bytes: int = 256
+    # plaintext capture: socket tracepoints (6.3+) or the syscall exit (signals/http/capture.py)
+    http_capture: str = "auto"
     http_capture_query: bool = False
     http_capture_headers: tuple[str, ...] = ()
     http_attributes: tuple[str, ...] = ("server.address", "server.port")

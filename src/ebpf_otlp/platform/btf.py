@@ -65,14 +65,26 @@ def kernel_enum(name: str) -> dict[int, str]:
 
 
 KIND_STRUCT = 4
+KIND_TYPEDEF = 8
 
 
-def kernel_structs(names: set[str]) -> set[str]:
-    """Which of ``names`` the running kernel's BTF defines as structs."""
+def _kernel_defines(names: set[str], kind: int) -> set[str]:
     btf = lib.btf__load_vmlinux_btf()
     if btf == ffi.NULL:
         return set()
     try:
-        return {n for n in names if lib.btf__find_by_name_kind(btf, n.encode(), KIND_STRUCT) >= 0}
+        return {n for n in names if lib.btf__find_by_name_kind(btf, n.encode(), kind) >= 0}
     finally:
         lib.btf__free(btf)
+
+
+def kernel_structs(names: set[str]) -> set[str]:
+    """Which of ``names`` the running kernel's BTF defines as structs."""
+    return _kernel_defines(names, KIND_STRUCT)
+
+
+def kernel_tracepoints(names: set[str]) -> set[str]:
+    """Which of the tracepoints ``names`` (without category) the running kernel
+    has, from BTF's ``btf_trace_<name>`` typedefs: no tracefs needed."""
+    have = _kernel_defines({f"btf_trace_{n}" for n in names}, KIND_TYPEDEF)
+    return {n for n in names if f"btf_trace_{n}" in have}

@@ -76,7 +76,11 @@ PIPELINE = textwrap.dedent("""
 
 # Pipelined responses that one read returns together are seen as far as the
 # copied head reaches: the scripted set (3 pipelined) runs with 1024 bytes.
-@pytest.fixture(params=[("--http-head-bytes", "1024")])
+# Both plaintext capture modes: socket tracepoints (auto on this kernel) and
+# the syscall exit that kernels before 6.3 get.
+@pytest.fixture(params=[("--http-head-bytes", "1024"),
+                        ("--http-head-bytes", "1024", "--http-capture", "syscall")],
+                ids=["socket", "syscall"])
 def web(topo, request):
     require(Path("/usr/sbin/nginx").exists(), "nginx not installed (Debian nginx-light)")
     require(shutil.which("curl") is not None, "curl not installed")
@@ -86,6 +90,8 @@ def web(topo, request):
             PyServer(topo, topo.b, topo.b_ip4) as py, \
             ReceiverProc(topo, topo.a) as rx, \
             AgentProc(topo, topo.a, rx, "-v", "--signals", "http", *request.param) as agent:
+        mode = "syscall" if "syscall" in request.param else "socket tracepoints"
+        assert f"plaintext from the {mode}" in agent.log(), agent.log()
         yield topo, ngx, py, rx, agent
 
 

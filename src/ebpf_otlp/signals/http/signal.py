@@ -19,6 +19,7 @@ from ...platform.layout import constant, record_dtype
 from ...platform.ringbuf import RingBuffer
 from ..attribution import shared as shared_attribution
 from ..base import Signal
+from .capture import capture_mode, unused_programs
 from .conn import CLIENT, IN, OUT, SERVER, Conn, ConnTable, Counts, Exchange
 from .parse import REQUEST, RESPONSE, Head, parse_traceparent_flags, whole_head
 from .route import RouteTemplater
@@ -132,6 +133,7 @@ class HttpSignal(Signal):
         self._commons: dict[tuple, tuple] = {}
         self._kinds: dict[tuple, tuple] = {}  # connection kinds (see _conn_attrs)
         self.tls: TlsAttacher | None = None
+        self.capture_mode = ""  # socket or syscall, from start()
         self._stats = None
         self._lock = threading.Lock()
         self._held: list[np.ndarray] = []  # ring batches not decoded yet (ring_batch)
@@ -167,11 +169,16 @@ class HttpSignal(Signal):
         for name, value in self.attribution.kernel_flags().items():
             obj.rodata[name] = value  # which workload ids the records carry
         obj.set_max_entries("http_events", max(cfg.ringbuf_bytes, MIN_RING_BYTES))
+        self.capture_mode = capture_mode(cfg.http_capture)
+        for name in unused_programs(self.capture_mode):
+            obj.programs[name].autoload = False
         obj.load()
         self._stats = obj.maps["http_stats"]
         for prog in obj.programs.values():
-            if prog.name not in TLS_PROGRAMS:
+            if prog.name not in TLS_PROGRAMS and prog.autoload:
                 prog.attach()
+        log.info("HTTP: plaintext from the %s", "socket tracepoints"
+                 if self.capture_mode == "socket" else "syscall exit (every syscall pays)")
         self._ring = PacedRing(obj.maps["http_events"], event_dtype(cfg.http_head_bytes),
                                on_batch=self.ring_batch, lost_map=obj.maps["http_events_lost"],
                                pace_s=cfg.poll_interval_ms / 1000)
