@@ -25,6 +25,7 @@ NO_SKIP = os.environ.get("EBPF_OTLP_NO_SKIP") == "1"
 HOST_CHECK = os.environ.get("EBPF_OTLP_HOST_CHECK", "1") != "0"
 _HOST_BEFORE = pytest.StashKey[dict]()
 _HOST_LEFT = pytest.StashKey[list]()
+_FIRST_SEEN = pytest.StashKey[dict]()  # leftover line -> the test after which it appeared
 
 
 def require(condition: bool, reason: str) -> None:
@@ -39,13 +40,28 @@ def require(condition: bool, reason: str) -> None:
 def pytest_sessionstart(session: pytest.Session) -> None:
     if HOST_CHECK and os.geteuid() == 0 and shutil.which("tc") and shutil.which("ip"):
         session.config.stash[_HOST_BEFORE] = hoststate.snapshot()
+        session.config.stash[_FIRST_SEEN] = {}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """After each test: which leftover first appeared after which test (a few ms)."""
+    result = yield
+    before = item.config.stash.get(_HOST_BEFORE, None)
+    if before is not None:
+        seen = item.config.stash[_FIRST_SEEN]
+        for line in hoststate.left_behind(before, hoststate.snapshot()):
+            seen.setdefault(line, item.nodeid)
+    return result
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     before = session.config.stash.get(_HOST_BEFORE, None)
     if before is None:
         return
-    left = hoststate.left_behind(before, hoststate.snapshot())
+    seen = session.config.stash[_FIRST_SEEN]
+    left = [f"{line}  (first seen after {seen[line]})" if line in seen else line
+            for line in hoststate.left_behind(before, hoststate.snapshot())]
     if left:
         session.config.stash[_HOST_LEFT] = left
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
