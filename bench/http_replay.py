@@ -109,6 +109,7 @@ def record(url_run, which: str = "tracepoints", max_records: int = 150_000,
     sees them too."""
     from ebpf_otlp.platform.bpfobj import BpfObject
     from ebpf_otlp.platform.ringbuf import RingBuffer
+    from ebpf_otlp.signals.http.capture import capture_mode, unused_programs
     from ebpf_otlp.signals.http.signal import event_dtype
     from ebpf_otlp.signals.http.tls import PROGRAMS, TlsAttacher, system_tls_library
 
@@ -118,12 +119,14 @@ def record(url_run, which: str = "tracepoints", max_records: int = 150_000,
         obj.rodata["head_bytes"] = head_bytes
         obj.rodata["ringbuf_wakeup_bytes"] = 64 << 10
         obj.set_max_entries("http_events", 16 << 20)
+        for name in unused_programs(capture_mode("auto")):
+            obj.programs[name].autoload = False
         obj.load()
         if which == "uprobes":
             TlsAttacher(obj).attach_path(system_tls_library(), required=True)
         for p in obj.programs.values():
-            if p.name not in PROGRAMS:
-                p.attach()  # TLS records need the syscalls too (the SSL object's fd)
+            if p.name not in PROGRAMS and p.autoload:
+                p.attach()  # TLS records need the socket calls too (the SSL object's socket)
         saved: list[np.ndarray] = []
         polls: list[int] = []
         count = [0]

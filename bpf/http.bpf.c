@@ -285,11 +285,12 @@ static __always_inline void cache_addrs(struct fd_state *st)
 static __always_inline void emit(__u8 op, __u8 tls, __u64 id, int fd, struct fd_state *st,
 				 __u64 start, __u32 len, const void *buf, __u32 avail)
 {
+	__u32 size = HTTP_FIXED_BYTES + ((head_bytes + 7) & ~7U);
 	struct http_event *e;
 
 	if (!(st->flags & FD_ADDR))
 		cache_addrs(st);
-	e = RINGBUF_RESERVE(http_events, HTTP_FIXED_BYTES + ((head_bytes + 7) & ~7U));
+	e = RINGBUF_RESERVE(http_events, size);
 	if (!e)
 		return;
 	__builtin_memset(e, 0, HTTP_FIXED_BYTES);
@@ -311,7 +312,8 @@ static __always_inline void emit(__u8 op, __u8 tls, __u64 id, int fd, struct fd_
 		e->netns = st->netns;
 	}
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
-	/* Every emit runs in the calling process (syscall tracepoints, uretprobes). */
+	/* Every emit but CLOSE (sock state changes, often in softirq: user space
+	 * reads neither field there) runs in the calling process. */
 	if (keep_cgroup)
 		e->cgroup_id = bpf_get_current_cgroup_id();
 	/* The verifier needs the length proved within [1, head_bytes]; see
@@ -335,7 +337,9 @@ static __always_inline void emit(__u8 op, __u8 tls, __u64 id, int fd, struct fd_
 		}
 		e->head_len = n;
 	}
-	RINGBUF_SUBMIT(http_events, e);
+	/* the reserved size, not sizeof(*e) (HTTP_HEAD_MAX): one wake-up per
+	 * ringbuf_wakeup_bytes really queued */
+	ringbuf_submit_batched(&http_events, e, size);
 }
 
 /* --- syscalls ------------------------------------------------------------ */
@@ -540,25 +544,25 @@ static __always_inline int sock_call(__u64 sk, long ret, int flags, __u8 op)
 	struct call *c;
 	__u64 id, buf = 0;
 	__u32 len = 0, n, pid;
+	__u16 family;
 	long nr;
 	int fd;
 
 	if (ret < 0 || !sk || (op == HTTP_OP_READ && (flags & MSG_PEEK)))
+		return 0;
+	/* Most socket calls on a host are not on TCP (UNIX, netlink, UDP): the
+	 * family alone sends those back before any map lookup. */
+	family = BPF_CORE_READ((struct sock *)sk, __sk_common.skc_family);
+	if (family != AF_INET && family != AF_INET6)
 		return 0;
 	id = bpf_get_current_pid_tgid();
 	pid = id >> 32;
 	if (pid == self_tgid)
 		return 0;
 	st = bpf_map_lookup_elem(&http_conns, &sk);
-	if (!st) {
-		struct sock *s = (void *)sk;
-		__u16 family = BPF_CORE_READ(s, __sk_common.skc_family);
-
-		if ((family != AF_INET && family != AF_INET6) ||
-		    BPF_CORE_READ(s, sk_type) != SOCK_STREAM ||
-		    BPF_CORE_READ(s, sk_protocol) != IPPROTO_TCP)
-			return 0;
-	}
+	if (!st && (BPF_CORE_READ((struct sock *)sk, sk_type) != SOCK_STREAM ||
+		    BPF_CORE_READ((struct sock *)sk, sk_protocol) != IPPROTO_TCP))
+		return 0;
 	if (!st || (st->flags & FD_TLS)) {
 		c = bpf_map_lookup_elem(&ssl_calls, &id);
 		if (c && c->op) {	/* underneath SSL_read/SSL_write: ciphertext */

@@ -43,7 +43,9 @@ struct http_event {
 };
 
 /* Per-CPU counters (array `http_stats`), exported as ebpf_otlp.http.kernel.*. */
-#define HTTP_STAT_CALLS_UNTRACKED 0	/* unused (syscalls are seen at return only): 0 */
+/* socket mode: a call on an HTTP connection not made by a read/write-family
+ * syscall on that socket (io_uring, recvmmsg, the kernel's own senders) */
+#define HTTP_STAT_CALLS_UNTRACKED 0
 #define HTTP_STAT_FD_UNTRACKED 1	/* fd cache insert failed */
 #define HTTP_STAT_SSL_UNTRACKED 2	/* SSL call in flight table full */
 #define HTTP_STAT_SSL_NO_FD 3		/* SSL call whose socket was never seen */
