@@ -50,6 +50,13 @@ class KernelRun:
         return next((e for e in self._all("extra") if e.get("program") in (program, "*")), None)
 
 
+# Hooks that are alternatives by kernel version: HTTP's plaintext capture
+# attaches the socket tracepoints (6.3+) or the syscall exit.
+ALTERNATIVES = {"raw_tracepoint/sock_send_length": "http plaintext capture",
+                "raw_tracepoint/sock_recv_length": "http plaintext capture",
+                "raw_tracepoint/sys_exit": "http plaintext capture"}
+
+
 def hook_groups(progs: list[dict]) -> dict[str, list[dict]]:
     """Programs grouped by the hook they serve.
 
@@ -62,6 +69,7 @@ def hook_groups(progs: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for p in progs:
         key = p["section"] if "/" in p["section"] else f"{p['section']}:{p['program']}"
+        key = ALTERNATIVES.get(key, key)
         groups.setdefault(key, []).append(p)
     return groups
 

@@ -187,6 +187,18 @@ def test_agent_picks_fast_paths_where_they_exist(host_run: results.KernelRun,
             f"{name} on {run.label}: agent used {sorted(used)}, fast variants {sorted(fast)}")
 
 
+def test_http_capture_mode_by_kernel(host_run: results.KernelRun,
+                                     guest_run: results.KernelRun) -> None:
+    """HTTP's plaintext capture: the socket tracepoints on the host (6.18), the
+    syscall exit on 6.1, which has no sock:sock_send_length (both gave the
+    scenario's spans: test_*_signal_records)."""
+    for run, want, other in ((host_run, "http_sock_send", "http_sys_exit"),
+                             (guest_run, "http_sys_exit", "http_sock_send")):
+        _finished(run)
+        used = {p.split(":", 1)[0] for p in (run.signal("http") or {}).get("programs", [])}
+        assert want in used and other not in used, f"http on {run.label}: {sorted(used)}"
+
+
 def test_doctor_agrees_with_measurement(host_run: results.KernelRun,
                                         guest_run: results.KernelRun) -> None:
     """``ebpf-otlp doctor`` reports kprobe and fentry as the loads measured them:

@@ -328,6 +328,51 @@ def test_garbage_split_huge_cut(web) -> None:
     assert agent.proc.poll() is None, agent.log()
 
 
+MMSG = textwrap.dedent("""
+    import ctypes, json, socket, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    class Iov(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+    class Msg(ctypes.Structure):
+        _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
+                    ("iov", ctypes.POINTER(Iov)), ("iovlen", ctypes.c_size_t),
+                    ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                    ("flags", ctypes.c_int)]
+    class MMsg(ctypes.Structure):
+        _fields_ = [("hdr", Msg), ("len", ctypes.c_uint)]
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+    s.sendall(b"GET /ok.txt HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
+    buf = ctypes.create_string_buffer(4096)
+    iov = Iov(ctypes.cast(buf, ctypes.c_void_p), 4096)
+    m = MMsg()
+    m.hdr.iov, m.hdr.iovlen = ctypes.pointer(iov), 1
+    n = libc.recvmmsg(s.fileno(), ctypes.byref(m), 1, 0, None)
+    assert n == 1, ctypes.get_errno()
+    print(json.dumps({"status": buf.raw[:12].decode(), "port": s.getsockname()[1]}))
+    s.close()
+""")
+
+
+@pytest.mark.parametrize("web", [("--http-head-bytes", "1024")], indirect=True, ids=["socket"])
+def test_recvmmsg_on_an_http_connection_is_counted_not_read(web) -> None:
+    """Socket mode reads buffers from a read/write-family syscall's registers; a
+    response received by recvmmsg is counted as untracked, not misread."""
+    topo, ngx, _py, rx, agent = web
+    pid, out = run_client(topo, topo.a, MMSG, topo.b_ip4, str(HTTP_PORT))
+    assert out[0]["status"] == "HTTP/1.1 200", out
+    rx.wait_for(lambda: metric_total(rx.metrics("ebpf_otlp.http.kernel.untracked",
+                                                reason="calls_untracked")) >= 1,
+                what="the recvmmsg counted as calls_untracked")
+    settle(topo, rx, HTTP_PORT)
+    server = [sp for sp in ours(rx, {ngx.pid}, HTTP_PORT)
+              if sp["attributes"]["network.peer.port"] == out[0]["port"]]
+    assert triples(server) == [("GET", "/ok.txt", 200)], server  # nginx's side is whole
+    client = ours(rx, {pid}, HTTP_PORT)
+    assert len(client) == 1 and "http.response.status_code" not in client[0]["attributes"], \
+        client  # the response went by unseen: the request ends unanswered
+    assert agent.proc.poll() is None, agent.log()
+
+
 CONTAINED = textwrap.dedent("""
     import http.client, json, ssl, sys, time
     host, port = sys.argv[1], int(sys.argv[2])
