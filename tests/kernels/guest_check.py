@@ -463,6 +463,19 @@ def check_signal(name: str) -> None:
     emit("signal", **res)
 
 
+def check_http_capture() -> None:
+    """What ``--http-capture`` resolves to on this kernel, and what asking for
+    socket mode says where the kernel cannot do it."""
+    from ebpf_otlp.config import ConfigError
+    from ebpf_otlp.signals.http.capture import capture_mode
+
+    try:
+        forced = capture_mode("socket")
+    except ConfigError as e:
+        forced = f"error: {e}"
+    emit("http_capture", auto=capture_mode("auto"), socket=forced)
+
+
 # --- part 3: test-only objects of the tier itself -------------------------------------------
 
 def check_reason_object(path: Path) -> None:
@@ -516,6 +529,7 @@ def main(argv: list[str]) -> int:
     t0 = time.monotonic()
     check_objects(objdir, ifindex)
     emit("phase", name="objects", seconds=round(time.monotonic() - t0, 1))
+    check_http_capture()
     for name in filter(None, args.signals.split(",")):
         t0 = time.monotonic()
         check_signal(name)

@@ -46,6 +46,10 @@ class KernelRun:
         d = self._all("doctor")
         return d[0].get("hooks", {}) if d else {}
 
+    def http_capture(self) -> dict:
+        e = self._all("http_capture")
+        return e[0] if e else {}
+
     def extra(self, program: str) -> dict | None:
         return next((e for e in self._all("extra") if e.get("program") in (program, "*")), None)
 

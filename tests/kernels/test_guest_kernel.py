@@ -197,6 +197,13 @@ def test_http_capture_mode_by_kernel(host_run: results.KernelRun,
         _finished(run)
         used = {p.split(":", 1)[0] for p in (run.signal("http") or {}).get("programs", [])}
         assert want in used and other not in used, f"http on {run.label}: {sorted(used)}"
+    # --http-capture: auto resolves per kernel; socket is refused, with the reason, on 6.1
+    host = host_run.http_capture()
+    assert (host.get("auto"), host.get("socket")) == ("socket", "socket"), host
+    guest = guest_run.http_capture()
+    assert guest.get("auto") == "syscall", guest
+    assert "error: --http-capture socket" in guest.get("socket", "") and "6.3" in guest["socket"], \
+        guest
 
 
 def test_doctor_agrees_with_measurement(host_run: results.KernelRun,
