@@ -164,6 +164,16 @@ def tc_mode(hooks: dict[str, str]) -> str:
     return "tc" if hooks.get("tc") == "ok" else "none"
 
 
+def http_capture() -> str:
+    """What ``--http-capture auto`` uses here (signals/http/capture.py)."""
+    try:
+        from .signals.http.capture import capture_mode
+
+        return capture_mode("auto")
+    except Exception as e:  # no libbpf, no BTF: the http signal cannot run anyway
+        return f"unknown ({e})"
+
+
 def capability_report(have: set[str] | None = None) -> dict[str, dict]:
     """Each capability the agent may use: held or not, and what needs it."""
     from . import capabilities
@@ -185,6 +195,7 @@ def run_doctor(as_json: bool = False) -> int:
     signals = assess(f, hooks)
     caps = capability_report()
     report = {"host": f, "hooks": hooks, "signals": signals, "tc_mode": tc_mode(hooks),
+              "http_capture": http_capture() if f.get("libbpf") else "unknown",
               "capabilities": caps}
     fatal = (not f.get("libbpf") or not f.get("btf") or os.geteuid() != 0
              or not any(v.startswith("yes") for v in signals.values()))
@@ -216,6 +227,10 @@ def run_doctor(as_json: bool = False) -> int:
                    "tc": "clsact filters (no TCX here; removed at exit and at the next start)",
                    "none": "neither TCX nor clsact works"}[mode]
             print(f"tc mode     auto -> {mode}: {why}")
+        cap = report["http_capture"]
+        why = {"socket": "sock:sock_send_length/sock_recv_length (only socket calls pay)",
+               "syscall": "every syscall's exit (no socket tracepoints: Linux < 6.3)"}
+        print(f"http        --http-capture auto -> {cap}: {why.get(cap, '')}".rstrip(": "))
     return 1 if fatal else 0
 
 

@@ -522,7 +522,9 @@ def main(argv: list[str]) -> int:
         r = subprocess.run([sys.executable, "-m", "ebpf_otlp", "doctor", "--json"],
                            capture_output=True, text=True, timeout=300)
         try:
-            emit("doctor", hooks=json.loads(r.stdout).get("hooks", {}), rc=r.returncode,
+            report = json.loads(r.stdout)
+            emit("doctor", hooks=report.get("hooks", {}), rc=r.returncode,
+                 http_capture=report.get("http_capture"),
                  seconds=round(time.monotonic() - t0, 1))
         except json.JSONDecodeError:
             emit("doctor", hooks={}, rc=r.returncode, error=(r.stdout + r.stderr)[-800:])

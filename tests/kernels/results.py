@@ -48,7 +48,8 @@ class KernelRun:
 
     def http_capture(self) -> dict:
         e = self._all("http_capture")
-        return e[0] if e else {}
+        d = self._all("doctor")
+        return {**(e[0] if e else {}), "doctor": d[0].get("http_capture") if d else None}
 
     def extra(self, program: str) -> dict | None:
         return next((e for e in self._all("extra") if e.get("program") in (program, "*")), None)

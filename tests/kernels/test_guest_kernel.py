@@ -199,9 +199,9 @@ def test_http_capture_mode_by_kernel(host_run: results.KernelRun,
         assert want in used and other not in used, f"http on {run.label}: {sorted(used)}"
     # --http-capture: auto resolves per kernel; socket is refused, with the reason, on 6.1
     host = host_run.http_capture()
-    assert (host.get("auto"), host.get("socket")) == ("socket", "socket"), host
+    assert (host.get("auto"), host.get("socket"), host["doctor"]) == ("socket",) * 3, host
     guest = guest_run.http_capture()
-    assert guest.get("auto") == "syscall", guest
+    assert (guest.get("auto"), guest["doctor"]) == ("syscall", "syscall"), guest
     assert "error: --http-capture socket" in guest.get("socket", "") and "6.3" in guest["socket"], \
         guest
 
