@@ -206,14 +206,15 @@ def main(argv: list[str]) -> int:
         from .http_load import _wrk
 
         which = argv[2] if len(argv) > 2 else "tracepoints"
+        close = len(argv) > 3 and argv[3] == "close"
         with Topology() as t, Nginx(t, t.b, t.b_ip4):
             url = (f"http://{t.b_ip4}:{HTTP_PORT}/ok.txt" if which == "tracepoints"
                    else f"https://{t.b_ip4}:{HTTPS_PORT}/ok.txt")
-            recs, sizes, polls, (rps, n) = record(lambda: _wrk(t, url, 2, False), which)
+            recs, sizes, polls, (rps, n) = record(lambda: _wrk(t, url, 2, close), which)
         save(Path(argv[1]), recs, sizes, polls)
         print(f"{len(recs)} records in {len(sizes)} batches; wrk {n} requests, {rps:.0f}/s")
         return 0
-    print("usage: python -m bench.http_replay record FILE [tracepoints|uprobes] | "
+    print("usage: python -m bench.http_replay record FILE [tracepoints|uprobes] [close] | "
           "replay FILE [SRC]")
     return 2
 

@@ -210,3 +210,24 @@ def test_span_records_as_the_signal_makes_them_read_back() -> None:
                                                     "http.response.status_code", "error.type"}
     assert spans[1].kind == 3 and spans[1].parent_span_id == b"" and len(spans[1].trace_id) == 16
     assert (spans[1].start_time_unix_nano, spans[1].end_time_unix_nano) == (30, 40)
+
+
+def test_batch_connection_keys() -> None:
+    """signal._connections: one key per distinct (pid, socket) of a batch and each
+    record's index of it, when sockets are distinct per process and when one
+    socket address appears under several processes (fork, address reused)."""
+    import numpy as np
+
+    from ebpf_otlp.signals.http.signal import _connections
+
+    rng = np.random.default_rng(7)
+    for shared in (False, True):
+        for _ in range(20):
+            n = int(rng.integers(1, 400))
+            conn = rng.integers(0, 30, n).astype(np.uint64) + np.uint64(0xffff888000000000)
+            pid = (conn % np.uint64(5)).astype(np.uint32) + 100
+            if shared:
+                pid = rng.integers(100, 104, n).astype(np.uint32)
+            keys, inv = _connections(pid, conn)
+            assert len(keys) == len(set(keys)) == len(set(zip(pid.tolist(), conn.tolist())))
+            assert [keys[j] for j in inv.tolist()] == list(zip(pid.tolist(), conn.tolist()))

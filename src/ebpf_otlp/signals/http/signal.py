@@ -40,13 +40,13 @@ HOLD_RECORDS = 4096  # ring records held before decoding them without waiting fo
 MIN_RING_BYTES = 16 << 20
 KERNEL_STATS = ("calls_untracked", "fds_untracked", "ssl_calls_untracked", "ssl_no_fd",
                 "read_failed")
-_KEY = np.dtype([("pid", "<u4"), ("conn", "<u8")])
 
 
 def _connections(pid: np.ndarray, conn: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray]:
     """The distinct (pid, socket) keys of a batch and, per record, its key's index:
-    one sort by socket address; when two processes share a socket (a fork) in
-    the batch, the exact (slower) structured sort."""
+    one sort by socket address; when two processes share a socket address in
+    the batch (a fork, or a socket freed by one process and allocated again for
+    another: new connections), one sort by (socket, pid)."""
     n = len(pid)
     order = np.argsort(conn, kind="stable")
     sc = conn[order]
@@ -55,10 +55,10 @@ def _connections(pid: np.ndarray, conn: np.ndarray) -> tuple[list[tuple[int, int
     np.not_equal(sc[1:], sc[:-1], out=new[1:])
     sp = pid[order]
     if not (new[1:] | (sp[1:] == sp[:-1])).all():
-        keys = np.empty(n, _KEY)
-        keys["pid"], keys["conn"] = pid, conn
-        uniq, inv = np.unique(keys, return_inverse=True)
-        return [(int(p), int(c)) for p, c in uniq.tolist()], inv.ravel()
+        order = np.lexsort((pid, conn))
+        sc, sp = conn[order], pid[order]
+        np.not_equal(sc[1:], sc[:-1], out=new[1:])
+        new[1:] |= sp[1:] != sp[:-1]
     inv = np.empty(n, np.intp)
     inv[order] = np.cumsum(new) - 1
     return list(zip(sp[new].tolist(), sc[new].tolist())), inv
