@@ -231,3 +231,27 @@ def test_batch_connection_keys() -> None:
             keys, inv = _connections(pid, conn)
             assert len(keys) == len(set(keys)) == len(set(zip(pid.tolist(), conn.tolist())))
             assert [keys[j] for j in inv.tolist()] == list(zip(pid.tolist(), conn.tolist()))
+
+
+def test_whole_heads_cache() -> None:
+    """parse.WholeHeads: the same answers as whole_head (heads, and None for what
+    is not one whole head), remembered by the exact bytes, bounded, and a head
+    longer than CACHE_HEAD_MAX parsed but not held."""
+    from ebpf_otlp.signals.http.parse import CACHE_HEAD_MAX, WholeHeads, whole_head
+
+    cache = WholeHeads(frozenset({"x-a"}), size=3)
+    req = b"GET /a HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n"
+    resp = b"HTTP/1.1 204 No Content\r\nServer: s\r\n\r\n"
+    bad = b"HTTP/9.9 200 OK\r\n\r\n"
+    for data, kind in ((req, REQUEST), (resp, RESPONSE), (bad, RESPONSE)):
+        want = whole_head(data, kind, frozenset({"x-a"}))
+        assert cache.parse(data) == want
+        assert cache.known[data] == want  # remembered, None too
+    assert cache.known[req].captured == {"x-a": "1"} and cache.known[resp].status == 204
+    assert cache.known[bad] is None
+    cache.parse(b"GET /b HTTP/1.1\r\n\r\n")
+    assert len(cache.known) <= 3  # bounded: cleared when full
+    assert cache.known[b"GET /b HTTP/1.1\r\n\r\n"].target == "/b"
+    big = b"GET /c HTTP/1.1\r\nX-B: " + b"b" * CACHE_HEAD_MAX + b"\r\n\r\n"
+    cache.parse(big)
+    assert big not in cache.known

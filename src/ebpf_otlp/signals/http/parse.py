@@ -170,6 +170,31 @@ def whole_head(data: bytes, kind: int, capture: frozenset[str] = frozenset()) ->
     return head
 
 
+class WholeHeads:
+    """:func:`whole_head` of one capture set, by the head's exact bytes, the
+    answer None too (bytes that are not a whole head stay not one): a batch's
+    repeated heads cost one dict lookup, not the parse cache's key tuple and a
+    call (bench/http_replay.py). Bounded: cleared when ``size`` heads are held
+    (each at most CACHE_HEAD_MAX bytes)."""
+
+    __slots__ = ("known", "capture", "size")
+
+    def __init__(self, capture: frozenset[str] = frozenset(), size: int = 4096):
+        self.known: dict[bytes, Head | None] = {}
+        self.capture = capture
+        self.size = size
+
+    def parse(self, data: bytes) -> Head | None:
+        """The head ``data`` is exactly (a response when it starts with ``HT``), or
+        None; remembered."""
+        head = whole_head(data, RESPONSE if data[:2] == b"HT" else REQUEST, self.capture)
+        if len(data) <= CACHE_HEAD_MAX:
+            if len(self.known) >= self.size:
+                self.known.clear()
+            self.known[data] = head
+        return head
+
+
 def _parse(data: bytes, kind: int, capture: frozenset[str], end: int) -> Head:
     line_end = data.find(b"\r\n")
     if line_end < 0:

@@ -21,7 +21,7 @@ from ..attribution import shared as shared_attribution
 from ..base import Signal
 from .capture import capture_mode, unused_programs
 from .conn import CLIENT, IN, OUT, SERVER, Conn, ConnTable, Counts, Exchange
-from .parse import REQUEST, RESPONSE, Head, parse_traceparent_flags, whole_head
+from .parse import Head, WholeHeads, parse_traceparent_flags
 from .route import RouteTemplater
 from .tls import PROGRAMS as TLS_PROGRAMS
 from .tls import TlsAttacher
@@ -68,7 +68,6 @@ def _connections(pid: np.ndarray, conn: np.ndarray) -> tuple[list[tuple[int, int
 _STARTS = np.zeros(1 << 16, bool)
 _STARTS[[int.from_bytes(w, "big") for w in (b"GE", b"PO", b"PU", b"HE", b"DE", b"PA", b"OP",
                                             b"CO", b"TR", b"HT")]] = True
-_HT = int.from_bytes(b"HT", "big")
 ADDRESS_ATTRIBUTES = ("server.address", "server.port", "client.address",
                       "network.peer.address")
 
@@ -128,6 +127,7 @@ class HttpSignal(Signal):
         self.table = ConnTable(config.http_max_conns, int(config.http_idle_s * 1e9), self.counts)
         self.route = RouteTemplater(config.http_route_patterns)
         self.capture = frozenset(h.lower() for h in config.http_capture_headers)
+        self.whole = WholeHeads(self.capture)
         self.keep = frozenset(config.http_attributes)
         self.addrs = AddressCache()
         self._commons: dict[tuple, tuple] = {}
@@ -362,13 +362,16 @@ class HttpSignal(Signal):
         cand = np.flatnonzero(_STARTS[word] & (hl >= 16) & ((op == OP_READ) | (op == OP_WRITE)))
         if not len(cand):
             return out
-        capture = self.capture
+        known = self.whole.known
+        miss = self.whole.parse
         find = heads.find
-        for i, k, w in zip(cand.tolist(), hl[cand].tolist(), word[cand].tolist()):
+        for i, k in zip(cand.tolist(), hl[cand].tolist()):
             b = i * hb
             e = find(b"\r\n\r\n", b, b + k)
             if e >= 0:
-                out[i] = whole_head(heads[b:e + 4], RESPONSE if w == _HT else REQUEST, capture)
+                data = heads[b:e + 4]
+                h = known.get(data, False)
+                out[i] = miss(data) if h is False else h
         return out
 
     def _info(self, cols: tuple, i: int) -> tuple:
