@@ -255,3 +255,38 @@ def test_whole_heads_cache() -> None:
     big = b"GET /c HTTP/1.1\r\nX-B: " + b"b" * CACHE_HEAD_MAX + b"\r\n\r\n"
     cache.parse(big)
     assert big not in cache.known
+
+
+def test_conn_kinds_cache() -> None:
+    """kinds.ConnKinds: records that differ only in their ports share one kind
+    (addresses as text, process name, cgroup and netns), records that differ in
+    any kind field do not; unknown family gives empty addresses; bounded."""
+    import numpy as np
+
+    from ebpf_otlp.otlp.semconv import AddressCache
+    from ebpf_otlp.signals.http.kinds import ConnKinds
+    from ebpf_otlp.signals.http.signal import event_dtype
+
+    dt = event_dtype(64)
+    recs = np.zeros(5, dt)
+    mapped = bytes(10) + b"\xff\xff"
+    recs["family"] = 4
+    recs["laddr"] = np.frombuffer(mapped + bytes([10, 0, 0, 1]), np.uint8)
+    recs["raddr"] = np.frombuffer(mapped + bytes([10, 0, 0, 2]), np.uint8)
+    recs["comm"] = np.frombuffer(b"wrk".ljust(16, b"\0"), np.uint8)
+    recs["cgroup_id"], recs["netns"] = 77, 4026531840
+    recs["lport"] = [40000, 40001, 40002, 40003, 40004]
+    recs["rport"] = 8080
+    recs["comm"][2] = np.frombuffer(b"curl".ljust(16, b"\0"), np.uint8)
+    recs["netns"][3] = 5
+    recs["family"][4] = 0
+    kinds = ConnKinds(dt, AddressCache(), size=3)
+    kb, w = kinds.columns(recs), kinds.width
+    got = [kinds.kind(kb[w * i:w * i + w]) for i in range(5)]
+    assert got[0] == (4, "10.0.0.1", "10.0.0.2", "wrk", (77, 4026531840))
+    assert got[1] is got[0]  # ports are not part of the kind
+    assert got[2] == (4, "10.0.0.1", "10.0.0.2", "curl", (77, 4026531840))
+    assert got[3][4] == (77, 5)
+    assert got[4] == (0, "", "", "wrk", (77, 4026531840))
+    assert len(kinds.known) <= 3  # four kinds seen: cleared once when full
+    assert kinds.kind(kb[:w]) == got[0]  # made again after the clear, the same
