@@ -290,3 +290,20 @@ def test_conn_kinds_cache() -> None:
     assert got[4] == (0, "", "", "wrk", (77, 4026531840))
     assert len(kinds.known) <= 3  # four kinds seen: cleared once when full
     assert kinds.kind(kb[:w]) == got[0]  # made again after the clear, the same
+
+
+def test_whole_heads_by_copied_bytes() -> None:
+    """parse.WholeHeads.copied: a record's copied bytes (a head, then body bytes)
+    give the head they start with, the same as by the head's own bytes; no blank
+    line (a head cut short) gives None; remembered by the copied bytes, bounded."""
+    from ebpf_otlp.signals.http.parse import WholeHeads, whole_head
+
+    cache = WholeHeads(size=2)
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"
+    h = cache.copied(resp + b"ok\n")
+    assert h == whole_head(resp, RESPONSE) and h.content_length == 3 and h.length == len(resp)
+    assert cache.by_copy[resp + b"ok\n"] is h and cache.known[resp] is h
+    assert cache.copied(resp + b"no\n") is h  # another body: the head from `known`
+    assert cache.copied(b"GET /a HTTP/1.1\r\nHost: x") is None  # cut: no blank line
+    assert cache.by_copy[b"GET /a HTTP/1.1\r\nHost: x"] is None
+    assert len(cache.by_copy) <= 2 and len(cache.known) <= 2

@@ -377,16 +377,13 @@ class HttpSignal(Signal):
         cand = np.flatnonzero(_STARTS[word] & (hl >= 16) & ((op == OP_READ) | (op == OP_WRITE)))
         if not len(cand):
             return out
-        known = self.whole.known
-        miss = self.whole.parse
-        find = heads.find
+        known = self.whole.by_copy
+        miss = self.whole.copied
         for i, k in zip(cand.tolist(), hl[cand].tolist()):
             b = i * hb
-            e = find(b"\r\n\r\n", b, b + k)
-            if e >= 0:
-                data = heads[b:e + 4]
-                h = known.get(data, False)
-                out[i] = miss(data) if h is False else h
+            data = heads[b:b + k]
+            h = known.get(data, False)
+            out[i] = miss(data) if h is False else h
         return out
 
     def _conn_kinds(self, dtype: np.dtype) -> ConnKinds:
