@@ -9,7 +9,9 @@ of this tree and for the code of a baseline commit (run in a child Python
 from ``git archive`` of that commit, same machine, same run).
 
 Used by bench/http_load.py (``record`` during its run, ``replay_cpu`` after);
-``python -m bench.http_replay record FILE`` / ``replay FILE`` by hand.
+``python -m bench.http_replay record FILE [tracepoints|uprobes] [close]`` /
+``replay FILE`` / ``compare COMMIT FILE...`` (this tree against a commit's,
+alternately) by hand.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -192,7 +195,38 @@ def replay_cpu(path: Path, src: Path = SRC, rounds: int = 5, extra: dict | None 
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def compare(paths: list[Path], commit: str = BASELINE_COMMIT, rounds: int = 3,
+            repeats: int = 3) -> dict:
+    """Per recording: ms of agent CPU per 1,000 requests (the best round) of this
+    tree and of ``commit``, replayed alternately ``repeats`` times (the machine's
+    load drifts), and their ratio."""
+    work = Path(tempfile.mkdtemp(prefix="eo-replay-"))
+    try:
+        base = baseline_tree(work, commit)
+        if base is None:
+            raise RuntimeError(f"no git tree of {commit}")
+        out = {}
+        for path in paths:
+            cpu: dict[str, list[float]] = {"current": [], commit: []}
+            for _ in range(repeats):
+                b = replay_cpu(path, base, rounds=rounds)
+                c = replay_cpu(path, rounds=rounds)
+                cpu[commit] += b["cpu_s"]
+                cpu["current"] += c["cpu_s"]
+            requests = c["exchanges"] / 2  # a CLIENT and a SERVER exchange each
+            ms = {k: round(min(v) / requests * 1e6, 2) for k, v in cpu.items()}
+            out[str(path)] = {**ms, "ratio": round(ms["current"] / ms[commit], 3),
+                              "requests": int(requests), "spans": c["spans"]}
+            print(f"{path}: {json.dumps(out[str(path)])}", flush=True)
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) >= 3 and argv[0] == "compare":
+        compare([Path(p) for p in argv[2:]], argv[1])
+        return 0
     if len(argv) >= 2 and argv[0] == "replay":
         src = Path(argv[2]) if len(argv) > 2 else SRC
         out = replay_cpu(Path(argv[1]), src)
@@ -206,15 +240,16 @@ def main(argv: list[str]) -> int:
         from .http_load import _wrk
 
         which = argv[2] if len(argv) > 2 else "tracepoints"
+        close = len(argv) > 3 and argv[3] == "close"
         with Topology() as t, Nginx(t, t.b, t.b_ip4):
             url = (f"http://{t.b_ip4}:{HTTP_PORT}/ok.txt" if which == "tracepoints"
                    else f"https://{t.b_ip4}:{HTTPS_PORT}/ok.txt")
-            recs, sizes, polls, (rps, n) = record(lambda: _wrk(t, url, 2, False), which)
+            recs, sizes, polls, (rps, n) = record(lambda: _wrk(t, url, 2, close), which)
         save(Path(argv[1]), recs, sizes, polls)
         print(f"{len(recs)} records in {len(sizes)} batches; wrk {n} requests, {rps:.0f}/s")
         return 0
-    print("usage: python -m bench.http_replay record FILE [tracepoints|uprobes] | "
-          "replay FILE [SRC]")
+    print("usage: python -m bench.http_replay record FILE [tracepoints|uprobes] [close] | "
+          "replay FILE [SRC] | compare COMMIT FILE...")
     return 2
 
 

@@ -44,3 +44,52 @@ def test_grouped_spans_equal_per_record_spans() -> None:
                                g.kind))
     assert got == _decode(enc, enc.spans(recs))
     assert all(e >= s for _, _, s, e, *_ in got)
+
+
+def _decode_all(enc: SpanEncoder, spans: list) -> list[tuple]:
+    """Every span of every resource: (resource attributes, span fields), in order
+    of the resources, then of the spans."""
+    req = ExportTraceServiceRequest.FromString(enc.wrap(spans))
+    out = []
+    for rs in req.resource_spans:
+        res = sorted((kv.key, kv.value.string_value) for kv in rs.resource.attributes)
+        for s in rs.scope_spans[0].spans:
+            out.append((res, s.name, s.kind, s.start_time_unix_nano, s.end_time_unix_nano,
+                        sorted((kv.key, str(kv.value)) for kv in s.attributes),
+                        s.status.code, bytes(s.trace_id), bytes(s.parent_span_id),
+                        len(s.span_id)))
+    return out
+
+
+def test_grouped_spans_of_every_length_and_resource() -> None:
+    """Spans of 128 bytes and more (their length laid out with numpy), of less,
+    and over 16 KiB (one by one) in one batch or alone, with resources, given
+    trace ids and parents: the same as the per-record path."""
+    rng = np.random.default_rng(5)
+    enc = SpanEncoder({"service.name": "t"}, "scope")
+    pod = (("k8s.pod.name", "p1"),)
+    groups = [SpanGroup("GET /a", (("url.path", "/a" * 60), ("server.port", 80)), None,
+                        SPAN_KIND_SERVER),
+              SpanGroup("GET /b", (("url.path", "/b"),), "500", SPAN_KIND_SERVER, pod),
+              SpanGroup("GET /c", (("h", "x" * 17000),), None, SPAN_KIND_SERVER, pod),
+              SpanGroup("GET /d", (("url.path", "/d" * 100),), None, SPAN_KIND_SERVER, pod)]
+    for used in ([0], [0, 3], [0, 1], [0, 1, 2, 3], [1], [2]):
+        n = 200
+        start = rng.integers(10**18, 2 * 10**18, n)
+        end = start + rng.integers(0, 10**9, n)
+        group = rng.choice(used, n)
+        ports = rng.integers(1, 8, n).tolist()
+        trace = rng.integers(0, 256, (n, 16), dtype=np.uint8)
+        parents = [bytes(rng.integers(0, 256, 8, dtype=np.uint8)) if i % 3 == 0 else None
+                   for i in range(n)]
+        got = _decode_all(enc, enc.grouped(start, end, group, groups,
+                                           [("network.peer.port", ports)], trace, parents))
+        recs = []
+        for i in range(n):
+            g = groups[group[i]]
+            recs.append(SpanRecord(int(start[i]), int(end[i]), g.name,
+                                   (*g.attributes, ("network.peer.port", ports[i])), g.error,
+                                   g.kind, bytes(trace[i]), parents[i], g.resource))
+        want = _decode_all(enc, enc.spans(recs))
+        assert got == want, f"groups {used}"
+        assert len(got) == n

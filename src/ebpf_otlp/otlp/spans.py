@@ -66,7 +66,10 @@ class SpanGroup(NamedTuple):
 _FIXED = np.dtype([("t1", "u1"), ("t2", "u1"), ("trace", "u1", 16), ("t3", "u1"), ("t5", "u1"),
                    ("span", "u1", 8), ("t7", "u1"), ("start", "<u8"), ("t8", "u1"),
                    ("end", "<u8")])
-_SMALL_LEN = [varint(n) for n in range(16384)]
+# The same with the span's tag and a 2-byte length before it (spans of 128 bytes
+# to 16 KiB: all but the smallest), so one slice and one concatenation make a span.
+_LED = np.dtype([("tag", "u1"), ("len0", "u1"), ("len1", "u1"), *[
+    (k, _FIXED.fields[k][0]) for k in _FIXED.names]])
 
 
 class SpanEncoder:
@@ -158,24 +161,15 @@ class SpanEncoder:
         ``trace_ids`` ((n, 16) uint8): the spans' trace ids (random otherwise);
         ``parent_ids``: span ``i``'s parent span id (8 bytes) or None.
 
-        The ids and times of all spans are laid out with numpy; a group's
-        name, kind, shared attributes and status are encoded once; each
-        column value's ``KeyValue`` comes from the cache. Protobuf lets fields
-        come in any order, so a span is those pieces joined.
+        The ids, times and lengths of all spans are laid out with numpy; a
+        group's name, kind, shared attributes and status are encoded once; each
+        column value's ``KeyValue`` comes from the cache, and a group's bytes
+        with the column values once per batch. Protobuf lets fields come in any
+        order, so a span is those pieces joined.
         """
         n = len(start_ns)
         if n == 0:
             return []
-        fixed = np.empty(n, _FIXED)
-        fixed["t1"], fixed["t2"], fixed["t3"], fixed["t5"] = 0x0A, 0x10, 0x12, 0x08
-        ids = np.frombuffer(os.urandom(24 * n), np.uint8).reshape(n, 24)
-        fixed["trace"] = ids[:, :16] if trace_ids is None else trace_ids
-        fixed["span"] = ids[:, 16:]
-        fixed["t7"], fixed["t8"] = 0x39, 0x41
-        start = np.asarray(start_ns, np.uint64)
-        fixed["start"], fixed["end"] = start, np.maximum(np.asarray(end_ns, np.uint64), start)
-        blob = fixed.tobytes()
-        w = _FIXED.itemsize
         heads = [self._group_bytes(g) for g in groups]
         get = self._kv.get
         enc = self._encode_kv
@@ -183,15 +177,63 @@ class SpanEncoder:
                 for k, vals in columns]
         if parent_ids is not None:  # parent_span_id, field 4
             cols.append([b"" if p is None else b"\x22\x08" + p for p in parent_ids])
-        small = _SMALL_LEN
+        gl = np.asarray(group).tolist()
+        # What follows a span's fixed part: its group's bytes and its column values,
+        # joined once per distinct combination in the batch (a connection's spans
+        # share them).
+        if cols:
+            joined: dict[tuple, bytes] = {}
+            tails = []
+            append = tails.append
+            for key in zip(gl, *cols):
+                t = joined.get(key)
+                if t is None:
+                    t = joined[key] = b"".join((heads[key[0]], *key[1:]))
+                append(t)
+        else:
+            tails = [heads[g] for g in gl]
+        size = np.fromiter(map(len, tails), np.int64, n) + _FIXED.itemsize
+        res = [g.resource for g in groups]
+        if size.min() < 128 or size.max() >= 16384:  # not a 2-byte length: one by one
+            return self._grouped_each(start_ns, end_ns, gl, tails, res, trace_ids)
+        fixed = self._fixed(_LED, start_ns, end_ns, trace_ids)
+        fixed["tag"] = 0x12  # ScopeSpans.spans
+        fixed["len0"] = (size & 0x7F) | 0x80
+        fixed["len1"] = size >> 7
+        blob = fixed.tobytes()
+        w = _LED.itemsize
+        if not any(res):
+            return [blob[i * w:i * w + w] + t for i, t in enumerate(tails)]
+        return [(res[g], blob[i * w:i * w + w] + t) if res[g] else blob[i * w:i * w + w] + t
+                for i, (g, t) in enumerate(zip(gl, tails))]  # a pod's/container's: wrap()
+
+    @staticmethod
+    def _fixed(dtype: np.dtype, start_ns: np.ndarray, end_ns: np.ndarray,
+               trace_ids: np.ndarray | None) -> np.ndarray:
+        """The fixed part of each span (ids, times), laid out with numpy."""
+        n = len(start_ns)
+        fixed = np.empty(n, dtype)
+        fixed["t1"], fixed["t2"], fixed["t3"], fixed["t5"] = 0x0A, 0x10, 0x12, 0x08
+        ids = np.frombuffer(os.urandom(24 * n), np.uint8).reshape(n, 24)
+        fixed["trace"] = ids[:, :16] if trace_ids is None else trace_ids
+        fixed["span"] = ids[:, 16:]
+        fixed["t7"], fixed["t8"] = 0x39, 0x41
+        start = np.asarray(start_ns, np.uint64)
+        fixed["start"], fixed["end"] = start, np.maximum(np.asarray(end_ns, np.uint64), start)
+        return fixed
+
+    def _grouped_each(self, start_ns: np.ndarray, end_ns: np.ndarray, gl: list[int],
+                      tails: list[bytes], res: list, trace_ids: np.ndarray | None
+                      ) -> list[bytes | tuple[tuple, bytes]]:
+        """:meth:`grouped` for spans whose length is not a 2-byte varint."""
+        blob = self._fixed(_FIXED, start_ns, end_ns, trace_ids).tobytes()
+        w = _FIXED.itemsize
         out = []
         append = out.append
-        res = [g.resource for g in groups]
-        for i, g in enumerate(np.asarray(group).tolist()):
-            body = b"".join([blob[i * w:(i + 1) * w], heads[g], *[c[i] for c in cols]])
-            ln = len(body)
-            b = b"\x12" + (small[ln] if ln < 16384 else varint(ln)) + body
-            append((res[g], b) if res[g] else b)  # a pod's/container's: see wrap()
+        for i, (g, t) in enumerate(zip(gl, tails)):
+            ln = w + len(t)
+            b = b"".join((b"\x12", varint(ln), blob[i * w:i * w + w], t))
+            append((res[g], b) if res[g] else b)
         return out
 
     def _resource(self, key: tuple | None) -> bytes:

@@ -148,7 +148,8 @@ class RingBuffer:
             count = bad
             framed, lens = framed[:count], lens[:count]
         keep = (lens & DISCARD) == 0
-        recs = framed["rec"][keep].copy() if not keep.all() else framed["rec"].copy()
+        # a copy either way (boolean indexing makes one): the ring's memory is reused
+        recs = framed["rec"].copy() if keep.all() else framed["rec"][keep]
         self._cons_pos[0] = cons + count * stride
         if len(recs):
             self._deliver(recs)

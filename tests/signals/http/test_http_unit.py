@@ -210,3 +210,100 @@ def test_span_records_as_the_signal_makes_them_read_back() -> None:
                                                     "http.response.status_code", "error.type"}
     assert spans[1].kind == 3 and spans[1].parent_span_id == b"" and len(spans[1].trace_id) == 16
     assert (spans[1].start_time_unix_nano, spans[1].end_time_unix_nano) == (30, 40)
+
+
+def test_batch_connection_keys() -> None:
+    """signal._connections: one key per distinct (pid, socket) of a batch and each
+    record's index of it, when sockets are distinct per process and when one
+    socket address appears under several processes (fork, address reused)."""
+    import numpy as np
+
+    from ebpf_otlp.signals.http.signal import _connections
+
+    rng = np.random.default_rng(7)
+    for shared in (False, True):
+        for _ in range(20):
+            n = int(rng.integers(1, 400))
+            conn = rng.integers(0, 30, n).astype(np.uint64) + np.uint64(0xffff888000000000)
+            pid = (conn % np.uint64(5)).astype(np.uint32) + 100
+            if shared:
+                pid = rng.integers(100, 104, n).astype(np.uint32)
+            keys, inv = _connections(pid, conn)
+            assert len(keys) == len(set(keys)) == len(set(zip(pid.tolist(), conn.tolist())))
+            assert [keys[j] for j in inv.tolist()] == list(zip(pid.tolist(), conn.tolist()))
+
+
+def test_whole_heads_cache() -> None:
+    """parse.WholeHeads: the same answers as whole_head (heads, and None for what
+    is not one whole head), remembered by the exact bytes, bounded, and a head
+    longer than CACHE_HEAD_MAX parsed but not held."""
+    from ebpf_otlp.signals.http.parse import CACHE_HEAD_MAX, WholeHeads, whole_head
+
+    cache = WholeHeads(frozenset({"x-a"}), size=3)
+    req = b"GET /a HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n"
+    resp = b"HTTP/1.1 204 No Content\r\nServer: s\r\n\r\n"
+    bad = b"HTTP/9.9 200 OK\r\n\r\n"
+    for data, kind in ((req, REQUEST), (resp, RESPONSE), (bad, RESPONSE)):
+        want = whole_head(data, kind, frozenset({"x-a"}))
+        assert cache.parse(data) == want
+        assert cache.known[data] == want  # remembered, None too
+    assert cache.known[req].captured == {"x-a": "1"} and cache.known[resp].status == 204
+    assert cache.known[bad] is None
+    cache.parse(b"GET /b HTTP/1.1\r\n\r\n")
+    assert len(cache.known) <= 3  # bounded: cleared when full
+    assert cache.known[b"GET /b HTTP/1.1\r\n\r\n"].target == "/b"
+    big = b"GET /c HTTP/1.1\r\nX-B: " + b"b" * CACHE_HEAD_MAX + b"\r\n\r\n"
+    cache.parse(big)
+    assert big not in cache.known
+
+
+def test_conn_kinds_cache() -> None:
+    """kinds.ConnKinds: records that differ only in their ports share one kind
+    (addresses as text, process name, cgroup and netns), records that differ in
+    any kind field do not; unknown family gives empty addresses; bounded."""
+    import numpy as np
+
+    from ebpf_otlp.otlp.semconv import AddressCache
+    from ebpf_otlp.signals.http.kinds import ConnKinds
+    from ebpf_otlp.signals.http.signal import event_dtype
+
+    dt = event_dtype(64)
+    recs = np.zeros(5, dt)
+    mapped = bytes(10) + b"\xff\xff"
+    recs["family"] = 4
+    recs["laddr"] = np.frombuffer(mapped + bytes([10, 0, 0, 1]), np.uint8)
+    recs["raddr"] = np.frombuffer(mapped + bytes([10, 0, 0, 2]), np.uint8)
+    recs["comm"] = np.frombuffer(b"wrk".ljust(16, b"\0"), np.uint8)
+    recs["cgroup_id"], recs["netns"] = 77, 4026531840
+    recs["lport"] = [40000, 40001, 40002, 40003, 40004]
+    recs["rport"] = 8080
+    recs["comm"][2] = np.frombuffer(b"curl".ljust(16, b"\0"), np.uint8)
+    recs["netns"][3] = 5
+    recs["family"][4] = 0
+    kinds = ConnKinds(dt, AddressCache(), size=3)
+    kb, w = kinds.columns(recs), kinds.width
+    got = [kinds.kind(kb[w * i:w * i + w]) for i in range(5)]
+    assert got[0] == (4, "10.0.0.1", "10.0.0.2", "wrk", (77, 4026531840))
+    assert got[1] is got[0]  # ports are not part of the kind
+    assert got[2] == (4, "10.0.0.1", "10.0.0.2", "curl", (77, 4026531840))
+    assert got[3][4] == (77, 5)
+    assert got[4] == (0, "", "", "wrk", (77, 4026531840))
+    assert len(kinds.known) <= 3  # four kinds seen: cleared once when full
+    assert kinds.kind(kb[:w]) == got[0]  # made again after the clear, the same
+
+
+def test_whole_heads_by_copied_bytes() -> None:
+    """parse.WholeHeads.copied: a record's copied bytes (a head, then body bytes)
+    give the head they start with, the same as by the head's own bytes; no blank
+    line (a head cut short) gives None; remembered by the copied bytes, bounded."""
+    from ebpf_otlp.signals.http.parse import WholeHeads, whole_head
+
+    cache = WholeHeads(size=2)
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"
+    h = cache.copied(resp + b"ok\n")
+    assert h == whole_head(resp, RESPONSE) and h.content_length == 3 and h.length == len(resp)
+    assert cache.by_copy[resp + b"ok\n"] is h and cache.known[resp] is h
+    assert cache.copied(resp + b"no\n") is h  # another body: the head from `known`
+    assert cache.copied(b"GET /a HTTP/1.1\r\nHost: x") is None  # cut: no blank line
+    assert cache.by_copy[b"GET /a HTTP/1.1\r\nHost: x"] is None
+    assert len(cache.by_copy) <= 2 and len(cache.known) <= 2

@@ -170,6 +170,51 @@ def whole_head(data: bytes, kind: int, capture: frozenset[str] = frozenset()) ->
     return head
 
 
+class WholeHeads:
+    """:func:`whole_head` of one capture set, by the head's exact bytes, the
+    answer None too (bytes that are not a whole head stay not one): a batch's
+    repeated heads cost one dict lookup, not the parse cache's key tuple and a
+    call (bench/http_replay.py). Bounded: cleared when ``size`` heads are held
+    (each at most CACHE_HEAD_MAX bytes)."""
+
+    __slots__ = ("known", "by_copy", "capture", "size")
+
+    def __init__(self, capture: frozenset[str] = frozenset(), size: int = 4096):
+        self.known: dict[bytes, Head | None] = {}
+        # the same by a record's whole copied bytes (the head and what follows it):
+        # a hit needs no search for the blank line, which touches the record's
+        # memory once more (bench/http_replay.py)
+        self.by_copy: dict[bytes, Head | None] = {}
+        self.capture = capture
+        self.size = size
+
+    def copied(self, data: bytes) -> Head | None:
+        """The head that ``data`` (a record's copied bytes) starts with when they
+        hold all of it, or None; remembered by ``data``."""
+        e = data.find(HEAD_END)
+        head = None
+        if e >= 0:
+            h = data[:e + 4]
+            head = self.known.get(h, False)
+            if head is False:
+                head = self.parse(h)
+        if len(data) <= CACHE_HEAD_MAX:
+            if len(self.by_copy) >= self.size:
+                self.by_copy.clear()
+            self.by_copy[data] = head
+        return head
+
+    def parse(self, data: bytes) -> Head | None:
+        """The head ``data`` is exactly (a response when it starts with ``HT``), or
+        None; remembered."""
+        head = whole_head(data, RESPONSE if data[:2] == b"HT" else REQUEST, self.capture)
+        if len(data) <= CACHE_HEAD_MAX:
+            if len(self.known) >= self.size:
+                self.known.clear()
+            self.known[data] = head
+        return head
+
+
 def _parse(data: bytes, kind: int, capture: frozenset[str], end: int) -> Head:
     line_end = data.find(b"\r\n")
     if line_end < 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -21,7 +22,8 @@ from ..attribution import shared as shared_attribution
 from ..base import Signal
 from .capture import capture_mode, unused_programs
 from .conn import CLIENT, IN, OUT, SERVER, Conn, ConnTable, Counts, Exchange
-from .parse import REQUEST, RESPONSE, Head, parse_traceparent_flags, whole_head
+from .kinds import ConnKinds
+from .parse import Head, WholeHeads, parse_traceparent_flags
 from .route import RouteTemplater
 from .tls import PROGRAMS as TLS_PROGRAMS
 from .tls import TlsAttacher
@@ -40,13 +42,13 @@ HOLD_RECORDS = 4096  # ring records held before decoding them without waiting fo
 MIN_RING_BYTES = 16 << 20
 KERNEL_STATS = ("calls_untracked", "fds_untracked", "ssl_calls_untracked", "ssl_no_fd",
                 "read_failed")
-_KEY = np.dtype([("pid", "<u4"), ("conn", "<u8")])
 
 
 def _connections(pid: np.ndarray, conn: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray]:
     """The distinct (pid, socket) keys of a batch and, per record, its key's index:
-    one sort by socket address; when two processes share a socket (a fork) in
-    the batch, the exact (slower) structured sort."""
+    one sort by socket address; when two processes share a socket address in
+    the batch (a fork, or a socket freed by one process and allocated again for
+    another: new connections), one sort by (socket, pid)."""
     n = len(pid)
     order = np.argsort(conn, kind="stable")
     sc = conn[order]
@@ -55,10 +57,10 @@ def _connections(pid: np.ndarray, conn: np.ndarray) -> tuple[list[tuple[int, int
     np.not_equal(sc[1:], sc[:-1], out=new[1:])
     sp = pid[order]
     if not (new[1:] | (sp[1:] == sp[:-1])).all():
-        keys = np.empty(n, _KEY)
-        keys["pid"], keys["conn"] = pid, conn
-        uniq, inv = np.unique(keys, return_inverse=True)
-        return [(int(p), int(c)) for p, c in uniq.tolist()], inv.ravel()
+        order = np.lexsort((pid, conn))
+        sc, sp = conn[order], pid[order]
+        np.not_equal(sc[1:], sc[:-1], out=new[1:])
+        new[1:] |= sp[1:] != sp[:-1]
     inv = np.empty(n, np.intp)
     inv[order] = np.cumsum(new) - 1
     return list(zip(sp[new].tolist(), sc[new].tolist())), inv
@@ -68,7 +70,6 @@ def _connections(pid: np.ndarray, conn: np.ndarray) -> tuple[list[tuple[int, int
 _STARTS = np.zeros(1 << 16, bool)
 _STARTS[[int.from_bytes(w, "big") for w in (b"GE", b"PO", b"PU", b"HE", b"DE", b"PA", b"OP",
                                             b"CO", b"TR", b"HT")]] = True
-_HT = int.from_bytes(b"HT", "big")
 ADDRESS_ATTRIBUTES = ("server.address", "server.port", "client.address",
                       "network.peer.address")
 
@@ -128,10 +129,12 @@ class HttpSignal(Signal):
         self.table = ConnTable(config.http_max_conns, int(config.http_idle_s * 1e9), self.counts)
         self.route = RouteTemplater(config.http_route_patterns)
         self.capture = frozenset(h.lower() for h in config.http_capture_headers)
+        self.whole = WholeHeads(self.capture)
         self.keep = frozenset(config.http_attributes)
         self.addrs = AddressCache()
         self._commons: dict[tuple, tuple] = {}
         self._kinds: dict[tuple, tuple] = {}  # connection kinds (see _conn_attrs)
+        self._kinds_of: tuple[np.dtype, ConnKinds] | None = None  # their records' bytes
         self.tls: TlsAttacher | None = None
         self.capture_mode = ""  # socket or syscall, from start()
         self._stats = None
@@ -246,6 +249,13 @@ class HttpSignal(Signal):
             if not held:
                 return
             recs = held[0] if len(held) == 1 else np.concatenate(held)
+            # No cyclic GC within a batch: its per-record lists and exchanges
+            # (tens of thousands of references) would be walked by every young
+            # collection that the batch's allocations start, ~25 % of the agent's
+            # CPU on new connections (bench/http_replay.py). What the batch leaves
+            # behind is collected after it as usual (nothing here makes cycles).
+            was = gc.isenabled()
+            gc.disable()
             try:
                 self.on_batch(recs)
             except Exception:  # as RingBuffer does for a consumer that raises
@@ -254,6 +264,9 @@ class HttpSignal(Signal):
                 if first:
                     log.exception("HTTP: a batch of %d records failed (counted in "
                                   "ebpf_otlp.http.records.failed)", len(recs))
+            finally:
+                if was:
+                    gc.enable()
 
     def on_batch(self, recs: np.ndarray) -> None:
         """One batch of records, decoded now. Per batch, with numpy: the connection
@@ -304,13 +317,15 @@ class HttpSignal(Signal):
                         continue
                     if c is None:
                         if cols is None:
-                            cols = (recs["family"].tolist(), recs["lport"].tolist(),
-                                    recs["rport"].tolist(), recs["laddr"].tobytes(),
-                                    recs["raddr"].tobytes(), recs["comm"].tobytes(),
-                                    recs["cgroup_id"].tolist(), recs["netns"].tolist())
-                        c = conns[j] = table.add(Conn(ukeys[j], self._info(cols, i),
-                                                      bool(tls[i])), end[i])
-                        c.origin = (cols[6][i], cols[7][i])
+                            kinds = self._conn_kinds(recs.dtype)
+                            cols = (recs["lport"].tolist(), recs["rport"].tolist(),
+                                    kinds.columns(recs), kinds.width, kinds.kind)
+                        lports, rports, kb, kw, kind_of = cols
+                        fam, la, ra, name, origin = kind_of(kb[kw * i:kw * i + kw])
+                        info = ((fam, la, lports[i], ra, rports[i], name) if fam else
+                                (0, "", 0, "", 0, name))
+                        c = conns[j] = table.add(Conn(ukeys[j], info, bool(tls[i])), end[i])
+                        c.origin = origin
                     total = length[i]
                     if c.upgraded:
                         counts.records_ignored += 1
@@ -362,28 +377,20 @@ class HttpSignal(Signal):
         cand = np.flatnonzero(_STARTS[word] & (hl >= 16) & ((op == OP_READ) | (op == OP_WRITE)))
         if not len(cand):
             return out
-        capture = self.capture
-        find = heads.find
-        for i, k, w in zip(cand.tolist(), hl[cand].tolist(), word[cand].tolist()):
+        known = self.whole.by_copy
+        miss = self.whole.copied
+        for i, k in zip(cand.tolist(), hl[cand].tolist()):
             b = i * hb
-            e = find(b"\r\n\r\n", b, b + k)
-            if e >= 0:
-                out[i] = whole_head(heads[b:e + 4], RESPONSE if w == _HT else REQUEST, capture)
+            data = heads[b:b + k]
+            h = known.get(data, False)
+            out[i] = miss(data) if h is False else h
         return out
 
-    def _info(self, cols: tuple, i: int) -> tuple:
-        """(family, local address, local port, remote address, remote port, comm) of
-        record ``i``, from the batch's columns (made once per new connection)."""
-        fam, lport, rport, laddr, raddr, comm = cols[:6]
-        name = comm[16 * i:16 * i + 16].split(b"\0", 1)[0].decode(errors="replace")
-        f = fam[i]
-        if f == 0:
-            return (0, "", 0, "", 0, name)
-        return (f, self._addr(laddr[16 * i:16 * i + 16]), lport[i],
-                self._addr(raddr[16 * i:16 * i + 16]), rport[i], name)
-
-    def _addr(self, raw: bytes) -> str:
-        return self.addrs.text(raw)  # IPv4 records are IPv4-mapped (bpf/http.h)
+    def _conn_kinds(self, dtype: np.dtype) -> ConnKinds:
+        """The kinds of new connections, for records of ``dtype`` (one per signal)."""
+        if self._kinds_of is None or self._kinds_of[0] != dtype:
+            self._kinds_of = (dtype, ConnKinds(dtype, self.addrs))
+        return self._kinds_of[1]
 
     # --- telemetry -----------------------------------------------------------------
     def _conn_attrs(self, c: Conn) -> tuple:
