@@ -303,12 +303,27 @@ def _replays(recordings: dict[str, Path], work: Path, rounds: int) -> dict:
     return out
 
 
+_RUNS = [0]
+
+
+def _mean_runs(runs: list[dict]) -> dict:
+    """Two agent runs of one case as one: rates and latencies averaged, counts summed."""
+    out = {k: sum(r[k] for r in runs) for k, v in runs[0].items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for k in ("rps", "p50_us", "p99_us"):
+        vals = [r[k] for r in runs if r.get(k) is not None]
+        out[k] = round(sum(vals) / len(vals), 1) if vals else None
+    out["runs"] = runs
+    return out
+
+
 def _agent_cases(t, urls: dict, seconds: float, quick: bool, work: Path,
                  extra: tuple[str, ...] = (), paced: bool = False) -> dict:
     """Each case with the agent (``--signals http`` plus ``extra``) exporting to a
     counting receiver: requests/s, the agent's CPU, spans, histogram counts and
     what was dropped or sampled out, per case."""
-    tag = "-".join(extra) + ("-paced" if paced else "")
+    _RUNS[0] += 1  # a file of its own per run: a stale one would read as the new totals
+    tag = "-".join(extra) + ("-paced" if paced else "") + f"-{_RUNS[0]}"
     totals_path = work / f"totals{tag}.json"
     rx = t.popen(t.a, PY, "-c", HTTP_RECEIVER, "4318", str(totals_path),
                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env())
@@ -415,12 +430,17 @@ def run(quick: bool) -> Result:
                     base_paced[c].append(_wrk_run(t, urls[c[0]], seconds, c[1] == "close",
                                                   paced=True))
 
+            # Paced runs twice with the agent between three baseline rounds:
+            # a 5 % effect at a fixed load is within one pair of runs' noise here.
             baselines()
             with_agent = _agent_cases(t, urls, seconds, quick, work)
-            paced = _agent_cases(t, urls, seconds, quick, work, paced=True)
+            paced_runs = [_agent_cases(t, urls, seconds, quick, work, paced=True)]
+            baselines()
+            paced_runs.append(_agent_cases(t, urls, seconds, quick, work, paced=True))
             sampled = _agent_cases(t, urls, seconds, quick, work,
                                    ("--http-span-sample", str(SAMPLE_RATIO)))
             baselines()
+            paced = {c: _mean_runs([r[c] for r in paced_runs]) for c in CASES}
             parts = {"uprobes": _kernel_only(t, urls["https"], seconds, False, "uprobes"),
                      "uprobes at offset 0": _kernel_only(t, urls["https"], seconds, False,
                                                          "uprobes", relocate=False),
@@ -446,7 +466,7 @@ def run(quick: bool) -> Result:
         b = sum(base[c]) / len(base[c])
         name = f"{c[0]} {c[1]}"
         res.add(Figure.compare(f"requests/s with agent, {name}, saturated", round(w["rps"]),
-                               "req/s", round(b), "without agent (mean of before and after)",
+                               "req/s", round(b), "without agent (mean of 3 runs around the agent)",
                                note="nginx and wrk flat out on both CPUs: every cycle of the "
                                     "agent and its hooks comes off their rate"))
         per_k = 1000 * w["agent_cpu_s"] / w["requests"] if w["requests"] else None
@@ -464,7 +484,8 @@ def run(quick: bool) -> Result:
         name = f"{c[0]} {c[1]}"
         share = b / (sum(base[c]) / len(base[c]))
         res.add(Figure.compare(f"requests/s with agent, {name}, paced", round(w["rps"]),
-                               "req/s", round(b), "without agent (mean of before and after)",
+                               "req/s", round(b), "without agent (mean of 3 runs around "
+                               "the agent's 2)",
                                target=TARGET_RATIO,
                                note=f"{PACED_CONNS[c]} connections, {THINK_MS} ms think time "
                                     f"per request: {share:.0%} of the saturated rate; "
@@ -473,7 +494,7 @@ def run(quick: bool) -> Result:
         if w["p50_us"] is not None and p50:
             res.add(Figure.compare(f"median latency with agent, {name}, paced", w["p50_us"],
                                    "us", round(sum(p50) / len(p50), 1),
-                                   "without agent (mean of before and after)",
+                                   "without agent (mean of 3 runs)",
                                    higher_is_better=False,
                                    note=f"wrk's 99th percentile {w['p99_us']} us with, "
                                         f"{[r['p99_us'] for r in bp]} without"))
@@ -484,7 +505,7 @@ def run(quick: bool) -> Result:
         name = f"{c[0]} {c[1]}"
         res.add(Figure.compare(f"requests/s with agent, {name}, saturated, spans sampled at "
                                f"{SAMPLE_RATIO:g}", round(w["rps"]), "req/s", round(b),
-                               "without agent (mean of before and after)"))
+                               "without agent (mean of 3 runs around the agent)"))
         per_k = 1000 * w["agent_cpu_s"] / w["requests"] if w["requests"] else None
         res.add(Figure(f"agent CPU per 1,000 requests, {name}, spans sampled at "
                        f"{SAMPLE_RATIO:g}",
@@ -527,7 +548,7 @@ def run(quick: bool) -> Result:
         runs = sum(info["runs_per_request"].values())
         res.add(Figure.compare(f"requests/s, {case[0]} {case[1]}, {what} (no agent)",
                                round(rps), "req/s", round(b),
-                               "without agent (mean of before and after)",
+                               "without agent (mean of 3 runs around the agent)",
                                note=f"{runs:.1f} program runs per request"
                                + (f"; {info['placement']}" if info["placement"] else "")))
         res.raw.setdefault("kernel_only", {})[which] = info
