@@ -46,7 +46,7 @@ struct http_event {
 /* socket mode: a call on an HTTP connection not made by a read/write-family
  * syscall on that socket (io_uring, recvmmsg, the kernel's own senders) */
 #define HTTP_STAT_CALLS_UNTRACKED 0
-#define HTTP_STAT_FD_UNTRACKED 1	/* fd cache insert failed */
+#define HTTP_STAT_FD_UNTRACKED 1	/* fd cache or connection table insert failed */
 #define HTTP_STAT_SSL_UNTRACKED 2	/* SSL call in flight table full */
 #define HTTP_STAT_SSL_NO_FD 3		/* SSL call whose socket was never seen */
 #define HTTP_STAT_READ_FAILED 4		/* user memory not readable */
