@@ -14,6 +14,8 @@ import logging
 import mmap
 import select
 import struct
+import threading
+import time
 from collections import Counter
 from typing import Callable, Iterable
 
@@ -214,6 +216,40 @@ class RingBuffer:
                 m.close()
             except (BufferError, ValueError):
                 pass
+
+
+class HeldBatches:
+    """Ring batches held so that a consumer decodes thousands of records at a
+    time, not a poll's worth: the per-batch numpy work is then shared.
+    ``add`` (the ring's callback) says when ``limit`` records wait; ``take``
+    hands over everything held, in order, as one array."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.count = 0  # records held
+        self._parts: list[np.ndarray] = []
+        self._since = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, recs: np.ndarray) -> bool:
+        """Hold ``recs`` (the ring gives copies); True when ``limit`` records wait."""
+        with self._lock:
+            if not self._parts:
+                self._since = time.monotonic()
+            self._parts.append(recs)
+            self.count += len(recs)
+            return self.count >= self.limit
+
+    def waited(self) -> float:
+        """Seconds the oldest held batch has waited; 0 when none is held."""
+        return time.monotonic() - self._since if self.count else 0.0
+
+    def take(self) -> np.ndarray | None:
+        with self._lock:
+            parts, self._parts, self.count = self._parts, [], 0
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class RingPoller:

@@ -26,7 +26,7 @@ from ...platform.bpfobj import BpfObject
 from ...platform.host import epoch_offset_ns, in_initial_pid_namespace, libc_path
 from ...platform.layout import constant, record_dtype
 from ...platform.libbpf import BpfError
-from ...platform.ringbuf import RingBuffer
+from ...platform.ringbuf import HeldBatches, RingBuffer
 from ..attribution import shared as shared_attribution
 from ..base import Signal
 from ..batch import group, split
@@ -84,10 +84,7 @@ class DnsSignal(PacketHooks, Signal):
         self._ifnames: dict[int, str] = {}
         self._servers: dict[tuple, tuple[tuple, tuple]] = {}
         self._span_groups: dict[tuple, tuple[SpanGroup, tuple]] = {}
-        self._buf: list[np.ndarray] = []  # ring batches waiting for process()
-        self._buffered = 0
-        self._buf_since = 0
-        self._buf_lock = threading.Lock()
+        self._held = HeldBatches(BATCH_RECORDS)  # ring batches waiting for process()
         self._flush_lock = threading.Lock()
         self._last_expire = 0
         self._ring: RingBuffer | None = None
@@ -167,7 +164,7 @@ class DnsSignal(PacketHooks, Signal):
 
     def tick(self) -> None:
         now = time.monotonic_ns()
-        if self._buffered and now - self._buf_since >= BATCH_WAIT_NS:
+        if self._held.waited() * 1e9 >= BATCH_WAIT_NS:
             self._flush()
         if now - self._last_expire >= EXPIRE_EVERY_NS:
             self.expire()
@@ -244,22 +241,14 @@ class DnsSignal(PacketHooks, Signal):
         """Collect ring batches until :data:`BATCH_RECORDS` wait (or, from
         :meth:`tick`, the oldest waited :data:`BATCH_WAIT_NS`): the numpy work
         per batch is then shared by thousands of messages, not a poll's worth."""
-        with self._buf_lock:
-            if not self._buffered:
-                self._buf_since = time.monotonic_ns()
-            self._buf.append(recs)
-            self._buffered += len(recs)
-            ready = self._buffered >= BATCH_RECORDS
-        if ready:
+        if self._held.add(recs):
             self._flush()
 
     def _flush(self) -> None:
         with self._flush_lock:
-            with self._buf_lock:
-                bufs, self._buf, self._buffered = self._buf, [], 0
-            if not bufs:
+            recs = self._held.take()
+            if recs is None:
                 return
-            recs = bufs[0] if len(bufs) == 1 else np.concatenate(bufs)
             try:
                 self.process(recs)
             except Exception:

@@ -17,7 +17,7 @@ from ...otlp.spans import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, SpanGroup
 from ...platform.bpfobj import BpfObject
 from ...platform.host import epoch_offset_ns
 from ...platform.layout import constant, record_dtype
-from ...platform.ringbuf import RingBuffer
+from ...platform.ringbuf import HeldBatches, RingBuffer
 from ..attribution import shared as shared_attribution
 from ..base import Signal
 from .capture import capture_mode, unused_programs
@@ -139,11 +139,8 @@ class HttpSignal(Signal):
         self.capture_mode = ""  # socket or syscall, from start()
         self._stats = None
         self._lock = threading.Lock()
-        self._held: list[np.ndarray] = []  # ring batches not decoded yet (ring_batch)
-        self._held_n = 0
-        self._held_since = 0.0
+        self._held = HeldBatches(HOLD_RECORDS)  # ring batches not decoded yet (ring_batch)
         self.hold_s = config.poll_interval_ms / 1000
-        self._held_lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one flush at a time: records stay in order
         self.records_failed = 0
         self._ring: RingBuffer | None = None
@@ -196,8 +193,7 @@ class HttpSignal(Signal):
         return [self._ring] if self._ring is not None else []
 
     def tick(self) -> None:
-        if self._held_n >= FLUSH_RECORDS or (
-                self._held_n and time.monotonic() - self._held_since >= self.hold_s):
+        if self._held.count >= FLUSH_RECORDS or self._held.waited() >= self.hold_s:
             self.flush()
         now = time.monotonic_ns()
         if now - self._last_expire >= EXPIRE_EVERY_NS:
@@ -232,23 +228,15 @@ class HttpSignal(Signal):
         a record not committed yet). Spans keep kernel times: holding delays
         them, it does not change them. The ring gives copies, so holding them
         is safe."""
-        with self._held_lock:
-            if not self._held:
-                self._held_since = time.monotonic()
-            self._held.append(recs)
-            self._held_n += len(recs)
-            full = self._held_n >= HOLD_RECORDS
-        if full:
+        if self._held.add(recs):
             self.flush()
 
     def flush(self) -> None:
         """Decode what ``ring_batch`` holds, in order (poller and export threads)."""
         with self._flush_lock:
-            with self._held_lock:
-                held, self._held, self._held_n = self._held, [], 0
-            if not held:
+            recs = self._held.take()
+            if recs is None:
                 return
-            recs = held[0] if len(held) == 1 else np.concatenate(held)
             # No cyclic GC within a batch: its per-record lists and exchanges
             # (tens of thousands of references) would be walked by every young
             # collection that the batch's allocations start, ~25 % of the agent's
