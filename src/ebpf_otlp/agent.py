@@ -20,6 +20,7 @@ from .otlp import Exporter
 from .platform import tc
 from .platform.libbpf import enable_run_time_stats
 from .platform.links import InterfaceWatcher, interfaces, is_pattern, match
+from .platform.memory import release_free_memory
 from .platform.ringbuf import RingPoller
 from .signals.base import Signal
 
@@ -314,6 +315,7 @@ class Agent:
                 self.collect_errors += 1
                 log.exception("export failed")
             ok = ok and failures == sum(x.failures for x in self.exporter.senders.values())
+            release_free_memory()  # RSS follows live memory, not the largest burst
         finally:
             self.export_started = None
             self.last_export = {"finished_at": time.time(), "ok": ok,

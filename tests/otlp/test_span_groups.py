@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from ebpf_otlp.otlp.spans import SPAN_KIND_SERVER, SpanEncoder, SpanGroup, SpanRecord
+from ebpf_otlp.otlp.spans import (
+    ENCODE_CHUNK,
+    SPAN_KIND_SERVER,
+    SpanBatchExporter,
+    SpanEncoder,
+    SpanGroup,
+    SpanRecord,
+)
 
 
 def _decode(enc: SpanEncoder, spans: list[bytes]) -> list[tuple]:
@@ -93,3 +100,44 @@ def test_grouped_spans_of_every_length_and_resource() -> None:
         want = _decode_all(enc, enc.spans(recs))
         assert got == want, f"groups {used}"
         assert len(got) == n
+
+
+def test_a_full_queue_stops_encoding_and_what_fits_is_the_batch_head_in_order() -> None:
+    """Byte bound 4 KiB, 5,000 spans offered in one batch: the queue holds the
+    batch's first spans, equal to encoding them directly, within the bound;
+    the rest are counted queue_full, and no more than one chunk is encoded
+    beyond what was queued (a collector that is down costs counting, not
+    encoding)."""
+    encoded = [0]
+
+    class Counting(SpanEncoder):
+        def grouped(self, *a, **kw) -> list:
+            out = super().grouped(*a, **kw)
+            encoded[0] += len(out)
+            return out
+
+    bodies: list[bytes] = []
+    ex = SpanBatchExporter({"service.name": "t"}, lambda body: bodies.append(body) or True,
+                           max_queue_bytes=4096)
+    ex.encoder = Counting({"service.name": "t"}, "ebpf_otlp")
+    groups = [SpanGroup("DNS A", (("dns.question.name", "a.test"),))]
+    n = 5000
+    start = np.arange(n, dtype=np.uint64) * 1000 + 10**18
+    end = start + 500
+    group = np.zeros(n, dtype=np.int64)
+    ports = list(range(n))
+    dropped = ex.submit_grouped(start, end, group, groups, [("client.port", ports)])
+    kept = n - dropped
+    assert 0 < kept < n and ex.dropped == {"queue_full": dropped}
+    assert 0 < ex.queued_bytes <= 4096
+    assert encoded[0] <= kept + ENCODE_CHUNK, f"encoded {encoded[0]} spans to queue {kept}"
+    ex.start()
+    assert ex.flush(5), "the queue did not empty"
+    got = [s for b in bodies for s in ExportTraceServiceRequest.FromString(b)
+           .resource_spans[0].scope_spans[0].spans]
+    assert [s.start_time_unix_nano for s in got] == start[:kept].tolist()
+    assert [s.attributes[-1].value.int_value for s in got] == ports[:kept]
+    # with room again the next batch is queued whole
+    assert ex.submit_grouped(start[:3], end[:3], group[:3], groups,
+                             [("client.port", ports[:3])]) == 0
+    ex.shutdown(2)

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 SPAN_KIND_SERVER = 2
 SPAN_KIND_CLIENT = 3
 STATUS_ERROR = 2
+# Spans encoded per step while the queue has room: a full queue stops the
+# encoding of the rest of a batch (counted as dropped, never encoded).
+ENCODE_CHUNK = 1024
 
 
 class SpanRecord(NamedTuple):
@@ -320,25 +323,58 @@ class SpanBatchExporter:
                        trace_ids: np.ndarray | None = None,
                        parent_ids: Sequence[bytes | None] | None = None) -> int:
         """Encode spans from columns (:meth:`SpanEncoder.grouped`) and queue them;
-        returns how many were dropped (queue full, or stopped)."""
-        n = len(start_ns)
+        returns how many were dropped (queue full, or stopped).
+
+        Encoded a chunk at a time, stopping once the queue is full: with the
+        collector down, a batch's spans are counted, not encoded and dropped,
+        so neither CPU nor the allocator's high-water mark follows batch size."""
+        n, i, dropped = len(start_ns), 0, 0
+        while i < n:
+            with self._cond:
+                k = min(n - i, self._room(), ENCODE_CHUNK)
+            if k == 0:
+                break
+            j = i + k
+            encoded = self.encoder.grouped(
+                start_ns[i:j], end_ns[i:j], group[i:j], groups,
+                [(c, v[i:j]) for c, v in columns],
+                None if trace_ids is None else trace_ids[i:j],
+                None if parent_ids is None else parent_ids[i:j])
+            lost = self._enqueue(encoded, k)
+            dropped, i = dropped + lost, j
+            if lost:  # the queue filled within this chunk
+                break
+        return dropped + self._count_rest(n - i)
+
+    def _room(self) -> int:
+        """Spans that may still be queued (under the lock); 0 when stopped or
+        the byte bound is reached."""
+        if self._stop or (self.max_queue_bytes is not None
+                          and self.queued_bytes >= self.max_queue_bytes):
+            return 0
+        return max(0, self.max_queue - len(self._queue))
+
+    def _count_rest(self, n: int) -> int:
+        """Count ``n`` spans never encoded because nothing had room."""
         with self._cond:
-            room = max(0, 0 if self._stop else self.max_queue - len(self._queue))
-        k = min(n, room)
-        encoded = self.encoder.grouped(
-            start_ns[:k], end_ns[:k], group[:k], groups, [(c, v[:k]) for c, v in columns],
-            None if trace_ids is None else trace_ids[:k],
-            None if parent_ids is None else parent_ids[:k]) if k else []
-        return self._enqueue(encoded, n)
+            self._count_drop("shutdown" if self._stop else "queue_full", n)
+        return n
 
     def submit(self, items: Iterable[SpanItem]) -> int:
         """Encode and queue spans; returns how many were dropped (queue full, or stopped)."""
         items = list(items)
-        with self._cond:
-            room = 0 if self._stop else self.max_queue - len(self._queue)
-        fit = items[:max(room, 0)]
-        encoded = self.encoder.spans(fit) if fit else []  # outside the lock: the slow part
-        return self._enqueue(encoded, len(items))
+        n, i, dropped = len(items), 0, 0
+        while i < n:
+            with self._cond:
+                k = min(n - i, self._room(), ENCODE_CHUNK)
+            if k == 0:
+                break
+            encoded = self.encoder.spans(items[i:i + k])  # outside the lock: the slow part
+            lost = self._enqueue(encoded, k)
+            dropped, i = dropped + lost, i + k
+            if lost:  # the queue filled within this chunk
+                break
+        return dropped + self._count_rest(n - i)
 
     def _enqueue(self, encoded: list[bytes | tuple[tuple, bytes]], total: int) -> int:
         """Queue what still fits of ``encoded`` (of ``total`` offered); count the rest."""
