@@ -204,6 +204,7 @@ def _http_records(n: int, ids: list[int]) -> np.ndarray:
     r["raddr"][:, 10:] = [255, 255, 10, 2, 0, 9]
     r["comm"][:, :3] = np.frombuffer(b"srv", np.uint8)
     r["cgroup_id"] = np.asarray(ids, np.uint64)[conn % len(ids)]
+    r["ids"][::2] = 1  # as the kernel: the process's ids on its first record per connection
     for op, data, rows in ((OP_READ, req, i[::2]), (OP_WRITE, resp, i[1::2])):
         r["op"][rows], r["len"][rows], r["head_len"][rows] = op, len(data), len(data)
         r["head"][rows, :len(data)] = np.frombuffer(data, np.uint8)

@@ -34,7 +34,8 @@ struct http_event {
 	__u8 op;		/* HTTP_OP_* */
 	__u8 tls;		/* 1: plaintext seen through the TLS library's uprobes */
 	__u8 family;		/* 4 or 6 (0: socket not known) */
-	__u8 pad[7];
+	__u8 ids;		/* 1: comm and cgroup_id are set (a process's first record on */
+	__u8 pad[6];		/* the connection; user space keeps them per process) */
 	__u8 comm[16];
 	__u64 cgroup_id;	/* the calling process's cgroup v2 id; 0 when attribution is off */
 	__u32 netns;		/* inode of the socket's network namespace; 0 unknown or off */

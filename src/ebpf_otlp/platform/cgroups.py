@@ -68,6 +68,18 @@ def pid_cgroup(pid: int, proc: str = "/proc") -> str | None:
     return None
 
 
+def pid_cgroup_id(pid: int, mount: str | None, proc: str = "/proc") -> int:
+    """The cgroup v2 id of a process (what ``bpf_get_current_cgroup_id`` gives
+    its threads), 0 if it or the cgroup is gone or v2 is not mounted here."""
+    path = pid_cgroup(pid, proc) if mount else None
+    if path is None:
+        return 0
+    try:
+        return cgroup_id(os.path.join(mount, path.lstrip("/")))
+    except OSError:
+        return 0
+
+
 def _open_root(mount: str | None) -> int:
     """An fd of the cgroup2 root: the visible mount, else (``ip netns exec`` and
     many containers remount /sys) a private mount detached right after opening,

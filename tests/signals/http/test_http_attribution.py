@@ -40,20 +40,23 @@ class FakeResolver:
         pass
 
 
-def records(cgroup: int, netns: int, conn: int) -> np.ndarray:
+def records(cgroup: int, netns: int, conn: int, pid: int = PID, comm: bytes = b"server",
+            ids: int = 1) -> np.ndarray:
     """A server's read of one request and write of its response."""
     dt = event_dtype(256)
     r = np.zeros(2, dt)
     for i, (op, data) in enumerate(((OP_READ, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"),
                                     (OP_WRITE, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))):
         r[i]["start_ns"], r[i]["end_ns"] = 1000 + 10 * i, 1005 + 10 * i
-        r[i]["conn"], r[i]["pid"], r[i]["tid"], r[i]["fd"] = conn, PID, PID, 5
+        r[i]["conn"], r[i]["pid"], r[i]["tid"], r[i]["fd"] = conn, pid, pid, 5
         r[i]["len"], r[i]["head_len"], r[i]["op"] = len(data), len(data), op
         r[i]["family"], r[i]["lport"], r[i]["rport"] = 4, 8080, 40000
         r[i]["laddr"][10:] = [255, 255, 10, 9, 0, 2]
         r[i]["raddr"][10:] = [255, 255, 10, 9, 1, 2]
-        r[i]["comm"][:6] = np.frombuffer(b"server", np.uint8)
-        r[i]["cgroup_id"], r[i]["netns"] = cgroup, netns
+        if ids:  # else the kernel left them out: told on an earlier record
+            r[i]["comm"][:len(comm)] = np.frombuffer(comm, np.uint8)
+            r[i]["cgroup_id"], r[i]["ids"] = cgroup, 1
+        r[i]["netns"] = netns
         r[i]["head"][:len(data)] = np.frombuffer(data, np.uint8)
     return r
 
@@ -107,3 +110,34 @@ def test_kernel_flags_zero_what_a_level_does_not_use() -> None:
                      "namespace": {"keep_cgroup": 0, "keep_netns": 1},
                      "container": {"keep_cgroup": 1, "keep_netns": 1},
                      "process": {"keep_cgroup": 1, "keep_netns": 1}}
+
+
+def test_a_process_name_and_cgroup_come_on_its_first_record_only() -> None:
+    """The kernel sends a process's name and cgroup on its first record per
+    connection only (``ids``). A new connection whose records lack them (the
+    kernel told an agent before a restart, or another thread of the process
+    raced ahead) takes its process's from an earlier batch, else from a later
+    record of the batch, else from /proc."""
+    import os
+
+    spans = []
+    cfg = AgentConfig(attribution="container")
+    sig = HttpSignal(cfg, LocalExporter(cfg, on_spans=spans.extend))
+    sig.attribution = Attributor("container", "n1", FakeResolver())
+    sig.on_batch(records(CGROUP, NETNS, conn=1))
+    sig.on_batch(records(CGROUP, NETNS, conn=2, ids=0))  # same process, told before
+    other = PID + 1
+    sig.on_batch(np.concatenate([records(CGROUP, NETNS, conn=3, pid=other, ids=0),
+                                 records(CGROUP, NETNS, conn=4, pid=other, comm=b"other")]))
+    me = os.getpid()
+    sig.on_batch(records(0, 0, conn=5, pid=me, ids=0))  # nothing known: /proc
+    want = Attribution(POD.workload, POD.pod_ip, NETNS).resource("container", "n1")
+    got = {dict(s.attributes)["process.pid"]: [] for s in spans}
+    for s in spans:
+        a = dict(s.attributes)
+        got[a["process.pid"]].append((a["process.executable.name"], dict(s.resource or ())))
+    assert got[PID] == [("server", want)] * 2, got[PID]
+    assert got[other] == [("other", want)] * 2, got[other]
+    with open("/proc/self/comm") as f:
+        assert got[me] == [(f.read().strip(), {})], got[me]
+    assert sig.counts.ids_from_proc == 1

@@ -54,6 +54,9 @@ class Counts:
         self.records_ignored = 0  # records on upgraded or conflicting connections
         self.conns_evicted = 0
         self.conns_expired = 0
+        # new connections whose process's name and cgroup came from /proc (not
+        # from a record: the agent restarted, or its table of them was cleared)
+        self.ids_from_proc = 0
 
 
 class Exchange(NamedTuple):

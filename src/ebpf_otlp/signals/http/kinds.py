@@ -40,11 +40,18 @@ class ConnKinds:
         self.addrs = addrs
         self.size = size
         self.known: dict[bytes, tuple] = {}
+        # comm and cgroup_id, next to each other in the kind bytes: a process's ids
+        pos = {name: p for name, p, _ in self._offsets}
+        self.ids = slice(pos["comm"], pos["cgroup_id"] + dtype.fields["cgroup_id"][0].itemsize)
 
     def columns(self, recs: np.ndarray) -> bytes:
         """The kind bytes of every record of a batch, ``width`` each."""
         raw = np.ascontiguousarray(recs).view(np.uint8).reshape(len(recs), -1)
         return raw[:, self._cols].tobytes()
+
+    def with_ids(self, key: bytes, ids: bytes) -> bytes:
+        """``key`` with a process's ids (``key[self.ids]`` of one of its records)."""
+        return key[:self.ids.start] + ids + key[self.ids.stop:]
 
     def kind(self, key: bytes) -> tuple:
         """The kind of one record's kind bytes (``columns``), made once."""

@@ -15,7 +15,8 @@ from ...otlp.sampling import NO_PARENT, PARENT_NOT_SAMPLED, PARENT_SAMPLED
 from ...otlp.semconv import AddressCache
 from ...otlp.spans import SPAN_KIND_CLIENT, SPAN_KIND_SERVER, SpanGroup
 from ...platform.bpfobj import BpfObject
-from ...platform.host import epoch_offset_ns
+from ...platform.cgroups import pid_cgroup_id
+from ...platform.host import cgroup2_mount, epoch_offset_ns
 from ...platform.layout import constant, record_dtype
 from ...platform.ringbuf import HeldBatches, RingBuffer
 from ..attribution import shared as shared_attribution
@@ -133,8 +134,12 @@ class HttpSignal(Signal):
         self.keep = frozenset(config.http_attributes)
         self.addrs = AddressCache()
         self._commons: dict[tuple, tuple] = {}
-        self._kinds: dict[tuple, tuple] = {}  # connection kinds (see _conn_attrs)
+        self._kind_attrs: dict[tuple, tuple] = {}  # per connection kind (_conn_attrs)
         self._kinds_of: tuple[np.dtype, ConnKinds] | None = None  # their records' bytes
+        # A process's name and cgroup (ConnKinds.ids bytes) by pid: the kernel
+        # sends them on its first record per connection only.
+        self._proc_ids: dict[int, bytes] = {}
+        self._cgroup_mount: str | None = None
         self.tls: TlsAttacher | None = None
         self.capture_mode = ""  # socket or syscall, from start()
         self._stats = None
@@ -307,9 +312,12 @@ class HttpSignal(Signal):
                         if cols is None:
                             kinds = self._conn_kinds(recs.dtype)
                             cols = (recs["lport"].tolist(), recs["rport"].tolist(),
-                                    kinds.columns(recs), kinds.width, kinds.kind)
-                        lports, rports, kb, kw, kind_of = cols
-                        fam, la, ra, name, origin = kind_of(kb[kw * i:kw * i + kw])
+                                    kinds.columns(recs), kinds.width, recs["ids"].tolist())
+                        lports, rports, kb, kw, ids = cols
+                        key, pid = kb[kw * i:kw * i + kw], ukeys[j][0]
+                        fam, la, ra, name, origin = kinds.kind(
+                            self._remember_ids(kinds, key, pid) if ids[i] else
+                            self._process_ids(kinds, key, pid, recs, i, kb, kw))
                         info = ((fam, la, lports[i], ra, rports[i], name) if fam else
                                 (0, "", 0, "", 0, name))
                         c = conns[j] = table.add(Conn(ukeys[j], info, bool(tls[i])), end[i])
@@ -351,6 +359,47 @@ class HttpSignal(Signal):
                     c.last_ns = t
         if out:
             self._emit(out, offset)
+
+    def _remember_ids(self, kinds: ConnKinds, key: bytes, pid: int) -> bytes:
+        """``key`` as it is (its record carries the ids); remembered for ``pid``."""
+        ids = key[kinds.ids]
+        if self._proc_ids.get(pid) != ids:
+            if len(self._proc_ids) >= 65536:
+                self._proc_ids.clear()  # bounded: a miss reads /proc
+            self._proc_ids[pid] = ids
+        return key
+
+    def _process_ids(self, kinds: ConnKinds, key: bytes, pid: int, recs: np.ndarray,
+                     i: int, kb: bytes, kw: int) -> bytes:
+        """Record ``i``'s kind bytes (a record without ids) with its process's
+        name and cgroup: the process's last ones, else those of a
+        later record of the batch (two threads of it raced for the first
+        record), else /proc's (after a restart or when the table was cleared)."""
+        ids = self._proc_ids.get(pid)
+        if ids is None:
+            later = np.flatnonzero((recs["pid"][i:] == pid) & (recs["ids"][i:] != 0))
+            if len(later):
+                k = i + int(later[0])
+                ids = kb[kw * k:kw * k + kw][kinds.ids]
+            else:
+                ids = self._ids_from_proc(pid, kinds)
+            self._remember_ids(kinds, kinds.with_ids(key, ids), pid)
+        return kinds.with_ids(key, ids)
+
+    def _ids_from_proc(self, pid: int, kinds: ConnKinds) -> bytes:
+        """A process's name and cgroup id as the kernel would give them."""
+        try:
+            with open(f"/proc/{pid}/comm", "rb") as f:
+                comm = f.read().rstrip(b"\n")[:15]
+        except OSError:
+            comm = b""
+        cg = 0
+        if self.attribution.kernel_flags().get("keep_cgroup", 1):
+            if self._cgroup_mount is None:
+                self._cgroup_mount = cgroup2_mount() or ""
+            cg = pid_cgroup_id(pid, self._cgroup_mount)
+        self.counts.ids_from_proc += 1
+        return comm.ljust(16, b"\0") + cg.to_bytes(8, "little")
 
     def _whole_heads(self, recs: np.ndarray, heads: bytes, hb: int) -> list[Head | None]:
         """Per record: the message head its copied bytes start with, when they
@@ -394,7 +443,7 @@ class HttpSignal(Signal):
         fam, laddr, lport, raddr, rport, comm = c.info
         server = c.role == SERVER
         key = (server, laddr, lport if server else rport, raddr, comm, c.key[0], c.origin)
-        kind = self._kinds.get(key)
+        kind = self._kind_attrs.get(key)
         if kind is None:
             if server:
                 srv_addr, srv_port, cli_addr = laddr, lport, raddr
@@ -412,9 +461,9 @@ class HttpSignal(Signal):
                 w, res = a.socket_resource(*c.origin)
                 hist += tuple(w.items())
             kind = (span, hist, res, server)
-            if len(self._kinds) >= 65536:
-                self._kinds.clear()  # bounded; connections keep theirs
-            self._kinds[key] = kind
+            if len(self._kind_attrs) >= 65536:
+                self._kind_attrs.clear()  # bounded; connections keep theirs
+            self._kind_attrs[key] = kind
         c.attrs = (kind, rport)
         return c.attrs
 
