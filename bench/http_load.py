@@ -61,6 +61,7 @@ HTTP_RECEIVER = RECEIVER.replace(
 PACED_CONNS = {("http", "keep-alive"): 16, ("http", "close"): 4,
                ("https", "keep-alive"): 16, ("https", "close"): 2}
 THINK_MS = 1
+PACED_ROUNDS = 4  # paced runs with the agent, each between two baseline rounds
 
 
 def _latency_us(out: str, pct: str) -> float | None:
@@ -430,16 +431,18 @@ def run(quick: bool) -> Result:
                     base_paced[c].append(_wrk_run(t, urls[c[0]], seconds, c[1] == "close",
                                                   paced=True))
 
-            # Paced runs twice with the agent between three baseline rounds:
-            # a 5 % effect at a fixed load is within one pair of runs' noise here.
+            # Paced runs PACED_ROUNDS times with the agent, each between two
+            # baseline rounds: one run's rate at a fixed load moves +-5 % here
+            # (bench/RESULTS.md, baseline runs), as much as the effect measured.
             baselines()
             with_agent = _agent_cases(t, urls, seconds, quick, work)
-            paced_runs = [_agent_cases(t, urls, seconds, quick, work, paced=True)]
-            baselines()
-            paced_runs.append(_agent_cases(t, urls, seconds, quick, work, paced=True))
-            sampled = _agent_cases(t, urls, seconds, quick, work,
-                                   ("--http-span-sample", str(SAMPLE_RATIO)))
-            baselines()
+            paced_runs = []
+            for k in range(2 if quick else PACED_ROUNDS):
+                paced_runs.append(_agent_cases(t, urls, seconds, quick, work, paced=True))
+                if k == 1:
+                    sampled = _agent_cases(t, urls, seconds, quick, work,
+                                           ("--http-span-sample", str(SAMPLE_RATIO)))
+                baselines()
             paced = {c: _mean_runs([r[c] for r in paced_runs]) for c in CASES}
             parts = {"uprobes": _kernel_only(t, urls["https"], seconds, False, "uprobes"),
                      "uprobes at offset 0": _kernel_only(t, urls["https"], seconds, False,
@@ -466,7 +469,8 @@ def run(quick: bool) -> Result:
         b = sum(base[c]) / len(base[c])
         name = f"{c[0]} {c[1]}"
         res.add(Figure.compare(f"requests/s with agent, {name}, saturated", round(w["rps"]),
-                               "req/s", round(b), "without agent (mean of 3 runs around the agent)",
+                               "req/s", round(b),
+                               f"without agent (mean of {len(base[c])} runs around the agent)",
                                note="nginx and wrk flat out on both CPUs: every cycle of the "
                                     "agent and its hooks comes off their rate"))
         per_k = 1000 * w["agent_cpu_s"] / w["requests"] if w["requests"] else None
@@ -483,18 +487,22 @@ def run(quick: bool) -> Result:
         b = sum(r["rps"] for r in bp) / len(bp)
         name = f"{c[0]} {c[1]}"
         share = b / (sum(base[c]) / len(base[c]))
+        rounds = [r["rps"] / ((bp[k]["rps"] + bp[k + 1]["rps"]) / 2)
+                  for k, r in enumerate(w["runs"])]
         res.add(Figure.compare(f"requests/s with agent, {name}, paced", round(w["rps"]),
-                               "req/s", round(b), "without agent (mean of 3 runs around "
-                               "the agent's 2)",
+                               "req/s", round(b), f"without agent (mean of {len(bp)} runs "
+                               f"around the agent's {len(w['runs'])})",
                                target=TARGET_RATIO,
                                note=f"{PACED_CONNS[c]} connections, {THINK_MS} ms think time "
-                                    f"per request: {share:.0%} of the saturated rate; "
+                                    f"per request: {share:.0%} of the saturated rate; each "
+                                    f"agent run against the baseline rounds around it: "
+                                    f"{', '.join(f'{x:.2f}' for x in rounds)}; "
                                     f"{w['spans']} spans for {w['requests']} requests"))
         p50 = [r["p50_us"] for r in bp if r["p50_us"] is not None]
         if w["p50_us"] is not None and p50:
             res.add(Figure.compare(f"median latency with agent, {name}, paced", w["p50_us"],
                                    "us", round(sum(p50) / len(p50), 1),
-                                   "without agent (mean of 3 runs)",
+                                   f"without agent (mean of {len(p50)} runs)",
                                    higher_is_better=False,
                                    note=f"wrk's 99th percentile {w['p99_us']} us with, "
                                         f"{[r['p99_us'] for r in bp]} without"))
@@ -505,7 +513,7 @@ def run(quick: bool) -> Result:
         name = f"{c[0]} {c[1]}"
         res.add(Figure.compare(f"requests/s with agent, {name}, saturated, spans sampled at "
                                f"{SAMPLE_RATIO:g}", round(w["rps"]), "req/s", round(b),
-                               "without agent (mean of 3 runs around the agent)"))
+                               f"without agent (mean of {len(base[c])} runs around the agent)"))
         per_k = 1000 * w["agent_cpu_s"] / w["requests"] if w["requests"] else None
         res.add(Figure(f"agent CPU per 1,000 requests, {name}, spans sampled at "
                        f"{SAMPLE_RATIO:g}",
@@ -548,8 +556,8 @@ def run(quick: bool) -> Result:
         runs = sum(info["runs_per_request"].values())
         res.add(Figure.compare(f"requests/s, {case[0]} {case[1]}, {what} (no agent)",
                                round(rps), "req/s", round(b),
-                               "without agent (mean of 3 runs around the agent)",
-                               note=f"{runs:.1f} program runs per request"
+                               f"without agent (mean of {len(base[case])} runs around the "
+                               "agent)", note=f"{runs:.1f} program runs per request"
                                + (f"; {info['placement']}" if info["placement"] else "")))
         res.raw.setdefault("kernel_only", {})[which] = info
     spans = sum(with_agent[c]["spans"] for c in CASES)
