@@ -55,7 +55,7 @@ class Counts:
         self.conns_evicted = 0
         self.conns_expired = 0
         # new connections whose process's name and cgroup came from /proc (not
-        # from a record: the agent restarted, or its table of them was cleared)
+        # from a record: that record was lost, or the table of them cleared)
         self.ids_from_proc = 0
 
 

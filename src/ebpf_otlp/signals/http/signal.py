@@ -374,7 +374,7 @@ class HttpSignal(Signal):
         """Record ``i``'s kind bytes (a record without ids) with its process's
         name and cgroup: the process's last ones, else those of a
         later record of the batch (two threads of it raced for the first
-        record), else /proc's (after a restart or when the table was cleared)."""
+        record), else /proc's (that record lost, or the table cleared)."""
         ids = self._proc_ids.get(pid)
         if ids is None:
             later = np.flatnonzero((recs["pid"][i:] == pid) & (recs["ids"][i:] != 0))
