@@ -2,20 +2,22 @@
 
 nginx (one process) serves a small file in namespace b; wrk (Debian) in
 namespace a drives it for a few seconds per case: plaintext and TLS,
-keep-alive and a new connection per request (``Connection: close``). Each
-case runs without the agent, with it, and without it again; the baseline is
-the mean of the two runs without. With the agent, every request makes two
-spans (wrk's CLIENT, nginx's SERVER): a counting receiver checks they all
-arrived and that nothing was dropped (ring buffer, span queue).
+keep-alive and a new connection per request (``Connection: close``). Baseline
+rounds (every case without the agent) alternate with the agent's runs; a
+figure's baseline is the mean of the baseline rounds. With the agent, every
+request makes two spans (wrk's CLIENT, nginx's SERVER): a counting receiver
+checks they all arrived and that nothing was dropped (ring buffer, span
+queue).
 
 Two loads: saturated (wrk's 8 connections flat out, nginx and wrk on both
 CPUs, so every cycle the agent or its hooks take comes off their rate) and
 paced (each connection waits THINK_MS after every response, a fixed load well
 below saturation: what an application with CPU to spare sees, the agent's cost
-showing as latency). The target applies to the paced runs. The agent runs
-three times: saturated exporting every span, paced exporting every span, then
-saturated with ``--http-span-sample`` SAMPLE_RATIO (histograms still count every
-exchange: checked against wrk's request count).
+showing as latency). The target applies to the paced runs: PACED_ROUNDS runs
+with the agent, each between two baseline rounds (one run moves +-5 % here),
+mean against mean. The agent also runs saturated exporting every span, and
+saturated with ``--http-span-sample`` SAMPLE_RATIO (histograms still count
+every exchange: checked against wrk's request count).
 
 Also: the agent's CPU per 1,000 requests; the same per 1,000 requests replayed
 (bench/http_replay.py: ring batches recorded here from nginx and wrk, fed
