@@ -323,28 +323,37 @@ class SpanBatchExporter:
                        trace_ids: np.ndarray | None = None,
                        parent_ids: Sequence[bytes | None] | None = None) -> int:
         """Encode spans from columns (:meth:`SpanEncoder.grouped`) and queue them;
-        returns how many were dropped (queue full, or stopped).
+        returns how many were dropped (queue full, or stopped)."""
+        return self._submit_chunks(len(start_ns), lambda i, j: self.encoder.grouped(
+            start_ns[i:j], end_ns[i:j], group[i:j], groups, [(c, v[i:j]) for c, v in columns],
+            None if trace_ids is None else trace_ids[i:j],
+            None if parent_ids is None else parent_ids[i:j]))
 
-        Encoded a chunk at a time, stopping once the queue is full: with the
-        collector down, a batch's spans are counted, not encoded and dropped,
-        so neither CPU nor the allocator's high-water mark follows batch size."""
-        n, i, dropped = len(start_ns), 0, 0
+    def submit(self, items: Iterable[SpanItem]) -> int:
+        """Encode and queue spans; returns how many were dropped (queue full, or stopped)."""
+        items = list(items)
+        return self._submit_chunks(len(items), lambda i, j: self.encoder.spans(items[i:j]))
+
+    def _submit_chunks(self, n: int,
+                       encode: Callable[[int, int], list[bytes | tuple[tuple, bytes]]]) -> int:
+        """Queue spans ``encode(i, j)`` of ``n`` a chunk at a time, encoded outside
+        the lock, until the queue is full: with the collector down, the rest of a
+        batch is counted, never encoded, so neither CPU nor the allocator's
+        high-water mark follows batch size. Returns how many were dropped."""
+        i = dropped = 0
         while i < n:
             with self._cond:
                 k = min(n - i, self._room(), ENCODE_CHUNK)
             if k == 0:
                 break
-            j = i + k
-            encoded = self.encoder.grouped(
-                start_ns[i:j], end_ns[i:j], group[i:j], groups,
-                [(c, v[i:j]) for c, v in columns],
-                None if trace_ids is None else trace_ids[i:j],
-                None if parent_ids is None else parent_ids[i:j])
-            lost = self._enqueue(encoded, k)
-            dropped, i = dropped + lost, j
+            lost = self._enqueue(encode(i, i + k), k)
+            dropped, i = dropped + lost, i + k
             if lost:  # the queue filled within this chunk
                 break
-        return dropped + self._count_rest(n - i)
+        if i < n:
+            with self._cond:
+                self._count_drop("shutdown" if self._stop else "queue_full", n - i)
+        return dropped + n - i
 
     def _room(self) -> int:
         """Spans that may still be queued (under the lock); 0 when stopped or
@@ -353,28 +362,6 @@ class SpanBatchExporter:
                           and self.queued_bytes >= self.max_queue_bytes):
             return 0
         return max(0, self.max_queue - len(self._queue))
-
-    def _count_rest(self, n: int) -> int:
-        """Count ``n`` spans never encoded because nothing had room."""
-        with self._cond:
-            self._count_drop("shutdown" if self._stop else "queue_full", n)
-        return n
-
-    def submit(self, items: Iterable[SpanItem]) -> int:
-        """Encode and queue spans; returns how many were dropped (queue full, or stopped)."""
-        items = list(items)
-        n, i, dropped = len(items), 0, 0
-        while i < n:
-            with self._cond:
-                k = min(n - i, self._room(), ENCODE_CHUNK)
-            if k == 0:
-                break
-            encoded = self.encoder.spans(items[i:i + k])  # outside the lock: the slow part
-            lost = self._enqueue(encoded, k)
-            dropped, i = dropped + lost, i + k
-            if lost:  # the queue filled within this chunk
-                break
-        return dropped + self._count_rest(n - i)
 
     def _enqueue(self, encoded: list[bytes | tuple[tuple, bytes]], total: int) -> int:
         """Queue what still fits of ``encoded`` (of ``total`` offered); count the rest."""
