@@ -315,9 +315,12 @@ class HttpSignal(Signal):
                                     kinds.columns(recs), kinds.width, recs["ids"].tolist())
                         lports, rports, kb, kw, ids = cols
                         key, pid = kb[kw * i:kw * i + kw], ukeys[j][0]
-                        fam, la, ra, name, origin = kinds.kind(
-                            self._remember_ids(kinds, key, pid) if ids[i] else
-                            self._process_ids(kinds, key, pid, recs, i, kb, kw))
+                        if ids[i]:
+                            self._remember_ids(pid, key[kinds.ids])
+                        else:
+                            key = kinds.with_ids(key, self._process_ids(kinds, pid, recs, i, kb,
+                                                                        kw))
+                        fam, la, ra, name, origin = kinds.kind(key)
                         info = ((fam, la, lports[i], ra, rports[i], name) if fam else
                                 (0, "", 0, "", 0, name))
                         c = conns[j] = table.add(Conn(ukeys[j], info, bool(tls[i])), end[i])
@@ -360,21 +363,19 @@ class HttpSignal(Signal):
         if out:
             self._emit(out, offset)
 
-    def _remember_ids(self, kinds: ConnKinds, key: bytes, pid: int) -> bytes:
-        """``key`` as it is (its record carries the ids); remembered for ``pid``."""
-        ids = key[kinds.ids]
+    def _remember_ids(self, pid: int, ids: bytes) -> None:
+        """A process's name and cgroup (``ConnKinds.ids`` bytes), as last seen."""
         if self._proc_ids.get(pid) != ids:
             if len(self._proc_ids) >= 65536:
                 self._proc_ids.clear()  # bounded: a miss reads /proc
             self._proc_ids[pid] = ids
-        return key
 
-    def _process_ids(self, kinds: ConnKinds, key: bytes, pid: int, recs: np.ndarray,
-                     i: int, kb: bytes, kw: int) -> bytes:
-        """Record ``i``'s kind bytes (a record without ids) with its process's
-        name and cgroup: the process's last ones, else those of a
-        later record of the batch (two threads of it raced for the first
-        record), else /proc's (that record lost, or the table cleared)."""
+    def _process_ids(self, kinds: ConnKinds, pid: int, recs: np.ndarray, i: int, kb: bytes,
+                     kw: int) -> bytes:
+        """The name and cgroup of record ``i``'s process (a record without
+        them): its last ones, else those of a later record of the batch (two
+        threads of it raced for the first record), else /proc's (that record
+        lost, or the table cleared)."""
         ids = self._proc_ids.get(pid)
         if ids is None:
             later = np.flatnonzero((recs["pid"][i:] == pid) & (recs["ids"][i:] != 0))
@@ -382,11 +383,11 @@ class HttpSignal(Signal):
                 k = i + int(later[0])
                 ids = kb[kw * k:kw * k + kw][kinds.ids]
             else:
-                ids = self._ids_from_proc(pid, kinds)
-            self._remember_ids(kinds, kinds.with_ids(key, ids), pid)
-        return kinds.with_ids(key, ids)
+                ids = self._ids_from_proc(pid)
+            self._remember_ids(pid, ids)
+        return ids
 
-    def _ids_from_proc(self, pid: int, kinds: ConnKinds) -> bytes:
+    def _ids_from_proc(self, pid: int) -> bytes:
         """A process's name and cgroup id as the kernel would give them."""
         try:
             with open(f"/proc/{pid}/comm", "rb") as f:
